@@ -1,0 +1,395 @@
+"""The evaluator: stages that stop early, each candidate in its own confined worker.
+
+    static     read the file without running it: syntax, KERNELTUNE, imports, forbidden calls
+    load       import (and compile) in the worker
+    smoke      one tiny case
+    check      every check case (awkward shapes, every dtype the backend can do) and every timed
+               case, over several fresh seeds; output memory poisoned; inputs must come back unchanged
+    time       candidate and baselines (a separate, trusted worker) interleaved round by round
+    reverify   new values in the same buffers after timing: a cache keyed by address or call count fails
+    roofline   achieved GB/s and TFLOP/s against the device's measured ceilings
+
+The parent owns inputs, references and comparisons; a worker never sees an expected result.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from kerneltune.backends import capability
+from kerneltune.evaluate import roofline as roof
+from kerneltune.evaluate.device import device_info, versions
+from kerneltune.evaluate.process import WorkerDied, WorkerProcess, WorkerTimeout
+from kerneltune.evaluate.static import CandidateFile, StaticReject, inspect_source, read_candidate, source_hash
+from kerneltune.ops import Case, OpSpec, get_op
+from kerneltune.ops.base import flatten, unflatten
+
+STATUSES = ("passed", "incorrect", "rejected", "compile_error", "crashed", "timeout", "unsupported")
+
+
+@dataclass
+class Options:
+    device: str = "cpu"
+    timeout: float = 300.0            # seconds for one candidate, all stages
+    memory_gb: float = 8.0            # per worker (address space on CPU; RSS watch on both)
+    seeds: int = 3                    # fresh random inputs per check case
+    rounds: int = 7                   # interleaved timing rounds
+    round_ms: float = 40.0            # target time of one contestant's turn in a round
+    min_reps: int = 15                # at least this many timed calls per contestant
+    shapes: list[Case] | None = None  # timed cases (None: the op's defaults for the device)
+    time_it: bool = True
+    sandbox: bool = True
+    baselines: list[str] | None = None  # None: all the op has on the device
+
+
+class Outcome(Exception):
+    """Ends an evaluation early with a verdict."""
+
+    def __init__(self, status: str, reason: str, stage: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason, self.stage = status, reason, stage
+
+
+@dataclass
+class _Timing:
+    times: list[float] = field(default_factory=list)
+    wall_ms: float = 0.0
+    reps: int = 0
+
+    def stats(self) -> dict[str, float]:
+        q = _quantiles(self.times)
+        return {"median_ms": q[1], "p20_ms": q[0], "p80_ms": q[2], "reps": len(self.times)}
+
+
+def _quantiles(xs: list[float]) -> tuple[float, float, float]:
+    s = sorted(xs)
+    if len(s) == 1:
+        return s[0], s[0], s[0]
+    qs = statistics.quantiles(s, n=10, method="inclusive")
+    return qs[1], statistics.median(s), qs[7]
+
+
+class Evaluator:
+    """Evaluates candidates on one device. Keeps one trusted baseline worker per op across candidates."""
+
+    def __init__(self, options: Options | None = None, store: Any = None,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.opt = options or Options()
+        self.store = store
+        self.progress = progress or (lambda _msg: None)
+        self.device = self.opt.device
+        self._baseline_workers: dict[str, WorkerProcess] = {}
+        self._ceilings: dict[str, Any] | None = None
+        self._eval_count = 0
+
+    # -- public ------------------------------------------------------------------------------------------
+    def evaluate_path(self, path: str, *, origin: str = "user", parent: str | None = None,
+                      run_id: str | None = None) -> dict[str, Any]:
+        try:
+            cand = read_candidate(path)
+        except StaticReject as r:
+            return self._finish(CandidateFile(path, path, "", source_hash("")), r.status, r.reason, "static",
+                                time.monotonic(), store=False)
+        return self.evaluate(cand, origin=origin, parent=parent, run_id=run_id)
+
+    def evaluate(self, cand: CandidateFile, *, origin: str = "user", parent: str | None = None,
+                 run_id: str | None = None) -> dict[str, Any]:
+        t0 = time.monotonic()
+        self._eval_count += 1
+        res: dict[str, Any] = {}
+        try:
+            inspect_source(cand)
+        except StaticReject as r:
+            if self.store is not None and cand.meta.get("op"):
+                self._store_candidate(cand, origin, parent)
+            return self._finish(cand, r.status, r.reason, "static", t0, store=bool(cand.meta.get("op")),
+                                run_id=run_id)
+        self._store_candidate(cand, origin, parent)
+        spec = get_op(cand.op)
+        cap = capability(cand.backend, self.device)
+        worker: WorkerProcess | None = None
+        stage = "load"
+        try:
+            worker = WorkerProcess(op=spec.name, device=self.device, role="candidate", backend=cand.backend,
+                                   memory_bytes=int(self.opt.memory_gb * 2**30), sandbox=self.opt.sandbox,
+                                   label=cand.name)
+            deadline = t0 + self.opt.timeout
+            left = lambda: max(deadline - time.monotonic(), 0.01)  # noqa: E731
+            self.progress(f"{cand.name}: loading")
+            worker.start(timeout=left())
+            reply, _ = worker.request({"cmd": "load", "source": cand.source, "filename": f"{cand.name}.py",
+                                       "module": f"kt_candidate_{cand.name}", "backend": cand.backend},
+                                      timeout=left())
+            if not reply.get("ok"):
+                raise Outcome(reply["status"], reply["reason"], stage)
+            res["threads"] = reply.get("threads")
+            res["sandbox"] = {**worker.sandbox_info, "namespaces": worker.namespaces}
+            if not cap.runs:
+                note = reply.get("compile_note") or ""
+                raise Outcome("unsupported", f"{cap.note}; not run" + (f" ({note})" if note else ""), stage)
+            stage = "smoke"
+            self.progress(f"{cand.name}: smoke test")
+            self._check(worker, spec, spec.smoke_case(), 0, left, stage, slot=None, last={})
+            stage = "check"
+            timed = [c for c in (self.opt.shapes or spec.timed_cases(self.device)) if c.dtype in cap.dtypes]
+            checks = [c for c in spec.check_cases(self.device) if c.dtype in cap.dtypes]
+            skipped = sorted({c.dtype for c in spec.check_cases(self.device)} - set(cap.dtypes))
+            last: dict[str, Any] = {}
+            n_checks = 0
+            for i, case in enumerate(checks + timed):
+                slot = f"t{i - len(checks)}" if i >= len(checks) else None
+                for seed in range(1, self.opt.seeds + 1):
+                    self.progress(f"{cand.name}: check {case.name} seed {seed}")
+                    self._check(worker, spec, case, seed, left, stage, slot=slot, last=last)
+                    n_checks += 1
+            res["checks"] = {"calls": n_checks + 1, "cases": [c.name for c in checks + timed],
+                             "seeds": self.opt.seeds, "dtypes_not_checked": skipped}
+            notes = [cap.note] if cap.note else []
+            if not (self.opt.time_it and cap.timed and timed):
+                res["notes"] = notes + ([] if cap.timed else ["not timed on this device"])
+                raise Outcome("passed", "", "check")
+            stage = "time"
+            res["cases"] = []
+            for i, case in enumerate(timed):
+                res["cases"].append(self._time_case(worker, spec, case, f"t{i}", left, cand.name))
+            stage = "reverify"
+            for i, case in enumerate(timed):
+                self.progress(f"{cand.name}: re-verify {case.name}")
+                try:
+                    self._check(worker, spec, case, 1000 + i, left, stage, slot=f"t{i}", last=last)
+                except Outcome as o:
+                    if o.status == "incorrect":
+                        raise Outcome(o.status, f"correct before timing, wrong after {worker_calls(res)} calls "
+                                                f"with new values in the same buffers: {o.reason}", stage) from None
+                    raise
+            res["notes"] = notes
+            raise Outcome("passed", "", "done")
+        except Outcome as o:
+            return self._finish(cand, o.status, o.reason, o.stage, t0, extra=res, spec=spec, run_id=run_id)
+        except WorkerTimeout:
+            return self._finish(cand, "timeout", f"no answer within the {self.opt.timeout:.0f} s limit during "
+                                                 f"{stage} (raise --timeout if the kernel is just slow)", stage, t0,
+                                extra=res, spec=spec, run_id=run_id)
+        except WorkerDied as e:
+            return self._finish(cand, e.death.status, f"{e.death.reason} (during {stage})", stage, t0, extra=res,
+                                spec=spec, run_id=run_id)
+        finally:
+            if worker is not None:
+                worker.close()
+            for w in self._baseline_workers.values():  # free this evaluation's baseline buffers
+                try:
+                    w.request({"cmd": "clear", "prefix": f"{self._eval_count}:"}, timeout=60)
+                except (WorkerDied, WorkerTimeout):
+                    w.close()
+
+    def close(self) -> None:
+        for w in self._baseline_workers.values():
+            w.close()
+        self._baseline_workers.clear()
+
+    def __enter__(self) -> "Evaluator":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- stages ------------------------------------------------------------------------------------------
+    def _check(self, worker: WorkerProcess, spec: OpSpec, case: Case, seed: int, left: Callable[[], float],
+               stage: str, *, slot: str | None, last: dict[str, Any]) -> None:
+        inputs = spec.make_inputs(case, seed)
+        expected = spec.reference(inputs)
+        msg = {"cmd": "call", "fn": "run", "args": inputs.args, "slot": slot, "poison": True}
+        reply, flat = worker.request(msg, flatten(inputs.tensors), timeout=left())
+        where = f"[{case.name}, seed {seed}]"
+        if not reply.get("ok"):
+            raise Outcome(reply["status"], f"{reply['reason']} {where}", stage)
+        try:
+            actual = unflatten(flat)
+            for name in spec.unchanged:
+                got, sent = actual[name], inputs.tensors[name]
+                pairs = zip(got, sent) if isinstance(sent, list) else [(got, sent)]
+                if isinstance(sent, list) and len(got) != len(sent):
+                    raise Outcome("rejected", f"modified its input list {name} {where}", stage)
+                for g, s in pairs:
+                    if g.shape != s.shape or not torch.equal(g, s):
+                        raise Outcome("rejected", f"modified its input {name} (inputs are read-only) {where}", stage)
+            missing = [o for o in spec.outputs if o not in actual]
+            if missing:
+                raise Outcome("crashed", f"the worker returned no {missing[0]} {where}", stage)
+            why = spec.compare(inputs, expected, actual)
+        except Outcome:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise Outcome("incorrect", f"outputs could not be compared ({e}) {where}", stage) from None
+        key = slot or case.name
+        if why:
+            prev = last.get(key)
+            if prev is not None and not spec.compare(prev[0], prev[1], actual):
+                raise Outcome("rejected", "output cached across calls: new values in the same buffers gave the "
+                                          f"old result {where}", stage)
+            raise Outcome("incorrect", f"{why} {where}", stage)
+        last[key] = (inputs, expected)
+
+    def _baseline_worker(self, spec: OpSpec) -> WorkerProcess:
+        w = self._baseline_workers.get(spec.name)
+        if w is not None and w.proc.poll() is None:
+            return w
+        w = WorkerProcess(op=spec.name, device=self.device, role="baseline", sandbox=self.opt.sandbox,
+                          memory_bytes=None)
+        w.start(timeout=120)
+        reply, _ = w.request({"cmd": "load"}, timeout=120)
+        if not reply.get("ok"):
+            raise RuntimeError(f"the {spec.name} baseline worker failed to start: {reply.get('reason')}")
+        w.baseline_names = reply["names"]  # type: ignore[attr-defined]
+        self._baseline_workers[spec.name] = w
+        return w
+
+    def ceilings(self) -> dict[str, Any] | None:
+        if self._ceilings is None:
+            key = device_info(self.device)["key"]
+            self._ceilings = roof.load_cached(key)
+            if self._ceilings is None:
+                self.progress("measuring the device's ceilings (once per device)")
+                w = self._baseline_workers.get("attention") or self._baseline_worker(get_op("adamw"))
+                reply, _ = w.request({"cmd": "ceilings"}, timeout=600)
+                if reply.get("ok"):
+                    self._ceilings = reply["ceilings"]
+                    self._ceilings["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                    roof.save(key, self._ceilings)
+        return self._ceilings
+
+    def _time_case(self, worker: WorkerProcess, spec: OpSpec, case: Case, slot: str, left: Callable[[], float],
+                   label: str) -> dict[str, Any]:
+        bw = self._baseline_worker(spec)
+        names = [n for n in bw.baseline_names if self.opt.baselines is None or n in self.opt.baselines]  # type: ignore[attr-defined]
+        if spec.primary_baseline not in names:
+            names.insert(0, spec.primary_baseline)
+        # the baselines get the same inputs, in their own buffers, and must pass the same check
+        inputs = spec.make_inputs(case, self.opt.seeds)  # the values the candidate's slot now holds
+        expected = spec.reference(inputs)
+        bslot = f"{self._eval_count}:{slot}"
+        for name in names:
+            reply, flat = bw.request({"cmd": "call", "fn": name, "args": inputs.args, "slot": f"{bslot}:{name}",
+                                      "poison": False}, flatten(inputs.tensors), timeout=600)
+            if not reply.get("ok"):
+                raise RuntimeError(f"baseline {name} failed on {case.name}: {reply.get('reason')}")
+            why = spec.compare(inputs, expected, unflatten(flat))
+            if why and spec.name != "adamw":
+                raise RuntimeError(f"baseline {name} disagrees with the reference on {case.name}: {why}")
+        contestants: list[tuple[str, WorkerProcess, str, str]] = [("candidate", worker, "run", slot)]
+        contestants += [(n, bw, n, f"{bslot}:{n}") for n in names]
+        # calibrate: how many calls fill one turn of a round
+        reps: dict[str, int] = {}
+        for label_c, w, fn, s in contestants:
+            self.progress(f"{label}: calibrating {label_c} on {case.name}")
+            r, _ = w.request({"cmd": "time", "fn": fn, "slot": s, "reps": 1, "warmup": 2}, timeout=left())
+            if not r.get("ok"):
+                raise Outcome(r["status"], r["reason"], "time")
+            t = max(min(r["times_ms"]), 1e-4)
+            reps[label_c] = int(min(max(math.ceil(self.opt.round_ms / t), 1), 5000))
+        rounds = max(self.opt.rounds, math.ceil(self.opt.min_reps / max(min(reps.values()), 1)))
+        timing = {c[0]: _Timing() for c in contestants}
+        for r_i in range(rounds):
+            order = contestants[r_i % len(contestants):] + contestants[: r_i % len(contestants)]
+            for label_c, w, fn, s in order:
+                self.progress(f"{label}: timing {case.name} round {r_i + 1}/{rounds} ({label_c})")
+                t_start = time.perf_counter()
+                r, _ = w.request({"cmd": "time", "fn": fn, "slot": s, "reps": reps[label_c], "warmup": 1},
+                                 timeout=left())
+                wall = (time.perf_counter() - t_start) * 1e3
+                if not r.get("ok"):
+                    raise Outcome(r["status"], f"{r['reason']} [{case.name}, while timing]", "time")
+                tm = timing[label_c]
+                tm.times += [float(x) for x in r["times_ms"]]
+                tm.wall_ms += wall
+                tm.reps += reps[label_c] + 1  # +1: the warm-up call inside the turn
+        self._check_timer(timing, names, case)
+        cand = timing["candidate"].stats()
+        out: dict[str, Any] = {"case": case.to_json(), "name": case.name, **cand, "baselines": {}}
+        for n in names:
+            st = timing[n].stats()
+            st["speedup"] = st["median_ms"] / cand["median_ms"] if cand["median_ms"] > 0 else None
+            out["baselines"][n] = st
+        out["speedup"] = out["baselines"][spec.primary_baseline]["speedup"]
+        out["roofline"] = roof.roofline(spec.flops(case), spec.bytes_moved(case), cand["median_ms"],
+                                        self.ceilings(), case.dtype)
+        for n in names:
+            out["baselines"][n]["roofline"] = roof.roofline(spec.flops(case), spec.bytes_moved(case),
+                                                            out["baselines"][n]["median_ms"], self._ceilings,
+                                                            case.dtype)
+        return out
+
+    def _check_timer(self, timing: dict[str, _Timing], baselines: list[str], case: Case) -> None:
+        """The candidate's clock against the evaluator's: its reported time must account for the wall time
+        its turns took, given the per-call overhead the trusted baseline worker shows (IPC, L2 flush)."""
+        over = [max(timing[b].wall_ms - sum(timing[b].times), 0.0) / max(timing[b].reps, 1) for b in baselines]
+        base_over = max(over) if over else 0.0
+        c = timing["candidate"]
+        untimed = max(c.wall_ms - sum(c.times), 0.0)
+        per_call = untimed / max(c.reps, 1)
+        if untimed > 0.5 * c.wall_ms and per_call > max(4 * base_over, base_over + 0.2) and untimed > 50:
+            raise Outcome("rejected", f"timer tampering: the candidate reported {sum(c.times):.1f} ms of work but its "
+                                      f"turns took {c.wall_ms:.1f} ms of the evaluator's wall clock [{case.name}]",
+                          "time")
+
+    # -- results -------------------------------------------------------------------------------------------
+    def _store_candidate(self, cand: CandidateFile, origin: str, parent: str | None) -> None:
+        if self.store is None:
+            return
+        self.store.add_candidate(hash=cand.hash, op=cand.op or "?", backend=cand.backend or "?", name=cand.name,
+                                 source=cand.source, path=cand.path, summary=cand.summary,
+                                 params=cand.meta.get("params"), origin=cand.meta.get("origin", origin),
+                                 parent=parent or cand.meta.get("parent"))
+
+    def _finish(self, cand: CandidateFile, status: str, reason: str, stage: str, t0: float, *,
+                extra: dict[str, Any] | None = None, spec: OpSpec | None = None, store: bool = True,
+                run_id: str | None = None) -> dict[str, Any]:
+        extra = extra or {}
+        cases = extra.get("cases") or []
+        primary = cases[0] if cases and status == "passed" else None
+        res: dict[str, Any] = {
+            "candidate": cand.path or cand.name,
+            "name": cand.name,
+            "hash": cand.hash,
+            "op": cand.op or None,
+            "backend": cand.backend or None,
+            "status": status,
+            "reason": "" if status == "passed" else reason,
+            "stage": stage,
+            "median_ms": primary["median_ms"] if primary else None,
+            "p20_ms": primary["p20_ms"] if primary else None,
+            "p80_ms": primary["p80_ms"] if primary else None,
+            "speedup": primary["speedup"] if primary else None,
+            "baseline": spec.primary_baseline if (primary and spec) else None,
+            "shape": primary["name"] if primary else None,
+            "dtype": primary["case"]["dtype"] if primary else None,
+            "pct_of_roof": (primary["roofline"].get("pct_of_roof") if primary else None),
+            "cases": cases if status == "passed" else [],
+            "checks": extra.get("checks"),
+            "notes": extra.get("notes", []),
+            "duration_s": round(time.monotonic() - t0, 3),
+            "provenance": {
+                "device": device_info(self.device),
+                "versions": versions(),
+                "threads": extra.get("threads"),
+                "sandbox": extra.get("sandbox"),
+                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "candidate_hash": cand.hash,
+                "timing": {"rounds": self.opt.rounds, "round_ms": self.opt.round_ms,
+                           "clock": "cuda events, L2 flushed" if self.device == "cuda" else "perf_counter"},
+            },
+        }
+        if self.store is not None and store and cand.op:
+            self.store.add_evaluation(res, run_id=run_id)
+        return res
+
+
+def worker_calls(res: dict[str, Any]) -> int:
+    """How many timed calls the candidate made (for verdicts that say 'wrong after N calls')."""
+    return sum(c.get("reps", 0) for c in res.get("cases", []))

@@ -1,0 +1,259 @@
+"""Parent side of a worker: start it confined, talk to it with deadlines, and put it down for good.
+
+A worker that dies, hangs, floods its output or grows past its memory limit becomes a verdict here;
+the evaluator itself never waits without a deadline and never reads more than it asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kerneltune.evaluate import protocol
+
+_SECRET = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.I)
+_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "CUDA_PATH",
+             "LD_LIBRARY_PATH", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+             "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "PYTHONPATH", "VIRTUAL_ENV", "TRITON_PTXAS_PATH",
+             "PYTHONHASHSEED")
+OUTPUT_CAP = 64 << 20  # bytes of stdout+stderr a candidate may write (its file-size limit)
+
+SIGNAL_WORDS = {signal.SIGSEGV: "segmentation fault", signal.SIGBUS: "bus error", signal.SIGABRT: "abort",
+                signal.SIGFPE: "floating-point exception", signal.SIGILL: "illegal instruction",
+                signal.SIGKILL: "killed", signal.SIGXFSZ: "output file over its size limit",
+                signal.SIGTERM: "terminated", signal.SIGXCPU: "CPU time limit"}
+
+
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    """The worker's environment: a short allowlist of the parent's, never a secret."""
+    env = {k: v for k, v in os.environ.items()
+           if (k in _ENV_KEEP or k.startswith("LC_")) and not _SECRET.search(k)}
+    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH", "")) if p)
+    env.update(extra)
+    return {k: v for k, v in env.items() if not _SECRET.search(k)}
+
+
+@functools.lru_cache(maxsize=1)
+def namespaces_available() -> bool:
+    """Can workers run in fresh user + PID namespaces (util-linux ``unshare``)?"""
+    exe = shutil.which("unshare")
+    if not exe or sys.platform != "linux":
+        return False
+    try:
+        r = subprocess.run([exe, "--user", "--map-root-user", "--pid", "--fork", "--kill-child", "--mount-proc",
+                            sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return r.returncode == 0 and r.stdout.strip() == "1"
+
+
+@dataclass
+class Death:
+    """How a worker ended, in words."""
+
+    status: str
+    reason: str
+
+
+class WorkerProcess:
+    """One confined worker. ``request`` sends a message and waits (with a deadline) for the reply."""
+
+    def __init__(self, *, op: str, device: str, role: str, backend: str = "torch",
+                 memory_bytes: int | None = None, sandbox: bool = True, label: str = "") -> None:
+        self.op, self.device, self.role, self.backend = op, device, role, backend
+        self.label = label or role
+        self.workdir = tempfile.mkdtemp(prefix=f"kerneltune-{role}-")
+        os.chmod(self.workdir, 0o700)
+        self.out_path = os.path.join(self.workdir, "output.txt")
+        self.memory_bytes = memory_bytes
+        self.killed_for: str | None = None
+        self.sandbox_info: dict[str, Any] = {}
+        r1, w1 = os.pipe()  # parent -> worker
+        r2, w2 = os.pipe()  # worker -> parent
+        use_ns = sandbox and namespaces_available()
+        cfg = {"fd_in": r1, "fd_out": w2, "device": device, "role": role, "op": op, "workdir": self.workdir,
+               "memory_bytes": memory_bytes if device == "cpu" else None, "file_bytes": OUTPUT_CAP,
+               "nproc": 1024 if use_ns else None, "landlock": sandbox}
+        env_extra = {"HOME": self.workdir, "TMPDIR": self.workdir, "TRITON_CACHE_DIR": os.path.join(self.workdir, "triton"),
+                     "NUMBA_CACHE_DIR": os.path.join(self.workdir, "numba"), "PYTHONDONTWRITEBYTECODE": "1",
+                     "TORCHINDUCTOR_CACHE_DIR": os.path.join(self.workdir, "inductor"), "PYTHONUNBUFFERED": "1"}
+        if backend == "triton" and device == "cpu":
+            env_extra["TRITON_INTERPRET"] = "1"
+        argv = [sys.executable, "-m", "kerneltune.evaluate.worker", json.dumps(cfg)]
+        if use_ns:
+            argv = [shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--pid", "--fork",
+                    "--kill-child", "--mount-proc", *argv]
+        self._out = open(self.out_path, "wb")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT,
+                                     cwd=self.workdir, env=child_env(env_extra), pass_fds=(r1, w2),
+                                     start_new_session=True)
+        os.close(r1)
+        os.close(w2)
+        self.fd_out, self.fd_in = w1, r2
+        self.namespaces = use_ns
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        if memory_bytes:
+            self._watcher = threading.Thread(target=self._watch_memory, daemon=True)
+            self._watcher.start()
+
+    # -- talking -------------------------------------------------------------------------------------------
+    def start(self, timeout: float) -> None:
+        """Wait for the worker's hello (raises WorkerDied/WorkerTimeout)."""
+        header, _ = self.request(None, timeout=timeout)
+        self.sandbox_info = header.get("sandbox", {})
+
+    def request(self, header: dict[str, Any] | None, tensors: dict[str, torch.Tensor] | None = None, *,
+                timeout: float) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        deadline = time.monotonic() + timeout
+        try:
+            if header is not None:
+                protocol.send(self.fd_out, header, tensors)
+            return protocol.recv(self.fd_in, deadline)
+        except protocol.Timeout:
+            self.kill()
+            raise WorkerTimeout(timeout) from None
+        except (protocol.ProtocolError, BrokenPipeError, OSError) as e:
+            death = self.death(str(e))
+            raise WorkerDied(death) from None
+
+    # -- ending ----------------------------------------------------------------------------------------------
+    def death(self, detail: str = "") -> Death:
+        """Why the worker went away (waits briefly for its exit status)."""
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            code = self.proc.returncode
+        if self.killed_for:
+            return Death("crashed", self.killed_for)
+        tail = self.output_tail()
+        if code is not None and code < 0:
+            sig = signal.Signals(-code)
+            word = SIGNAL_WORDS.get(sig, sig.name)
+            if sig == signal.SIGXFSZ:
+                return Death("crashed", f"the candidate wrote more than {OUTPUT_CAP >> 20} MB of output and was stopped")
+            return Death("crashed", f"the worker died of {sig.name} ({word}) while running the candidate{tail}")
+        if code is not None and code > 128 and self.namespaces:
+            # unshare reports a child killed by signal N as exit status 128+N
+            try:
+                sig = signal.Signals(code - 128)
+                word = SIGNAL_WORDS.get(sig, sig.name)
+                if sig == signal.SIGXFSZ:
+                    return Death("crashed", f"the candidate wrote more than {OUTPUT_CAP >> 20} MB of output and was stopped")
+                return Death("crashed", f"the worker died of {sig.name} ({word}) while running the candidate{tail}")
+            except ValueError:
+                pass
+        return Death("crashed", f"the candidate ended the worker process (exit status {code}){tail}")
+
+    def output_tail(self, n: int = 400) -> str:
+        try:
+            with open(self.out_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - n))
+                text = f.read().decode(errors="replace").strip()
+        except OSError:
+            return ""
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        return f"; last output: {lines[-1][:200]}" if lines else ""
+
+    def _session_pids(self) -> list[int]:
+        """Every process in the worker's session (it is the session leader)."""
+        sid = self.proc.pid
+        pids = []
+        for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[3]) == sid:  # field 6 of stat: session id
+                    pids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+        return pids
+
+    def _watch_memory(self) -> None:
+        limit = self.memory_bytes or 0
+        while not self._watch_stop.wait(0.2):
+            rss = 0
+            for pid in self._session_pids():
+                try:
+                    with open(f"/proc/{pid}/statm") as f:
+                        rss += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                except (OSError, ValueError, IndexError):
+                    continue
+            if rss > limit * 1.1:
+                self.killed_for = (f"the candidate's processes used {rss / 2**30:.1f} GiB, over the memory limit of "
+                                   f"{limit / 2**30:.1f} GiB (raise it with --memory-limit)")
+                self.kill()
+                return
+
+    def kill(self) -> None:
+        """SIGKILL the worker and everything it started (its session; its PID namespace when used)."""
+        for _ in range(3):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            for pid in self._session_pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            try:
+                self.proc.wait(timeout=2)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                protocol.send(self.fd_out, {"cmd": "exit"})
+                protocol.recv(self.fd_in, time.monotonic() + 2)
+            except Exception:  # noqa: BLE001
+                pass
+        self.kill()
+        self._watch_stop.set()
+        for fd in (self.fd_out, self.fd_in):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._out.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "WorkerProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class WorkerDied(Exception):
+    def __init__(self, death: Death) -> None:
+        super().__init__(death.reason)
+        self.death = death
+
+
+class WorkerTimeout(Exception):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no answer within {seconds:.0f} s")
+        self.seconds = seconds

@@ -1,0 +1,457 @@
+"""The worker: a child process that loads ONE candidate (or the trusted baselines), calls it on the
+inputs the evaluator sends, times it, and sends results back. It never sees a reference result.
+
+Run as ``python -m kerneltune.evaluate.worker CONFIG_JSON``; talks over two inherited pipe fds (see
+protocol.py). Before it reads the candidate it confines itself (sandbox.py), turns the op's forbidden
+functions into tripwires, pins strict numerics (no tf32) and snapshots every function a cheat would
+patch (timers, synchronisation, this module, the wire); after each call it checks them all again,
+and that no thread or process started by the candidate outlived ``run``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+_perf_ns = time.perf_counter_ns  # bound before any candidate code exists
+
+
+class Verdict(Exception):
+    """Ends the current request with a verdict (status, reason)."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def _resolve(path: str) -> Any:
+    obj = importlib.import_module(path.split(".")[0])
+    for part in path.split(".")[1:]:
+        obj = getattr(obj, part)
+    return obj
+
+
+class Worker:
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        import torch
+
+        from kerneltune.evaluate import protocol
+        from kerneltune.ops import get_op
+
+        self.torch = torch
+        self.protocol = protocol
+        self.cfg = cfg
+        self.device = cfg["device"]
+        self.spec = get_op(cfg["op"])
+        self.role = cfg["role"]  # "candidate" | "baseline"
+        self.fns: dict[str, Callable[..., Any]] = {}
+        self.slots: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        self.tripped: list[str] = []
+        self.flush_buf = None
+        self.calls = 0
+        # strict numerics: fp32 means fp32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        self.threads = torch.get_num_threads()
+        if self.device == "cuda":
+            torch.cuda.init()
+
+    # -- guards ------------------------------------------------------------------------------------------
+    def _guarded(self) -> dict[str, Any]:
+        """name -> object for everything a cheat would patch; compared by identity after each call."""
+        import json as _json
+        import os as _os
+        import select as _select
+        import time as _time
+
+        torch = self.torch
+        g: dict[str, Any] = {}
+        for name in ("perf_counter", "perf_counter_ns", "monotonic", "monotonic_ns", "time", "time_ns",
+                     "process_time", "sleep"):
+            g[f"time.{name}"] = getattr(_time, name)
+        for name in ("write", "read", "readv", "_exit", "kill"):
+            g[f"os.{name}"] = getattr(_os, name)
+        g["select.select"] = _select.select
+        g["json.dumps"], g["json.loads"] = _json.dumps, _json.loads
+        for name in ("synchronize", "Event", "current_stream", "is_available"):
+            g[f"torch.cuda.{name}"] = getattr(torch.cuda, name)
+        for name in ("record", "elapsed_time", "synchronize"):
+            g[f"torch.cuda.Event.{name}"] = getattr(torch.cuda.Event, name)
+        for name in ("copy_", "cpu", "clone", "contiguous", "numpy", "to", "detach", "view", "reshape", "fill_",
+                     "zero_", "untyped_storage", "data_ptr", "__class__"):
+            g[f"torch.Tensor.{name}"] = getattr(torch.Tensor, name)
+        g["torch.frombuffer"] = torch.frombuffer
+        g["torch.empty"] = torch.empty
+        g["torch.empty_like"] = torch.empty_like
+        g["torch.allclose"] = torch.allclose
+        g["torch.equal"] = torch.equal
+        for mod in (self.protocol, sys.modules[__name__]):
+            for k, v in vars(mod).items():
+                if callable(v) and not k.startswith("__"):
+                    g[f"{mod.__name__}.{k}"] = v
+        for k in ("invoke", "compare", "reference", "make_inputs", "baselines"):
+            g[f"spec.{k}"] = getattr(self.spec, k)
+        for k in vars(Worker):
+            if callable(getattr(Worker, k)) and not k.startswith("__"):
+                g[f"Worker.{k}"] = getattr(Worker, k)
+        return g
+
+    def _settings(self) -> dict[str, Any]:
+        torch = self.torch
+        return {
+            "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+            "torch.get_float32_matmul_precision()": torch.get_float32_matmul_precision(),
+            "torch.get_num_threads()": torch.get_num_threads(),
+            "torch.is_grad_enabled()": torch.is_grad_enabled(),
+        }
+
+    def _check_tamper(self) -> None:
+        for name, obj in self.snapshot.items():
+            try:
+                now = _resolve_guard(self, name)
+            except Exception:
+                now = None
+            if now is not obj and not _same_method(now, obj):
+                raise Verdict("rejected", f"tampering: the candidate replaced {name} (timer, synchronisation or "
+                                          "evaluator code is off limits)")
+        now = self._settings()
+        for k, v in self.settings.items():
+            if now[k] != v:
+                raise Verdict("rejected", f"tampering: the candidate changed {k} from {v!r} to {now[k]!r}"
+                                          + (" (a precision downgrade)" if "tf32" in k or "precision" in k else ""))
+        if self.tripped:
+            raise Verdict("rejected", f"called {self.tripped[0]}, which {self.spec.name} candidates may not use "
+                                      "(the baseline or reference itself)")
+
+    def _check_leftovers(self, threads_before: set[int]) -> None:
+        alive = [t for t in threading.enumerate() if t.ident not in threads_before and t.is_alive()]
+        if alive:
+            raise Verdict("rejected", f"work still running after run() returned: thread {alive[0].name!r} "
+                                      "started by the candidate was alive (finish all work before returning)")
+        kids = _live_children()
+        if kids:
+            raise Verdict("rejected", f"work still running after run() returned: child process {kids[0]} started "
+                                      "by the candidate was alive (finish all work before returning)")
+
+    def _install_tripwires(self) -> None:
+        import warnings
+
+        torch = self.torch
+        tripped = self.tripped
+
+        def tripwire(label: str) -> Callable[..., Any]:
+            def trip(*_a: Any, **_k: Any) -> Any:
+                tripped.append(label)
+                raise RuntimeError(f"kerneltune: {label} is forbidden in {self.spec.name} candidates")
+            return trip
+
+        for mod_path, attr in self.spec.forbidden_attrs:
+            try:
+                mod = importlib.import_module(mod_path)
+            except ImportError:
+                try:
+                    mod = _resolve(mod_path)
+                except Exception:
+                    continue
+            if hasattr(mod, attr):
+                try:
+                    setattr(mod, attr, tripwire(f"{mod_path}.{attr}"))
+                except (AttributeError, TypeError):
+                    pass
+        self._lib = torch.library.Library("aten", "IMPL")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name in self.spec.forbidden_aten:
+                packet = getattr(torch.ops.aten, name, None)
+                if packet is None:
+                    continue
+                for overload in packet.overloads():
+                    qual = name if overload == "default" else f"{name}.{overload}"
+                    for key in ("CPU", "CUDA", "CompositeImplicitAutograd"):
+                        try:
+                            self._lib.impl(qual, tripwire(f"aten::{qual}"), key)
+                        except Exception:
+                            pass
+        # the reference and the baselines are not for candidates either
+        self.spec.reference = tripwire(f"kerneltune's {self.spec.name} reference")  # type: ignore[method-assign]
+        self.spec.baselines = tripwire(f"kerneltune's {self.spec.name} baselines")  # type: ignore[method-assign]
+
+    # -- requests ----------------------------------------------------------------------------------------
+    def load(self, msg: dict[str, Any]) -> dict[str, Any]:
+        torch = self.torch
+        if self.role == "baseline":
+            self.fns = dict(self.spec.baselines(self.device))
+            self.snapshot = self._guarded()
+            self.settings = self._settings()
+            return {"ok": True, "names": list(self.fns), "threads": self.threads,
+                    "torch": torch.__version__}
+        self._install_tripwires()
+        self.snapshot = self._guarded()
+        self.settings = self._settings()
+        path = os.path.join(self.cfg["workdir"], msg["filename"])
+        with open(path, "w") as f:
+            f.write(msg["source"])
+        spec = importlib.util.spec_from_file_location(msg["module"], path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[msg["module"]] = module
+        try:
+            spec.loader.exec_module(module)
+        except SyntaxError as e:
+            raise Verdict("compile_error", f"syntax error at line {e.lineno}: {e.msg}") from None
+        except BaseException as e:  # noqa: BLE001 - anything at import is the candidate's failure
+            raise Verdict("compile_error", f"importing the candidate failed: {_short_exc(e, path)}") from None
+        self._check_tamper()
+        info: dict[str, Any] = {"ok": True, "threads": self.threads, "torch": torch.__version__}
+        backend = msg["backend"]
+        if backend == "cuda" and self.device != "cuda":
+            from kerneltune.backends import cuda as cuda_backend
+
+            src = getattr(module, "CUDA_SRC", None)
+            if not isinstance(src, str):
+                raise Verdict("compile_error", "a cuda candidate must define CUDA_SRC (its CUDA C++ source) as a string")
+            if cuda_backend.nvcc_path() is None:
+                return {**info, "compiled": False, "compile_note": "nvcc not found: not compiled"}
+            ok, log = cuda_backend.compile_check(src, self.cfg["workdir"])
+            if not ok:
+                raise Verdict("compile_error", f"nvcc: {log}")
+            return {**info, "compiled": True, "compile_note": log}
+        run = getattr(module, "run", None)
+        if not callable(run):
+            raise Verdict("compile_error", "the candidate defines no callable run()")
+        self.fns = {"run": run}
+        return info
+
+    def _materialise(self, msg: dict[str, Any], flat: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        from kerneltune.ops.base import unflatten
+
+        torch = self.torch
+        slot = msg.get("slot")
+        args = msg.get("args", {})
+        if slot and slot in self.slots:
+            tensors, _ = self.slots[slot]
+            if flat:  # new values into the same buffers: an output cache keyed by address must miss
+                new = unflatten(flat)
+                for k, v in new.items():
+                    if isinstance(v, list):
+                        for dst, src in zip(tensors[k], v):
+                            dst.copy_(src)
+                    else:
+                        tensors[k].copy_(v)
+            self.slots[slot] = (tensors, args)
+            return tensors, args
+        dev = torch.device(self.device)
+        tensors = {}
+        for k, v in unflatten(flat).items():
+            tensors[k] = [t.to(dev).clone() for t in v] if isinstance(v, list) else v.to(dev).clone()
+        if slot:
+            self.slots[slot] = (tensors, args)
+        return tensors, args
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def _poison(self, tensors: dict[str, Any]) -> None:
+        """Fill freed memory of each input's size with NaN, so an output the candidate allocates but does
+        not fully write shows NaN rather than a lucky leftover."""
+        torch = self.torch
+        for v in tensors.values():
+            for t in (v if isinstance(v, list) else [v]):
+                if t.is_floating_point() and t.numel() >= 1:
+                    torch.empty_like(t).fill_(float("nan"))
+
+    def call(self, msg: dict[str, Any], flat: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        from kerneltune.ops.base import flatten
+
+        tensors, args = self._materialise(msg, flat)
+        fn = self.fns[msg.get("fn", "run")]
+        if msg.get("poison", True):
+            self._poison(tensors)
+        self._sync()
+        threads_before = {t.ident for t in threading.enumerate()}
+        out = self._invoke(fn, tensors, args)
+        self._sync()
+        self._check_leftovers(threads_before)
+        self._check_tamper()
+        self.calls += 1
+        reply = {k: v for k, v in out.items()}
+        for k in self.spec.unchanged:
+            reply[k] = tensors[k]
+        return {"ok": True}, flatten(reply)
+
+    def _invoke(self, fn: Callable[..., Any], tensors: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        from kerneltune.ops.adamw import ContractError as AdamContract
+        from kerneltune.ops.attention import ContractError as AttnContract
+
+        try:
+            return self.spec.invoke(fn, tensors, args)
+        except Verdict:
+            raise
+        except (AttnContract, AdamContract) as e:
+            raise Verdict("rejected", str(e)) from None
+        except SystemExit as e:
+            raise Verdict("crashed", f"run() called sys.exit({e.code!r})") from None
+        except MemoryError:
+            raise Verdict("crashed", "run() ran out of memory (MemoryError): the worker's memory limit is "
+                                     f"{(self.cfg.get('memory_bytes') or 0) / 2**30:.1f} GiB "
+                                     "(raise it with --memory-limit)") from None
+        except BaseException as e:  # noqa: BLE001
+            if self.tripped:
+                self._check_tamper()
+            raise Verdict("crashed", f"run() raised {_short_exc(e, self.cfg['workdir'])}") from None
+
+    def time(self, msg: dict[str, Any]) -> dict[str, Any]:
+        torch = self.torch
+        tensors, args = self.slots[msg["slot"]]
+        fn = self.fns[msg["fn"]]
+        reps, warmup = int(msg["reps"]), int(msg.get("warmup", 0))
+        invoke = self._invoke
+        threads_before = {t.ident for t in threading.enumerate()}
+        for _ in range(warmup):
+            invoke(fn, tensors, args)
+        self._sync()
+        times: list[float] = []
+        wall0 = _perf_ns()
+        if self.device == "cuda":
+            if self.flush_buf is None:  # larger than L2 (50 MB on H100): every rep starts cold
+                self.flush_buf = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(reps)]
+            for start, end in events:
+                self.flush_buf.zero_()
+                start.record()
+                invoke(fn, tensors, args)
+                end.record()
+            torch.cuda.synchronize()
+            times = [s.elapsed_time(e) for s, e in events]
+        else:
+            for _ in range(reps):
+                t0 = _perf_ns()
+                invoke(fn, tensors, args)
+                times.append((_perf_ns() - t0) / 1e6)
+        wall_ms = (_perf_ns() - wall0) / 1e6
+        self._check_leftovers(threads_before)
+        self._check_tamper()
+        self.calls += reps + warmup
+        return {"ok": True, "times_ms": times, "wall_ms": wall_ms}
+
+    def ceilings(self) -> dict[str, Any]:
+        from kerneltune.evaluate.roofline import measure_ceilings
+
+        return {"ok": True, "ceilings": measure_ceilings(self.device)}
+
+    def serve(self, fd_in: int, fd_out: int) -> None:
+        protocol = self.protocol
+        while True:
+            try:
+                msg, flat = protocol.recv(fd_in)
+            except protocol.ProtocolError:
+                return
+            cmd = msg.get("cmd")
+            out_tensors: dict[str, Any] = {}
+            try:
+                if cmd == "load":
+                    reply = self.load(msg)
+                elif cmd == "call":
+                    reply, out_tensors = self.call(msg, flat)
+                elif cmd == "time":
+                    reply = self.time(msg)
+                elif cmd == "clear":
+                    prefix = str(msg.get("prefix", ""))
+                    self.slots = {k: v for k, v in self.slots.items() if not k.startswith(prefix)}
+                    reply = {"ok": True}
+                elif cmd == "ceilings":
+                    reply = self.ceilings()
+                elif cmd == "exit":
+                    protocol.send(fd_out, {"ok": True})
+                    return
+                else:
+                    reply = {"ok": False, "status": "crashed", "reason": f"unknown request {cmd!r}"}
+            except Verdict as v:
+                reply = {"ok": False, "status": v.status, "reason": v.reason}
+            except BaseException as e:  # noqa: BLE001 - a worker never dies of a candidate's exception
+                reply = {"ok": False, "status": "crashed", "reason": _short_exc(e, self.cfg["workdir"])}
+            try:
+                protocol.send(fd_out, reply, out_tensors)
+            except BaseException as e:  # noqa: BLE001
+                protocol.send(fd_out, {"ok": False, "status": "crashed",
+                                       "reason": f"results could not be sent: {_short_exc(e, '')}"})
+
+
+def _resolve_guard(worker: Worker, name: str) -> Any:
+    head, _, attr = name.rpartition(".")
+    if head == "spec":
+        return getattr(worker.spec, attr)
+    if head == "Worker":
+        return getattr(Worker, attr)
+    if head == __name__:
+        return getattr(sys.modules[__name__], attr)
+    return getattr(_resolve(head), attr)
+
+
+def _same_method(a: Any, b: Any) -> bool:
+    """Bound methods are new objects on every access: compare what they bind."""
+    fa, fb = getattr(a, "__func__", None), getattr(b, "__func__", None)
+    return fa is not None and fa is fb and getattr(a, "__self__", None) is getattr(b, "__self__", None)
+
+
+def _live_children() -> list[int]:
+    pids: list[int] = []
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+    live = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            if state not in ("Z", "X"):
+                live.append(pid)
+        except OSError:
+            pass
+    return live
+
+
+def _short_exc(e: BaseException, path: str) -> str:
+    """'ValueError: msg (candidate.py line 12)': the innermost frame inside the candidate file."""
+    where = ""
+    for frame in reversed(traceback.extract_tb(e.__traceback__)):
+        if path and frame.filename.startswith(path):
+            where = f" (line {frame.lineno}: {(frame.line or '').strip()[:80]})"
+            break
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:300]}{where}"
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    fd_in, fd_out = cfg["fd_in"], cfg["fd_out"]
+    # the candidate's stdin, stdout, stderr are not the wire: stdin is /dev/null, output goes to a file
+    from kerneltune.evaluate import sandbox
+
+    applied = sandbox.apply(cfg)
+    worker = Worker(cfg)
+    worker.applied = applied  # type: ignore[attr-defined]
+    from kerneltune.evaluate import protocol
+
+    protocol.send(fd_out, {"ok": True, "ready": True, "sandbox": applied, "pid": os.getpid()})
+    worker.serve(fd_in, fd_out)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""adamw: one multi-tensor AdamW step, in place, exactly as ``torch.optim.AdamW`` at 1-based ``step``.
+
+Contract (DESIGN.md): ``run(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
+weight_decay) -> None``; lists of equal length, tensor i of each list has one shape, fp32 params and
+state. Per element (decoupled weight decay, bias correction):
+
+    p  <- p · (1 - lr·wd)
+    m  <- β1·m + (1-β1)·g
+    v  <- β2·v + (1-β2)·g²
+    p  <- p - lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)
+
+grads are read-only. Work per element: ~16 FLOPs (counted as 16); bytes: read p, g, m, v and write
+p, m, v = 7 × 4 = 28 bytes per parameter (the floor for fp32 state).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable
+
+import torch
+
+from kerneltune.ops.base import Case, Inputs, OpSpec, Tolerance, compare_tensor, prod, rel_seed
+
+# A GPT-2-shaped parameter list, scaled by (layers, width, vocab, block): wte, wpe, per layer
+# ln_1 (w, b), attn c_attn (w, b), c_proj (w, b), ln_2 (w, b), mlp c_fc (w, b), c_proj (w, b); ln_f (w, b).
+
+
+def gpt_param_shapes(n_layer: int, n_embd: int, vocab: int, block: int) -> list[list[int]]:
+    e = n_embd
+    shapes: list[list[int]] = [[vocab, e], [block, e]]
+    for _ in range(n_layer):
+        shapes += [[e], [e], [3 * e, e], [3 * e], [e, e], [e], [e], [e], [4 * e, e], [4 * e], [e, 4 * e], [e]]
+    shapes += [[e], [e]]
+    return shapes
+
+
+PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "gpt2-124m": (12, 768, 50304, 1024),   # 124M parameters, 148 tensors
+    "gpt-mini": (6, 384, 8192, 256),       # 13.9M parameters, 76 tensors
+    "gpt-tiny": (2, 128, 256, 64),         # 0.4M parameters, 28 tensors
+}
+
+# params: relative to the change of p (see compare): an update computed in fp16 (≈5e-4) or bf16 (≈4e-3) fails.
+_TOL = Tolerance(atol=0.0, rtol=2e-3, norm_rtol=1e-4)
+# state: fp32 rounding of b·m + (1-b)·g, where the two terms can cancel: an absolute floor of 1e-6 · max|m|.
+_STATE_TOL = Tolerance(atol=1e-6, rtol=1e-5, norm_rtol=1e-5)
+
+
+class ContractError(Exception):
+    """A candidate broke the op contract: verdict ``rejected``."""
+
+
+def _case(name: str, shapes: list[list[int]]) -> Case:
+    n = sum(prod(s) for s in shapes)
+    return Case(name=f"{name} ({n / 1e6:.2f}M params, {len(shapes)} tensors)", dims={"shapes": shapes},
+                dtype="float32")
+
+
+class AdamW(OpSpec):
+    name = "adamw"
+    signature = ("run(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decay)"
+                 " -> None")
+    summary = "one AdamW step over lists of fp32 tensors, in place, as torch.optim.AdamW does"
+    forbidden_source = ("torch.optim", "_fused_adam", "_fused_adamw", "from torch import optim")
+    forbidden_attrs = (
+        ("torch", "_fused_adamw_"), ("torch", "_fused_adam_"),
+        ("torch._C._VariableFunctions", "_fused_adamw_"), ("torch._C._VariableFunctions", "_fused_adam_"),
+        ("torch.optim", "AdamW"), ("torch.optim", "Adam"),
+        ("torch.optim.adamw", "adamw"), ("torch.optim.adam", "adam"),
+    )
+    forbidden_aten = ("_fused_adamw_", "_fused_adam_", "_fused_adamw", "_fused_adam")
+    outputs = ("params", "exp_avgs", "exp_avg_sqs")
+    unchanged = ("grads",)
+    primary_baseline = "adamw_fused"
+
+    # -- cases -----------------------------------------------------------------------------------------
+    def smoke_case(self) -> Case:
+        return _case("smoke", [[4, 3], [5]])
+
+    def check_cases(self, device: str) -> list[Case]:
+        return [
+            _case("awkward", [[], [1], [7], [129, 33], [1000], [3, 5, 7], [2, 1, 1, 3]]),
+            _case("one tensor", [[4099]]),
+            _case("gpt-tiny", gpt_param_shapes(*PRESETS["gpt-tiny"])),
+            _case("many small", [[i % 13 + 1] for i in range(200)]),
+        ]
+
+    def timed_cases(self, device: str) -> list[Case]:
+        if device == "cuda":
+            return [_case("gpt2-124m", gpt_param_shapes(*PRESETS["gpt2-124m"]))]
+        return [_case("gpt-mini", gpt_param_shapes(*PRESETS["gpt-mini"]))]
+
+    def parse_case(self, text: str, dtype: str) -> Case:
+        """A preset name (gpt2-124m, gpt-mini, gpt-tiny) or a ';'-separated list of shapes, e.g. '1024x768;768'."""
+        text = text.strip()
+        if dtype not in ("float32", "fp32", "f32"):
+            raise ValueError(f"adamw takes fp32 params and state only, not {dtype!r}: drop --dtype or use float32")
+        if text in PRESETS:
+            return _case(text, gpt_param_shapes(*PRESETS[text]))
+        shapes: list[list[int]] = []
+        for part in text.split(";"):
+            dims = [p for p in re.split(r"[x, ]+", part.strip()) if p]
+            if not all(d.isdigit() for d in dims):
+                raise ValueError(f"adamw shapes {text!r}: write a preset ({', '.join(PRESETS)}) or shapes like "
+                                 "'1024x768;768' (';' between tensors, 'x' between dims)")
+            shapes.append([int(d) for d in dims])
+        return _case("custom", shapes)
+
+    # -- data --------------------------------------------------------------------------------------------
+    def make_inputs(self, case: Case, seed: int) -> Inputs:
+        g = torch.Generator().manual_seed(rel_seed("adamw", case.name, seed))
+        shapes = case.dims["shapes"]
+        params = [torch.randn(s, generator=g) for s in shapes]
+        grads = [torch.randn(s, generator=g) * 0.1 for s in shapes]
+        exp_avgs = [torch.randn(s, generator=g) * 0.05 for s in shapes]
+        exp_avg_sqs = [torch.rand(s, generator=g) * 0.01 for s in shapes]  # v >= 0
+        # hyper-parameters vary per seed, so ignoring one of them (or mishandling step) shows
+        steps = (1, 7, 1000, 2, 123456)
+        args = {
+            "step": steps[seed % len(steps)],
+            "lr": (1e-3, 3e-2, 6e-4)[seed % 3],
+            "beta1": (0.9, 0.8, 0.95)[seed % 3],
+            "beta2": (0.999, 0.95, 0.99)[(seed // 3) % 3],
+            "eps": (1e-8, 1e-6)[seed % 2],
+            "weight_decay": (0.1, 0.0, 0.01)[seed % 3],
+        }
+        return Inputs(tensors={"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+                      args=args)
+
+    def reference(self, inputs: Inputs) -> dict[str, Any]:
+        a = inputs.args
+        b1, b2, lr, wd, eps, t = a["beta1"], a["beta2"], a["lr"], a["weight_decay"], a["eps"], a["step"]
+        bc1 = 1.0 - b1 ** t
+        bc2_sqrt = math.sqrt(1.0 - b2 ** t)
+        out: dict[str, list[torch.Tensor]] = {"params": [], "exp_avgs": [], "exp_avg_sqs": []}
+        for p, g, m, v in zip(*(inputs.tensors[x] for x in ("params", "grads", "exp_avgs", "exp_avg_sqs"))):
+            p, g, m, v = (x.to(torch.float64) for x in (p, g, m, v))
+            p = p * (1.0 - lr * wd)
+            m = b1 * m + (1.0 - b1) * g
+            v = b2 * v + (1.0 - b2) * g * g
+            p = p - (lr / bc1) * m / (v.sqrt() / bc2_sqrt + eps)
+            out["params"].append(p)
+            out["exp_avgs"].append(m)
+            out["exp_avg_sqs"].append(v)
+        return out
+
+    def tolerance(self, dtype: str) -> Tolerance:
+        return _TOL
+
+    def compare(self, inputs: Inputs, expected: dict[str, Any], actual: dict[str, Any]) -> str:
+        for name in self.outputs:
+            got, want, before = actual[name], expected[name], inputs.tensors[name]
+            if len(got) != len(want):
+                return f"{name}: {len(got)} tensors came back, {len(want)} expected"
+            for i, (a, e, b) in enumerate(zip(got, want, before)):
+                if a.dtype != torch.float32:
+                    return f"{name}[{i}]: dtype {a.dtype}; params and state stay float32"
+                if name == "params":
+                    # relative to the change of p, so an update computed in low precision cannot hide
+                    why = compare_tensor(f"params[{i}]", a, e, _TOL, delta_of=b)
+                else:
+                    amax = float(e.abs().max()) if e.numel() else 0.0
+                    tol = Tolerance(_STATE_TOL.atol * amax, _STATE_TOL.rtol, _STATE_TOL.norm_rtol)
+                    why = compare_tensor(f"{name}[{i}]", a, e, tol)
+                if why:
+                    if bool(torch.equal(a, b)) and not bool(torch.equal(e.to(a.dtype), b)):
+                        why += " (this tensor was not updated at all)"
+                    return why
+        return ""
+
+    # -- worker side -------------------------------------------------------------------------------------
+    def invoke(self, fn: Callable[..., Any], tensors: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        lists = {k: list(tensors[k]) for k in ("params", "grads", "exp_avgs", "exp_avg_sqs")}
+        # the outputs are the tensor objects the caller owns: rebinding list entries does not count
+        keep = {k: list(v) for k, v in lists.items()}
+        fn(lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
+           step=args["step"], lr=args["lr"], beta1=args["beta1"], beta2=args["beta2"], eps=args["eps"],
+           weight_decay=args["weight_decay"])
+        return {k: keep[k] for k in self.outputs}
+
+    def baselines(self, device: str = "cpu") -> dict[str, Callable[..., Any]]:
+        return {"adamw_fused": _TorchAdamW(fused=True), "adamw_foreach": _TorchAdamW(foreach=True)}
+
+    # -- work --------------------------------------------------------------------------------------------
+    def flops(self, case: Case) -> float:
+        return 16.0 * sum(prod(s) for s in case.dims["shapes"])
+
+    def bytes_moved(self, case: Case) -> float:
+        return 28.0 * sum(prod(s) for s in case.dims["shapes"])
+
+
+class _TorchAdamW:
+    """``torch.optim.AdamW`` driven through its public ``step()``, over the caller's own buffers.
+
+    The optimizer is built once per set of buffers (as in a training loop); each call sets the step
+    count and hyper-parameters and calls ``step()``: what a user pays per step, no more, no less.
+    """
+
+    def __init__(self, **impl: bool) -> None:
+        self.impl = impl
+        self._key: tuple[int, ...] | None = None
+        self._opt: torch.optim.Optimizer | None = None
+
+    def __call__(self, params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decay):
+        key = tuple(id(t) for t in (*params, *grads, *exp_avgs, *exp_avg_sqs))
+        if key != self._key:
+            ps = [torch.nn.Parameter(p, requires_grad=True) for p in params]  # shares p's storage
+            opt = torch.optim.AdamW(ps, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+                                    **self.impl)
+            for p, g, m, v in zip(ps, grads, exp_avgs, exp_avg_sqs):
+                p.grad = g
+                opt.state[p] = {"step": torch.tensor(float(step - 1)), "exp_avg": m, "exp_avg_sq": v}
+            self._key, self._opt = key, opt
+        opt = self._opt
+        group = opt.param_groups[0]
+        group.update(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+        for p in group["params"]:
+            opt.state[p]["step"].fill_(float(step - 1))
+        opt.step()
+
+
+SPEC = AdamW()

@@ -1,0 +1,238 @@
+"""What every op spec provides: the contract a candidate implements, the reference it is judged by,
+the inputs it is judged on, the tolerance, the work it does (FLOPs, bytes) and the baselines it races.
+
+An op spec is trusted code. It runs in the parent (inputs, reference, comparison) and in the worker
+processes (how to call ``run`` and the baselines); it never runs candidate code itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "half": "float16", "f16": "float16",
+                 "bf16": "bfloat16"}
+
+
+def dtype_name(name: str) -> str:
+    """Normalise a user-written dtype ('bf16', 'float16' …) to its canonical name, or raise ValueError."""
+    key = DTYPE_ALIASES.get(name.lower(), name.lower())
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: use one of float32, float16, bfloat16 (or fp32, fp16, bf16)")
+    return key
+
+
+@dataclass(frozen=True)
+class Case:
+    """One problem instance: the dims (JSON-able, op-specific), a dtype and fixed call arguments.
+
+    ``args`` are fixed keyword arguments (e.g. causal). Arguments drawn at random per seed (adamw's
+    hyper-parameters, an explicit attention scale) come from the op's ``make_inputs``.
+    """
+
+    name: str
+    dims: dict[str, Any]
+    dtype: str = "float32"
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dims": self.dims, "dtype": self.dtype, "args": self.args}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Case":
+        return cls(name=d["name"], dims=d["dims"], dtype=d.get("dtype", "float32"), args=d.get("args", {}))
+
+    def __hash__(self) -> int:  # dims may hold lists
+        return hash((self.name, self.dtype, repr(sorted(self.dims.items())), repr(sorted(self.args.items()))))
+
+
+@dataclass
+class Inputs:
+    """Tensors (CPU, in the case dtype) plus scalar arguments of one call.
+
+    ``tensors`` maps a name to a tensor or a list of tensors, in the order of ``run``'s positional
+    parameters; ``args`` are keyword arguments.
+    """
+
+    tensors: dict[str, torch.Tensor | list[torch.Tensor]]
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A result passes when every element satisfies |a - e| <= atol + rtol*|e| and, over the whole
+    output, ||a - e|| / ||e|| <= norm_rtol. NaN or inf where the reference is finite never passes."""
+
+    atol: float
+    rtol: float
+    norm_rtol: float
+
+
+def flatten(tensors: dict[str, torch.Tensor | list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{'q': t, 'params': [a, b]} -> {'q': t, 'params.0': a, 'params.1': b} (the wire format's names)."""
+    flat: dict[str, torch.Tensor] = {}
+    for name, value in tensors.items():
+        if isinstance(value, (list, tuple)):
+            flat[f"{name}.#"] = torch.tensor(len(value))  # the length, so an empty list survives the trip
+            for i, t in enumerate(value):
+                flat[f"{name}.{i}"] = t
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """Inverse of :func:`flatten`."""
+    out: dict[str, Any] = {}
+    lengths = {k[:-2]: int(v) for k, v in flat.items() if k.endswith(".#")}
+    for name, n in lengths.items():
+        out[name] = [flat[f"{name}.{i}"] for i in range(n)]
+    for k, v in flat.items():
+        if k.endswith(".#"):
+            continue
+        base, _, idx = k.rpartition(".")
+        if base in lengths and idx.isdigit():
+            continue
+        out[k] = v
+    return out
+
+
+def compare_tensor(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance,
+                   delta_of: torch.Tensor | None = None) -> str:
+    """Compare one output with its fp64 reference. Returns '' when it passes, else a one-line reason.
+
+    With ``delta_of`` (the value before an in-place update), the relative parts of the tolerance apply
+    to the *change* (expected - delta_of), so an update computed in lower precision cannot hide behind
+    a large unchanged value; a few ulps of the stored value are always allowed.
+    """
+    if tuple(actual.shape) != tuple(expected.shape):
+        return f"{name}: shape {tuple(actual.shape)} but expected {tuple(expected.shape)}"
+    a = actual.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64)
+    if a.numel() == 0:
+        return ""
+    finite_e = torch.isfinite(e)
+    bad_nan = (~torch.isfinite(a)) & finite_e
+    if bool(bad_nan.any()):
+        n = int(bad_nan.sum())
+        idx = _first_index(bad_nan)
+        return f"{name}: {n} element(s) NaN/inf where the reference is finite (first at {idx})"
+    if delta_of is not None:
+        d = delta_of.detach().to(torch.float64)
+        scale = (e - d).abs()
+        ulp = torch.finfo(actual.dtype).eps * e.abs()
+        allowed = 4 * ulp + tol.atol + tol.rtol * scale
+        err = (a - e).abs()
+        norm_err = (err - ulp).clamp_min(0)  # rounding the stored value is not an error of the update
+        ref_norm = float(torch.linalg.vector_norm(e - d))
+    else:
+        allowed = tol.atol + tol.rtol * e.abs()
+        err = (a - e).abs()
+        norm_err = err
+        ref_norm = float(torch.linalg.vector_norm(e))
+    over = err > allowed
+    if bool(over.any()):
+        n = int(over.sum())
+        idx = _first_index(over)
+        ai, ei = float(a[idx]), float(e[idx])
+        return (f"{name}: {n} of {a.numel()} element(s) outside tolerance; first at {idx}: got {ai:.6g}, "
+                f"expected {ei:.6g} (atol {tol.atol:g}, rtol {tol.rtol:g})")
+    if ref_norm > 0:
+        rel = float(torch.linalg.vector_norm(norm_err)) / ref_norm
+        if rel > tol.norm_rtol:
+            what = "relative error of the update" if delta_of is not None else "relative error"
+            return (f"{name}: {what} {rel:.3g} exceeds {tol.norm_rtol:g} for {actual.dtype}"
+                    " (computed in lower precision?)")
+    return ""
+
+
+def _first_index(mask: torch.Tensor) -> tuple[int, ...]:
+    nz = mask.nonzero()
+    return tuple(int(i) for i in nz[0]) if nz.numel() else ()
+
+
+class OpSpec:
+    """Base class of an op spec. Subclasses fill in the class attributes and the methods."""
+
+    name: str = ""
+    signature: str = ""
+    summary: str = ""
+    # Substrings that may not appear anywhere in a candidate's source (a static first line of defence).
+    forbidden_source: tuple[str, ...] = ()
+    # Python attributes replaced by tripwires in the candidate's process: ("torch.nn.functional", "x").
+    forbidden_attrs: tuple[tuple[str, str], ...] = ()
+    # aten operators overridden by tripwires at the dispatcher (catches every path to them).
+    forbidden_aten: tuple[str, ...] = ()
+    # names of output tensors (flattened names' bases) and of inputs that must come back unchanged
+    outputs: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    primary_baseline: str = ""
+
+    # -- cases -------------------------------------------------------------------------------------
+    def smoke_case(self) -> Case:
+        raise NotImplementedError
+
+    def check_cases(self, device: str) -> list[Case]:
+        raise NotImplementedError
+
+    def timed_cases(self, device: str) -> list[Case]:
+        raise NotImplementedError
+
+    def parse_case(self, text: str, dtype: str) -> Case:
+        raise NotImplementedError
+
+    # -- data ----------------------------------------------------------------------------------------
+    def make_inputs(self, case: Case, seed: int) -> Inputs:
+        raise NotImplementedError
+
+    def reference(self, inputs: Inputs) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def tolerance(self, dtype: str) -> Tolerance:
+        raise NotImplementedError
+
+    def compare(self, inputs: Inputs, expected: dict[str, Any], actual: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    # -- in the worker ---------------------------------------------------------------------------------
+    def invoke(self, fn: Callable[..., Any], tensors: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        """Call ``fn`` the way the contract says; return the outputs by name (in the worker)."""
+        raise NotImplementedError
+
+    def baselines(self) -> dict[str, Callable[..., Any]]:
+        """name -> callable with ``run``'s signature (in the trusted baseline worker)."""
+        raise NotImplementedError
+
+    # -- work ------------------------------------------------------------------------------------------
+    def flops(self, case: Case) -> float:
+        raise NotImplementedError
+
+    def bytes_moved(self, case: Case) -> float:
+        raise NotImplementedError
+
+    def describe(self, case: Case) -> str:
+        return case.name
+
+
+def rel_seed(*parts: Any) -> int:
+    """A deterministic 63-bit seed from any parts (stable across processes, unlike hash())."""
+    import hashlib
+
+    h = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def prod(shape: Any) -> int:
+    return int(math.prod(shape))

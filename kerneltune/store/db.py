@@ -1,0 +1,164 @@
+"""SQLite store. WAL journal and a busy timeout make it safe with several writers (processes of a
+search pool, two searches at once); each record is one transaction, so a killed process leaves every
+finished record and no partial one. Candidates are keyed by the hash of their source; evaluations
+keep losers and their reasons too (the llm.c habit: losers stay, with why they lost).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from typing import Any, Iterator
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS candidates (
+    hash       TEXT PRIMARY KEY,      -- sha256 of the source text
+    op         TEXT NOT NULL,
+    backend    TEXT NOT NULL,
+    name       TEXT NOT NULL,         -- file stem
+    path       TEXT,                  -- where it was read from, if from a file
+    source     TEXT NOT NULL,
+    summary    TEXT,                  -- the docstring's first line
+    params     TEXT,                  -- JSON: KERNELTUNE["params"]
+    origin     TEXT,                  -- seed | templates | claude | replay | user
+    parent     TEXT,                  -- hash of the parent candidate
+    created    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evaluations (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    candidate_hash TEXT NOT NULL REFERENCES candidates(hash),
+    op             TEXT NOT NULL,
+    device_key     TEXT NOT NULL,
+    device_name    TEXT NOT NULL,
+    status         TEXT NOT NULL,
+    reason         TEXT NOT NULL,
+    stage          TEXT,              -- the stage that decided the verdict
+    dtype          TEXT,
+    shape          TEXT,              -- the primary timed case, by name
+    median_ms      REAL,
+    p20_ms         REAL,
+    p80_ms         REAL,
+    speedup        REAL,              -- primary baseline median / candidate median, same run
+    baseline       TEXT,              -- name of the primary baseline
+    result         TEXT NOT NULL,     -- JSON: the whole result (cases, baselines, roofline, checks)
+    provenance     TEXT NOT NULL,     -- JSON: device, versions, threads, sandbox, timestamp
+    run_id         TEXT,
+    duration_s     REAL,
+    created        REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS evaluations_by_candidate ON evaluations(candidate_hash, device_key);
+CREATE INDEX IF NOT EXISTS evaluations_by_op ON evaluations(op, device_key, status);
+"""
+
+
+def cache_dir() -> str:
+    """$KERNELTUNE_CACHE_DIR, else the user's cache directory."""
+    env = os.environ.get("KERNELTUNE_CACHE_DIR")
+    if env:
+        return env
+    import platformdirs
+
+    return platformdirs.user_cache_dir("kerneltune")
+
+
+def default_db_path() -> str:
+    return os.environ.get("KERNELTUNE_DB") or os.path.join(cache_dir(), "kerneltune.db")
+
+
+class StoreError(Exception):
+    pass
+
+
+class Store:
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path or default_db_path()
+        parent = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(parent, exist_ok=True)
+            self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA busy_timeout = 60000")
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            self.conn.execute("PRAGMA foreign_keys = ON")
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path}: store schema v{version} is newer than this kerneltune "
+                                 f"(v{SCHEMA_VERSION}); upgrade kerneltune or use another --db")
+            with self._tx():
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        self.conn.execute(stmt)
+                self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: not a usable kerneltune store ({e}); pass another --db") from None
+        except OSError as e:
+            raise StoreError(f"{self.path}: cannot open the store ({e.strerror}); pass a writable --db") from None
+
+    def _tx(self) -> Any:
+        conn = self.conn
+
+        class _Tx:
+            def __enter__(self_inner) -> None:
+                conn.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self_inner, exc_type: Any, *_: Any) -> None:
+                conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+        return _Tx()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- writes --------------------------------------------------------------------------------------------
+    def add_candidate(self, *, hash: str, op: str, backend: str, name: str, source: str, path: str | None,
+                      summary: str, params: dict[str, Any] | None, origin: str, parent: str | None) -> None:
+        with self._tx():
+            self.conn.execute(
+                "INSERT OR IGNORE INTO candidates (hash, op, backend, name, path, source, summary, params, origin,"
+                " parent, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (hash, op, backend, name, path, source, summary, json.dumps(params or {}), origin, parent, time.time()))
+
+    def add_evaluation(self, result: dict[str, Any], *, run_id: str | None = None) -> int:
+        prov = result["provenance"]
+        with self._tx():
+            cur = self.conn.execute(
+                "INSERT INTO evaluations (candidate_hash, op, device_key, device_name, status, reason, stage, dtype,"
+                " shape, median_ms, p20_ms, p80_ms, speedup, baseline, result, provenance, run_id, duration_s,"
+                " created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (result["hash"], result["op"], prov["device"]["key"], prov["device"]["name"], result["status"],
+                 result["reason"], result.get("stage"), result.get("dtype"), result.get("shape"),
+                 result.get("median_ms"), result.get("p20_ms"), result.get("p80_ms"), result.get("speedup"),
+                 result.get("baseline"), json.dumps(result, default=str), json.dumps(prov, default=str), run_id,
+                 result.get("duration_s"), time.time()))
+            return int(cur.lastrowid or 0)
+
+    # -- reads ---------------------------------------------------------------------------------------------
+    def candidate(self, ref: str) -> sqlite3.Row | None:
+        """By full hash, unique hash prefix (>= 6 chars) or name."""
+        row = self.conn.execute("SELECT * FROM candidates WHERE hash = ?", (ref,)).fetchone()
+        if row is None and len(ref) >= 6:
+            rows = self.conn.execute("SELECT * FROM candidates WHERE hash LIKE ?", (ref + "%",)).fetchall()
+            row = rows[0] if len(rows) == 1 else None
+        if row is None:
+            rows = self.conn.execute("SELECT * FROM candidates WHERE name = ? ORDER BY created DESC", (ref,)).fetchall()
+            row = rows[0] if rows else None
+        return row
+
+    def evaluations(self, *, op: str | None = None, candidate_hash: str | None = None,
+                    device_key: str | None = None, status: str | None = None) -> Iterator[sqlite3.Row]:
+        q, args = "SELECT * FROM evaluations WHERE 1=1", []
+        for col, val in (("op", op), ("candidate_hash", candidate_hash), ("device_key", device_key),
+                         ("status", status)):
+            if val is not None:
+                q += f" AND {col} = ?"
+                args.append(val)
+        yield from self.conn.execute(q + " ORDER BY id", args)
+
+    def count(self, table: str) -> int:
+        assert table in ("candidates", "evaluations")
+        return int(self.conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
