@@ -108,7 +108,11 @@ def nvcc_command(src: str, obj: str, *, arch: str = "sm_90", nvcc: str | None = 
 
 
 def _tail(text: str, n: int = 30) -> str:
+    """Last ~n lines of compiler output, starting at the first error so header warnings don't crowd it out."""
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    first_err = next((i for i, ln in enumerate(lines) if re.search(r"\berror\b", ln)), None)
+    if first_err is not None:
+        lines = lines[first_err:]
     return "\n".join(lines[-n:])
 
 

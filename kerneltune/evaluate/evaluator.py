@@ -26,7 +26,14 @@ from kerneltune.backends import capability
 from kerneltune.evaluate import roofline as roof
 from kerneltune.evaluate.device import device_info, versions
 from kerneltune.evaluate.process import WorkerDied, WorkerProcess, WorkerTimeout
-from kerneltune.evaluate.static import CandidateFile, StaticReject, inspect_source, read_candidate, source_hash
+from kerneltune.evaluate.static import (
+    CandidateFile,
+    StaticReject,
+    guess_meta,
+    inspect_source,
+    read_candidate,
+    source_hash,
+)
 from kerneltune.ops import Case, OpSpec, get_op
 from kerneltune.ops.base import flatten, unflatten
 
@@ -106,10 +113,10 @@ class Evaluator:
         try:
             inspect_source(cand)
         except StaticReject as r:
-            if self.store is not None and cand.meta.get("op"):
-                self._store_candidate(cand, origin, parent)
-            return self._finish(cand, r.status, r.reason, "static", t0, store=bool(cand.meta.get("op")),
-                                run_id=run_id)
+            if not cand.meta:  # unparsable: still record it, under the op its text names (if any)
+                cand.meta = guess_meta(cand.source)
+            self._store_candidate(cand, origin, parent)
+            return self._finish(cand, r.status, r.reason, "static", t0, run_id=run_id)
         self._store_candidate(cand, origin, parent)
         spec = get_op(cand.op)
         cap = capability(cand.backend, self.device)
@@ -342,7 +349,7 @@ class Evaluator:
     def _store_candidate(self, cand: CandidateFile, origin: str, parent: str | None) -> None:
         if self.store is None:
             return
-        self.store.add_candidate(hash=cand.hash, op=cand.op or "?", backend=cand.backend or "?", name=cand.name,
+        self.store.add_candidate(hash=cand.hash, op=cand.op or "unknown", backend=cand.backend or "unknown", name=cand.name,
                                  source=cand.source, path=cand.path, summary=cand.summary,
                                  params=cand.meta.get("params"), origin=cand.meta.get("origin", origin),
                                  parent=parent or cand.meta.get("parent"))
@@ -385,7 +392,8 @@ class Evaluator:
                            "clock": "cuda events, L2 flushed" if self.device == "cuda" else "perf_counter"},
             },
         }
-        if self.store is not None and store and cand.op:
+        if self.store is not None and store:
+            res["op"] = res["op"] or "unknown"
             self.store.add_evaluation(res, run_id=run_id)
         return res
 

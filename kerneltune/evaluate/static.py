@@ -60,6 +60,18 @@ def source_hash(source: str, params: dict[str, Any] | None = None) -> str:
     return h.hexdigest()
 
 
+def guess_meta(source: str) -> dict[str, Any]:
+    """The op and backend a file that does not parse says it has (to file its verdict under)."""
+    import re
+
+    meta: dict[str, Any] = {}
+    for key in ("op", "backend"):
+        m = re.search(rf"[\"']{key}[\"']\s*:\s*[\"'](\w+)[\"']", source)
+        if m:
+            meta[key] = m.group(1)
+    return meta
+
+
 def read_candidate(path: str) -> CandidateFile:
     """Read a file; raise StaticReject for unreadable ones (the verdict keeps the path)."""
     try:

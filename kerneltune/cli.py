@@ -1,0 +1,327 @@
+"""`kerneltune …`: the command line (typer + rich). Every reporting command has --json.
+
+Exit codes: 0 success (every candidate passed), 1 a candidate did not pass / a check failed,
+2 usage error (bad option, missing file, no GPU for --device cuda …).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import sys
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Find faster attention and optimizer kernels; every number verified and measured side by side.")
+out = Console()
+err = Console(stderr=True)
+
+DeviceOpt = typer.Option("cpu", "--device", help="cpu or cuda")
+JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON on stdout")
+DbOpt = typer.Option(None, "--db", help="SQLite store (default: the user cache dir, or $KERNELTUNE_DB)")
+
+
+def usage_error(msg: str) -> None:
+    err.print(f"[red]error:[/red] {msg}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _check_device(device: str) -> str:
+    device = device.lower()
+    if device not in ("cpu", "cuda"):
+        usage_error(f"--device {device!r}: use cpu or cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            usage_error("--device cuda: no CUDA GPU on this machine (torch sees none); use --device cpu")
+    return device
+
+
+def _open_store(db: Optional[str]) -> Any:
+    from kerneltune.store.db import Store, StoreError
+
+    try:
+        return Store(db)
+    except StoreError as e:
+        usage_error(str(e))
+
+
+def _parse_shapes(op: str, shapes: Optional[list[str]], dtype: Optional[str], device: str = "cpu") -> Any:
+    from kerneltune.ops import get_op
+    from kerneltune.ops.base import dtype_name
+
+    if not shapes and not dtype:
+        return None
+    spec = get_op(op)
+    try:
+        if not shapes:  # the default shapes in another dtype
+            import dataclasses
+
+            dt = dtype_name(dtype or "float32")
+            if op == "adamw" and dt != "float32":
+                raise ValueError(f"adamw takes fp32 params and state only, not {dtype!r}")
+            return [dataclasses.replace(c, dtype=dt, name=c.name.replace(c.dtype, dt)) for c in spec.timed_cases(device)]
+        return [spec.parse_case(s, dtype or "float32") for s in shapes]
+    except ValueError as e:
+        usage_error(str(e))
+
+
+def _progress_ctx(enabled: bool) -> Any:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                    transient=True, disable=not enabled)
+
+
+def _fmt(x: Optional[float], spec: str = ".3f", suffix: str = "") -> str:
+    return "—" if x is None else f"{x:{spec}}{suffix}"
+
+
+STATUS_STYLE = {"passed": "green", "incorrect": "red", "rejected": "magenta", "compile_error": "yellow",
+                "crashed": "red", "timeout": "yellow", "unsupported": "dim"}
+
+
+def _run_evaluations(paths: list[str], *, device: str, timeout: float, memory_gb: float, seeds: int,
+                     shapes: Any, time_it: bool, db: Optional[str], show_progress: bool) -> list[dict[str, Any]]:
+    from kerneltune.evaluate.evaluator import Evaluator, Options
+
+    store = _open_store(db)
+    opts = Options(device=device, timeout=timeout, memory_gb=memory_gb, seeds=seeds, shapes=shapes, time_it=time_it)
+    results = []
+    with _progress_ctx(show_progress) as progress:
+        task = progress.add_task("starting", total=len(paths))
+        with Evaluator(opts, store=store, progress=lambda m: progress.update(task, description=m)) as ev:
+            for i, path in enumerate(paths):
+                progress.update(task, description=f"[{i + 1}/{len(paths)}] {os.path.basename(path)}")
+                results.append(ev.evaluate_path(path))
+                progress.advance(task)
+    store.close()
+    return results
+
+
+@app.command("eval")
+def eval_cmd(
+    paths: list[str] = typer.Argument(..., help="candidate files"),
+    device: str = DeviceOpt,
+    json_out: bool = JsonOpt,
+    timeout: float = typer.Option(300.0, "--timeout", help="seconds per candidate, all stages"),
+    memory_limit: float = typer.Option(8.0, "--memory-limit", help="GiB per candidate worker"),
+    seeds: int = typer.Option(3, "--seeds", help="fresh random inputs per check shape"),
+    shapes: Optional[list[str]] = typer.Option(None, "--shapes", help="timed shape(s), e.g. 2,8,512,64,causal"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="dtype of the timed shapes"),
+    no_time: bool = typer.Option(False, "--no-time", help="verify only"),
+    db: Optional[str] = DbOpt,
+) -> None:
+    """Verify and time candidate files; exit 0 only when every candidate passed."""
+    device = _check_device(device)
+    if timeout <= 0 or seeds < 1 or memory_limit <= 0:
+        usage_error("--timeout, --memory-limit and --seeds must be positive")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        usage_error(f"{missing[0]}: no such file (give paths to candidate .py files)")
+    parsed = None
+    if shapes or dtype:
+        ops = {_peek_op(p) for p in paths}
+        if len(ops) != 1 or None in ops:
+            usage_error("--shapes/--dtype need candidates of one op")
+        parsed = _parse_shapes(ops.pop(), shapes, dtype, device)
+    results = _run_evaluations(paths, device=device, timeout=timeout, memory_gb=memory_limit, seeds=seeds,
+                               shapes=parsed, time_it=not no_time, db=db, show_progress=not json_out)
+    if json_out:
+        print(json.dumps(results, indent=1, default=str))
+    else:
+        _print_eval_table(results)
+    raise typer.Exit(0 if all(r["status"] == "passed" for r in results) else 1)
+
+
+def _peek_op(path: str) -> Optional[str]:
+    from kerneltune.evaluate.static import StaticReject, inspect_source, read_candidate
+
+    try:
+        c = read_candidate(path)
+        inspect_source(c)
+        return c.op
+    except StaticReject:
+        return None
+
+
+def _print_eval_table(results: list[dict[str, Any]]) -> None:
+    t = Table(title="kerneltune eval", show_lines=False)
+    for col in ("candidate", "status", "median ms", "p20–p80 ms", "speedup", "% roof", "reason"):
+        t.add_column(col, overflow="fold")
+    for r in results:
+        st = r["status"]
+        spread = f"{r['p20_ms']:.3f}–{r['p80_ms']:.3f}" if r.get("p20_ms") is not None else "—"
+        sp = f"{r['speedup']:.2f}× vs {r['baseline']}" if r.get("speedup") is not None else "—"
+        reason = r["reason"] or "; ".join(r.get("notes") or [])
+        t.add_row(os.path.relpath(r["candidate"]) if os.path.exists(r["candidate"]) else r["candidate"],
+                  f"[{STATUS_STYLE.get(st, '')}]{st}[/]", _fmt(r.get("median_ms")), spread, sp,
+                  _fmt(r.get("pct_of_roof"), ".1f", "%"), reason)
+    out.print(t)
+    if results:
+        prov = results[0]["provenance"]
+        out.print(f"[dim]device {prov['device']['name']} · torch {prov['versions']['torch']} · "
+                  f"threads {prov.get('threads')} · {prov['timestamp']}[/dim]", highlight=False)
+
+
+def candidates_dir() -> str:
+    """$KERNELTUNE_CANDIDATES, else candidates/ beside the kerneltune package (a source checkout)."""
+    env = os.environ.get("KERNELTUNE_CANDIDATES")
+    if env:
+        return env
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(here, "candidates")
+
+
+@app.command("bench")
+def bench_cmd(
+    op: str = typer.Argument(..., help="attention or adamw"),
+    device: str = DeviceOpt,
+    shapes: Optional[list[str]] = typer.Option(None, "--shapes", help="timed shape(s), e.g. 2,8,512,64,causal"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="dtype of the timed shapes"),
+    json_out: bool = JsonOpt,
+    timeout: float = typer.Option(600.0, "--timeout", help="seconds per candidate"),
+    csv_path: Optional[str] = typer.Option(None, "--csv", help="append one row per contestant to this CSV"),
+    candidates: Optional[str] = typer.Option(None, "--candidates", help="directory of candidates (default: candidates/OP)"),
+    db: Optional[str] = DbOpt,
+) -> None:
+    """Baselines and every candidate under candidates/OP in one table: median, p20/p80, speedups, % of roof."""
+    from kerneltune.backends import capability
+    from kerneltune.evaluate.static import StaticReject, inspect_source, read_candidate
+    from kerneltune.ops import op_names
+
+    if op not in op_names():
+        usage_error(f"unknown op {op!r}: use one of {', '.join(op_names())}")
+    device = _check_device(device)
+    folder = candidates or os.path.join(candidates_dir(), op)
+    paths = sorted(glob.glob(os.path.join(folder, "*.py")))
+    if not paths:
+        usage_error(f"no candidates in {folder} (pass --candidates DIR)")
+    runnable = []
+    for p in paths:
+        try:
+            c = read_candidate(p)
+            inspect_source(c)
+            if capability(c.backend, device).timed:
+                runnable.append(p)
+        except StaticReject:
+            runnable.append(p)  # it will get its verdict
+    skipped = sorted(set(paths) - set(runnable))
+    parsed = _parse_shapes(op, shapes, dtype, device)
+    results = _run_evaluations(runnable, device=device, timeout=timeout, memory_gb=16.0, seeds=2, shapes=parsed,
+                               time_it=True, db=db, show_progress=not json_out)
+    rows = bench_rows(results)
+    if csv_path:
+        append_csv(csv_path, rows)
+    if json_out:
+        print(json.dumps({"op": op, "device": device, "rows": rows, "results": results,
+                          "not_timed_here": skipped}, indent=1, default=str))
+    else:
+        _print_bench(op, results, skipped)
+    raise typer.Exit(0 if all(r["status"] == "passed" for r in results) else 1)
+
+
+def bench_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per (candidate, case, contestant), with provenance: the CSV and --json format."""
+    rows = []
+    for r in results:
+        prov = r["provenance"]
+        for case in r.get("cases", []):
+            common = {"timestamp": prov["timestamp"], "device": prov["device"]["name"], "device_key": prov["device"]["key"],
+                      "torch": prov["versions"]["torch"], "triton": prov["versions"].get("triton"),
+                      "numba": prov["versions"].get("numba"), "kerneltune": prov["versions"]["kerneltune"],
+                      "threads": prov.get("threads"), "op": r["op"], "shape": case["name"], "dtype": case["case"]["dtype"],
+                      "candidate": r["name"], "candidate_hash": r["hash"][:16]}
+            rows.append({**common, "contestant": r["name"], "kind": "candidate", "p20_ms": case["p20_ms"],
+                         "p50_ms": case["median_ms"], "p80_ms": case["p80_ms"], "speedup_vs_primary": case["speedup"],
+                         "pct_of_roof": case["roofline"].get("pct_of_roof"), "gbps": case["roofline"]["gbps"],
+                         "tflops": case["roofline"]["tflops"]})
+            for name, b in case["baselines"].items():
+                rows.append({**common, "contestant": name, "kind": "baseline", "p20_ms": b["p20_ms"],
+                             "p50_ms": b["median_ms"], "p80_ms": b["p80_ms"],
+                             "speedup_vs_primary": b["speedup"],  # candidate speedup over this baseline
+                             "pct_of_roof": b["roofline"].get("pct_of_roof"), "gbps": b["roofline"]["gbps"],
+                             "tflops": b["roofline"]["tflops"]})
+    return rows
+
+
+def append_csv(path: str, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def _print_bench(op: str, results: list[dict[str, Any]], skipped: list[str]) -> None:
+    passed = [r for r in results if r["status"] == "passed" and r.get("cases")]
+    for r in results:
+        if r["status"] != "passed" or not r.get("cases"):
+            why = r["reason"] or "; ".join(r.get("notes") or [])
+            out.print(f"[{STATUS_STYLE.get(r['status'], '')}]{r['name']}: {r['status']}[/] {why}", highlight=False)
+    for p in skipped:
+        out.print(f"[dim]{os.path.basename(p)}: not timed on this device[/dim]")
+    if not passed:
+        return
+    case_names = [c["name"] for c in passed[0]["cases"]]
+    for ci, case_name in enumerate(case_names):
+        baselines = list(passed[0]["cases"][ci]["baselines"])
+        t = Table(title=f"kerneltune bench {op} · {case_name}")
+        for col in ("contestant", "median ms", "p20–p80 ms", *[f"speedup vs {b}" for b in baselines], "% roof", "GB/s", "TFLOP/s"):
+            t.add_column(col)
+        first = passed[0]["cases"][ci]
+        for b in baselines:
+            s = first["baselines"][b]
+            t.add_row(f"[cyan]{b}[/] (baseline)", f"{s['median_ms']:.3f}", f"{s['p20_ms']:.3f}–{s['p80_ms']:.3f}",
+                      *["" for _ in baselines], _fmt(s["roofline"].get("pct_of_roof"), ".1f", "%"),
+                      f"{s['roofline']['gbps']:.1f}", f"{s['roofline']['tflops']:.3f}")
+        for r in passed:
+            c = r["cases"][ci]
+            t.add_row(r["name"], f"{c['median_ms']:.3f}", f"{c['p20_ms']:.3f}–{c['p80_ms']:.3f}",
+                      *[f"{c['baselines'][b]['speedup']:.2f}×" for b in baselines],
+                      _fmt(c["roofline"].get("pct_of_roof"), ".1f", "%"), f"{c['roofline']['gbps']:.1f}",
+                      f"{c['roofline']['tflops']:.3f}")
+        out.print(t)
+    prov = passed[0]["provenance"]
+    out.print(f"[dim]speedup = baseline median / candidate median, interleaved in the same run as each candidate · "
+              f"baseline rows from {passed[0]['name']}'s run · device {prov['device']['name']} · "
+              f"torch {prov['versions']['torch']} · threads {prov.get('threads')} · {prov['timestamp']}[/dim]",
+              highlight=False)
+
+
+@app.command("doctor")
+def doctor_cmd(json_out: bool = JsonOpt, db: Optional[str] = DbOpt) -> None:
+    """What works on this machine: torch, triton, numba, nvcc, GPU, sandbox, store, API key."""
+    from kerneltune.doctor import diagnose
+
+    checks = diagnose(db)
+    if json_out:
+        print(json.dumps(checks, indent=1))
+    else:
+        t = Table(title="kerneltune doctor")
+        for col in ("component", "status", "detail"):
+            t.add_column(col, overflow="fold")
+        for c in checks:
+            style = {"ok": "green", "missing": "yellow", "warn": "yellow", "fail": "red"}[c["status"]]
+            t.add_row(c["name"], f"[{style}]{c['status']}[/]", c["detail"])
+        out.print(t)
+    raise typer.Exit(1 if any(c["status"] == "fail" for c in checks) else 0)
+
+
+def main() -> None:  # pragma: no cover - entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,167 @@
+"""The evaluator end to end: wrong kernels get their verdicts, broken ones are contained, the evaluator
+goes on, and every verdict lands in the store."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from kerneltune.evaluate.evaluator import STATUSES, Evaluator, Options
+from kerneltune.store import Store
+
+ATTN_OK = '''
+import math
+import torch
+
+def run(q, k, v, causal=True, scale=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, N, N)
+    if causal:
+        n = q.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    out = torch.softmax(s, -1) @ v.float()
+    {tweak}
+    return out.to(q.dtype)
+'''
+
+WRONG = {
+    "one_off": ("out.view(-1)[out.numel() // 3] += 0.25", "incorrect", "outside tolerance"),
+    "wrong_scale": ("out = (torch.softmax((q.float() @ k.float().transpose(-1, -2)) * 0.5 + (s - s), -1) @ v.float())",
+                    "incorrect", ""),
+    "no_causal": ("out = torch.softmax(((q.float() @ k.float().transpose(-1, -2)) * scale), -1) @ v.float()"
+                  " if causal else out", "incorrect", ""),
+    "missed_tail": ("out[..., (q.shape[-2] // 16) * 16:, :] = 0 if q.shape[-2] % 16 else out[..., :0, :]",
+                    "incorrect", ""),
+    "nan": ("out.view(-1)[-1] = float('nan')", "incorrect", "NaN"),
+    "half_precision": ("out = (torch.softmax(((q.half() @ k.half().transpose(-1, -2)).float() * scale)"
+                       ".masked_fill(torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool).triu(1) & causal,"
+                       " float('-inf')), -1).half() @ v.half()).float()", "incorrect", ""),
+}
+
+BROKEN = {
+    "raises": ("def run(q, k, v, causal=True, scale=None):\n    raise ValueError('boom')\n", "crashed", "ValueError: boom"),
+    "segfault": ("import ctypes\ndef run(q, k, v, causal=True, scale=None):\n    ctypes.string_at(0)\n", "crashed",
+                 "SIGSEGV"),
+    "hangs": ("def run(q, k, v, causal=True, scale=None):\n    while True:\n        pass\n", "timeout", "no answer"),
+    "exits": ("import os\ndef run(q, k, v, causal=True, scale=None):\n    os._exit(7)\n", "crashed", "exit status 7"),
+    "sys_exit": ("import sys\ndef run(q, k, v, causal=True, scale=None):\n    sys.exit(3)\n", "crashed", "sys.exit(3)"),
+    "import_error": ("import torch\nraise ImportError('no such thing')\ndef run(q, k, v, causal=True, scale=None):\n"
+                     "    return q\n", "compile_error", "importing the candidate failed"),
+    "syntax": ("def run(q, k, v causal=True):\n    return q\n", "compile_error", "syntax error at line"),
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    s = Store(str(tmp_path_factory.mktemp("db") / "kt.db"))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def evaluator(store):
+    with Evaluator(Options(device="cpu", rounds=2, round_ms=5, timeout=60, seeds=2), store=store) as ev:
+        yield ev
+
+
+def test_honest_kernel_passes_with_timing_and_provenance(evaluator, write_candidate):
+    r = evaluator.evaluate_path(write_candidate("honest", ATTN_OK.format(tweak="pass")))
+    assert r["status"] == "passed", r["reason"]
+    for key in ("candidate", "status", "reason", "median_ms", "speedup"):
+        assert key in r
+    assert r["reason"] == "" and r["median_ms"] > 0 and r["speedup"] > 0
+    case = r["cases"][0]
+    assert set(case["baselines"]) >= {"sdpa", "torch_math"}
+    assert case["p20_ms"] <= case["median_ms"] <= case["p80_ms"]
+    assert abs(case["baselines"]["sdpa"]["median_ms"] / case["median_ms"] - r["speedup"]) < 1e-9
+    prov = r["provenance"]
+    assert prov["device"]["kind"] == "cpu" and prov["versions"]["torch"] and prov["threads"] >= 1
+    assert prov["candidate_hash"] == r["hash"] and prov["timestamp"]
+    assert "gbps" in case["roofline"] and "pct_of_roof" in case["roofline"]
+
+
+@pytest.mark.parametrize("name", list(WRONG))
+def test_wrong_kernels_are_caught(evaluator, write_candidate, name):
+    tweak, status, words = WRONG[name]
+    r = evaluator.evaluate_path(write_candidate(name, ATTN_OK.format(tweak=tweak)))
+    assert r["status"] == status, (r["status"], r["reason"])
+    assert words.lower() in r["reason"].lower()
+    assert r["median_ms"] is None and r["speedup"] is None
+
+
+def test_broken_kernels_are_contained_and_the_evaluator_goes_on(evaluator, write_candidate, store):
+    before = store.count("evaluations")
+    for name, (body, status, words) in BROKEN.items():
+        path = write_candidate(name, body)
+        r = evaluator.evaluate_path(path) if name != "hangs" else _with_timeout(evaluator, path, 15)
+        assert r["status"] == status, (name, r["status"], r["reason"])
+        assert words.lower() in r["reason"].lower(), (name, r["reason"])
+    # and it still works afterwards
+    r = evaluator.evaluate_path(write_candidate("after", ATTN_OK.format(tweak="pass")))
+    assert r["status"] == "passed"
+    assert store.count("evaluations") == before + len(BROKEN) + 1
+    assert store.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def _with_timeout(ev, path, seconds):
+    old = ev.opt.timeout
+    ev.opt.timeout = seconds
+    try:
+        return ev.evaluate_path(path)
+    finally:
+        ev.opt.timeout = old
+
+
+def test_static_verdicts(evaluator, tmp_path):
+    cases = {
+        "no_meta.py": ("def run(q, k, v, causal=True, scale=None):\n    return q\n", "rejected", "KERNELTUNE"),
+        "bad_op.py": ("KERNELTUNE = {'op': 'conv', 'backend': 'torch'}\ndef run(): pass\n", "rejected", "'conv'"),
+        "bad_import.py": ("import requests\nKERNELTUNE = {'op': 'attention', 'backend': 'torch'}\ndef run(): pass\n",
+                          "rejected", "imports requests"),
+        "baseline.py": ("import torch.nn.functional as F\nKERNELTUNE = {'op': 'attention', 'backend': 'torch'}\n"
+                        "def run(q, k, v, causal=True, scale=None):\n"
+                        "    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)\n", "rejected", "baseline"),
+        "no_run.py": ("KERNELTUNE = {'op': 'attention', 'backend': 'torch'}\n", "rejected", "no run()"),
+    }
+    for fname, (src, status, words) in cases.items():
+        p = tmp_path / fname
+        p.write_text(src)
+        r = evaluator.evaluate_path(str(p))
+        assert (r["status"], words in r["reason"]) == (status, True), (fname, r)
+    r = evaluator.evaluate_path(str(tmp_path / "missing.py"))
+    assert r["status"] == "compile_error" and "no such file" in r["reason"]
+
+
+def test_every_status_is_known(store):
+    statuses = {row["status"] for row in store.evaluations()}
+    assert statuses <= set(STATUSES)
+
+
+def test_store_survives_concurrent_writers(tmp_path):
+    """Two processes writing at once: every row lands, the file stays intact."""
+    import multiprocessing as mp
+
+    path = str(tmp_path / "c.db")
+    Store(path).close()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_write_rows, args=(path, i, 40)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == 80
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def _write_rows(path: str, who: int, n: int) -> None:
+    s = Store(path)
+    for i in range(n):
+        h = f"{who}-{i}"
+        s.add_candidate(hash=h, op="attention", backend="torch", name=h, source="x", path=None, summary="",
+                        params=None, origin="test", parent=None)
+        s.add_evaluation({"hash": h, "op": "attention", "status": "passed", "reason": "",
+                          "provenance": {"device": {"key": "cpu:test", "name": "test"}}})
+    s.close()

@@ -1,0 +1,141 @@
+"""Op specs: references against an independent implementation, tolerances that catch wrong kernels."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kerneltune.ops import get_op
+from kerneltune.ops.base import flatten, unflatten
+
+ATT = get_op("attention")
+ADAMW = get_op("adamw")
+
+
+def _sdpa64(inputs):
+    q, k, v = (inputs.tensors[x].double() for x in "qkv")
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=inputs.args["causal"],
+                                                            scale=inputs.args["scale"])
+
+
+@pytest.mark.parametrize("case", ATT.check_cases("cpu"), ids=lambda c: c.name)
+def test_attention_reference_matches_torch_sdpa_in_fp64(case):
+    for seed in range(3):
+        inputs = ATT.make_inputs(case, seed)
+        ref = ATT.reference(inputs)["out"]
+        assert torch.allclose(ref, _sdpa64(inputs), rtol=1e-10, atol=1e-12)
+
+
+def test_inputs_are_fresh_per_seed_and_deterministic():
+    case = ATT.check_cases("cpu")[1]
+    a, b, a2 = ATT.make_inputs(case, 1), ATT.make_inputs(case, 2), ATT.make_inputs(case, 1)
+    assert not torch.equal(a.tensors["q"], b.tensors["q"])
+    assert torch.equal(a.tensors["q"], a2.tensors["q"])
+
+
+def _attention_variants(inputs):
+    """Each wrong kernel the tolerances must catch, computed from the honest output."""
+    dt = inputs.tensors["q"].dtype
+    good = _sdpa64(inputs)
+    q, k, v = (inputs.tensors[x].double() for x in "qkv")
+    d = q.shape[-1]
+    off = good.clone()
+    off.view(-1)[off.numel() // 2] += 0.5
+    nan = good.clone()
+    nan.view(-1)[-1] = float("nan")
+    wrong_scale = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=inputs.args["causal"],
+                                                                   scale=1.0 / d)
+    no_mask = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=not inputs.args["causal"],
+                                                               scale=inputs.args["scale"])
+    tail = good.clone()
+    tail[..., -1, :] = 0  # the last row of a non-multiple N never written
+    half = torch.nn.functional.scaled_dot_product_attention(q.half().double(), k.half().double(), v.half().double(),
+                                                            is_causal=inputs.args["causal"], scale=inputs.args["scale"])
+    return {"one element off": off.to(dt), "NaN": nan.to(dt), "wrong scale": wrong_scale.to(dt),
+            "causal flipped": no_mask.to(dt), "missed tail": tail.to(dt), "fp16 inputs": half.to(dt)}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_attention_tolerance_passes_honest_and_fails_wrong(dtype):
+    case = ATT.parse_case("2,3,67,48,causal", dtype)
+    inputs = ATT.make_inputs(case, 1)  # seed 1: an explicit scale
+    expected = ATT.reference(inputs)
+    honest = _sdpa64(inputs).to(inputs.tensors["q"].dtype)
+    assert ATT.compare(inputs, expected, {"out": honest}) == ""
+    for name, out in _attention_variants(inputs).items():
+        if name == "fp16 inputs" and dtype != "float32":
+            continue  # half precision is the expected precision of half inputs
+        assert ATT.compare(inputs, expected, {"out": out}), f"{name} passed at {dtype}"
+
+
+def test_attention_fp32_rejects_tf32_like_error():
+    case = ATT.parse_case("1,2,256,64,full", "float32")
+    inputs = ATT.make_inputs(case, 0)
+    expected = ATT.reference(inputs)
+    out = expected["out"].float()
+    noisy = out * (1 + 3e-4 * torch.randn_like(out))  # tf32-sized relative error
+    assert "lower precision" in ATT.compare(inputs, expected, {"out": noisy})
+
+
+def _adamw_step(inputs, *, skip_last=False, no_wd=False, no_bias_corr=False, step_offset=0, half_update=False):
+    a = inputs.args
+    out = {k: [x.clone() for x in v] for k, v in inputs.tensors.items()}
+    n = len(out["params"])
+    for i, (p, g, m, v) in enumerate(zip(out["params"], out["grads"], out["exp_avgs"], out["exp_avg_sqs"])):
+        if skip_last and i == n - 1:
+            continue
+        step = a["step"] + step_offset
+        if not no_wd:
+            p.mul_(1 - a["lr"] * a["weight_decay"])
+        m.mul_(a["beta1"]).add_(g, alpha=1 - a["beta1"])
+        v.mul_(a["beta2"]).addcmul_(g, g, value=1 - a["beta2"])
+        bc1 = 1.0 if no_bias_corr else 1 - a["beta1"] ** step
+        bc2 = 1.0 if no_bias_corr else 1 - a["beta2"] ** step
+        upd = (a["lr"] / bc1) * m / (v.sqrt() / math.sqrt(bc2) + a["eps"])
+        p.sub_(upd.half().float() if half_update else upd)
+    return {k: out[k] for k in ADAMW.outputs}
+
+
+@pytest.mark.parametrize("case", ADAMW.check_cases("cpu"), ids=lambda c: c.name)
+def test_adamw_reference_matches_torch_optim(case):
+    for seed in range(3):
+        inputs = ADAMW.make_inputs(case, seed)
+        expected = ADAMW.reference(inputs)
+        t = {k: [x.clone() for x in v] for k, v in inputs.tensors.items()}
+        actual = ADAMW.invoke(ADAMW.baselines()["adamw_foreach"], t, inputs.args)
+        assert ADAMW.compare(inputs, expected, actual) == ""
+        assert ADAMW.compare(inputs, expected, _adamw_step(inputs)) == ""
+
+
+@pytest.mark.parametrize("wrong", ["skip_last", "no_wd", "no_bias_corr", "step_offset", "half_update"])
+def test_adamw_tolerance_catches_wrong_updates(wrong):
+    case = ADAMW.check_cases("cpu")[0]
+    caught = 0
+    for seed in range(4):  # hyper-parameters vary by seed; each mistake must show on some seed
+        inputs = ADAMW.make_inputs(case, seed)
+        kw = {"step_offset": 1} if wrong == "step_offset" else {wrong: True}
+        caught += bool(ADAMW.compare(inputs, ADAMW.reference(inputs), _adamw_step(inputs, **kw)))
+    assert caught >= 3, f"{wrong} passed on {4 - caught} of 4 seeds"
+
+
+def test_flatten_roundtrip_keeps_empty_lists():
+    d = {"q": torch.ones(2), "params": [torch.zeros(3), torch.ones(())], "none": []}
+    back = unflatten(flatten(d))
+    assert torch.equal(back["q"], d["q"]) and len(back["params"]) == 2 and back["none"] == []
+
+
+def test_work_counts():
+    case = ATT.parse_case("2,4,128,64,causal", "bfloat16")
+    assert ATT.flops(case) == 4 * 2 * 4 * 128 * 128 * 64 / 2
+    assert ATT.bytes_moved(case) == 4 * 2 * 4 * 128 * 64 * 2
+    c = ADAMW.parse_case("10x10;5", "float32")
+    assert ADAMW.bytes_moved(c) == 28 * 105
+
+
+def test_parse_case_errors_are_one_line_and_helpful():
+    with pytest.raises(ValueError, match="B,H,N,D"):
+        ATT.parse_case("2,8,512", "float32")
+    with pytest.raises(ValueError, match="fp32"):
+        ADAMW.parse_case("gpt-tiny", "bf16")
