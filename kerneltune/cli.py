@@ -28,7 +28,7 @@ DbOpt = typer.Option(None, "--db", help="SQLite store (default: the user cache d
 
 
 def usage_error(msg: str) -> None:
-    err.print(f"[red]error:[/red] {msg}", highlight=False)
+    print(f"error: {msg}", file=sys.stderr)  # one line, never wrapped
     raise typer.Exit(2)
 
 

@@ -1,0 +1,79 @@
+"""The command line as a user and a CI job meet it: JSON on stdout, exit codes 0/1/2, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.test_evaluator import ATTN_OK
+
+
+def kt(*args, env_extra=None, timeout=600):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "kerneltune.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_eval_json_contract_and_exit_codes(write_candidate, tmp_path):
+    good = write_candidate("good", ATTN_OK.format(tweak="pass"))
+    bad = write_candidate("bad", ATTN_OK.format(tweak="out = out * 1.01"))
+    db = str(tmp_path / "kt.db")
+    r = kt("eval", good, bad, "--device", "cpu", "--json", "--db", db, "--seeds", "1")
+    assert r.returncode == 1, r.stderr
+    results = json.loads(r.stdout)
+    assert [x["status"] for x in results] == ["passed", "incorrect"]
+    for x in results:
+        assert {"candidate", "status", "reason", "median_ms", "speedup"} <= set(x)
+    assert results[0]["speedup"] > 0 and results[1]["speedup"] is None and results[1]["reason"]
+    r = kt("eval", good, "--json", "--db", db, "--seeds", "1", "--no-time")
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["status"] == "passed"
+    import sqlite3
+
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_usage_errors_exit_2_with_one_line(write_candidate):
+    good = write_candidate("good", ATTN_OK.format(tweak="pass"))
+    for args, words in ((["eval", good, "--device", "cuda"], "no CUDA GPU"),
+                        (["eval", "nope.py"], "no such file"),
+                        (["eval", good, "--device", "tpu"], "use cpu or cuda"),
+                        (["bench", "conv"], "unknown op"),
+                        (["eval", good, "--shapes", "1,2,3"], "B,H,N,D")):
+        r = kt(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_bench_prints_speedups_over_each_baseline(write_candidate, tmp_path):
+    folder = tmp_path / "cands"
+    folder.mkdir()
+    (folder / "plain.py").write_text(open(write_candidate("plain", ATTN_OK.format(tweak="pass"))).read())
+    csv_path = tmp_path / "out.csv"
+    r = kt("bench", "attention", "--candidates", str(folder), "--shapes", "1,2,64,32,causal", "--json",
+           "--csv", str(csv_path), "--db", str(tmp_path / "kt.db"))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    rows = {(x["contestant"], x["kind"]) for x in data["rows"]}
+    assert rows == {("plain", "candidate"), ("sdpa", "baseline"), ("torch_math", "baseline")}
+    for x in data["rows"]:
+        assert x["p20_ms"] <= x["p50_ms"] <= x["p80_ms"] and x["device"] and x["torch"]
+    lines = csv_path.read_text().splitlines()
+    assert lines[0].startswith("timestamp,device") and len(lines) == 4
+
+
+def test_doctor_json():
+    r = kt("doctor", "--json")
+    assert r.returncode == 0, r.stderr
+    names = {c["name"] for c in json.loads(r.stdout)}
+    assert {"torch", "gpu", "triton", "numba", "nvcc", "sandbox: landlock", "store", "claude"} <= names
+
+
+def test_doctor_never_prints_the_key():
+    r = kt("doctor", "--json", env_extra={"ANTHROPIC_API_KEY": "sk-ant-test-SECRETVALUE"})
+    assert "SECRETVALUE" not in r.stdout + r.stderr
