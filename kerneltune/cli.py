@@ -19,7 +19,7 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Find faster attention and optimizer kernels; every number verified and measured side by side.")
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 DeviceOpt = typer.Option("cpu", "--device", help="cpu or cuda")

@@ -92,7 +92,7 @@ def run(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, we
     omb1 = 1.0 - beta1
     omb2 = 1.0 - beta2
     scalars = (decay, beta1, omb1, beta2, omb2, step_size, bc2_sqrt, eps)
-    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
         if p.device.type != "cpu":
             raise ValueError("numba AdamW runs on CPU tensors only")
         if p.dtype != torch.float32:
@@ -107,7 +107,7 @@ def run(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, we
         ga = _flat(gc)
         kern = _adamw_parallel if numel >= PARALLEL_MIN else _adamw_serial
         kern(pa, ga, ma, va, *scalars)
-        for dst, src in zip((p, m, v), work):
+        for dst, src in zip((p, m, v), work, strict=True):
             if dst is not src:
                 with torch.no_grad():
                     dst.copy_(src)

@@ -94,7 +94,7 @@ def run(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, we
     # contiguous is the contract; keep a write-back list in case a caller hands in anything else
     writeback = []
     work = []
-    for quad in zip(params, grads, exp_avgs, exp_avg_sqs):
+    for quad in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
         row = []
         for j, x in enumerate(quad):
             if x.device != dev or x.dtype != torch.float32:

@@ -36,7 +36,7 @@ KERNELTUNE = {
 
 @triton.jit
 def _flash_fwd(
-    Q, K, V, O,
+    Q, K, V, Out,
     stride_bh, stride_n,
     N, D, scale,
     CAUSAL: tl.constexpr,
@@ -84,8 +84,8 @@ def _flash_fwd(
         m_i = m_new
 
     out = acc / l_i[:, None]
-    o_ptrs = O + off_bh + offs_m[:, None] * stride_n + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    o_ptrs = Out + off_bh + offs_m[:, None] * stride_n + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
 def _pow2_at_least(x, lo):

@@ -32,8 +32,8 @@ def capability(backend: str, device: str) -> Capability:
         return Capability(True, True, ALL)
     if backend == "triton":
         return Capability(True, False, ("float32", "float16"),
-                          "checked through the Triton CPU interpreter (no bf16 there); interpreter timings are "
-                          "never reported as performance")
+                          "checked through Triton's CPU interpreter in fp32 and fp16 at the check shapes; not timed: "
+                          "interpreter speed is not performance")
     if backend == "cuda":
         return Capability(False, False, (), "no CUDA GPU on this machine")
     return Capability(True, True, ALL)

@@ -145,6 +145,8 @@ class Evaluator:
             self._check(worker, spec, spec.smoke_case(), 0, left, stage, slot=None, last={})
             stage = "check"
             timed = [c for c in (self.opt.shapes or spec.timed_cases(self.device)) if c.dtype in cap.dtypes]
+            if not cap.timed:  # timed shapes only matter where timings count (and cost minutes in an interpreter)
+                timed = []
             checks = [c for c in spec.check_cases(self.device) if c.dtype in cap.dtypes]
             skipped = sorted({c.dtype for c in spec.check_cases(self.device)} - set(cap.dtypes))
             last: dict[str, Any] = {}
@@ -159,7 +161,7 @@ class Evaluator:
                              "seeds": self.opt.seeds, "dtypes_not_checked": skipped}
             notes = [cap.note] if cap.note else []
             if not (self.opt.time_it and cap.timed and timed):
-                res["notes"] = notes + ([] if cap.timed else ["not timed on this device"])
+                res["notes"] = notes
                 raise Outcome("passed", "", "check")
             stage = "time"
             res["cases"] = []

@@ -104,7 +104,7 @@ def inspect_source(cand: CandidateFile) -> None:
             targets = [node.target.id]
         if "KERNELTUNE" in targets:
             try:
-                meta = ast.literal_eval(node.value)  # type: ignore[union-attr]
+                meta = literal(node.value)  # type: ignore[arg-type]
             except ValueError:
                 raise StaticReject("rejected", "KERNELTUNE must be a literal dict (no expressions), e.g. "
                                                "{\"op\": \"attention\", \"backend\": \"triton\"}") from None
@@ -124,6 +124,28 @@ def inspect_source(cand: CandidateFile) -> None:
     cand.hash = source_hash(cand.source, meta.get("params"))
     _check_imports(tree)
     _check_forbidden(cand.source, get_op(op))
+
+
+_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+           ast.LShift: lambda a, b: a << b, ast.Pow: lambda a, b: a**b, ast.FloorDiv: lambda a, b: a // b}
+
+
+def literal(node: ast.AST) -> Any:
+    """ast.literal_eval plus integer arithmetic between constants (``1 << 16``, ``64 * 1024``): what a knob
+    table needs, and nothing that runs code."""
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        a, b = literal(node.left), literal(node.right)
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)):
+            raise ValueError("arithmetic on non-numbers")
+        if isinstance(node.op, (ast.Pow, ast.LShift)) and abs(b) > 64:
+            raise ValueError("exponent too large")
+        return _BINOPS[type(node.op)](a, b)
+    if isinstance(node, ast.Dict):
+        return {literal(k): literal(v) for k, v in zip(node.keys, node.values) if k is not None}
+    if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+        items = [literal(e) for e in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items) if isinstance(node, ast.Tuple) else set(items)
+    return ast.literal_eval(node)
 
 
 def _check_imports(tree: ast.AST) -> None:
