@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import sys
+import time
 from typing import Any, Optional
 
 import typer
@@ -317,6 +318,215 @@ def doctor_cmd(json_out: bool = JsonOpt, db: Optional[str] = DbOpt) -> None:
             t.add_row(c["name"], f"[{style}]{c['status']}[/]", c["detail"])
         out.print(t)
     raise typer.Exit(1 if any(c["status"] == "fail" for c in checks) else 0)
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '10m', '1.5h' -> seconds."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text or "")
+    if not m:
+        raise ValueError(f"--time {text!r}: write seconds or a number with s, m or h, e.g. 10m")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+@app.command("search")
+def search_cmd(
+    op: Optional[str] = typer.Argument(None, help="attention or adamw (omit with --resume)"),
+    device: str = DeviceOpt,
+    proposer: str = typer.Option("templates", "--proposer", help="templates (offline autotuner)"),
+    strategy: str = typer.Option("evolve", "--strategy", help="evolve, random or grid"),
+    option: Optional[list[str]] = typer.Option(None, "--option", help="strategy option key=value (repeatable)"),
+    budget: int = typer.Option(40, "--budget", help="candidates to evaluate"),
+    time_limit: Optional[str] = typer.Option(None, "--time", help="stop after this long, e.g. 10m"),
+    max_cost: Optional[float] = typer.Option(None, "--max-cost", help="stop before paid proposers spend more (USD)"),
+    jobs: int = typer.Option(2, "--jobs", help="evaluations in flight (timing is always one at a time)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the strategy"),
+    timeout: float = typer.Option(300.0, "--timeout", help="seconds per candidate"),
+    candidates: Optional[list[str]] = typer.Option(None, "--candidates", help="template folders (default candidates/OP)"),
+    shapes: Optional[list[str]] = typer.Option(None, "--shapes", help="timed shape(s) (default: the op's)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="dtype of the timed shapes"),
+    resume: Optional[str] = typer.Option(None, "--resume", help="continue run RUN where it stopped"),
+    json_out: bool = JsonOpt,
+    db: Optional[str] = DbOpt,
+) -> None:
+    """Search for a faster kernel within a budget, with a live leaderboard; resumable after any stop."""
+    from kerneltune.search.runner import Search, SearchConfig, SearchError
+    from kerneltune.search.strategies import parse_options
+    from kerneltune.search.view import LiveView
+
+    store = _open_store(db)
+    run_id = None
+    if resume:
+        row = store.run(resume)
+        if row is None:
+            usage_error(f"--resume {resume}: no such run in {store.path} (see kerneltune runs)")
+        if row["status"] == "done":
+            usage_error(f"--resume {resume}: that run is already done")
+        cfg = SearchConfig.from_json(json.loads(row["options"]))
+        run_id = row["id"]
+        _check_device(cfg.device)
+    else:
+        from kerneltune.ops import op_names
+
+        if op is None or op not in op_names():
+            usage_error(f"give an op ({', '.join(op_names())}) or --resume RUN")
+        device = _check_device(device)
+        if budget < 1 or jobs < 1:
+            usage_error("--budget and --jobs must be at least 1")
+        try:
+            t = parse_duration(time_limit) if time_limit else None
+            opts = parse_options(strategy, option or [])
+        except ValueError as e:
+            usage_error(str(e))
+        if shapes or dtype:
+            _parse_shapes(op, shapes, dtype, device)  # a bad shape is a usage error now, not mid-run
+        cfg = SearchConfig(op=op, device=device, proposer=proposer, strategy=strategy, seed=seed, budget=budget,
+                           time_s=t, max_cost=max_cost, jobs=jobs, timeout=timeout, strategy_options=opts,
+                           candidate_dirs=[os.path.abspath(c) for c in (candidates or [os.path.join(candidates_dir(), op)])],
+                           shapes=list(shapes or []), dtype=dtype)
+    try:
+        search = Search(store, cfg, run_id=run_id)
+    except (SearchError, ValueError) as e:
+        usage_error(str(e))
+    err.print(f"run {search.run_id}: {cfg.op} on {cfg.device}, proposer {cfg.proposer}, strategy {cfg.strategy}, "
+              f"budget {cfg.budget}" + (" (resumed)" if resume else ""), highlight=False)
+    with LiveView(enabled=True) as view:
+        search.on_update = view.update
+        summary = search.run()
+    store.close()
+    if json_out:
+        print(json.dumps(summary, indent=1, default=str))
+    else:
+        best = summary["best"]
+        out.print(f"{summary['results']} results ({summary['evaluated']} evaluated, {summary['cached']} cached) in "
+                  f"{summary['elapsed_s']} s; {summary['by_status']}", highlight=False)
+        if best:
+            out.print(f"best: [green]{best['name']}[/] {best['speedup']:.3f}× vs {summary['baseline']} "
+                      f"at {summary['shape']} (median {best['median_ms']:.3f} ms)", highlight=False)
+    if summary["status"] == "interrupted":
+        err.print(f"interrupted: every finished evaluation is stored; resume with: kerneltune search --resume "
+                  f"{summary['run']}" + (f" --db {db}" if db else ""), highlight=False)
+        raise typer.Exit(130)
+    raise typer.Exit(0 if summary["best"] else 1)
+
+
+@app.command("runs")
+def runs_cmd(json_out: bool = JsonOpt, db: Optional[str] = DbOpt) -> None:
+    """Searches in the store: status, progress, best speedup, cost."""
+    store = _open_store(db)
+    rows = []
+    for r in store.runs():
+        stats = store.conn.execute(
+            "SELECT COUNT(p.id) AS n, COUNT(p.evaluation_id) AS finished, MAX(CASE WHEN e.status='passed' THEN e.speedup END)"
+            " AS best FROM proposals p LEFT JOIN evaluations e ON e.id = p.evaluation_id WHERE p.run_id = ?",
+            (r["id"],)).fetchone()
+        opts = json.loads(r["options"])
+        rows.append({"run": r["id"], "op": r["op"], "device_key": r["device_key"], "proposer": r["proposer"],
+                     "strategy": r["strategy"], "status": r["status"], "note": r["note"], "budget": opts.get("budget"),
+                     "proposals": stats["n"], "finished": stats["finished"], "best_speedup": stats["best"],
+                     "cost_usd": r["cost_usd"], "created": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["created"]))})
+    store.close()
+    if json_out:
+        print(json.dumps(rows, indent=1))
+        return
+    t = Table(title="kerneltune runs")
+    for col in ("run", "op", "status", "finished/budget", "best speedup", "cost", "proposer", "note"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["run"], r["op"], r["status"], f"{r['finished']}/{r['budget']}", _fmt(r["best_speedup"], ".3f", "×"),
+                  f"${r['cost_usd']:.4f}", f"{r['proposer']}/{r['strategy']}", r["note"] or "")
+    out.print(t)
+
+
+def _device_key(device: str) -> str:
+    from kerneltune.evaluate.device import device_info
+
+    return device_info(device)["key"]
+
+
+@app.command("leaderboard")
+def leaderboard_cmd(
+    op: str = typer.Argument(..., help="attention or adamw"),
+    device: str = DeviceOpt,
+    limit: int = typer.Option(20, "--limit"),
+    json_out: bool = JsonOpt,
+    db: Optional[str] = DbOpt,
+) -> None:
+    """Passed candidates of OP on this device, best speedup first (each candidate's latest evaluation)."""
+    device = _check_device(device)
+    store = _open_store(db)
+    key = _device_key(device)
+    rows = store.conn.execute(
+        "SELECT e.*, c.name, c.origin, c.params, c.backend FROM evaluations e JOIN candidates c ON c.hash = e.candidate_hash"
+        " WHERE e.op = ? AND e.device_key = ? AND e.status = 'passed' AND e.speedup IS NOT NULL"
+        " AND e.id = (SELECT MAX(id) FROM evaluations e2 WHERE e2.candidate_hash = e.candidate_hash"
+        " AND e2.device_key = e.device_key AND e2.shape IS e.shape) ORDER BY e.speedup DESC LIMIT ?",
+        (op, key, limit)).fetchall()
+    board = [{"rank": i, "candidate": r["name"], "hash": r["candidate_hash"], "backend": r["backend"],
+              "origin": r["origin"], "speedup": r["speedup"], "baseline": r["baseline"], "median_ms": r["median_ms"],
+              "p20_ms": r["p20_ms"], "p80_ms": r["p80_ms"], "shape": r["shape"], "run": r["run_id"],
+              "params": json.loads(r["params"] or "{}")} for i, r in enumerate(rows, 1)]
+    store.close()
+    if json_out:
+        print(json.dumps({"op": op, "device_key": key, "leaderboard": board}, indent=1))
+        return
+    t = Table(title=f"leaderboard · {op} · {key}")
+    for col in ("#", "candidate", "backend", "origin", "speedup", "median ms", "p20–p80", "shape", "hash"):
+        t.add_column(col)
+    for b in board:
+        t.add_row(str(b["rank"]), b["candidate"], b["backend"], b["origin"] or "", f"{b['speedup']:.3f}× vs {b['baseline']}",
+                  f"{b['median_ms']:.3f}", f"{b['p20_ms']:.3f}–{b['p80_ms']:.3f}", b["shape"] or "", b["hash"][:12])
+    out.print(t)
+
+
+@app.command("show")
+def show_cmd(candidate: str = typer.Argument(..., help="hash, hash prefix or name"), json_out: bool = JsonOpt,
+             db: Optional[str] = DbOpt) -> None:
+    """A candidate: its source, parent chain, every verdict and timing."""
+    store = _open_store(db)
+    row = store.candidate(candidate)
+    if row is None:
+        usage_error(f"no candidate {candidate!r} in {store.path} (use a hash prefix or a name from the leaderboard)")
+    chain = []
+    seen = {row["hash"]}
+    parent = row["parent"]
+    while parent and parent not in seen:
+        seen.add(parent)
+        prow = store.candidate(parent)
+        if prow is None:
+            break
+        chain.append({"hash": prow["hash"], "name": prow["name"], "origin": prow["origin"]})
+        parent = prow["parent"]
+    evals = [{"id": e["id"], "device": e["device_name"], "status": e["status"], "reason": e["reason"],
+              "stage": e["stage"], "shape": e["shape"], "median_ms": e["median_ms"], "p20_ms": e["p20_ms"],
+              "p80_ms": e["p80_ms"], "speedup": e["speedup"], "baseline": e["baseline"], "run": e["run_id"],
+              "when": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["created"]))}
+             for e in store.evaluations(candidate_hash=row["hash"])]
+    info = {"hash": row["hash"], "name": row["name"], "op": row["op"], "backend": row["backend"], "origin": row["origin"],
+            "summary": row["summary"], "params": json.loads(row["params"] or "{}"), "parents": chain,
+            "evaluations": evals, "source": row["source"]}
+    store.close()
+    if json_out:
+        print(json.dumps(info, indent=1))
+        return
+    from rich.syntax import Syntax
+
+    out.print(f"[bold]{info['name']}[/] {info['hash']}  ({info['op']}, {info['backend']}, origin {info['origin']})",
+              highlight=False)
+    if info["summary"]:
+        out.print(info["summary"], highlight=False)
+    if chain:
+        out.print("parents: " + " ← ".join(f"{c['name']} ({c['hash'][:10]})" for c in chain), highlight=False)
+    t = Table(title="evaluations")
+    for col in ("when", "device", "status", "shape", "median ms", "p20–p80", "speedup", "reason"):
+        t.add_column(col, overflow="fold")
+    for e in evals:
+        spread = f"{e['p20_ms']:.3f}–{e['p80_ms']:.3f}" if e["p20_ms"] is not None else "—"
+        t.add_row(e["when"], e["device"], e["status"], e["shape"] or "", _fmt(e["median_ms"]), spread,
+                  _fmt(e["speedup"], ".3f", "×"), e["reason"])
+    out.print(t)
+    out.print(Syntax(info["source"], "python", line_numbers=True))
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -14,11 +14,14 @@ The parent owns inputs, references and comparisons; a worker never sees an expec
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -82,6 +85,45 @@ def _quantiles(xs: list[float]) -> tuple[float, float, float]:
     return qs[1], statistics.median(s), qs[7]
 
 
+class DeviceLock:
+    """Readers-writer lock over the device: loading and checking candidates share it (several workers at
+    once), timing takes it alone, so no two timings share a device or compete for the cores being timed."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting_writers += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
 class Evaluator:
     """Evaluates candidates on one device. Keeps one trusted baseline worker per op across candidates."""
 
@@ -93,7 +135,10 @@ class Evaluator:
         self.device = self.opt.device
         self._baseline_workers: dict[str, WorkerProcess] = {}
         self._ceilings: dict[str, Any] | None = None
-        self._eval_count = 0
+        self._ids = itertools.count(1)
+        self.lock = DeviceLock()
+        self._active: set[WorkerProcess] = set()
+        self._active_lock = threading.Lock()
 
     # -- public ------------------------------------------------------------------------------------------
     def evaluate_path(self, path: str, *, origin: str = "user", parent: str | None = None,
@@ -108,7 +153,7 @@ class Evaluator:
     def evaluate(self, cand: CandidateFile, *, origin: str = "user", parent: str | None = None,
                  run_id: str | None = None) -> dict[str, Any]:
         t0 = time.monotonic()
-        self._eval_count += 1
+        eval_id = next(self._ids)
         res: dict[str, Any] = {}
         try:
             inspect_source(cand)
@@ -126,13 +171,16 @@ class Evaluator:
             worker = WorkerProcess(op=spec.name, device=self.device, role="candidate", backend=cand.backend,
                                    memory_bytes=int(self.opt.memory_gb * 2**30), sandbox=self.opt.sandbox,
                                    label=cand.name)
+            with self._active_lock:
+                self._active.add(worker)
             deadline = t0 + self.opt.timeout
             left = lambda: max(deadline - time.monotonic(), 0.01)  # noqa: E731
             self.progress(f"{cand.name}: loading")
-            worker.start(timeout=left())
-            reply, _ = worker.request({"cmd": "load", "source": cand.source, "filename": f"{cand.name}.py",
-                                       "module": f"kt_candidate_{cand.name}", "backend": cand.backend},
-                                      timeout=left())
+            with self.lock.shared():
+                worker.start(timeout=left())
+                reply, _ = worker.request({"cmd": "load", "source": cand.source, "filename": f"{cand.name}.py",
+                                           "module": f"kt_candidate_{cand.name}", "backend": cand.backend},
+                                          timeout=left())
             if not reply.get("ok"):
                 raise Outcome(reply["status"], reply["reason"], stage)
             res["threads"] = reply.get("threads")
@@ -165,8 +213,9 @@ class Evaluator:
                 raise Outcome("passed", "", "check")
             stage = "time"
             res["cases"] = []
-            for i, case in enumerate(timed):
-                res["cases"].append(self._time_case(worker, spec, case, f"t{i}", left, cand.name))
+            with self.lock.exclusive():
+                for i, case in enumerate(timed):
+                    res["cases"].append(self._time_case(worker, spec, case, f"t{i}", left, cand.name, eval_id))
             stage = "reverify"
             for i, case in enumerate(timed):
                 self.progress(f"{cand.name}: re-verify {case.name}")
@@ -190,12 +239,23 @@ class Evaluator:
                                 spec=spec, run_id=run_id)
         finally:
             if worker is not None:
+                with self._active_lock:
+                    self._active.discard(worker)
                 worker.close()
-            for w in self._baseline_workers.values():  # free this evaluation's baseline buffers
-                try:
-                    w.request({"cmd": "clear", "prefix": f"{self._eval_count}:"}, timeout=60)
-                except (WorkerDied, WorkerTimeout):
-                    w.close()
+            if res.get("cases") is not None:
+                with self.lock.exclusive():
+                    for w in self._baseline_workers.values():  # free this evaluation's baseline buffers
+                        try:
+                            w.request({"cmd": "clear", "prefix": f"{eval_id}:"}, timeout=60)
+                        except (WorkerDied, WorkerTimeout):
+                            w.close()
+
+    def abort(self) -> None:
+        """Kill every worker now (Ctrl-C): evaluations in flight end without a verdict worth keeping."""
+        with self._active_lock:
+            active = list(self._active)
+        for w in active + list(self._baseline_workers.values()):
+            w.kill()
 
     def close(self) -> None:
         for w in self._baseline_workers.values():
@@ -214,7 +274,8 @@ class Evaluator:
         inputs = spec.make_inputs(case, seed)
         expected = spec.reference(inputs)
         msg = {"cmd": "call", "fn": "run", "args": inputs.args, "slot": slot, "poison": True}
-        reply, flat = worker.request(msg, flatten(inputs.tensors), timeout=left())
+        with self.lock.shared():
+            reply, flat = worker.request(msg, flatten(inputs.tensors), timeout=left())
         where = f"[{case.name}, seed {seed}]"
         if not reply.get("ok"):
             raise Outcome(reply["status"], f"{reply['reason']} {where}", stage)
@@ -274,7 +335,7 @@ class Evaluator:
         return self._ceilings
 
     def _time_case(self, worker: WorkerProcess, spec: OpSpec, case: Case, slot: str, left: Callable[[], float],
-                   label: str) -> dict[str, Any]:
+                   label: str, eval_id: int) -> dict[str, Any]:
         bw = self._baseline_worker(spec)
         names = [n for n in bw.baseline_names if self.opt.baselines is None or n in self.opt.baselines]  # type: ignore[attr-defined]
         if spec.primary_baseline not in names:
@@ -282,7 +343,7 @@ class Evaluator:
         # the baselines get the same inputs, in their own buffers, and must pass the same check
         inputs = spec.make_inputs(case, self.opt.seeds)  # the values the candidate's slot now holds
         expected = spec.reference(inputs)
-        bslot = f"{self._eval_count}:{slot}"
+        bslot = f"{eval_id}:{slot}"
         for name in names:
             reply, flat = bw.request({"cmd": "call", "fn": name, "args": inputs.args, "slot": f"{bslot}:{name}",
                                       "poison": False}, flatten(inputs.tensors), timeout=600)

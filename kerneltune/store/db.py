@@ -12,7 +12,7 @@ import sqlite3
 import time
 from typing import Any, Iterator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS candidates (
@@ -50,6 +50,31 @@ CREATE TABLE IF NOT EXISTS evaluations (
     duration_s     REAL,
     created        REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS runs (
+    id         TEXT PRIMARY KEY,
+    op         TEXT NOT NULL,
+    device_key TEXT NOT NULL,
+    proposer   TEXT NOT NULL,
+    strategy   TEXT,
+    options    TEXT NOT NULL,         -- JSON: everything needed to resume
+    status     TEXT NOT NULL,         -- running | done | interrupted | failed
+    note       TEXT,
+    cost_usd   REAL NOT NULL DEFAULT 0,
+    created    REAL NOT NULL,
+    updated    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS proposals (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id         TEXT NOT NULL REFERENCES runs(id),
+    candidate_hash TEXT NOT NULL REFERENCES candidates(hash),
+    origin         TEXT NOT NULL,
+    parent         TEXT,
+    info           TEXT NOT NULL,     -- JSON: the proposer's handle (template + params, prompt id …)
+    cost_usd       REAL NOT NULL DEFAULT 0,
+    evaluation_id  INTEGER REFERENCES evaluations(id),   -- NULL until its evaluation is stored
+    created        REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS proposals_by_run ON proposals(run_id, id);
 CREATE INDEX IF NOT EXISTS evaluations_by_candidate ON evaluations(candidate_hash, device_key);
 CREATE INDEX IF NOT EXISTS evaluations_by_op ON evaluations(op, device_key, status);
 """
@@ -79,7 +104,7 @@ class Store:
         parent = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(parent, exist_ok=True)
-            self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
             self.conn.row_factory = sqlite3.Row
             self.conn.execute("PRAGMA busy_timeout = 60000")
             self.conn.execute("PRAGMA journal_mode = WAL")
@@ -124,18 +149,54 @@ class Store:
                 (hash, op, backend, name, path, source, summary, json.dumps(params or {}), origin, parent, time.time()))
 
     def add_evaluation(self, result: dict[str, Any], *, run_id: str | None = None) -> int:
-        prov = result["provenance"]
         with self._tx():
-            cur = self.conn.execute(
-                "INSERT INTO evaluations (candidate_hash, op, device_key, device_name, status, reason, stage, dtype,"
-                " shape, median_ms, p20_ms, p80_ms, speedup, baseline, result, provenance, run_id, duration_s,"
-                " created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (result["hash"], result["op"], prov["device"]["key"], prov["device"]["name"], result["status"],
-                 result["reason"], result.get("stage"), result.get("dtype"), result.get("shape"),
-                 result.get("median_ms"), result.get("p20_ms"), result.get("p80_ms"), result.get("speedup"),
-                 result.get("baseline"), json.dumps(result, default=str), json.dumps(prov, default=str), run_id,
-                 result.get("duration_s"), time.time()))
+            return self._insert_evaluation(result, run_id)
+
+    def _insert_evaluation(self, result: dict[str, Any], run_id: str | None) -> int:
+        prov = result["provenance"]
+        cur = self.conn.execute(
+            "INSERT INTO evaluations (candidate_hash, op, device_key, device_name, status, reason, stage, dtype,"
+            " shape, median_ms, p20_ms, p80_ms, speedup, baseline, result, provenance, run_id, duration_s,"
+            " created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (result["hash"], result["op"], prov["device"]["key"], prov["device"]["name"], result["status"],
+             result["reason"], result.get("stage"), result.get("dtype"), result.get("shape"),
+             result.get("median_ms"), result.get("p20_ms"), result.get("p80_ms"), result.get("speedup"),
+             result.get("baseline"), json.dumps(result, default=str), json.dumps(prov, default=str), run_id,
+             result.get("duration_s"), time.time()))
+        return int(cur.lastrowid or 0)
+
+    def add_run(self, run_id: str, *, op: str, device_key: str, proposer: str, strategy: str | None,
+                options: dict[str, Any]) -> None:
+        now = time.time()
+        with self._tx():
+            self.conn.execute("INSERT INTO runs (id, op, device_key, proposer, strategy, options, status, created,"
+                              " updated) VALUES (?,?,?,?,?,?,?,?,?)",
+                              (run_id, op, device_key, proposer, strategy, json.dumps(options), "running", now, now))
+
+    def set_run_status(self, run_id: str, status: str, note: str | None = None, cost_usd: float | None = None) -> None:
+        with self._tx():
+            self.conn.execute("UPDATE runs SET status = ?, note = COALESCE(?, note), cost_usd = COALESCE(?, cost_usd),"
+                              " updated = ? WHERE id = ?", (status, note, cost_usd, time.time(), run_id))
+
+    def add_proposal(self, run_id: str, candidate_hash: str, *, origin: str, parent: str | None,
+                     info: dict[str, Any], cost_usd: float = 0.0) -> int:
+        with self._tx():
+            cur = self.conn.execute("INSERT INTO proposals (run_id, candidate_hash, origin, parent, info, cost_usd,"
+                                    " created) VALUES (?,?,?,?,?,?,?)",
+                                    (run_id, candidate_hash, origin, parent, json.dumps(info, default=str), cost_usd,
+                                     time.time()))
             return int(cur.lastrowid or 0)
+
+    def add_evaluation_for(self, result: dict[str, Any], *, run_id: str, proposal_id: int) -> int:
+        """Store an evaluation and mark its proposal finished, in one transaction."""
+        with self._tx():
+            eid = self._insert_evaluation(result, run_id)
+            self.conn.execute("UPDATE proposals SET evaluation_id = ? WHERE id = ?", (eid, proposal_id))
+            return eid
+
+    def link_proposal(self, proposal_id: int, evaluation_id: int) -> None:
+        with self._tx():
+            self.conn.execute("UPDATE proposals SET evaluation_id = ? WHERE id = ?", (evaluation_id, proposal_id))
 
     # -- reads ---------------------------------------------------------------------------------------------
     def candidate(self, ref: str) -> sqlite3.Row | None:
@@ -159,6 +220,31 @@ class Store:
                 args.append(val)
         yield from self.conn.execute(q + " ORDER BY id", args)
 
+    def run(self, run_id: str) -> sqlite3.Row | None:
+        row = self.conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            rows = self.conn.execute("SELECT * FROM runs WHERE id LIKE ?", (run_id + "%",)).fetchall()
+            row = rows[0] if len(rows) == 1 else None
+        return row
+
+    def runs(self) -> list[sqlite3.Row]:
+        return self.conn.execute("SELECT * FROM runs ORDER BY created").fetchall()
+
+    def proposals(self, run_id: str) -> list[sqlite3.Row]:
+        return self.conn.execute("SELECT * FROM proposals WHERE run_id = ? ORDER BY id", (run_id,)).fetchall()
+
+    def evaluation(self, evaluation_id: int) -> sqlite3.Row | None:
+        return self.conn.execute("SELECT * FROM evaluations WHERE id = ?", (evaluation_id,)).fetchone()
+
+    def latest_evaluation(self, candidate_hash: str, device_key: str, shape: str | None = None) -> sqlite3.Row | None:
+        """The last evaluation of a candidate on a device (the cache that stops a re-evaluation)."""
+        q = "SELECT * FROM evaluations WHERE candidate_hash = ? AND device_key = ?"
+        args: list[Any] = [candidate_hash, device_key]
+        if shape is not None:  # a timing counts only for the shape it was measured at; a failure counts anywhere
+            q += " AND (status != 'passed' OR shape = ?)"
+            args.append(shape)
+        return self.conn.execute(q + " ORDER BY id DESC LIMIT 1", args).fetchone()
+
     def count(self, table: str) -> int:
-        assert table in ("candidates", "evaluations")
+        assert table in ("candidates", "evaluations", "runs", "proposals")
         return int(self.conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])

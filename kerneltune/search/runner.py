@@ -1,0 +1,271 @@
+"""The search loop: ask the proposer, evaluate in a pool, store everything the moment it finishes.
+
+- Pool: ``jobs`` evaluations at once, each in its own worker process; loading and checking overlap,
+  timing holds the device alone (the evaluator's DeviceLock).
+- Store: each proposal is written before it is evaluated, each verdict the moment it is known, in one
+  transaction with the link to its proposal; a run killed with kill -9 loses only what was in flight.
+- Resume: finished evaluations of the run are replayed into the proposer (none repeated); proposals
+  left unfinished are evaluated first.
+- Cache: a candidate (source + params hash) already evaluated on this device at the run's shape is
+  never evaluated again; its stored verdict is used.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from kerneltune.evaluate.device import device_info
+from kerneltune.evaluate.evaluator import Evaluator, Options
+from kerneltune.evaluate.static import CandidateFile
+from kerneltune.ops import get_op
+from kerneltune.propose.base import Proposal, Proposer
+
+
+@dataclass
+class SearchConfig:
+    op: str
+    device: str = "cpu"
+    proposer: str = "templates"
+    strategy: str = "evolve"
+    seed: int = 0
+    budget: int = 40
+    time_s: float | None = None
+    max_cost: float | None = None
+    jobs: int = 2
+    timeout: float = 300.0
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    candidate_dirs: list[str] = field(default_factory=list)
+    proposer_options: dict[str, Any] = field(default_factory=dict)
+    shapes: list[str] = field(default_factory=list)   # timed shapes as written on the command line
+    dtype: str | None = None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "SearchConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class Progress:
+    """What the live view shows; updated by the runner, read by the view."""
+
+    run_id: str
+    op: str
+    device: str
+    budget: int
+    done: int = 0
+    cached: int = 0
+    in_flight: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    board: list[dict[str, Any]] = field(default_factory=list)   # passed results, best first
+    started: float = field(default_factory=time.monotonic)
+    cost_usd: float = 0.0
+    last: str = ""
+    proposer: str = ""
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        return self.board[0] if self.board else None
+
+    def record(self, result: dict[str, Any], cached: bool) -> None:
+        self.done += 1
+        self.cached += int(cached)
+        self.by_status[result["status"]] = self.by_status.get(result["status"], 0) + 1
+        if result["status"] == "passed" and result.get("speedup") is not None:
+            self.board.append({"name": result["name"], "hash": result["hash"], "speedup": result["speedup"],
+                               "median_ms": result["median_ms"], "p20_ms": result["p20_ms"],
+                               "p80_ms": result["p80_ms"], "params": result.get("params")})
+            self.board.sort(key=lambda r: -r["speedup"])
+        self.last = f"{result['name']}: {result['status']}" + (f" {result['speedup']:.2f}×" if result.get("speedup") else "")
+
+
+class SearchError(Exception):
+    pass
+
+
+def make_proposer(cfg: SearchConfig) -> Proposer:
+    if cfg.proposer == "templates":
+        from kerneltune.propose.templates import TemplatesProposer
+        from kerneltune.search.space import Space, SpaceError
+
+        try:
+            space = Space.discover(cfg.op, cfg.device, cfg.candidate_dirs)
+        except SpaceError as e:
+            raise SearchError(str(e)) from None
+        return TemplatesProposer(space, cfg.strategy, cfg.seed, cfg.strategy_options)
+    raise SearchError(f"unknown proposer {cfg.proposer!r}: use templates")
+
+
+def new_run_id(op: str) -> str:
+    return f"{op}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+class Search:
+    def __init__(self, store: Any, cfg: SearchConfig, *, run_id: str | None = None,
+                 on_update: Callable[[Progress], None] | None = None, proposer: Proposer | None = None) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.spec = get_op(cfg.op)
+        self.device_key = device_info(cfg.device)["key"]
+        self.resuming = run_id is not None
+        self.run_id = run_id or new_run_id(cfg.op)
+        self.proposer = proposer or make_proposer(cfg)
+        self.on_update = on_update or (lambda _p: None)
+        self.progress = Progress(self.run_id, cfg.op, cfg.device, cfg.budget, proposer=self.proposer.name)
+        self.stop_reason = ""
+        self._stop = threading.Event()
+        cases = [self.spec.parse_case(s, cfg.dtype or "float32") for s in cfg.shapes] or None
+        opts = Options(device=cfg.device, timeout=cfg.timeout, baselines=[self.spec.primary_baseline], shapes=cases)
+        self.evaluator = Evaluator(opts, store=None)
+        self.shape = (cases or self.spec.timed_cases(cfg.device))[0].name
+
+    # -- store ---------------------------------------------------------------------------------------------
+    def _store_candidate(self, p: Proposal) -> None:
+        c = p.candidate
+        from kerneltune.evaluate.static import StaticReject, inspect_source
+
+        try:
+            inspect_source(c)
+        except StaticReject:
+            pass
+        self.store.add_candidate(hash=c.hash, op=c.op or self.cfg.op, backend=c.backend or "unknown", name=c.name,
+                                 source=c.source, path=c.path, summary=c.summary, params=c.meta.get("params"),
+                                 origin=p.origin, parent=p.parent)
+
+    def _replay(self) -> list[tuple[Proposal, int]]:
+        """Feed the run's finished evaluations back to the proposer; return unfinished proposals."""
+        pending: list[tuple[Proposal, int]] = []
+        for row in self.store.proposals(self.run_id):
+            info = json.loads(row["info"])
+            key = getattr(self.proposer, "point_of", lambda _i: None)(info)
+            if row["evaluation_id"] is not None:
+                ev = self.store.evaluation(row["evaluation_id"])
+                result = json.loads(ev["result"]) if ev else None
+                self.proposer.replay(key, result)
+                if result:
+                    result.setdefault("params", info.get("params"))
+                    self.progress.record(result, cached=False)
+            else:
+                cand_row = self.store.candidate(row["candidate_hash"])
+                cand = CandidateFile(path=cand_row["path"], name=cand_row["name"], source=cand_row["source"],
+                                     hash=cand_row["hash"])
+                pending.append((Proposal(candidate=cand, origin=row["origin"], parent=row["parent"], key=key,
+                                         info=info), row["id"]))
+                self.proposer.replay(key, None)
+        self.progress.cost_usd = self.proposer.cost_usd
+        return pending
+
+    # -- loop ------------------------------------------------------------------------------------------------
+    def stop(self, reason: str) -> None:
+        if not self.stop_reason:
+            self.stop_reason = reason
+        self._stop.set()
+
+    def _limits_reached(self, in_flight: int) -> bool:
+        cfg = self.cfg
+        if self.progress.done + in_flight >= cfg.budget:
+            return True
+        if cfg.time_s is not None and time.monotonic() - self.progress.started >= cfg.time_s:
+            self.stop(f"time limit of {cfg.time_s:.0f} s reached")
+            return True
+        if cfg.max_cost is not None and self.proposer.cost_usd >= cfg.max_cost:
+            self.stop(f"cost limit of ${cfg.max_cost:.2f} reached")
+            return True
+        return self._stop.is_set()
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.resuming:
+            self.store.set_run_status(self.run_id, "running")
+            pending = self._replay()
+        else:
+            self.store.add_run(self.run_id, op=cfg.op, device_key=self.device_key, proposer=cfg.proposer,
+                               strategy=cfg.strategy, options=asdict(cfg))
+            pending = []
+        inflight: dict[Future[dict[str, Any]], tuple[Proposal, int]] = {}
+        status = "done"
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, cfg.jobs), thread_name_prefix="kt-eval") as pool:
+                while True:
+                    while len(inflight) < max(1, cfg.jobs) and not self._limits_reached(len(inflight)):
+                        item = pending.pop(0) if pending else self._next_proposal()
+                        if item is None:
+                            break
+                        proposal, pid = item
+                        if self._use_cached(proposal, pid):
+                            continue
+                        fut = pool.submit(self.evaluator.evaluate, proposal.candidate, origin=proposal.origin,
+                                          parent=proposal.parent, run_id=self.run_id)
+                        inflight[fut] = (proposal, pid)
+                    self.progress.in_flight = len(inflight)
+                    self.on_update(self.progress)
+                    if not inflight:
+                        break
+                    done, _ = wait(list(inflight), timeout=0.5, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        proposal, pid = inflight.pop(fut)
+                        result = fut.result()
+                        self._finish(proposal, pid, result, cached=False)
+        except KeyboardInterrupt:
+            status = "interrupted"
+            self.stop("interrupted (Ctrl-C)")
+            self.evaluator.abort()
+        finally:
+            self.evaluator.close()
+            note = self.stop_reason or ("budget spent" if self.progress.done >= cfg.budget else "proposer exhausted")
+            self.store.set_run_status(self.run_id, status, note=note, cost_usd=self.proposer.cost_usd)
+        return self.summary(status)
+
+    def _next_proposal(self) -> tuple[Proposal, int] | None:
+        props = self.proposer.propose(1)
+        if not props:
+            if not self.stop_reason:
+                self.stop_reason = "proposer exhausted (every point of the space evaluated)"
+            return None
+        p = props[0]
+        self._store_candidate(p)
+        pid = self.store.add_proposal(self.run_id, p.candidate.hash, origin=p.origin, parent=p.parent, info=p.info,
+                                      cost_usd=p.cost_usd)
+        return p, pid
+
+    def _use_cached(self, proposal: Proposal, pid: int) -> bool:
+        row = self.store.latest_evaluation(proposal.candidate.hash, self.device_key, self.shape)
+        if row is None:
+            return False
+        result = json.loads(row["result"])
+        self.store.link_proposal(pid, int(row["id"]))
+        self._finish(proposal, pid, result, cached=True)
+        return True
+
+    def _finish(self, proposal: Proposal, pid: int, result: dict[str, Any], cached: bool) -> None:
+        if self._stop.is_set() and self.stop_reason.startswith("interrupted"):
+            return  # killed by us, not a verdict: the proposal stays pending for --resume
+        if not cached:
+            self.store.add_evaluation_for(result, run_id=self.run_id, proposal_id=pid)
+        result = {**result, "params": proposal.info.get("params")}
+        self.proposer.tell(proposal, result)
+        self.progress.cost_usd = self.proposer.cost_usd
+        self.progress.record(result, cached)
+        self.on_update(self.progress)
+
+    def summary(self, status: str) -> dict[str, Any]:
+        p = self.progress
+        elapsed = time.monotonic() - p.started
+        evaluated = p.done - p.cached
+        return {
+            "run": self.run_id, "op": self.cfg.op, "device": device_info(self.cfg.device)["name"],
+            "device_key": self.device_key, "status": status, "stop_reason": self.stop_reason or None,
+            "proposer": self.cfg.proposer, "strategy": self.cfg.strategy, "budget": self.cfg.budget,
+            "results": p.done, "evaluated": evaluated, "cached": p.cached, "by_status": p.by_status,
+            "best": p.best, "leaderboard": p.board[:10], "baseline": self.spec.primary_baseline, "shape": self.shape,
+            "elapsed_s": round(elapsed, 1),
+            "evaluations_per_min": round(evaluated / (elapsed / 60), 2) if elapsed > 0 else None,
+            "cost_usd": round(self.proposer.cost_usd, 4),
+            "resume": f"kerneltune search --resume {self.run_id}" if status != "done" else None,
+        }
