@@ -69,8 +69,7 @@ class Outcome(Exception):
 @dataclass
 class _Timing:
     times: list[float] = field(default_factory=list)
-    wall_ms: float = 0.0
-    reps: int = 0
+    turns: list[tuple[float, float, int]] = field(default_factory=list)  # (wall ms, reported ms, calls) per turn
 
     def stats(self) -> dict[str, float]:
         q = _quantiles(self.times)
@@ -376,9 +375,10 @@ class Evaluator:
                 if not r.get("ok"):
                     raise Outcome(r["status"], f"{r['reason']} [{case.name}, while timing]", "time")
                 tm = timing[label_c]
-                tm.times += [float(x) for x in r["times_ms"]]
-                tm.wall_ms += wall
-                tm.reps += reps[label_c] + 1  # +1: the warm-up call inside the turn
+                times = [float(x) for x in r["times_ms"]]
+                tm.times += times
+                # the turn's warm-up call is untimed: count it as a call of the candidate's own measured pace
+                tm.turns.append((wall, sum(times) * (len(times) + 1) / max(len(times), 1), len(times) + 1))
         self._check_timer(timing, names, case)
         cand = timing["candidate"].stats()
         out: dict[str, Any] = {"case": case.to_json(), "name": case.name, **cand, "baselines": {}}
@@ -396,17 +396,23 @@ class Evaluator:
         return out
 
     def _check_timer(self, timing: dict[str, _Timing], baselines: list[str], case: Case) -> None:
-        """The candidate's clock against the evaluator's: its reported time must account for the wall time
-        its turns took, given the per-call overhead the trusted baseline worker shows (IPC, L2 flush)."""
-        over = [max(timing[b].wall_ms - sum(timing[b].times), 0.0) / max(timing[b].reps, 1) for b in baselines]
-        base_over = max(over) if over else 0.0
+        """The candidate's clock against the evaluator's: in every one of its turns, the time it reported must
+        account for the wall time the turn took, given the per-call overhead the trusted baseline worker shows
+        (IPC, L2 flush). The best turn decides, so a machine busy with other work does not trip it; a patched
+        timer under-reports in every turn."""
+        def untimed_per_call(t: _Timing) -> list[float]:
+            return [max(w - s, 0.0) / max(n, 1) for w, s, n in t.turns]
+
+        base = [min(untimed_per_call(timing[b])) for b in baselines if timing[b].turns]
+        base_over = max(base) if base else 0.0
         c = timing["candidate"]
-        untimed = max(c.wall_ms - sum(c.times), 0.0)
-        per_call = untimed / max(c.reps, 1)
-        if untimed > 0.5 * c.wall_ms and per_call > max(4 * base_over, base_over + 0.2) and untimed > 50:
-            raise Outcome("rejected", f"timer tampering: the candidate reported {sum(c.times):.1f} ms of work but its "
-                                      f"turns took {c.wall_ms:.1f} ms of the evaluator's wall clock [{case.name}]",
-                          "time")
+        best = min(range(len(c.turns)), key=lambda i: untimed_per_call(c)[i])
+        wall, reported, calls = c.turns[best]
+        per_call = max(wall - reported, 0.0) / max(calls, 1)
+        if wall - reported > 0.5 * wall and per_call > max(4 * base_over, base_over + 0.2) and wall - reported > 20:
+            raise Outcome("rejected", f"timer tampering: in its best turn the candidate reported {reported:.1f} ms of "
+                                      f"work for {calls} calls that took {wall:.1f} ms of the evaluator's wall clock "
+                                      f"[{case.name}]", "time")
 
     # -- results -------------------------------------------------------------------------------------------
     def _store_candidate(self, cand: CandidateFile, origin: str, parent: str | None) -> None:

@@ -65,7 +65,7 @@ class Strategy(StrategyBase):
         return i
 
     def _tournament(self, members: dict[Point, float]) -> Point:
-        pool = sorted(members)  # sorted: reproducible whatever the dict order
+        pool = sorted(members, key=Point.label)  # sorted: reproducible whatever the dict order
         picks = [self.rng.choice(pool) for _ in range(max(1, int(self.options["tournament"])))]
         return max(picks, key=lambda p: members[p])
 
@@ -77,7 +77,7 @@ class Strategy(StrategyBase):
             isl = self.islands[i]
             isl[point] = fitness
             if len(isl) > self.options["population"]:
-                del isl[min(isl, key=lambda p: isl[p])]
+                del isl[min(sorted(isl, key=Point.label), key=lambda p: isl[p])]
         if self.results_on[i] % max(1, int(self.options["migration_every"])) == 0 and self.islands[i]:
             best = max(self.islands[i], key=lambda p: self.islands[i][p])
             nxt = self.islands[(i + 1) % len(self.islands)]

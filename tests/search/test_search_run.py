@@ -1,0 +1,88 @@
+"""The search end to end on a small template and shape: stored as it goes, resumable after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+from kerneltune.search.runner import Search, SearchConfig
+from kerneltune.store import Store
+
+
+def test_search_stores_everything_and_never_repeats(template_dir, tmp_path):
+    store = Store(str(tmp_path / "kt.db"))
+    cfg = SearchConfig(op="adamw", device="cpu", strategy="random", budget=4, jobs=2, candidate_dirs=[template_dir],
+                       shapes=["gpt-tiny"], timeout=120)
+    summary = Search(store, cfg).run()
+    assert summary["status"] == "done" and summary["results"] == 4 and summary["evaluated"] == 4
+    assert summary["best"]["speedup"] > 0
+    run = summary["run"]
+    props = store.proposals(run)
+    assert len(props) == 4 and all(p["evaluation_id"] for p in props)
+    assert len({p["candidate_hash"] for p in props}) == 4
+    # a second run with the same seed proposes the same points: all answered from the store, none evaluated
+    again = Search(store, cfg).run()
+    assert again["cached"] == 4 and again["evaluated"] == 0
+    n_evals = store.count("evaluations")
+    assert n_evals == 4
+    store.close()
+
+
+def _kt(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "kerneltune.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+def test_kill_9_then_resume_loses_nothing_and_repeats_nothing(template_dir, tmp_path):
+    db = str(tmp_path / "kt.db")
+    args = ["search", "adamw", "--device", "cpu", "--candidates", template_dir, "--shapes", "gpt-tiny",
+            "--budget", "6", "--jobs", "1", "--strategy", "grid", "--db", db, "--json"]
+    proc = _kt(args)
+    deadline = time.monotonic() + 240
+    done = 0
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        if os.path.exists(db):
+            try:
+                done = sqlite3.connect(db).execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
+            except sqlite3.OperationalError:
+                continue
+            if done >= 2:
+                break
+        assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finished_before = con.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
+    assert finished_before >= 2
+    run_id, status = con.execute("SELECT id, status FROM runs").fetchone()
+    assert status == "running"  # killed: it never got to say otherwise
+    con.close()
+    r = subprocess.run([sys.executable, "-m", "kerneltune.cli", "search", "--resume", run_id, "--db", db, "--json"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["status"] == "done" and summary["results"] == 6
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT candidate_hash FROM evaluations").fetchall()
+    assert len(rows) == 6 and len({h for (h,) in rows}) == 6  # every finished one kept, none twice
+    assert con.execute("SELECT COUNT(*) FROM proposals WHERE evaluation_id IS NULL").fetchone()[0] == 0
+    assert con.execute("SELECT status FROM runs").fetchone()[0] == "done"
+    # the leaderboard and show read it back
+    board = json.loads(subprocess.run([sys.executable, "-m", "kerneltune.cli", "leaderboard", "adamw", "--db", db,
+                                       "--json"], capture_output=True, text=True, timeout=120).stdout)
+    statuses = con.execute("SELECT status, reason FROM evaluations").fetchall()
+    assert len(board["leaderboard"]) == 6, statuses
+    best = board["leaderboard"][0]
+    shown = json.loads(subprocess.run([sys.executable, "-m", "kerneltune.cli", "show", best["hash"][:12], "--db", db,
+                                       "--json"], capture_output=True, text=True, timeout=120).stdout)
+    assert shown["hash"] == best["hash"] and "def run(" in shown["source"] and shown["evaluations"]
+    runs = json.loads(subprocess.run([sys.executable, "-m", "kerneltune.cli", "runs", "--db", db, "--json"],
+                                     capture_output=True, text=True, timeout=120).stdout)
+    assert runs[0]["finished"] == 6 and runs[0]["status"] == "done"
