@@ -23,6 +23,17 @@ m and v are updated in fp64 (b1, 1-b1, b2, 1-b2 as fp64 scalars) and rounded onc
 moments are correctly rounded; free here because the kernel is bandwidth bound. The parameter step is
 fp32 with the IEEE round-to-nearest sqrt and division (tl.sqrt_rn, tl.div_rn), in torch's order.
 Works on CUDA and under the Triton CPU interpreter (TRITON_INTERPRET=1, CPU tensors).
+
+Template knobs (KERNELTUNE["space"]; read from KERNELTUNE["params"] at call time):
+- BLOCK: elements per vector step of a program (BLOCK/(32*num_warps) per thread, per tensor).
+- CHUNK: elements per program (grid = sum over tensors of ceil(numel/CHUNK)); a program stops at the end
+  of its tensor, so a small tensor costs one step. Small CHUNK: more programs and 48 B of table each;
+  large CHUNK: fewer, longer programs (tail imbalance on a GPU).
+- num_warps: warps per program (GPU only; the interpreter ignores it).
+Restrictions: BLOCK <= CHUNK <= 64*BLOCK (a smaller CHUNK is rounded up to BLOCK: a duplicate point);
+128*num_warps <= BLOCK <= 1024*num_warps: 4 to 32 fp32 per thread and tensor (one 128-bit access at
+least, without register spills of the fp64 moment math).
+All tensors always go in ONE launch: splitting the table into several launches only adds launch latency.
 """
 import numpy as np
 import torch
@@ -33,7 +44,12 @@ KERNELTUNE = {
     "op": "adamw",
     "backend": "triton",
     "params": {"BLOCK": 1024, "CHUNK": 16384, "num_warps": 4},
-    "space": {"BLOCK": [512, 1024, 2048, 4096], "CHUNK": [4096, 16384, 65536], "num_warps": [2, 4, 8]},
+    "space": {
+        "BLOCK": [256, 512, 1024, 2048, 4096],
+        "CHUNK": [2048, 4096, 8192, 16384, 32768, 65536],
+        "num_warps": [1, 2, 4, 8, 16],
+    },
+    "restrictions": ["CHUNK >= BLOCK", "CHUNK <= 64 * BLOCK", "BLOCK >= 128 * num_warps", "BLOCK <= 1024 * num_warps"],
 }
 
 
@@ -59,7 +75,8 @@ def _adamw_multi(
     b2 = tl.load(sc + 2).to(tl.float64, bitcast=True)
     omb2 = tl.load(sc + 3).to(tl.float64, bitcast=True)
     offs0 = tl.arange(0, BLOCK)
-    for i in range(0, CHUNK, BLOCK):
+    hi = tl.minimum(n - start, CHUNK)                   # the last chunk of a tensor stops at its end
+    for i in range(0, hi, BLOCK):
         offs = start + i + offs0                        # (BLOCK,) int64
         mask = offs < n
         p = tl.load(p_ptr + offs, mask=mask, other=0.0)

@@ -19,18 +19,44 @@ FLOPs: 4*B*H*N*N*D (non-causal), ~half causal. HBM traffic: q, out once; k, v on
 fp32 inputs use input_precision="ieee" (no TF32) in both dots; fp16/bf16 inputs use the tensor cores for
 q@k^T and cast p to the input dtype for p@v (standard flash practice), always accumulating in fp32.
 Runs on CUDA and under the Triton CPU interpreter (TRITON_INTERPRET=1; fp32/fp16 there).
+
+Template knobs (KERNELTUNE["space"]; read from KERNELTUNE["params"] at call time):
+- BLOCK_M: query rows per program (grid = ceil(N/BLOCK_M) x B*H); k, v are re-read once per query block.
+- BLOCK_N: keys per inner iteration; the (BLOCK_M, BLOCK_N) fp32 score tile lives in registers.
+- num_warps: warps per program (GPU only; the interpreter ignores it).
+- num_stages: software-pipelining depth of the k/v loads (GPU only; the interpreter ignores it).
+Restrictions (every valid point satisfies them):
+- BLOCK_M >= 8*num_warps: no warp without query rows to own in the dots.
+- BLOCK_M*BLOCK_N <= 2048*num_warps: at most 64 fp32 scores per thread (register spills otherwise).
+- (BLOCK_M + 2*BLOCK_N*num_stages) * 128 * 2 <= 192 KiB: q tile plus num_stages k and v tiles in shared
+  memory at D=128 with 2-byte inputs (the timed GPU configuration) fit an H100 SM.
+At run time the block sizes are clamped to the padded sequence length, BLOCK_N <= 64 when BLOCK_D = 128,
+and BLOCK_M <= 64, BLOCK_N <= 32, num_stages = 1 when BLOCK_D = 256 (fp32 or D up to 256 would otherwise
+overflow shared memory / registers); if the compiler still reports OutOfResources, the launch is retried
+with num_stages = 1, then halved BLOCK_N, then halved BLOCK_M (down to 16), so every point runs everywhere.
 """
 import math
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 KERNELTUNE = {
     "op": "attention",
     "backend": "triton",
     "params": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
-    "space": {"BLOCK_M": [32, 64, 128], "BLOCK_N": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
+    "space": {
+        "BLOCK_M": [16, 32, 64, 128],
+        "BLOCK_N": [16, 32, 64, 128],
+        "num_warps": [2, 4, 8],
+        "num_stages": [1, 2, 3, 4],
+    },
+    "restrictions": [
+        "BLOCK_M >= 8 * num_warps",
+        "BLOCK_M * BLOCK_N <= 2048 * num_warps",
+        "(BLOCK_M + 2 * BLOCK_N * num_stages) * 256 <= 196608",
+    ],
 }
 
 
@@ -120,14 +146,27 @@ def run(q, k, v, causal=True, scale=None):
     elif BLOCK_D >= 128:
         BLOCK_N = min(BLOCK_N, 64)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"       # "tf32" is ignored for fp16/bf16 operands
-    grid = (triton.cdiv(N, BLOCK_M), B * H)
-    _flash_fwd[grid](
-        q, k, v, out,
-        N * D, D,
-        N, D, float(scale),
-        CAUSAL=bool(causal),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        PREC=prec,
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    return out
+    while True:
+        try:
+            grid = (triton.cdiv(N, BLOCK_M), B * H)
+            _flash_fwd[grid](
+                q, k, v, out,
+                N * D, D,
+                N, D, float(scale),
+                CAUSAL=bool(causal),
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                PREC=prec,
+                num_warps=num_warps, num_stages=num_stages,
+            )
+            return out
+        except OutOfResources:
+            # shared memory / registers over budget for this D and dtype: shrink, never fail
+            if num_stages > 1:
+                num_stages = 1
+            elif BLOCK_N > 16:
+                BLOCK_N //= 2
+            elif BLOCK_M > 16:
+                BLOCK_M //= 2
+                num_warps = max(1, min(num_warps, BLOCK_M // 8))
+            else:
+                raise
