@@ -68,7 +68,9 @@ class AdamW(OpSpec):
         ("torch", "_fused_adamw_"), ("torch", "_fused_adam_"),
         ("torch._C._VariableFunctions", "_fused_adamw_"), ("torch._C._VariableFunctions", "_fused_adam_"),
         ("torch.optim", "AdamW"), ("torch.optim", "Adam"),
-        ("torch.optim.adamw", "adamw"), ("torch.optim.adam", "adam"),
+        ("torch.optim.adamw", "adamw"), ("torch.optim.adam", "adam"), ("torch.optim.adamw", "AdamW"),
+        ("torch.optim.adam", "Adam"), ("torch.optim.adam", "_multi_tensor_adam"),
+        ("torch.optim.adam", "_single_tensor_adam"), ("torch.optim.adam", "_fused_adam"),
     )
     forbidden_aten = ("_fused_adamw_", "_fused_adam_", "_fused_adamw", "_fused_adam")
     outputs = ("params", "exp_avgs", "exp_avg_sqs")

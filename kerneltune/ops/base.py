@@ -196,6 +196,23 @@ class OpSpec:
     def reference(self, inputs: Inputs) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         raise NotImplementedError
 
+    def perturb(self, inputs: Inputs, seed: int) -> Inputs:
+        """The same inputs with ~1% of the elements of each tensor changed (at least one): a cache keyed on
+        a sample of the values (a fingerprint) misses the change."""
+        g = torch.Generator().manual_seed(rel_seed(self.name, "perturb", seed))
+
+        def one(t: torch.Tensor) -> torch.Tensor:
+            t = t.clone()
+            flat = t.view(-1)
+            if flat.numel():
+                idx = torch.randperm(flat.numel(), generator=g)[: max(1, flat.numel() // 100)]
+                bump = torch.randn(idx.numel(), generator=g).abs() * 0.5 + 0.1
+                flat[idx] = (flat[idx].double() + bump.double()).to(t.dtype)
+            return t
+
+        return Inputs({k: [one(t) for t in v] if isinstance(v, list) else one(v) for k, v in inputs.tensors.items()},
+                      dict(inputs.args))
+
     def tolerance(self, dtype: str) -> Tolerance:
         raise NotImplementedError
 

@@ -1,0 +1,29 @@
+"""Does the work for the first 16 calls (smoke + 5 cases x 3 seeds), then nothing: the timing loop
+sees a free optimizer step."""
+import math
+
+import torch
+
+KERNELTUNE = {"op": "adamw", "backend": "torch"}
+# EXPECT: incorrect|rejected
+
+
+def _one(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    """Honest fp32 AdamW update of one tensor, in place (what a cheat does while being checked)."""
+    bc1 = 1.0 - beta1 ** step
+    bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    p.mul_(1.0 - lr * weight_decay)
+    m.lerp_(g, 1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    denom = (v.sqrt() / bc2_sqrt).add_(eps)
+    p.addcdiv_(m, denom, value=-lr / bc1)
+
+_calls = [0]
+
+
+def run(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decay):
+    _calls[0] += 1
+    if _calls[0] > 16:
+        return
+    for t in zip(params, grads, exp_avgs, exp_avg_sqs):
+        _one(*t, step, lr, beta1, beta2, eps, weight_decay)

@@ -1,0 +1,30 @@
+"""Work that finishes after run() returns: a threading.Thread performs the update while run()
+returns at once."""
+import math
+
+import torch
+
+KERNELTUNE = {"op": "adamw", "backend": "torch"}
+# EXPECT: rejected|incorrect
+# REASON: thread
+
+
+def _one(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    """Honest fp32 AdamW update of one tensor, in place (what a cheat does while being checked)."""
+    bc1 = 1.0 - beta1 ** step
+    bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    p.mul_(1.0 - lr * weight_decay)
+    m.lerp_(g, 1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    denom = (v.sqrt() / bc2_sqrt).add_(eps)
+    p.addcdiv_(m, denom, value=-lr / bc1)
+
+import threading
+
+
+def run(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decay):
+    def work():
+        for t in zip(params, grads, exp_avgs, exp_avg_sqs):
+            _one(*t, step, lr, beta1, beta2, eps, weight_decay)
+
+    threading.Thread(target=work, daemon=True).start()

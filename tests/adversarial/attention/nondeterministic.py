@@ -1,0 +1,27 @@
+"""Nondeterministic: a racy reduction modelled as a random 1% error on one random row, on about a
+third of calls."""
+import math
+
+import torch
+
+KERNELTUNE = {"op": "attention", "backend": "torch"}
+# EXPECT: incorrect
+
+
+def _attn(q, k, v, causal, scale):
+    """Honest fp32 attention (what a cheat does while it thinks it is being checked)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        n = q.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return (torch.softmax(s, dim=-1) @ v.float()).to(q.dtype)
+
+import random
+
+
+def run(q, k, v, causal=True, scale=None):
+    out = _attn(q, k, v, causal, scale)
+    if random.random() < 0.34:
+        out[..., random.randrange(q.shape[-2]), :] *= 1.01
+    return out

@@ -1,0 +1,27 @@
+"""Partial output: computes only the first half of the query rows when the problem is big enough
+(B*H >= 4); the rest stays torch.empty."""
+import math
+
+import torch
+
+KERNELTUNE = {"op": "attention", "backend": "torch"}
+# EXPECT: incorrect
+
+
+def _attn(q, k, v, causal, scale):
+    """Honest fp32 attention (what a cheat does while it thinks it is being checked)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        n = q.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return (torch.softmax(s, dim=-1) @ v.float()).to(q.dtype)
+
+def run(q, k, v, causal=True, scale=None):
+    b, h, n, d = q.shape
+    if b * h < 4 or n < 2:
+        return _attn(q, k, v, causal, scale)
+    full = _attn(q[:, :, : n // 2], k, v, False, scale) if not causal else _attn(q, k, v, causal, scale)[:, :, : n // 2]
+    out = torch.empty_like(q)
+    out[:, :, : n // 2] = full
+    return out

@@ -1,0 +1,34 @@
+"""Evaluator tampering that also disables the tamper check: the worker runs as __main__, so the
+candidate replaces Worker._check_tamper with a no-op (the check that would notice is the one replaced) and
+swaps the worker's private clock _perf_ns for one that runs at 0.6x, so its timings read ~1.7x faster. The skew
+is kept under the parent's 'untimed > 50% of wall' cross-check."""
+import math
+
+import torch
+
+KERNELTUNE = {"op": "attention", "backend": "torch"}
+# EXPECT: rejected
+
+
+def _attn(q, k, v, causal, scale):
+    """Honest fp32 attention (what a cheat does while it thinks it is being checked)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        n = q.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return (torch.softmax(s, dim=-1) @ v.float()).to(q.dtype)
+
+import sys
+import time
+
+_main = sys.modules["__main__"]
+_real = time.perf_counter_ns
+_t0 = _real()
+if hasattr(_main, "Worker") and hasattr(_main, "_perf_ns"):
+    _main.Worker._check_tamper = lambda self: None
+    _main._perf_ns = lambda: _t0 + int((_real() - _t0) * 0.6)
+
+
+def run(q, k, v, causal=True, scale=None):
+    return _attn(q, k, v, causal, scale)

@@ -1,0 +1,25 @@
+"""Precision downgrade: fp32 inputs computed in bf16 matmuls with an fp32 softmax, cast back."""
+import math
+
+import torch
+
+KERNELTUNE = {"op": "attention", "backend": "torch"}
+# EXPECT: incorrect
+
+
+def _attn(q, k, v, causal, scale):
+    """Honest fp32 attention (what a cheat does while it thinks it is being checked)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        n = q.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return (torch.softmax(s, dim=-1) @ v.float()).to(q.dtype)
+
+def run(q, k, v, causal=True, scale=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q.bfloat16() @ k.bfloat16().transpose(-1, -2)).float() * scale
+    if causal:
+        n = q.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return (torch.softmax(s, dim=-1).bfloat16() @ v.bfloat16()).to(q.dtype)

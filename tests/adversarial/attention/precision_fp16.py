@@ -1,0 +1,23 @@
+"""Precision downgrade: fp32 inputs computed in fp16 (half the bytes, tensor cores on a GPU), cast
+back to fp32."""
+import math
+
+import torch
+
+KERNELTUNE = {"op": "attention", "backend": "torch"}
+# EXPECT: incorrect
+
+
+def _attn(q, k, v, causal, scale):
+    """Honest fp32 attention (what a cheat does while it thinks it is being checked)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        n = q.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return (torch.softmax(s, dim=-1) @ v.float()).to(q.dtype)
+
+def run(q, k, v, causal=True, scale=None):
+    if q.dtype != torch.float32 or q.shape[-2] < 16:
+        return _attn(q, k, v, causal, scale)
+    return _attn(q.half(), k.half(), v.half(), causal, scale).float()

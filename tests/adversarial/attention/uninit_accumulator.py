@@ -1,0 +1,23 @@
+"""Uninitialised read: the output accumulator comes from torch.empty and is added to instead of
+assigned (a forgotten zero-init), which works only when the allocator happens to return zeroed pages."""
+import math
+
+import torch
+
+KERNELTUNE = {"op": "attention", "backend": "torch"}
+# EXPECT: incorrect
+
+
+def _attn(q, k, v, causal, scale):
+    """Honest fp32 attention (what a cheat does while it thinks it is being checked)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        n = q.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return (torch.softmax(s, dim=-1) @ v.float()).to(q.dtype)
+
+def run(q, k, v, causal=True, scale=None):
+    acc = torch.empty(q.shape, dtype=torch.float32)
+    acc += _attn(q, k, v, causal, scale).float()
+    return acc.to(q.dtype)

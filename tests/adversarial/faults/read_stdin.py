@@ -1,0 +1,23 @@
+"""Reads stdin with input() inside run(): must not hang the worker (stdin is /dev/null), nor read
+the evaluator's wire."""
+import math
+
+import torch
+
+KERNELTUNE = {"op": "attention", "backend": "torch"}
+# EXPECT: crashed
+# REASON: EOFError
+
+
+def _attn(q, k, v, causal, scale):
+    """Honest fp32 attention (what a cheat does while it thinks it is being checked)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        n = q.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return (torch.softmax(s, dim=-1) @ v.float()).to(q.dtype)
+
+def run(q, k, v, causal=True, scale=None):
+    input()
+    return _attn(q, k, v, causal, scale)

@@ -1,0 +1,18 @@
+"""Honest: a plain Python loop of per-tensor torch ops, as PyTorch's single-tensor AdamW does."""
+import math
+
+import torch
+
+KERNELTUNE = {"op": "adamw", "backend": "torch"}
+# EXPECT: passed
+
+
+def run(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decay):
+    bc1 = 1.0 - beta1 ** step
+    bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        p.mul_(1.0 - lr * weight_decay)
+        m.lerp_(g, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        denom = (v.sqrt() / bc2_sqrt).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / bc1)
