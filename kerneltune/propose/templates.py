@@ -37,9 +37,11 @@ class TemplatesProposer(Proposer):
         best = self.strategy.best()
         if best is not None and best[0] != p and best[0].template == p.template:
             parent = self._hash_of.get(best[0])
-        cand = t.instantiate(p.as_dict(), parent=None)
+        # a template at its own defaults is the hand-written kernel: the leaderboard calls it a seed
+        origin = "seed" if p.as_dict() == {k: t.defaults[k] for k in t.space} else "templates"
+        cand = t.instantiate(p.as_dict(), origin=origin)
         self._hash_of[p] = cand.hash
-        return Proposal(candidate=cand, origin="templates", parent=parent, key=p,
+        return Proposal(candidate=cand, origin=origin, parent=None if origin == "seed" else parent, key=p,
                         info={"template": p.template, "params": p.as_dict()})
 
     def propose(self, n: int) -> list[Proposal]:
