@@ -6,7 +6,6 @@ import os
 import textwrap
 
 import pytest
-
 import torch
 
 

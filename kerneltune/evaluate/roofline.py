@@ -43,7 +43,7 @@ def measure_ceilings(device: str) -> dict[str, Any]:
     nbytes = (1 << 30) if device == "cuda" else (256 << 20)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
     dst = torch.empty_like(src)
-    ms = _best_ms(lambda: dst.copy_(src), 20 if device == "cuda" else 7, device)
+    ms = _best_ms(lambda s=src, d=dst: d.copy_(s), 20 if device == "cuda" else 7, device)
     out: dict[str, Any] = {"copy_gbps": 2 * nbytes / (ms * 1e-3) / 1e9, "matmul_tflops": {}}
     del src, dst
     dtypes = ["float32", "bfloat16", "float16"] if device == "cuda" else ["float32"]
@@ -52,7 +52,7 @@ def measure_ceilings(device: str) -> dict[str, Any]:
         dt = getattr(torch, name)
         a = torch.randn(n, n, device=dev).to(dt)
         b = torch.randn(n, n, device=dev).to(dt)
-        ms = _best_ms(lambda: a @ b, 10 if device == "cuda" else 5, device)
+        ms = _best_ms(lambda a=a, b=b: a @ b, 10 if device == "cuda" else 5, device)
         out["matmul_tflops"][name] = 2 * n**3 / (ms * 1e-3) / 1e12
     return out
 

@@ -204,7 +204,7 @@ class Worker:
             owner.baselines = tripwire(f"kerneltune's {self.spec.name} baselines")  # type: ignore[method-assign]
         for mod_name, cls_name in (("kerneltune.ops.adamw", "_TorchAdamW"),):
             mod = importlib.import_module(mod_name)
-            setattr(getattr(mod, cls_name), "__call__", tripwire(f"kerneltune's {self.spec.name} baselines"))
+            getattr(mod, cls_name).__call__ = tripwire(f"kerneltune's {self.spec.name} baselines")
 
     # -- requests ----------------------------------------------------------------------------------------
     def load(self, msg: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from kerneltune.backends import capability
-from kerneltune.evaluate.static import CandidateFile, StaticReject, inspect_source, read_candidate, source_hash
+from kerneltune.evaluate.static import (
+    CandidateFile,
+    StaticReject,
+    inspect_source,
+    read_candidate,
+    source_hash,
+)
 
 Params = tuple[tuple[str, Any], ...]
 
