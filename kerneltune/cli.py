@@ -334,9 +334,17 @@ def parse_duration(text: str) -> float:
 def search_cmd(
     op: Optional[str] = typer.Argument(None, help="attention or adamw (omit with --resume)"),
     device: str = DeviceOpt,
-    proposer: str = typer.Option("templates", "--proposer", help="templates (offline autotuner)"),
+    proposer: str = typer.Option("auto", "--proposer",
+                                 help="auto (claude with ANTHROPIC_API_KEY, else templates), templates (offline "
+                                      "autotuner), claude, or replay (with --from RUN)"),
+    model: Optional[str] = typer.Option(None, "--model", help="Claude model (default claude-sonnet-4-6)"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="output tokens per Claude answer (8000)"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="sampling temperature 0-1 (API default)"),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Claude requests in flight at once (2)"),
+    from_run: Optional[str] = typer.Option(None, "--from", help="with --proposer replay: the Claude run to replay"),
     strategy: str = typer.Option("evolve", "--strategy", help="evolve, random or grid"),
-    option: Optional[list[str]] = typer.Option(None, "--option", help="strategy option key=value (repeatable)"),
+    option: Optional[list[str]] = typer.Option(None, "--option", help="strategy (or Claude proposer) option key=value "
+                                                                      "(repeatable)"),
     budget: int = typer.Option(40, "--budget", help="candidates to evaluate"),
     time_limit: Optional[str] = typer.Option(None, "--time", help="stop after this long, e.g. 10m"),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="stop before paid proposers spend more (USD)"),
@@ -376,21 +384,29 @@ def search_cmd(
             usage_error("--budget and --jobs must be at least 1")
         try:
             t = parse_duration(time_limit) if time_limit else None
-            opts = parse_options(strategy, option or [])
+            from kerneltune.propose.factory import split_options
+
+            strategy_pairs, popts = split_options(option or [])
+            opts = parse_options(strategy, strategy_pairs)
         except ValueError as e:
             usage_error(str(e))
         if shapes or dtype:
             _parse_shapes(op, shapes, dtype, device)  # a bad shape is a usage error now, not mid-run
+        popts.update({k: v for k, v in (("model", model), ("max_tokens", max_tokens), ("temperature", temperature),
+                                        ("concurrency", concurrency), ("from_run", from_run)) if v is not None})
         cfg = SearchConfig(op=op, device=device, proposer=proposer, strategy=strategy, seed=seed, budget=budget,
                            time_s=t, max_cost=max_cost, jobs=jobs, timeout=timeout, strategy_options=opts,
                            candidate_dirs=[os.path.abspath(c) for c in (candidates or [os.path.join(candidates_dir(), op)])],
-                           shapes=list(shapes or []), dtype=dtype)
+                           shapes=list(shapes or []), dtype=dtype, proposer_options=popts)
     try:
         search = Search(store, cfg, run_id=run_id)
     except (SearchError, ValueError) as e:
         usage_error(str(e))
     err.print(f"run {search.run_id}: {cfg.op} on {cfg.device}, proposer {cfg.proposer}, strategy {cfg.strategy}, "
               f"budget {cfg.budget}" + (" (resumed)" if resume else ""), highlight=False)
+    for line in [getattr(search.proposer, "chosen_because", "")] + list(getattr(search.proposer, "notes", [])):
+        if line:
+            err.print(line, highlight=False)
     with LiveView(enabled=True) as view:
         search.on_update = view.update
         summary = search.run()
@@ -482,8 +498,12 @@ def leaderboard_cmd(
 
 @app.command("show")
 def show_cmd(candidate: str = typer.Argument(..., help="hash, hash prefix or name"), json_out: bool = JsonOpt,
+             prompts: bool = typer.Option(False, "--prompts", help="print the Claude prompts and answers in full"),
              db: Optional[str] = DbOpt) -> None:
-    """A candidate: its source, parent chain, every verdict and timing."""
+    """A candidate: its source, parent chain, every verdict and timing, and the Claude requests behind it."""
+    from kerneltune.store.messages import messages_for
+    from kerneltune.store.messages import summary as message_summary
+
     store = _open_store(db)
     row = store.candidate(candidate)
     if row is None:
@@ -503,9 +523,10 @@ def show_cmd(candidate: str = typer.Argument(..., help="hash, hash prefix or nam
               "p80_ms": e["p80_ms"], "speedup": e["speedup"], "baseline": e["baseline"], "run": e["run_id"],
               "when": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["created"]))}
              for e in store.evaluations(candidate_hash=row["hash"])]
+    msgs = [{**message_summary(m), "request": m["request"], "answer": m["text"]} for m in messages_for(store, row["hash"])]
     info = {"hash": row["hash"], "name": row["name"], "op": row["op"], "backend": row["backend"], "origin": row["origin"],
             "summary": row["summary"], "params": json.loads(row["params"] or "{}"), "parents": chain,
-            "evaluations": evals, "source": row["source"]}
+            "evaluations": evals, "messages": msgs, "source": row["source"]}
     store.close()
     if json_out:
         print(json.dumps(info, indent=1))
@@ -526,6 +547,29 @@ def show_cmd(candidate: str = typer.Argument(..., help="hash, hash prefix or nam
         t.add_row(e["when"], e["device"], e["status"], e["shape"] or "", _fmt(e["median_ms"]), spread,
                   _fmt(e["speedup"], ".3f", "×"), e["reason"])
     out.print(t)
+    if msgs:
+        mt = Table(title="Claude requests behind it")
+        for col in ("when", "model", "kind", "attempt", "tokens in/out (cache w/r)", "cost", "stop", "latency"):
+            mt.add_column(col)
+        for m in msgs:
+            mt.add_row(m["when"], m["model"], m["kind"], str(m["attempt"]),
+                       f"{m['input_tokens']}/{m['output_tokens']} ({m['cache_write_tokens']}/{m['cache_read_tokens']})",
+                       f"${m['cost_usd']:.4f}", m["stop_reason"] or "", _fmt(m["latency_s"], ".1f", " s"))
+        out.print(mt)
+        if prompts:
+            for m in msgs:
+                req = m["request"]
+                for block in req.get("system", []):
+                    out.rule(f"system (request {m['id']})")
+                    out.print(block.get("text", ""), markup=False, highlight=False)
+                for turn in req.get("messages", []):
+                    out.rule(f"{turn['role']} (request {m['id']})")
+                    out.print(turn["content"] if isinstance(turn["content"], str) else json.dumps(turn["content"]),
+                              markup=False, highlight=False)
+                out.rule(f"answer (request {m['id']})")
+                out.print(m["answer"] or "", markup=False, highlight=False)
+        else:
+            out.print("[dim]kerneltune show --prompts prints the prompts and answers in full[/dim]")
     out.print(Syntax(info["source"], "python", line_numbers=True))
 
 

@@ -31,6 +31,13 @@ def _isolated_cache(tmp_path_factory):
         os.environ["KERNELTUNE_CACHE_DIR"] = old
 
 
+@pytest.fixture(autouse=True)
+def _no_real_api_key(monkeypatch):
+    """Tests never reach the real Anthropic API, whatever the developer's shell exports."""
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
+
+
 @pytest.fixture
 def write_candidate(tmp_path):
     """write_candidate(name, body, op=..., backend=...) -> path of a candidate file."""

@@ -89,17 +89,11 @@ class SearchError(Exception):
     pass
 
 
-def make_proposer(cfg: SearchConfig) -> Proposer:
-    if cfg.proposer == "templates":
-        from kerneltune.propose.templates import TemplatesProposer
-        from kerneltune.search.space import Space, SpaceError
+def make_proposer(cfg: SearchConfig, store: Any = None, run_id: str | None = None) -> Proposer:
+    """templates | claude | replay | auto: see kerneltune.propose.factory (errors: SearchError, one line)."""
+    from kerneltune.propose.factory import make_proposer as _make
 
-        try:
-            space = Space.discover(cfg.op, cfg.device, cfg.candidate_dirs)
-        except SpaceError as e:
-            raise SearchError(str(e)) from None
-        return TemplatesProposer(space, cfg.strategy, cfg.seed, cfg.strategy_options)
-    raise SearchError(f"unknown proposer {cfg.proposer!r}: use templates")
+    return _make(cfg, store, run_id)
 
 
 def new_run_id(op: str) -> str:
@@ -115,7 +109,8 @@ class Search:
         self.device_key = device_info(cfg.device)["key"]
         self.resuming = run_id is not None
         self.run_id = run_id or new_run_id(cfg.op)
-        self.proposer = proposer or make_proposer(cfg)
+        self.proposer = proposer or make_proposer(cfg, store, self.run_id)
+        self._queued: list[tuple[Proposal, int]] = []   # proposed and stored, not yet submitted
         self.on_update = on_update or (lambda _p: None)
         self.progress = Progress(self.run_id, cfg.op, cfg.device, cfg.budget, proposer=self.proposer.name)
         self.stop_reason = ""
@@ -194,7 +189,8 @@ class Search:
             with ThreadPoolExecutor(max_workers=max(1, cfg.jobs), thread_name_prefix="kt-eval") as pool:
                 while True:
                     while len(inflight) < max(1, cfg.jobs) and not self._limits_reached(len(inflight)):
-                        item = pending.pop(0) if pending else self._next_proposal()
+                        want = min(max(1, cfg.jobs) - len(inflight), cfg.budget - self.progress.done - len(inflight))
+                        item = pending.pop(0) if pending else self._next_proposal(want)
                         if item is None:
                             break
                         proposal, pid = item
@@ -222,17 +218,22 @@ class Search:
             self.store.set_run_status(self.run_id, status, note=note, cost_usd=self.proposer.cost_usd)
         return self.summary(status)
 
-    def _next_proposal(self) -> tuple[Proposal, int] | None:
-        props = self.proposer.propose(1)
-        if not props:
-            if not self.stop_reason:
-                self.stop_reason = "proposer exhausted (every point of the space evaluated)"
-            return None
-        p = props[0]
-        self._store_candidate(p)
-        pid = self.store.add_proposal(self.run_id, p.candidate.hash, origin=p.origin, parent=p.parent, info=p.info,
-                                      cost_usd=p.cost_usd)
-        return p, pid
+    def _next_proposal(self, want: int = 1) -> tuple[Proposal, int] | None:
+        """The next proposal, stored. Asks the proposer for ``want`` at once (a paid proposer sends that many
+        requests concurrently); the extra ones wait in ``_queued``, already stored, so a resume finds them."""
+        if not self._queued:
+            props = self.proposer.propose(max(1, want))
+            if not props:
+                if not self.stop_reason:
+                    self.stop_reason = (getattr(self.proposer, "stop_reason", "")
+                                        or "proposer exhausted (every point of the space evaluated)")
+                return None
+            for p in props:
+                self._store_candidate(p)
+                pid = self.store.add_proposal(self.run_id, p.candidate.hash, origin=p.origin, parent=p.parent,
+                                              info=p.info, cost_usd=p.cost_usd)
+                self._queued.append((p, pid))
+        return self._queued.pop(0)
 
     def _use_cached(self, proposal: Proposal, pid: int) -> bool:
         row = self.store.latest_evaluation(proposal.candidate.hash, self.device_key, self.shape)
