@@ -94,10 +94,6 @@ class WorkerProcess:
                      "TORCHINDUCTOR_CACHE_DIR": os.path.join(self.workdir, "inductor"), "PYTHONUNBUFFERED": "1"}
         if backend == "triton" and device == "cpu":
             env_extra["TRITON_INTERPRET"] = "1"
-        if device == "cpu" and "OMP_WAIT_POLICY" not in os.environ:
-            # Workers take turns on the same cores: an idle worker's OpenMP threads must sleep, not spin, or
-            # they steal the cores from the one being timed (seen: torch_math 28 ms instead of 13.6 ms).
-            env_extra["OMP_WAIT_POLICY"] = "PASSIVE"
         argv = [sys.executable, "-m", "kerneltune.evaluate.worker", json.dumps(cfg)]
         if use_ns:
             argv = [shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--pid", "--fork",

@@ -20,7 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from kerneltune.evaluate.device import device_info
+from kerneltune.evaluate.device import device_info, versions
 from kerneltune.evaluate.evaluator import Evaluator, Options
 from kerneltune.evaluate.static import CandidateFile
 from kerneltune.ops import get_op
@@ -240,6 +240,8 @@ class Search:
         if row is None:
             return False
         result = json.loads(row["result"])
+        if result.get("provenance", {}).get("versions") != versions():
+            return False  # measured with other software (kerneltune, torch, triton, numba): measure again
         self.store.link_proposal(pid, int(row["id"]))
         self._finish(proposal, pid, result, cached=True)
         return True
