@@ -143,22 +143,20 @@ class WorkerProcess:
         if self.killed_for:
             return Death("crashed", self.killed_for)
         tail = self.output_tail()
+        sig = None
         if code is not None and code < 0:
-            sig = signal.Signals(-code)
-            word = SIGNAL_WORDS.get(sig, sig.name)
-            if sig == signal.SIGXFSZ:
-                return Death("crashed", f"the candidate wrote more than {OUTPUT_CAP >> 20} MB of output and was stopped")
-            return Death("crashed", f"the worker died of {sig.name} ({word}) while running the candidate{tail}")
-        if code is not None and code > 128 and self.namespaces:
-            # unshare reports a child killed by signal N as exit status 128+N
-            try:
-                sig = signal.Signals(code - 128)
-                word = SIGNAL_WORDS.get(sig, sig.name)
-                if sig == signal.SIGXFSZ:
-                    return Death("crashed", f"the candidate wrote more than {OUTPUT_CAP >> 20} MB of output and was stopped")
-                return Death("crashed", f"the worker died of {sig.name} ({word}) while running the candidate{tail}")
-            except ValueError:
-                pass
+            sig = -code
+        elif code is not None and code > 128 and self.namespaces:
+            sig = code - 128  # unshare reports a child killed by signal N as exit status 128+N
+        try:
+            signum = signal.Signals(sig) if sig is not None else None
+        except ValueError:
+            signum = None
+        if signum == signal.SIGXFSZ:
+            return Death("crashed", f"the candidate wrote more than {OUTPUT_CAP >> 20} MB of output and was stopped")
+        if signum is not None:
+            word = SIGNAL_WORDS.get(signum, signum.name)
+            return Death("crashed", f"the worker died of {signum.name} ({word}) while running the candidate{tail}")
         return Death("crashed", f"the candidate ended the worker process (exit status {code}){tail}")
 
     def output_tail(self, n: int = 400) -> str:
