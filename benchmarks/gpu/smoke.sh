@@ -8,7 +8,10 @@ export PYTHONUNBUFFERED=1 KERNELTUNE_CACHE_DIR=/tmp/ktcache KERNELTUNE_DB=$OUT/g
 exec > >(tee -a "$OUT/smoke.log") 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || { echo "install failed"; exit 3; }
+if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e .; then
+  echo "pip install -e . failed: running from the tree"; export PYTHONPATH=$PWD
+  kerneltune() { python3 -c 'import sys; from kerneltune.cli import main; sys.argv[0] = "kerneltune"; main()' "$@"; }
+fi
 kerneltune doctor
 T0=$SECONDS
 timeout 200 kerneltune bench attention --device cuda --csv "$OUT/bench.csv"
