@@ -46,6 +46,12 @@ def diagnose(db: str | None = None) -> list[dict[str, str]]:
     rows.append(_row("sandbox: namespaces", "ok" if ns else "warn",
                      "user+PID namespaces: process limit applies, nothing outlives the worker" if ns else
                      "unshare unavailable: processes a candidate starts are killed by session id only"))
+    if torch.cuda.is_available():
+        from kerneltune.evaluate.process import cuda_confinement
+
+        conf = cuda_confinement()
+        rows.append(_row("sandbox: cuda", "warn" if conf.note else "ok",
+                         f"CUDA workers run with: {conf.describe()}" + (f"; {conf.note}" if conf.note else "")))
     from kerneltune.store.db import Store, StoreError, default_db_path
 
     path = db or default_db_path()

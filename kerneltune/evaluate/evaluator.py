@@ -71,10 +71,13 @@ class Outcome(Exception):
 class _Timing:
     times: list[float] = field(default_factory=list)
     turns: list[tuple[float, float, int]] = field(default_factory=list)  # (wall ms, reported ms, calls) per turn
+    round_medians: list[float] = field(default_factory=list)  # median call of each turn, in round order
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, Any]:
         q = _quantiles(self.times)
-        return {"median_ms": q[1], "p20_ms": q[0], "p80_ms": q[2], "reps": len(self.times)}
+        # rounds_ms: one sample per round, paired by index across contestants (kerneltune.check's statistics)
+        return {"median_ms": q[1], "p20_ms": q[0], "p80_ms": q[2], "reps": len(self.times),
+                "rounds_ms": list(self.round_medians)}
 
 
 def _quantiles(xs: list[float]) -> tuple[float, float, float]:
@@ -185,7 +188,8 @@ class Evaluator:
             if not reply.get("ok"):
                 raise Outcome(reply["status"], reply["reason"], stage)
             res["threads"] = reply.get("threads")
-            res["sandbox"] = {**worker.sandbox_info, "namespaces": worker.namespaces}
+            res["sandbox"] = {**worker.sandbox_info, "namespaces": worker.namespaces,
+                              "given_up": worker.confinement.note}
             if not cap.runs:
                 note = reply.get("compile_note") or ""
                 raise Outcome("unsupported", f"{cap.note}; not run" + (f" ({note})" if note else ""), stage)
@@ -383,6 +387,7 @@ class Evaluator:
                 tm = timing[label_c]
                 times = [float(x) for x in r["times_ms"]]
                 tm.times += times
+                tm.round_medians.append(statistics.median(times))
                 # the turn's warm-up call is untimed: count it as a call of the candidate's own measured pace
                 tm.turns.append((wall, sum(times) * (len(times) + 1) / max(len(times), 1), len(times) + 1))
         self._check_timer(timing, names, case)

@@ -62,6 +62,81 @@ def namespaces_available() -> bool:
     return r.returncode == 0 and r.stdout.strip() == "1"
 
 
+@dataclass(frozen=True)
+class Confinement:
+    """Which confinement layers a worker gets: user+PID namespaces, Landlock, the process-count limit."""
+
+    namespaces: bool = True
+    landlock: bool = True
+    nproc: bool = True
+    note: str = ""  # what was given up, and why (empty: nothing)
+
+    def describe(self) -> str:
+        on = [n for n, v in (("namespaces", self.namespaces), ("landlock", self.landlock),
+                             ("process limit", self.nproc and self.namespaces)) if v]
+        return ", ".join(on) or "none"
+
+
+# Tried in order until a confined process can use the GPU: every layer first, then each layer given up
+# alone (the process limit is the cheapest to lose: it only bounds fork bombs), then two, then none.
+_CUDA_TRIES = (Confinement(True, True, True), Confinement(True, True, False), Confinement(True, False, True),
+               Confinement(False, True, False), Confinement(True, False, False), Confinement(False, False, False))
+_CUDA_PROBE = ("import json, sys; from kerneltune.evaluate import sandbox; sandbox.apply(json.loads(sys.argv[1])); "
+               "import torch; torch.cuda.init(); x = torch.ones(1024, device='cuda'); "
+               "assert float((x + x).sum()) == 2048.0; torch.cuda.synchronize(); print('probe-ok')")
+
+
+def _wrap_namespaces(argv: list[str]) -> list[str]:
+    return [shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child",
+            "--mount-proc", *argv]
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_confinement() -> Confinement:
+    return probe_confinement(_CUDA_PROBE, "CUDA")
+
+
+def probe_confinement(code: str, what: str) -> Confinement:
+    """The strongest confinement under which ``code`` (a worker's first use of CUDA) runs on this machine.
+
+    Some GPU hosts refuse CUDA inside a user namespace, under Landlock or under a process-count limit
+    (the driver starts threads and opens device files): the probe starts a tiny confined process per
+    combination, strongest first, and keeps the first that runs a kernel. What was given up is recorded
+    in every result's provenance and shown by ``kerneltune doctor``; nothing is given up silently."""
+    ns_ok = namespaces_available()
+    failures: list[str] = []
+    for conf in _CUDA_TRIES:
+        if conf.namespaces and not ns_ok:
+            continue
+        workdir = tempfile.mkdtemp(prefix="kerneltune-probe-")
+        cfg = {"workdir": workdir, "memory_bytes": None, "file_bytes": OUTPUT_CAP,
+               "nproc": 1024 if (conf.namespaces and conf.nproc) else None, "landlock": conf.landlock}
+        argv = [sys.executable, "-c", code, json.dumps(cfg)]
+        if conf.namespaces:
+            argv = _wrap_namespaces(argv)
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=workdir,
+                               env=child_env({"HOME": workdir, "TMPDIR": workdir}))
+            ok, tail = r.returncode == 0 and "probe-ok" in r.stdout, (r.stderr or r.stdout).strip().splitlines()
+        except (OSError, subprocess.SubprocessError) as e:
+            ok, tail = False, [str(e)]
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        if ok:
+            note = "" if not failures else f"{what} failed under stronger confinement (" + "; ".join(failures) + ")"
+            return Confinement(conf.namespaces and ns_ok, conf.landlock, conf.nproc, note)
+        failures.append(f"{conf.describe()}: {(tail[-1] if tail else 'no output')[:160]}")
+    return Confinement(ns_ok, True, True, f"{what} failed under every confinement tried (" + "; ".join(failures) + ")")
+
+
+def confinement_for(device: str, sandbox: bool) -> Confinement:
+    if not sandbox:
+        return Confinement(False, False, False, "sandbox turned off")
+    if device == "cuda":
+        return cuda_confinement()
+    return Confinement(namespaces_available(), True, True)
+
+
 @dataclass
 class Death:
     """How a worker ended, in words."""
@@ -85,10 +160,11 @@ class WorkerProcess:
         self.sandbox_info: dict[str, Any] = {}
         r1, w1 = os.pipe()  # parent -> worker
         r2, w2 = os.pipe()  # worker -> parent
-        use_ns = sandbox and namespaces_available()
+        self.confinement = conf = confinement_for(device, sandbox)
+        use_ns = conf.namespaces
         cfg = {"fd_in": r1, "fd_out": w2, "device": device, "role": role, "op": op, "workdir": self.workdir,
                "memory_bytes": memory_bytes if device == "cpu" else None, "file_bytes": OUTPUT_CAP,
-               "nproc": 1024 if use_ns else None, "landlock": sandbox}
+               "nproc": 1024 if (use_ns and conf.nproc) else None, "landlock": conf.landlock}
         env_extra = {"HOME": self.workdir, "TMPDIR": self.workdir, "TRITON_CACHE_DIR": os.path.join(self.workdir, "triton"),
                      "NUMBA_CACHE_DIR": os.path.join(self.workdir, "numba"), "PYTHONDONTWRITEBYTECODE": "1",
                      "TORCHINDUCTOR_CACHE_DIR": os.path.join(self.workdir, "inductor"), "PYTHONUNBUFFERED": "1"}
@@ -96,8 +172,7 @@ class WorkerProcess:
             env_extra["TRITON_INTERPRET"] = "1"
         argv = [sys.executable, "-m", "kerneltune.evaluate.worker", json.dumps(cfg)]
         if use_ns:
-            argv = [shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--pid", "--fork",
-                    "--kill-child", "--mount-proc", *argv]
+            argv = _wrap_namespaces(argv)
         self._out = open(self.out_path, "wb")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT,
                                      cwd=self.workdir, env=child_env(env_extra), pass_fds=(r1, w2),
