@@ -1,0 +1,217 @@
+"""Triton FlashAttention-2 forward for Hopper: exp2 with scale·log2(e) folded in, causal diagonal stage apart.
+
+Changes against triton_flash.py (the plain FA2 seed):
+- exp2 instead of exp: the scores are scaled by qk_scale = scale·log2(e) inside one FMA
+  (s·qk_scale - m), the running max m and the sum l live in the log2 domain.
+- causal: the key loop is split in two stages. Stage 1 walks the key blocks wholly left of the query
+  block's first row with no mask at all; stage 2 walks the (at most ceil(BLOCK_M/BLOCK_N)+1) blocks on the
+  diagonal with the causal mask. Non-causal: stage 1 is every full key block, stage 2 the N tail (if any).
+  So the mask is only computed where a score can be masked.
+- EVEN_N / EVEN_D (constexpr): no load masks at all when N is a multiple of the blocks and D a power of two.
+- grid (B*H, ceil(N/BLOCK_M)) with the query blocks in reverse: program ids are issued dim 0 first, so
+  every head's heaviest causal block (the last rows, the longest key loop) starts first and the short ones
+  fill the tail of the wave.
+- run_with_lse(q, k, v, causal, scale) -> (out, lse): lse is the fp32 (B, H, N) natural-log logsumexp of the
+  scaled, masked scores (the row statistic a backward pass needs): lse = (m + log2 l)·ln 2.
+
+Algorithm, one program per (batch*head, query block of BLOCK_M rows):
+
+    m = -inf, l = 0, acc = 0                        # (BLOCK_M,), (BLOCK_M,), (BLOCK_M, BLOCK_D) fp32
+    for key block in stage 1 (no mask), then stage 2 (masked):
+        s   = q @ k^T                               # (BLOCK_M, BLOCK_N) fp32 accumulate, unscaled
+        m'  = max(m, rowmax(s)·qk_scale);  a = exp2(m - m');  p = exp2(s·qk_scale - m')
+        l   = a·l + rowsum(p);  acc = a·acc + p @ v  # p rounded to the input dtype for the tensor cores
+    out = acc / l;  lse = (m + log2 l)·ln 2
+
+Work: FLOPs 4·B·H·N²·D (half when causal); HBM: q, o once; k, v once per query block (mostly L2 hits).
+fp32 inputs use input_precision="ieee" (fp32 accuracy); fp16/bf16 use the tensor cores, fp32 accumulate.
+Runs on CUDA and under the Triton CPU interpreter (TRITON_INTERPRET=1; fp32/fp16 there).
+
+Template knobs (KERNELTUNE["space"], read at call time):
+- BLOCK_M, BLOCK_N: query rows per program, keys per inner step.
+- num_warps, num_stages: warps per program, software-pipelining depth of the k/v loads (GPU only).
+Restrictions: BLOCK_M >= BLOCK_N (the diagonal stage is one or two key blocks); BLOCK_M·BLOCK_N <=
+2048·num_warps (at most 64 fp32 scores per thread: no spills); (BLOCK_M + 2·BLOCK_N·num_stages)·256 <= 200 KiB (q plus the k/v ring at D=128, 2-byte inputs, in an H100's
+227 KiB of shared memory). At run time blocks are clamped to the padded N, and for D > 128 or fp32 inputs to
+BLOCK_N <= 64 / BLOCK_M <= 64; an OutOfResources retries with fewer stages, then smaller blocks.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+KERNELTUNE = {
+    "op": "attention",
+    "backend": "triton",
+    "params": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    "space": {
+        "BLOCK_M": [64, 128],
+        "BLOCK_N": [32, 64, 128],
+        "num_warps": [4, 8],
+        "num_stages": [2, 3, 4, 5],
+    },
+    "restrictions": [
+        "BLOCK_M >= BLOCK_N",
+        "BLOCK_M * BLOCK_N <= 2048 * num_warps",
+        "(BLOCK_M + 2 * BLOCK_N * num_stages) * 256 <= 204800",
+    ],
+}
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _fa2_stage(acc, l_i, m_i, q, K, V, off_bh, stride_n, offs_m, offs_n, offs_d, N, D, qk_scale,
+               lo, hi, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+               PREC: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n                                     # (BLOCK_N,)
+        kv_off = off_bh + cols[:, None] * stride_n + offs_d[None, :]
+        if MASKED and not EVEN_N:
+            if EVEN_D:
+                kv_mask = cols[:, None] < N
+            else:
+                kv_mask = (cols[:, None] < N) & (offs_d[None, :] < D)
+            k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            k = tl.load(K + kv_off)
+            v = tl.load(V + kv_off)
+        else:
+            k = tl.load(K + kv_off, mask=offs_d[None, :] < D, other=0.0)
+            v = tl.load(V + kv_off, mask=offs_d[None, :] < D, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=tl.float32)   # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            valid = cols[None, :] < N
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= offs_m[:, None])
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        alpha = tl.math.exp2(m_i - m_new)                          # 0 on the first block (m_i = -inf)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])             # (BLOCK_M, BLOCK_N) fp32
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC, out_dtype=tl.float32)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fa2_fwd(
+    Q, K, V, Out, Lse,
+    stride_bh, stride_n,
+    N, D, qk_scale,
+    CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    start_m = tl.num_programs(1) - 1 - tl.program_id(1)            # heaviest causal blocks first
+    off_bh = bh.to(tl.int64) * stride_bh                             # int64: B*H*N*D may exceed 2**31
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)              # (BLOCK_M,) query rows
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_off = off_bh + offs_m[:, None] * stride_n + offs_d[None, :]
+    if EVEN_N and EVEN_D:
+        q = tl.load(Q + q_off)
+    else:
+        q = tl.load(Q + q_off, mask=(offs_m[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if CAUSAL:
+        lo = (start_m * BLOCK_M) // BLOCK_N * BLOCK_N               # keys left of every row: no mask
+        hi = tl.minimum((start_m + 1) * BLOCK_M, N)
+    else:
+        lo = N // BLOCK_N * BLOCK_N                                 # full key blocks: no mask
+        hi = N
+    acc, l_i, m_i = _fa2_stage(acc, l_i, m_i, q, K, V, off_bh, stride_n, offs_m, offs_n, offs_d, N, D, qk_scale,
+                               0, lo, BLOCK_N, False, CAUSAL, EVEN_N, EVEN_D, PREC)
+    acc, l_i, m_i = _fa2_stage(acc, l_i, m_i, q, K, V, off_bh, stride_n, offs_m, offs_n, offs_d, N, D, qk_scale,
+                               lo, hi, BLOCK_N, True, CAUSAL, EVEN_N, EVEN_D, PREC)
+
+    out = acc / l_i[:, None]
+    o_off = off_bh + offs_m[:, None] * stride_n + offs_d[None, :]
+    if EVEN_N and EVEN_D:
+        tl.store(Out + o_off, out.to(Out.dtype.element_ty))
+    else:
+        tl.store(Out + o_off, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
+    if STORE_LSE:
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453        # natural log
+        lse_off = bh.to(tl.int64) * N + offs_m
+        if EVEN_N:
+            tl.store(Lse + lse_off, lse)
+        else:
+            tl.store(Lse + lse_off, lse, mask=offs_m < N)
+
+
+def _pow2_at_least(x, lo):
+    return max(lo, triton.next_power_of_2(int(x)))
+
+
+def _forward(q, k, v, causal, scale, want_lse):
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError("q, k, v must all be (B, H, N, D) with one shape")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError("q, k, v must share one dtype: float32, float16 or bfloat16")
+    if not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must be on one device")
+    B, H, N, D = q.shape
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device) if want_lse else out
+    if out.numel() == 0:
+        return out, lse
+
+    p = KERNELTUNE["params"]
+    BLOCK_D = _pow2_at_least(D, 16)
+    n_pow2 = _pow2_at_least(N, 16)
+    BLOCK_M = min(int(p["BLOCK_M"]), n_pow2)
+    BLOCK_N = min(int(p["BLOCK_N"]), BLOCK_M)
+    num_warps, num_stages = int(p["num_warps"]), int(p["num_stages"])
+    if BLOCK_D >= 256 or (q.dtype == torch.float32 and BLOCK_D >= 128):
+        BLOCK_M, BLOCK_N = min(BLOCK_M, 64), min(BLOCK_N, 32)
+        num_stages = min(num_stages, 2)
+    num_warps = max(1, min(num_warps, BLOCK_M // 16))
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"          # "tf32" is ignored for fp16/bf16 operands
+    while True:
+        try:
+            grid = (B * H, triton.cdiv(N, BLOCK_M))
+            _fa2_fwd[grid](
+                q, k, v, out, lse,
+                N * D, D,
+                N, D, float(scale) * LOG2E,
+                CAUSAL=bool(causal), STORE_LSE=bool(want_lse),
+                EVEN_N=(N % BLOCK_M == 0 and N % BLOCK_N == 0), EVEN_D=(D == BLOCK_D),
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                PREC=prec,
+                num_warps=num_warps, num_stages=num_stages,
+            )
+            return out, lse
+        except OutOfResources:
+            if num_stages > 1:
+                num_stages -= 1
+            elif BLOCK_N > 16:
+                BLOCK_N //= 2
+            elif BLOCK_M > 16:
+                BLOCK_M //= 2
+                num_warps = max(1, min(num_warps, BLOCK_M // 16))
+            else:
+                raise
+
+
+def run(q, k, v, causal=True, scale=None):
+    return _forward(q, k, v, causal, scale, False)[0]
+
+
+def run_with_lse(q, k, v, causal=True, scale=None):
+    """(out, lse): lse (B, H, N) fp32, natural-log logsumexp of the scaled, masked scores of each row."""
+    return _forward(q, k, v, causal, scale, True)
