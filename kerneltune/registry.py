@@ -1,0 +1,507 @@
+"""The registry of winners: which promoted kernel serves an op on a device, shape bucket and dtype.
+
+A registry is one JSON file (``FORMAT`` 1)::
+
+    {"format": 1, "kerneltune": "0.1.0", "candidates_root": "candidates",
+     "entries": [{"op": "attention", "device_key": "cuda:nvidia-h100-80gb-hbm3:sm90", "device_name": "...",
+                  "dtype": "bfloat16", "dims": {"B": 8, "H": 16, "N": 2048, "D": 128}, "args": {"causal": true},
+                  "bucket": "D128 N2048 BH128", "candidate": "attention/triton_flash-1a2b3c4d.py",
+                  "name": "triton_flash-1a2b3c4d", "backend": "triton", "source_hash": "<sha256>",
+                  "params": {...}, "baseline": "sdpa", "speedup": 1.31, "p20_ms": ..., "median_ms": ...,
+                  "p80_ms": ..., "versions": {...}, "timestamp": "...", "provenance": {...}}]}
+
+``candidate`` is relative to the registry's candidates root: ``candidates_root`` (relative to the JSON
+file), by default ``candidates/`` beside it; for the registry shipped in the package, the shipped
+candidates (``kerneltune/candidates/`` in an installed wheel, ``candidates/`` in a source checkout).
+
+Lookup (``Registry.decide``), for an op called on a device with some dims and dtype:
+exact entry (same device key, op, dtype, args and shape bucket) -> same device, nearest bucket -> the
+reference. Only entries recorded for this device key, whose backend runs on this device kind, whose
+measured speedup is at least the minimum (1.0, or ``$KERNELTUNE_MIN_SPEEDUP``) and whose candidate file
+still hashes to the source that passed, are ever chosen. A user registry (``$KERNELTUNE_REGISTRY``)
+comes before the shipped one. A corrupt file warns once and counts as empty.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Iterable
+
+FORMAT = 1
+ENV_REGISTRY = "KERNELTUNE_REGISTRY"
+ENV_MIN_SPEEDUP = "KERNELTUNE_MIN_SPEEDUP"
+ENV_DISABLE = "KERNELTUNE_DISABLE"
+DEFAULT_MIN_SPEEDUP = 1.0
+
+# The provenance header `kerneltune promote` puts above a promoted source. Everything up to and including
+# HEADER_END is not part of the evaluated source; the rest is byte for byte what passed.
+HEADER_START = "# --- kerneltune promote: provenance ---"
+HEADER_END = "# --- end of provenance: the evaluated source follows, unchanged ---"
+
+
+class KernelTuneWarning(UserWarning):
+    """Something in the registry is wrong (a corrupt file, a missing candidate …); the reference serves."""
+
+
+class RegistryError(ValueError):
+    """A registry cannot be written, or an entry is malformed; the message names the file and field."""
+
+
+def warn(msg: str) -> None:
+    warnings.warn(msg, KernelTuneWarning, stacklevel=3)
+
+
+# -- devices ---------------------------------------------------------------------------------------------
+def device_kind(device: Any) -> str:
+    """'cpu' or 'cuda' for 'cpu', 'cuda', 'cuda:1' or a torch.device."""
+    kind = getattr(device, "type", None) or str(device).split(":", 1)[0].lower()
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: kerneltune knows cpu and cuda")
+    return kind
+
+
+def device_key(device: Any) -> str:
+    """The normalised key of this machine's ``device`` ('cpu' or 'cuda'): CPU model and threads, or GPU
+    name and compute capability (the key the evaluator stores with every measurement)."""
+    from kerneltune.evaluate.device import device_info
+
+    return str(device_info(device_kind(device))["key"])
+
+
+def _as_key(device: Any) -> str:
+    """A device key from a device ('cpu', 'cuda:0', torch.device) or a key given as such."""
+    if isinstance(device, str) and device.count(":") >= 2:
+        return device
+    return device_key(device)
+
+
+def _key_kind(key: str) -> str:
+    return key.split(":", 1)[0]
+
+
+# -- buckets ---------------------------------------------------------------------------------------------
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def norm_dims(op: str, dims: dict[str, Any]) -> dict[str, Any]:
+    """The dims a registry entry records: attention B, H, N, D; adamw numel and tensors (not every shape)."""
+    if op.startswith("adamw") and "shapes" in dims:
+        shapes = dims["shapes"]
+        return {"numel": sum(math.prod(s) for s in shapes), "tensors": len(shapes)}
+    return dict(dims)
+
+
+def bucket(op: str, dims: dict[str, Any]) -> str:
+    """The shape bucket of ``dims``: attention 'D{D} N{pow2(N)} BH{pow2(B*H)}', adamw 'P{pow2(numel)}'."""
+    d = norm_dims(op, dims)
+    if op.startswith("attention") and all(x in d for x in "BHND"):
+        return f"D{d['D']} N{_pow2(d['N'])} BH{_pow2(d['B'] * d['H'])}"
+    if op.startswith("adamw") and "numel" in d:
+        return f"P{_pow2(d['numel'])}"
+    return json.dumps(d, sort_keys=True)
+
+
+def distance(op: str, a: dict[str, Any], b: dict[str, Any]) -> float:
+    """How far apart two shapes are for serving purposes (0 = same bucket), in octaves; D counts double."""
+    a, b = norm_dims(op, a), norm_dims(op, b)
+
+    def octaves(x: float, y: float) -> float:
+        return abs(math.log2(max(x, 1) / max(y, 1)))
+
+    try:
+        if op.startswith("attention"):
+            return (octaves(a["N"], b["N"]) + octaves(a["B"] * a["H"], b["B"] * b["H"])
+                    + 2 * octaves(a["D"], b["D"]))
+        if op.startswith("adamw"):
+            return octaves(a["numel"], b["numel"]) + 0.5 * octaves(a["tensors"], b["tensors"])
+    except (KeyError, TypeError):
+        pass
+    return 0.0 if a == b else math.inf
+
+
+def _dtype(dtype: Any) -> str:
+    """'float32' for torch.float32, 'fp32', 'float32' …; other dtypes by their own name ('float64')."""
+    from kerneltune.ops.base import dtype_name
+
+    name = str(dtype).removeprefix("torch.")
+    try:
+        return dtype_name(name)
+    except ValueError:
+        return name
+
+
+def _args_key(args: dict[str, Any] | None) -> str:
+    return json.dumps(args or {}, sort_keys=True)
+
+
+# -- entries ---------------------------------------------------------------------------------------------
+@dataclass
+class Entry:
+    op: str
+    device_key: str
+    device_name: str
+    dtype: str
+    dims: dict[str, Any]
+    args: dict[str, Any]
+    bucket: str
+    candidate: str                # relative to the registry's candidates root (or absolute)
+    source_hash: str              # the hash of the source that passed (kerneltune.evaluate.static.source_hash)
+    params: dict[str, Any]
+    baseline: str
+    speedup: float                # baseline median / candidate median, measured in one run
+    p20_ms: float | None = None
+    median_ms: float | None = None
+    p80_ms: float | None = None
+    versions: dict[str, Any] = field(default_factory=dict)
+    timestamp: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    name: str = ""                # the kernel's name in served() and explain; default: the file stem
+    backend: str = ""
+    root: str = field(default="", repr=False, compare=False)     # candidates root it resolves against
+    source: str = field(default="", repr=False, compare=False)   # the registry file it came from
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = os.path.splitext(os.path.basename(self.candidate))[0]
+
+    @property
+    def path(self) -> str:
+        """The absolute path of the candidate file."""
+        if os.path.isabs(self.candidate):
+            return self.candidate
+        return os.path.normpath(os.path.join(self.root, self.candidate))
+
+    def key(self) -> tuple[str, str, str, str, str]:
+        return (self.op, self.device_key, self.dtype, _args_key(self.args), self.bucket)
+
+    def describe(self) -> str:
+        return (f"{self.name} ({self.backend or '?'}) for {self.op} {self.bucket} {self.dtype} "
+                f"{_args_text(self.args)} on {self.device_key}: {self.speedup:.3g}× vs {self.baseline}")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("root")
+        d.pop("source")
+        return d
+
+    @classmethod
+    def from_json(cls, d: Any, *, root: str = "", source: str = "", where: str = "") -> "Entry":
+        if not isinstance(d, dict):
+            raise RegistryError(f"{where}: an entry must be a JSON object")
+        known = {f.name for f in fields(cls)} - {"root", "source"}
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise RegistryError(f"{where}: missing field(s) {', '.join(missing)}; re-promote it with "
+                                "`kerneltune promote`")
+        try:
+            e = cls(**{k: v for k, v in d.items() if k in known}, root=root, source=source)
+            e.speedup = float(e.speedup)
+        except (TypeError, ValueError) as ex:
+            raise RegistryError(f"{where}: malformed entry ({ex})") from None
+        if not isinstance(e.dims, dict) or not isinstance(e.args, dict) or not isinstance(e.params, dict):
+            raise RegistryError(f"{where}: dims, args and params must be JSON objects")
+        return e
+
+
+def _args_text(args: dict[str, Any]) -> str:
+    if "causal" in args:
+        return "causal" if args["causal"] else "full"
+    return " ".join(f"{k}={v}" for k, v in sorted(args.items()))
+
+
+# -- candidate files -------------------------------------------------------------------------------------
+def strip_header(text: str) -> str:
+    """The evaluated source of a promoted file (the file itself when it has no provenance header)."""
+    if text.startswith(HEADER_START):
+        i = text.find(HEADER_END)
+        if i >= 0:
+            return text[i + len(HEADER_END):].removeprefix("\n")
+    return text
+
+
+def with_header(source: str, lines: Iterable[str]) -> str:
+    body = "".join(f"# {ln}\n" for ln in lines)
+    return f"{HEADER_START}\n{body}{HEADER_END}\n{source}"
+
+
+def file_hash(text: str) -> str:
+    """The evaluator's hash of a candidate source (its KERNELTUNE params included)."""
+    from kerneltune.evaluate.static import literal, source_hash
+
+    params = None
+    try:
+        for node in ast.parse(text).body:
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "KERNELTUNE"
+                                                    for t in node.targets):
+                meta = literal(node.value)
+                params = meta.get("params") if isinstance(meta, dict) else None
+    except (SyntaxError, ValueError):
+        pass
+    return source_hash(text, params)
+
+
+_FILE_CHECKS: dict[tuple[str, int, int], str] = {}
+
+
+def check_file(entry: Entry) -> str:
+    """'' when the entry's candidate file is there and is the source that passed; else why not (one line)."""
+    path = entry.path
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"candidate file {path} is missing (registry {entry.source or '?'}); re-promote it or remove the entry"
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key not in _FILE_CHECKS:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = strip_header(f.read())
+            ok = file_hash(text) == entry.source_hash
+            _FILE_CHECKS[key] = "" if ok else (f"candidate file {path} changed since it was promoted (its hash is not "
+                                               f"source_hash {entry.source_hash[:12]}); re-evaluate and re-promote it")
+        except (OSError, UnicodeDecodeError) as e:
+            _FILE_CHECKS[key] = f"candidate file {path} cannot be read ({e}); re-promote it"
+    return _FILE_CHECKS[key]
+
+
+# -- where registries live -------------------------------------------------------------------------------
+def shipped_path() -> str:
+    """The registry shipped inside the package."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "registry.json")
+
+
+def shipped_candidates_dir() -> str:
+    """kerneltune/candidates/ in an installed wheel; candidates/ beside the package in a source checkout."""
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    inside = os.path.join(pkg, "candidates")
+    if os.path.isdir(inside):
+        return inside
+    return os.path.join(os.path.dirname(pkg), "candidates")
+
+
+def candidates_root(registry_path: str, declared: str | None = None) -> str:
+    """Where a registry's relative candidate paths point."""
+    path = os.path.abspath(registry_path)
+    if path == shipped_path() and not declared:
+        return shipped_candidates_dir()
+    return os.path.normpath(os.path.join(os.path.dirname(path), declared or "candidates"))
+
+
+def min_speedup() -> float:
+    raw = os.environ.get(ENV_MIN_SPEEDUP, "").strip()
+    if not raw:
+        return DEFAULT_MIN_SPEEDUP
+    try:
+        return float(raw)
+    except ValueError:
+        _warn_once(f"${ENV_MIN_SPEEDUP}={raw!r} is not a number; using {DEFAULT_MIN_SPEEDUP}")
+        return DEFAULT_MIN_SPEEDUP
+
+
+def disabled() -> bool:
+    return os.environ.get(ENV_DISABLE, "").strip().lower() not in ("", "0", "false", "no")
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warn(msg)
+
+
+# -- the registry ----------------------------------------------------------------------------------------
+@dataclass
+class Decision:
+    """What serves a call: ``entry`` (None = the reference), ``kind`` ('exact', 'nearest', 'reference'),
+    ``reason`` (one line, for explain and logs) and ``warning`` (set when something is wrong and a user
+    should hear about it: a missing or changed candidate file, entries only for another device …)."""
+
+    entry: Entry | None
+    kind: str
+    reason: str
+    warning: str | None = None
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Source:
+    path: str
+    root: str
+    entries: int = 0
+    error: str = ""
+
+
+class Registry:
+    def __init__(self, entries: list[Entry] | None = None, sources: list[Source] | None = None) -> None:
+        self.entries: list[Entry] = list(entries or [])
+        self.sources: list[Source] = list(sources or [])
+
+    def for_device(self, device_key: str) -> list[Entry]:
+        return [e for e in self.entries if e.device_key == device_key]
+
+    def lookup(self, op: str, device: Any, dims: dict[str, Any], dtype: str,
+               args: dict[str, Any] | None = None) -> tuple[Entry | None, str]:
+        """(the entry that would serve, or None for the reference; why)."""
+        d = self.decide(op, device, dims, dtype, args)
+        return d.entry, d.reason
+
+    def decide(self, op: str, device: Any, dims: dict[str, Any], dtype: str, args: dict[str, Any] | None = None,
+               *, minimum: float | None = None, check_files: bool = True) -> Decision:
+        """The full decision for a call; see the module docstring for the order."""
+        key = _as_key(device)
+        kind = _key_kind(key)
+        dtype = _dtype(dtype)
+        want_args = _args_key(args)
+        asked = f"{bucket(op, dims)} {dtype} {_args_text(args or {})}".strip()
+        if disabled():
+            return Decision(None, "reference", f"${ENV_DISABLE} is set: the reference serves every call")
+        mine = [e for e in self.entries if e.op == op]
+        if not mine:
+            return Decision(None, "reference", f"no registry entry for {op}: the reference serves")
+        here = [e for e in mine if e.device_key == key]
+        if not here:
+            others = sorted({e.device_key for e in mine})
+            msg = (f"the registry holds {op} kernels only for other devices ({', '.join(others)}), not for this "
+                   f"one ({key}): the reference serves")
+            return Decision(None, "reference", msg, warning=msg)
+        fits = [e for e in here if e.dtype == dtype and _args_key(e.args) == want_args]
+        if not fits:
+            have = sorted({f"{e.dtype} {_args_text(e.args)}".strip() for e in here})
+            return Decision(None, "reference", f"no {op} entry for {dtype} {_args_text(args or {})} on {key} "
+                                               f"(entries: {'; '.join(have)}): the reference serves")
+        floor = min_speedup() if minimum is None else minimum
+        skipped: list[str] = []
+        problems: list[str] = []
+        eligible = []
+        for e in fits:
+            if not _runs_on(e.backend, kind):
+                problems.append(f"{e.name}: backend {e.backend!r} cannot run on {kind} (registry {e.source})")
+            elif not e.speedup >= floor:
+                skipped.append(f"{e.name} at {e.bucket} is {e.speedup:.3g}× vs {e.baseline}, below the minimum "
+                               f"{floor:g} (${ENV_MIN_SPEEDUP})")
+            else:
+                eligible.append(e)
+        rank = {id(e): i for i, e in enumerate(self.entries)}  # user registry before shipped
+        target = norm_dims(op, dims)
+        ordered = sorted(eligible, key=lambda e: (e.bucket != bucket(op, dims), distance(op, e.dims, target),
+                                                  rank[id(e)], -e.speedup))
+        for e in ordered:
+            why = check_file(e) if check_files else ""
+            if why:
+                problems.append(why)
+                continue
+            exact = e.bucket == bucket(op, dims)
+            reason = (f"{'exact' if exact else 'nearest bucket'}: {e.describe()}"
+                      + ("" if exact else f" (asked for {asked})"))
+            return Decision(e, "exact" if exact else "nearest", reason, warning="; ".join(problems) or None,
+                            skipped=skipped + problems)
+        if problems:
+            msg = "; ".join(problems) + ": the reference serves"
+            return Decision(None, "reference", msg, warning=msg, skipped=skipped + problems)
+        return Decision(None, "reference", "; ".join(skipped) + ": the reference serves", skipped=skipped)
+
+    def add(self, entry: Entry) -> Entry | None:
+        """Add ``entry``; an entry with the same (op, device, dtype, args, bucket) is replaced and returned."""
+        for i, e in enumerate(self.entries):
+            if e.key() == entry.key():
+                self.entries[i] = entry
+                return e
+        self.entries.append(entry)
+        return None
+
+    def save(self, path: str) -> None:
+        """Write every entry to ``path`` (atomically); candidate paths become relative to its candidates root."""
+        path = os.path.abspath(path)
+        root = candidates_root(path)
+        out = []
+        for e in self.entries:
+            d = e.to_json()
+            absolute = e.path
+            d["candidate"] = (os.path.relpath(absolute, root) if _inside(absolute, root) else absolute)
+            out.append(d)
+        from kerneltune import __version__
+
+        doc = {"format": FORMAT, "kerneltune": __version__, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                  time.gmtime()),
+               "entries": out}
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".registry-", suffix=".json", dir=os.path.dirname(path))
+            with os.fdopen(fd, "w") as f:
+                json.dump(doc, f, indent=1, sort_keys=False)
+                f.write("\n")
+            os.replace(tmp, path)
+        except OSError as ex:
+            raise RegistryError(f"{path}: cannot write the registry ({ex.strerror}); pass a writable --registry") \
+                from None
+
+
+def _inside(path: str, root: str) -> bool:
+    try:
+        return os.path.commonpath([os.path.abspath(path), os.path.abspath(root)]) == os.path.abspath(root)
+    except ValueError:
+        return False
+
+
+def _runs_on(backend: str, kind: str) -> bool:
+    from kerneltune.backends import BACKENDS, capability
+
+    if not backend:
+        return True  # an entry from before backends were recorded: its device key already says where it passed
+    return backend in BACKENDS and capability(backend, kind).runs
+
+
+def read_file(path: str) -> tuple[list[Entry], Source]:
+    """The entries of one registry file. A missing file is an empty registry; a corrupt one is empty with
+    ``Source.error`` set (the caller warns)."""
+    path = os.path.abspath(path)
+    src = Source(path=path, root=candidates_root(path))
+    if not os.path.exists(path):
+        return [], src
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as ex:
+        src.error = f"{path}: not a readable registry ({ex}); fix or delete it (the reference serves meanwhile)"
+        return [], src
+    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
+        src.error = f"{path}: a registry is a JSON object with an 'entries' list; fix or delete it"
+        return [], src
+    if doc.get("format", FORMAT) != FORMAT:
+        src.error = (f"{path}: registry format {doc.get('format')!r}, this kerneltune reads format {FORMAT}; "
+                     "upgrade kerneltune or re-promote")
+        return [], src
+    src.root = candidates_root(path, doc.get("candidates_root"))
+    entries = []
+    for i, d in enumerate(doc["entries"]):
+        try:
+            entries.append(Entry.from_json(d, root=src.root, source=path, where=f"{path}: entries[{i}]"))
+        except RegistryError as ex:
+            src.error = str(ex)
+            return [], src
+    src.entries = len(entries)
+    return entries, src
+
+
+def load(path: str | None = None) -> Registry:
+    """``path`` alone when given; else the user registry ($KERNELTUNE_REGISTRY) first, then the shipped one.
+    A corrupt file warns once (here) and counts as empty."""
+    paths = [path] if path else [p for p in (os.environ.get(ENV_REGISTRY, "").strip(), shipped_path()) if p]
+    reg = Registry()
+    for p in paths:
+        entries, src = read_file(p)
+        if src.error:
+            warn(src.error)
+        reg.entries += entries
+        reg.sources.append(src)
+    return reg
