@@ -1,0 +1,238 @@
+"""``kerneltune.attention``: softmax(q kᵀ·scale [+ causal mask]) v through the registry's winner, with autograd.
+
+Two torch custom ops (``torch.library``), so ``torch.compile`` traces a call as one opaque node:
+
+    kerneltune::attention(q, k, v, causal, scale) -> out                       # (B, H, N, D) -> (B, H, N, Dv)
+    kerneltune::attention_backward(grad_out, q, k, v, out, causal, scale) -> (dq, dk, dv)
+
+Each one picks its kernel when it runs (``serve.choose``): a registry kernel for this device, shape
+bucket and dtype, else the reference — torch's ``scaled_dot_product_attention`` forward, and an exact
+backward recomputed from the saved q, k, v in fp32 (fp64 for fp64 inputs). A backward kernel serves
+only where the registry holds an ``attention_backward`` entry.
+
+Registry kernels take the op contract's inputs: (B, H, N, D) with one shape for q, k, v, dtype fp32, fp16
+or bf16, D <= 256. Other calls (cross-attention lengths, float64, other ranks) always get the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kerneltune.library import serve
+
+OP = "attention"
+OP_BACKWARD = "attention_backward"
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CHUNK_BYTES = 256 << 20  # the reference backward materialises at most this much of the score matrix at once
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> Tensor:
+    """softmax(q kᵀ·scale [+ causal mask]) v for q, k, v of shape (B, H, N, D); scale defaults to 1/sqrt(D).
+
+    Causal: query i sees keys j <= i. Differentiable in q, k and v; traceable by torch.compile
+    (fullgraph). Served by the registry's winner for this device, shape and dtype, else by torch SDPA.
+    """
+    return torch.ops.kerneltune.attention(q, k, v, bool(causal), None if scale is None else float(scale))
+
+
+def _fits_contract(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    return (q.dim() == 4 and k.shape == q.shape and v.shape == q.shape and q.dtype in _KERNEL_DTYPES
+            and k.dtype == q.dtype and v.dtype == q.dtype and 1 <= q.shape[-1] <= 256 and q.device == k.device == v.device
+            and q.device.type in ("cpu", "cuda"))
+
+
+def _dims(q: Tensor) -> dict[str, int]:
+    b, h, n, d = q.shape
+    return {"B": b, "H": h, "N": n, "D": d}
+
+
+def _dtype(t: Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+# -- forward ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("kerneltune::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float]) -> Tensor:
+    if _fits_contract(q, k, v):
+        choice = serve.choose(OP, q.device, _dims(q), _dtype(q), {"causal": causal})
+        if choice.run is not None:
+            out = _run_kernel(choice, q, k, v, causal, scale)
+            if out is not None:
+                serve.count(OP, choice.name)
+                return out
+    serve.count(OP, serve.REFERENCE)
+    return reference_forward(q, k, v, causal, scale)
+
+
+@_attention_op.register_fake
+def _attention_fake(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float]) -> Tensor:
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def reference_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float]) -> Tensor:
+    """torch's scaled_dot_product_attention, returned contiguous (the layout the fake promises)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale).contiguous()
+
+
+def _run_kernel(choice: serve.Choice, q: Tensor, k: Tensor, v: Tensor, causal: bool,
+                scale: Optional[float]) -> Tensor | None:
+    """The registry kernel's output, or None when it failed (it is then dropped for this process)."""
+    e = choice.entry
+    assert e is not None and choice.run is not None
+    try:
+        out = choice.run(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal, scale=scale)
+    except Exception as ex:  # noqa: BLE001 - a kernel that raises never takes the caller down
+        serve.mark_bad(e, f"{e.name} raised {type(ex).__name__}: {ex}")
+        return None
+    if type(out) is not torch.Tensor or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:  # noqa: E721
+        serve.mark_bad(e, f"{e.name} returned {getattr(out, 'shape', type(out))} {getattr(out, 'dtype', '')}, "
+                          f"not {tuple(q.shape)} {q.dtype}")
+        return None
+    if choice.verify:
+        why = _verify_forward(q, k, v, causal, scale, out)
+        if why:
+            serve.verify_failed(OP, e, why)
+            return None
+        serve.mark_verified(e)
+    return out.contiguous()
+
+
+def _verify_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float], out: Tensor) -> str:
+    """'' when ``out`` matches the op's fp64 reference within the evaluator's tolerance for the dtype."""
+    from kerneltune.ops import get_op
+    from kerneltune.ops.base import Inputs
+
+    spec = get_op(OP)
+    inputs = Inputs({"q": q.detach().cpu(), "k": k.detach().cpu(), "v": v.detach().cpu()},
+                    {"causal": causal, "scale": scale})
+    return spec.compare(inputs, spec.reference(inputs), {"out": out.detach().cpu()})
+
+
+# -- backward -----------------------------------------------------------------------------------------------
+@torch.library.custom_op("kerneltune::attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool,
+                           scale: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+    if _fits_contract(q, k, v) and grad_out.shape == q.shape:
+        choice = serve.choose(OP_BACKWARD, q.device, _dims(q), _dtype(q), {"causal": causal})
+        if choice.run is not None:
+            grads = _run_backward_kernel(choice, grad_out, q, k, v, out, causal, scale)
+            if grads is not None:
+                serve.count(OP_BACKWARD, choice.name)
+                return grads
+    serve.count(OP_BACKWARD, serve.REFERENCE)
+    return reference_backward(grad_out, q, k, v, causal, scale)
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool,
+                             scale: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def reference_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, causal: bool,
+                       scale: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact gradients of softmax(q kᵀ·scale [+ mask]) v, recomputed in fp32 (fp64 for fp64 inputs).
+
+    Per block of query rows (so at most _CHUNK_BYTES of scores at a time), with P = softmax(S):
+        dV += Pᵀ dO;  dP = dO Vᵀ;  dS = P ∘ (dP - rowsum(dP ∘ P));  dQ = dS K·scale;  dK += dSᵀ Q·scale
+    Causal masking is top-left aligned, as in SDPA: query i sees keys j <= i.
+    """
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    nk = k.shape[-2]
+    sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    qf, kf, vf, gf = (t.detach().to(ct) for t in (q, k, v, grad_out))  # (..., N, D), (..., Nk, D), (..., Nk, Dv)
+    dq = torch.empty_like(qf)
+    dk = torch.zeros_like(kf)
+    dv = torch.zeros_like(vf)
+    for i0, i1 in _row_blocks(q, nk, qf.element_size()):
+        s = (qf[..., i0:i1, :] @ kf.transpose(-1, -2)) * sc               # (..., m, Nk)
+        if causal:
+            s = s.masked_fill(_causal_mask(i0, i1, nk, q.device), float("-inf"))
+        p = torch.softmax(s, dim=-1)                                       # (..., m, Nk)
+        g = gf[..., i0:i1, :]                                              # (..., m, Dv)
+        dv += p.transpose(-1, -2) @ g
+        dp = g @ vf.transpose(-1, -2)                                      # (..., m, Nk)
+        ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+        dq[..., i0:i1, :] = (ds @ kf) * sc
+        dk += (ds.transpose(-1, -2) @ qf[..., i0:i1, :]) * sc
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _run_backward_kernel(choice: serve.Choice, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                         causal: bool, scale: Optional[float]) -> tuple[Tensor, Tensor, Tensor] | None:
+    """A registry ``attention_backward`` kernel: ``run(q, k, v, o, do, lse, causal=, scale=) -> (dq, dk, dv)``.
+    The row logsumexp it needs is recomputed here in fp32 (the forward op returns the output only)."""
+    e = choice.entry
+    assert e is not None and choice.run is not None
+    q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out))
+    try:
+        grads = tuple(choice.run(q, k, v, out, grad_out, row_logsumexp(q, k, causal, scale), causal=causal,
+                                 scale=scale))
+    except Exception as ex:  # noqa: BLE001 - a kernel that raises never takes the caller down
+        serve.mark_bad(e, f"{e.name} raised {type(ex).__name__}: {ex}")
+        return None
+    if len(grads) != 3 or any(type(g) is not torch.Tensor or g.shape != t.shape or g.dtype != t.dtype  # noqa: E721
+                              for g, t in zip(grads, (q, k, v))):
+        serve.mark_bad(e, f"{e.name} did not return (dq, dk, dv) shaped and typed like (q, k, v)")
+        return None
+    if choice.verify:
+        from kerneltune.ops.attention import SPEC as FWD
+        from kerneltune.ops.base import compare_tensor
+
+        tol = FWD.tolerance(_dtype(q))
+        for name, g, w in zip(("dq", "dk", "dv"), grads, reference_backward(grad_out, q, k, v, causal, scale)):
+            why = compare_tensor(name, g.cpu(), w.cpu(), tol)
+            if why:
+                serve.verify_failed(OP_BACKWARD, e, why)
+                return None
+        serve.mark_verified(e)
+    dq, dk, dv = (g.contiguous() for g in grads)
+    return dq, dk, dv
+
+
+def row_logsumexp(q: Tensor, k: Tensor, causal: bool, scale: Optional[float]) -> Tensor:
+    """(B, H, N) fp32 natural-log logsumexp of each row of the scaled, masked scores q kᵀ·scale."""
+    nk = k.shape[-2]
+    sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    qf, kf = q.float(), k.float()
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    for i0, i1 in _row_blocks(q, nk, qf.element_size()):
+        s = (qf[..., i0:i1, :] @ kf.transpose(-1, -2)) * sc               # (..., m, Nk)
+        if causal:
+            s = s.masked_fill(_causal_mask(i0, i1, nk, q.device), float("-inf"))
+        lse[..., i0:i1] = torch.logsumexp(s, dim=-1)
+    return lse
+
+
+def _row_blocks(q: Tensor, nk: int, itemsize: int) -> list[tuple[int, int]]:
+    """Blocks of query rows whose (…, rows, Nk) score tiles (three of them) stay under _CHUNK_BYTES."""
+    n = q.shape[-2]
+    lead = max(1, math.prod(q.shape[:-2]))
+    rows = max(1, _CHUNK_BYTES // max(1, lead * nk * itemsize * 3))
+    return [(i0, min(n, i0 + rows)) for i0 in range(0, n, rows)]
+
+
+def _causal_mask(i0: int, i1: int, nk: int, device: torch.device) -> Tensor:
+    """(rows, Nk) True where key j > query i (masked), top-left aligned as in SDPA."""
+    return torch.arange(i0, i1, device=device)[:, None] < torch.arange(nk, device=device)[None, :]
+
+
+# -- autograd -----------------------------------------------------------------------------------------------
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    q, k, v, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, output)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    q, k, v, out = ctx.saved_tensors
+    dq, dk, dv = torch.ops.kerneltune.attention_backward(grad_out.contiguous(), q, k, v, out, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)

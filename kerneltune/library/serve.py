@@ -1,0 +1,224 @@
+"""Which kernel serves a library call, and the record of what served.
+
+For each distinct (op, device, shape bucket, dtype, args) a process asks the registry once
+(``Registry.decide``) and remembers the answer; a registry kernel is imported from its candidate file
+(trusted code: it passed the evaluator on this device) the first time it serves. Anything that goes
+wrong — a corrupt registry, a missing or changed file, a kernel that fails to import, raises, or
+(with ``$KERNELTUNE_VERIFY``) disagrees with the reference on its first call — warns once and the
+reference serves from then on. ``served()`` counts the calls each kernel answered.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from kerneltune import registry as reg
+from kerneltune.registry import Decision, Entry
+
+ENV_VERIFY = "KERNELTUNE_VERIFY"
+ENV_LOG = "KERNELTUNE_LOG"
+REFERENCE = "reference"
+
+log = logging.getLogger("kerneltune")
+
+_lock = threading.RLock()
+_served: dict[str, Counter[str]] = {}
+_registry: tuple[str, reg.Registry] | None = None
+_decisions: dict[tuple[Any, ...], Decision] = {}
+_kernels: dict[str, Callable[..., Any]] = {}
+_bad: dict[str, str] = {}          # entry id -> why it no longer serves in this process
+_verified: set[str] = set()
+_warned: set[str] = set()
+
+
+@dataclass
+class Choice:
+    """The kernel for one call: ``run`` is None for the reference."""
+
+    run: Callable[..., Any] | None
+    name: str
+    entry: Entry | None
+    decision: Decision
+
+    @property
+    def verify(self) -> bool:
+        """True on the first call of a registry kernel in this process when $KERNELTUNE_VERIFY is set."""
+        return self.entry is not None and _flag(ENV_VERIFY) and _entry_id(self.entry) not in _verified
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def warn_once(msg: str) -> None:
+    with _lock:
+        if msg in _warned:
+            return
+        _warned.add(msg)
+    reg.warn(f"kerneltune: {msg}")
+
+
+def registry() -> reg.Registry:
+    """The registry this process serves from; read again when $KERNELTUNE_REGISTRY changes."""
+    global _registry
+    env = os.environ.get(reg.ENV_REGISTRY, "")
+    with _lock:
+        if _registry is None or _registry[0] != env:
+            import warnings
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                r = reg.load()
+            for w in caught:  # a corrupt file: once per process, whoever asks
+                warn_once(str(w.message))
+            _registry = (env, r)
+            _decisions.clear()
+        return _registry[1]
+
+
+def reload() -> None:
+    """Forget the registry, the decisions and the failures (tests; after promoting in a live process)."""
+    global _registry
+    with _lock:
+        _registry = None
+        _decisions.clear()
+        _bad.clear()
+        _verified.clear()
+        _warned.clear()
+
+
+def choose(op: str, device: Any, dims: dict[str, Any], dtype: str, args: dict[str, Any] | None = None) -> Choice:
+    """The kernel that serves ``op`` for this call (cached per bucket)."""
+    r = registry()
+    key = (op, reg.device_kind(device), reg.bucket(op, dims), str(dtype), reg._args_key(args),
+           os.environ.get(reg.ENV_MIN_SPEEDUP, ""), os.environ.get(reg.ENV_DISABLE, ""))
+    with _lock:
+        d = _decisions.get(key)
+    if d is None:
+        d = r.decide(op, device, dims, dtype, args)
+        with _lock:
+            _decisions[key] = d
+        if d.warning:
+            warn_once(d.warning)
+        _log(f"{op} {key[2]} {dtype} {reg._args_text(args or {})} on {reg._as_key(device)}: "
+             f"{d.entry.name if d.entry else REFERENCE} ({d.reason})")
+    e = d.entry
+    if e is None or _entry_id(e) in _bad:
+        return Choice(None, REFERENCE, None, d)
+    fn = _kernel(e)
+    if fn is None:
+        return Choice(None, REFERENCE, None, d)
+    return Choice(fn, e.name, e, d)
+
+
+def _log(msg: str) -> None:
+    if _flag(ENV_LOG) and not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+    log.info(msg)
+
+
+def _entry_id(e: Entry) -> str:
+    return f"{e.op}:{e.source_hash}:{e.path}"
+
+
+def _kernel(e: Entry) -> Callable[..., Any] | None:
+    eid = _entry_id(e)
+    with _lock:
+        if eid in _kernels:
+            return _kernels[eid]
+        try:
+            fn = _import_run(e)
+        except Exception as ex:  # noqa: BLE001 - any failure to load a kernel means the reference serves
+            mark_bad(e, f"{e.name} ({e.path}) failed to load: {type(ex).__name__}: {ex}")
+            return None
+        _kernels[eid] = fn
+        return fn
+
+
+def _import_run(e: Entry) -> Callable[..., Any]:
+    """Import the candidate file as a module of its own and return its ``run``.
+
+    The file is the evaluated source (the registry checked its hash), so its KERNELTUNE["params"] are
+    the params that passed and were timed; the entry's copy must agree."""
+    modname = f"kerneltune_served_{e.op}_{e.source_hash[:16]}"
+    spec = importlib.util.spec_from_file_location(modname, e.path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {e.path}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = mod  # triton.jit and numba look functions up through their module
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(modname, None)
+        raise
+    meta = getattr(mod, "KERNELTUNE", {})
+    file_params = meta.get("params") or {} if isinstance(meta, dict) else {}
+    if e.params and file_params != e.params:
+        raise ValueError(f"the registry entry's params {e.params} are not the file's {file_params}; re-promote it")
+    run = getattr(mod, "run", None)
+    if not callable(run):
+        raise ImportError(f"{e.path} defines no run()")
+    return run
+
+
+def mark_bad(e: Entry, why: str) -> None:
+    """Stop serving ``e`` in this process (one warning says why)."""
+    with _lock:
+        _bad[_entry_id(e)] = why
+    warn_once(f"{why}; the reference serves {e.op} from now on")
+
+
+def is_bad(e: Entry | None) -> bool:
+    """True when ``e`` was dropped in this process (failed to load, raised, or failed verification)."""
+    with _lock:
+        return e is not None and _entry_id(e) in _bad
+
+
+def mark_verified(e: Entry) -> None:
+    with _lock:
+        _verified.add(_entry_id(e))
+
+
+def count(op: str, name: str) -> None:
+    with _lock:
+        _served.setdefault(op, Counter())[name] += 1
+
+
+def served() -> dict[str, dict[str, int]]:
+    """op -> {kernel name or "reference": calls served} since the last reset_served()."""
+    with _lock:
+        return {op: dict(c) for op, c in _served.items()}
+
+
+def reset_served() -> None:
+    with _lock:
+        _served.clear()
+
+
+def decisions() -> list[dict[str, Any]]:
+    """Every serving decision this process made: op, bucket, dtype, args, kernel, kind, reason."""
+    with _lock:
+        items = list(_decisions.items())
+        bad = dict(_bad)
+    out = []
+    for key, d in items:
+        e = d.entry
+        why = bad.get(_entry_id(e)) if e is not None else None
+        out.append({"op": key[0], "device": key[1], "bucket": key[2], "dtype": key[3], "args": key[4],
+                    "kernel": REFERENCE if (e is None or why) else e.name, "kind": "reference" if why else d.kind,
+                    "reason": why or d.reason})
+    return out
+
+
+def verify_failed(op: str, e: Entry, why: str) -> None:
+    mark_bad(e, f"{e.name} disagreed with the reference on its first call ({why})")

@@ -1,0 +1,194 @@
+"""``kerneltune.optim.AdamW``: a drop-in for ``torch.optim.AdamW`` whose step runs the registry's AdamW winner.
+
+It *is* a ``torch.optim.AdamW`` (a subclass): the same arguments, param groups, closures, hooks and
+state (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter), so state_dicts load both ways.
+On each step, the parameters of a group are split into buckets of one (device, dtype, step count);
+a bucket is updated by the registry kernel for its device and size when one serves (through the
+``kerneltune::adamw_`` custom op), and by torch's own AdamW step otherwise. Options a kernel cannot
+honour — amsgrad, maximize, capturable, differentiable, a tensor lr or betas, gradient scaling of a
+fused step, sparse or complex gradients, non-fp32 or non-contiguous tensors — always take torch's step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from kerneltune.library import serve
+
+OP = "adamw"
+
+__all__ = ["AdamW"]
+
+
+def _raw_torch_step() -> Callable[..., Any]:
+    """torch.optim.AdamW.step without the profiling/hook wrapper torch installs on first use (our own step is
+    wrapped already; calling the wrapped one would run every step hook twice)."""
+    return inspect.unwrap(torch.optim.AdamW.step, stop=lambda f: not getattr(f, "hooked", False))
+
+
+class AdamW(torch.optim.AdamW):
+    """torch.optim.AdamW, stepped by the registry's tuned kernel where one serves (see the module docstring)."""
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rest: list[dict[str, Any]] = []  # groups (or parts of groups) that torch's step updates
+        for group in self.param_groups:
+            if not self._tunable(group):
+                rest.append(group)
+                continue
+            leftover = self._tuned_group(group)
+            if leftover:
+                rest.append({**group, "params": leftover})
+        if rest:
+            self._torch_step(rest)
+        return loss
+
+    # -- torch's step, for what no kernel takes ------------------------------------------------------------
+    def _torch_step(self, groups: list[dict[str, Any]]) -> None:
+        saved = self.param_groups
+        self.param_groups = groups
+        try:
+            with torch.set_grad_enabled(any(g.get("differentiable") for g in groups)):
+                _raw_torch_step()(self)
+        finally:
+            self.param_groups = saved
+        serve.count(OP, serve.REFERENCE)
+
+    def _tunable(self, group: dict[str, Any]) -> bool:
+        if group.get("amsgrad") or group.get("maximize") or group.get("capturable") or group.get("differentiable"):
+            return False
+        if not group.get("decoupled_weight_decay", True):
+            return False
+        if torch.is_tensor(group["lr"]) or any(torch.is_tensor(b) for b in group["betas"]):
+            return False
+        if group.get("fused") and (getattr(self, "grad_scale", None) is not None
+                                   or getattr(self, "found_inf", None) is not None):
+            return False
+        return True
+
+    # -- the tuned path ------------------------------------------------------------------------------------
+    def _tuned_group(self, group: dict[str, Any]) -> list[Tensor]:
+        """Update what a registry kernel serves; return the params left for torch's step."""
+        leftover: list[Tensor] = []
+        buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if (g.is_sparse or torch.is_complex(p) or p.dtype != torch.float32 or g.dtype != torch.float32
+                    or not p.is_contiguous() or not g.is_contiguous() or p.device.type not in ("cpu", "cuda")):
+                leftover.append(p)
+                continue
+            buckets.setdefault((p.device, p.dtype), []).append(p)
+        for (device, _), params in buckets.items():
+            choice = serve.choose(OP, device, {"shapes": [list(p.shape) for p in params]}, "float32", {})
+            if choice.run is None:
+                leftover += params
+                continue
+            states = [self._state(p, group) for p in params]
+            if any(not s["exp_avg"].is_contiguous() or not s["exp_avg_sq"].is_contiguous() for s in states):
+                leftover += params
+                continue
+            steps = [s["step"] for s in states]
+            by_step: dict[float, list[int]] = {}
+            for i, t in enumerate(torch.stack([s.detach().to("cpu", torch.float64) for s in steps]).tolist()):
+                by_step.setdefault(t, []).append(i)
+            for t, idx in by_step.items():
+                sel = [params[i] for i in idx]
+                ok = adamw_step(sel, [p.grad for p in sel], [states[i]["exp_avg"] for i in idx],
+                                [states[i]["exp_avg_sq"] for i in idx], step=int(t) + 1, lr=float(group["lr"]),
+                                beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
+                                eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))
+                if not ok:  # the kernel failed or was dropped: torch's step takes these (nothing was changed)
+                    leftover += sel
+                    continue
+                for i in idx:
+                    steps[i] += 1
+        return leftover
+
+    def _state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """The parameter's state, created exactly as torch.optim.AdamW creates it."""
+        state = self.state[p]
+        if len(state) == 0:
+            fused_or_capturable = bool(group.get("fused") or group.get("capturable"))
+            scalar = torch.float32 if (group.get("fused") or torch.get_default_dtype() != torch.float64) \
+                else torch.float64
+            state["step"] = (torch.zeros((), dtype=scalar, device=p.device) if fused_or_capturable
+                             else torch.tensor(0.0, dtype=scalar))
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+
+# -- the custom op ---------------------------------------------------------------------------------------------
+def adamw_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
+               step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> bool:
+    """One AdamW step (op contract: 1-based ``step``) by the registry kernel for these tensors.
+
+    Returns False, having changed nothing, when no kernel serves them (or the kernel failed): the caller
+    then takes torch's step."""
+    if not params:
+        return True
+    choice = serve.choose(OP, params[0].device, {"shapes": [list(p.shape) for p in params]}, "float32", {})
+    if choice.run is None:
+        return False
+    torch.ops.kerneltune.adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay)
+    return not serve.is_bad(choice.entry)
+
+
+@torch.library.custom_op("kerneltune::adamw_", mutates_args=("params", "exp_avgs", "exp_avg_sqs"))
+def _adamw_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+              step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    choice = serve.choose(OP, params[0].device, {"shapes": [list(p.shape) for p in params]}, "float32", {})
+    if choice.run is None:
+        return
+    e = choice.entry
+    assert e is not None
+    verify = choice.verify
+    backup = [[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs)]
+    try:
+        choice.run(params, grads, exp_avgs, exp_avg_sqs, **hyper)
+        why = _verify(backup, grads, (params, exp_avgs, exp_avg_sqs), hyper) if verify else ""
+    except Exception as ex:  # noqa: BLE001 - a kernel that raises never takes the caller down
+        why = f"raised {type(ex).__name__}: {ex}"
+        serve.mark_bad(e, f"{e.name} {why}")
+    else:
+        if why:
+            serve.verify_failed(OP, e, why)
+    if why:  # put everything back: the caller takes torch's step for these tensors
+        for ts, olds in zip((params, exp_avgs, exp_avg_sqs), backup):
+            for t, old in zip(ts, olds):
+                t.copy_(old)
+        return
+    if verify:
+        serve.mark_verified(e)
+    serve.count(OP, choice.name)
+
+
+@_adamw_op.register_fake
+def _adamw_fake(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    return None
+
+
+def _verify(before: list[list[Tensor]], grads: list[Tensor], after: tuple[list[Tensor], ...],
+            hyper: dict[str, Any]) -> str:
+    """'' when the kernel's update matches the op's fp64 reference within the evaluator's tolerance."""
+    from kerneltune.ops import get_op
+    from kerneltune.ops.base import Inputs
+
+    spec = get_op(OP)
+    cpu = lambda ts: [t.detach().cpu() for t in ts]  # noqa: E731
+    inputs = Inputs({"params": cpu(before[0]), "grads": cpu(grads), "exp_avgs": cpu(before[1]),
+                     "exp_avg_sqs": cpu(before[2])}, dict(hyper))
+    actual = {"params": cpu(after[0]), "exp_avgs": cpu(after[1]), "exp_avg_sqs": cpu(after[2])}
+    return spec.compare(inputs, spec.reference(inputs), actual)
