@@ -22,11 +22,12 @@ _LAZY = {
     "reset_served": ("kerneltune.library.serve", "reset_served"),
     "decisions": ("kerneltune.library.serve", "decisions"),
     "patch_attention": ("kerneltune.library.nn", "patch_attention"),
+    "unpatch_attention": ("kerneltune.library.nn", "unpatch_attention"),
     "CausalSelfAttention": ("kerneltune.library.nn", "CausalSelfAttention"),
 }
 
 __all__ = ["__version__", "attention", "optim", "served", "reset_served", "decisions", "patch_attention",
-           "CausalSelfAttention"]
+           "unpatch_attention", "CausalSelfAttention"]
 
 
 def __getattr__(name: str) -> Any:

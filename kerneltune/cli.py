@@ -173,12 +173,14 @@ def _print_eval_table(results: list[dict[str, Any]]) -> None:
 
 
 def candidates_dir() -> str:
-    """$KERNELTUNE_CANDIDATES, else candidates/ beside the kerneltune package (a source checkout)."""
+    """$KERNELTUNE_CANDIDATES, else the shipped candidates: candidates/ beside the kerneltune package in a source
+    checkout, kerneltune/candidates/ in an installed wheel."""
     env = os.environ.get("KERNELTUNE_CANDIDATES")
     if env:
         return env
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(here, "candidates")
+    from kerneltune.registry import shipped_candidates_dir
+
+    return shipped_candidates_dir()
 
 
 @app.command("bench")
@@ -571,6 +573,11 @@ def show_cmd(candidate: str = typer.Argument(..., help="hash, hash prefix or nam
         else:
             out.print("[dim]kerneltune show --prompts prints the prompts and answers in full[/dim]")
     out.print(Syntax(info["source"], "python", line_numbers=True))
+
+
+from kerneltune.cli_registry import register as _register_registry  # noqa: E402 - promote, registry, explain
+
+_register_registry(app)
 
 
 def main() -> None:  # pragma: no cover - entry point

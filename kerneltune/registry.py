@@ -183,8 +183,8 @@ class Entry:
         return (self.op, self.device_key, self.dtype, _args_key(self.args), self.bucket)
 
     def describe(self) -> str:
-        return (f"{self.name} ({self.backend or '?'}) for {self.op} {self.bucket} {self.dtype} "
-                f"{_args_text(self.args)} on {self.device_key}: {self.speedup:.3g}× vs {self.baseline}")
+        what = " ".join(x for x in (self.op, self.bucket, self.dtype, _args_text(self.args)) if x)
+        return f"{self.name} ({self.backend or '?'}) for {what} on {self.device_key}: {self.speedup:.3g}× vs {self.baseline}"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -362,7 +362,7 @@ class Registry:
         kind = _key_kind(key)
         dtype = _dtype(dtype)
         want_args = _args_key(args)
-        asked = f"{bucket(op, dims)} {dtype} {_args_text(args or {})}".strip()
+        asked = " ".join(x for x in (bucket(op, dims), dtype, _args_text(args or {})) if x)
         if disabled():
             return Decision(None, "reference", f"${ENV_DISABLE} is set: the reference serves every call")
         mine = [e for e in self.entries if e.op == op]
@@ -377,7 +377,7 @@ class Registry:
         fits = [e for e in here if e.dtype == dtype and _args_key(e.args) == want_args]
         if not fits:
             have = sorted({f"{e.dtype} {_args_text(e.args)}".strip() for e in here})
-            return Decision(None, "reference", f"no {op} entry for {dtype} {_args_text(args or {})} on {key} "
+            return Decision(None, "reference", f"no {op} entry for {' '.join(x for x in (dtype, _args_text(args or {})) if x)} on {key} "
                                                f"(entries: {'; '.join(have)}): the reference serves")
         floor = min_speedup() if minimum is None else minimum
         skipped: list[str] = []
