@@ -213,7 +213,11 @@ class _TorchAdamW:
                                     **self.impl)
             for p, g, m, v in zip(ps, grads, exp_avgs, exp_avg_sqs):
                 p.grad = g
-                opt.state[p] = {"step": torch.tensor(float(step - 1)), "exp_avg": m, "exp_avg_sq": v}
+                # fused/capturable kernels read the step count on the parameters' device, as torch keeps it
+                on_device = self.impl.get("fused") or self.impl.get("capturable")
+                opt.state[p] = {"step": torch.tensor(float(step - 1), dtype=torch.float32,
+                                                     device=p.device if on_device else "cpu"),
+                                "exp_avg": m, "exp_avg_sq": v}
             self._key, self._opt = key, opt
         opt = self._opt
         group = opt.param_groups[0]
