@@ -57,6 +57,7 @@ class Options:
     sandbox: bool = True
     baselines: list[str] | None = None  # None: all the op has on the device
     compile_cuda: bool = True         # without a GPU: compile-check CUDA candidates with nvcc (minutes each)
+    samples: bool = False             # keep every timed call, per round, in each case's "samples_ms"
 
 
 class Outcome(Exception):
@@ -71,13 +72,14 @@ class Outcome(Exception):
 class _Timing:
     times: list[float] = field(default_factory=list)
     turns: list[tuple[float, float, int]] = field(default_factory=list)  # (wall ms, reported ms, calls) per turn
-    round_medians: list[float] = field(default_factory=list)  # median call of each turn, in round order
+    per_turn: list[list[float]] = field(default_factory=list)  # the timed calls of each turn, in round order
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, samples: bool = False) -> dict[str, Any]:
         q = _quantiles(self.times)
-        # rounds_ms: one sample per round, paired by index across contestants (kerneltune.check's statistics)
-        return {"median_ms": q[1], "p20_ms": q[0], "p80_ms": q[2], "reps": len(self.times),
-                "rounds_ms": list(self.round_medians)}
+        st: dict[str, Any] = {"median_ms": q[1], "p20_ms": q[0], "p80_ms": q[2], "reps": len(self.times)}
+        if samples:  # Options.samples: round r of every contestant is index r (kerneltune.check's statistics)
+            st["samples_ms"] = [list(t) for t in self.per_turn]
+        return st
 
 
 def _quantiles(xs: list[float]) -> tuple[float, float, float]:
@@ -280,8 +282,10 @@ class Evaluator:
     # -- stages ------------------------------------------------------------------------------------------
     def _check(self, worker: WorkerProcess, spec: OpSpec, case: Case, seed: int, left: Callable[[], float],
                stage: str, *, slot: str | None, last: dict[str, Any], inputs: Any = None) -> None:
-        inputs = inputs if inputs is not None else spec.make_inputs(case, seed)
-        expected = spec.reference(inputs)
+        msg_inputs = inputs
+        with self.lock.shared():  # a large reference may run on the device: never during another's timing
+            inputs = msg_inputs if msg_inputs is not None else spec.make_inputs(case, seed)
+            expected = spec.reference(inputs)
         msg = {"cmd": "call", "fn": "run", "args": inputs.args, "slot": slot, "poison": True}
         with self.lock.shared():
             reply, flat = worker.request(msg, flatten(inputs.tensors), timeout=left())
@@ -353,14 +357,17 @@ class Evaluator:
         inputs = spec.make_inputs(case, self.opt.seeds)  # the values the candidate's slot now holds
         expected = spec.reference(inputs)
         bslot = f"{eval_id}:{slot}"
-        for name in names:
+        dropped: dict[str, str] = {}
+        for name in list(names):
             reply, flat = bw.request({"cmd": "call", "fn": name, "args": inputs.args, "slot": f"{bslot}:{name}",
                                       "poison": False}, flatten(inputs.tensors), timeout=600)
-            if not reply.get("ok"):
-                raise RuntimeError(f"baseline {name} failed on {case.name}: {reply.get('reason')}")
-            why = spec.compare(inputs, expected, unflatten(flat))
-            if why:
-                raise RuntimeError(f"baseline {name} disagrees with the reference on {case.name}: {why}")
+            why = (f"failed: {reply.get('reason')}" if not reply.get("ok") else
+                   spec.compare(inputs, expected, unflatten(flat)))
+            if why and name == spec.primary_baseline:
+                raise RuntimeError(f"baseline {name} on {case.name}: {why}")
+            if why:  # a secondary baseline that cannot run this case (a pinned backend, a compiler) is left out
+                dropped[name] = why if not reply.get("ok") else f"disagrees with the reference: {why}"
+                names.remove(name)
         contestants: list[tuple[str, WorkerProcess, str, str]] = [("candidate", worker, "run", slot)]
         contestants += [(n, bw, n, f"{bslot}:{n}") for n in names]
         # calibrate: how many calls fill one turn of a round
@@ -387,14 +394,16 @@ class Evaluator:
                 tm = timing[label_c]
                 times = [float(x) for x in r["times_ms"]]
                 tm.times += times
-                tm.round_medians.append(statistics.median(times))
+                tm.per_turn.append(times)
                 # the turn's warm-up call is untimed: count it as a call of the candidate's own measured pace
                 tm.turns.append((wall, sum(times) * (len(times) + 1) / max(len(times), 1), len(times) + 1))
         self._check_timer(timing, names, case)
-        cand = timing["candidate"].stats()
+        cand = timing["candidate"].stats(self.opt.samples)
         out: dict[str, Any] = {"case": case.to_json(), "name": case.name, **cand, "baselines": {}}
+        if dropped:
+            out["baselines_left_out"] = dropped
         for n in names:
-            st = timing[n].stats()
+            st = timing[n].stats(self.opt.samples)
             st["speedup"] = st["median_ms"] / cand["median_ms"] if cand["median_ms"] > 0 else None
             out["baselines"][n] = st
         out["speedup"] = out["baselines"][spec.primary_baseline]["speedup"]

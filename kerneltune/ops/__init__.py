@@ -6,7 +6,8 @@ import importlib
 
 from kerneltune.ops.base import Case, Inputs, OpSpec, Tolerance
 
-_MODULES = {"attention": "kerneltune.ops.attention", "adamw": "kerneltune.ops.adamw"}
+_MODULES = {"attention": "kerneltune.ops.attention", "adamw": "kerneltune.ops.adamw",
+            "attention_backward": "kerneltune.ops.attention_backward"}
 
 __all__ = ["Case", "Inputs", "OpSpec", "Tolerance", "get_op", "op_names"]
 

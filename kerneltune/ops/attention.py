@@ -4,13 +4,23 @@ Contract (DESIGN.md): ``run(q, k, v, causal=True, scale=None) -> Tensor``; q, k,
 contiguous, one dtype (fp32, fp16, bf16), 1 <= D <= 256; returns a new (B, H, N, D) tensor of that
 dtype; scale defaults to 1/sqrt(D); inputs are not modified. Causal: query i sees keys j <= i.
 
+Optional entry point: ``run_with_lse(q, k, v, causal=True, scale=None) -> (out, lse)``, lse the fp32
+(B, H, N) natural-log logsumexp of the scaled, masked scores of each row (what a backward pass needs). A
+candidate that defines it has it checked on the check cases marked ``lse`` (out and lse both); ``run`` is
+checked everywhere else and is what is timed.
+
 Work: FLOPs = 4·B·H·N²·D (two matmuls of 2·N²·D each per head), halved when causal.
 Bytes (the floor): read q, k, v and write o once = 4·B·H·N·D·itemsize.
+
+The fp64 reference never holds B·H·N·N scores at once beyond 256 MB: larger problems go head by head in
+row blocks (causal rows stop at the diagonal), on the parent's GPU when it has one (trusted code; results
+come back to the CPU), else on the CPU. ``KERNELTUNE_REFERENCE_DEVICE=cpu`` forces the CPU.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any, Callable
 
@@ -29,12 +39,75 @@ _TOL = {
     "float16": Tolerance(atol=2e-3, rtol=1e-2, norm_rtol=3e-3),
     "bfloat16": Tolerance(atol=1.6e-2, rtol=5e-2, norm_rtol=2.5e-2),
 }
+# lse: from fp32 scores of the inputs as given (no rounding of their own beyond fp32 / exp2 approximations)
+_LSE_TOL = {
+    "float32": Tolerance(atol=1e-4, rtol=1e-5, norm_rtol=1e-5),
+    "float16": Tolerance(atol=1e-3, rtol=1e-4, norm_rtol=1e-4),
+    "bfloat16": Tolerance(atol=1e-3, rtol=1e-4, norm_rtol=1e-4),
+}
+_REF_BYTES = 256 << 20  # the most fp64 score memory the reference holds at once
 
 
-def _case(b: int, h: int, n: int, d: int, dtype: str, causal: bool) -> Case:
+def issue8_shapes() -> list[tuple[int, int, int, int, bool]]:
+    """The 24 shapes of issue 8: N 512..16384, D 64 and 128, causal and full, B·N = 16k tokens, width H·D = 2048."""
+    out = []
+    for d in (64, 128):
+        for causal in (True, False):
+            for n in (512, 1024, 2048, 4096, 8192, 16384):
+                out.append((16384 // n, 2048 // d, n, d, causal))
+    return out
+
+
+def _case(b: int, h: int, n: int, d: int, dtype: str, causal: bool, lse: bool = False) -> Case:
     tag = "causal" if causal else "full"
+    if lse:  # checks run_with_lse where the candidate has one
+        return Case(name=f"B{b} H{h} N{n} D{d} {tag} {dtype} lse", dims={"B": b, "H": h, "N": n, "D": d},
+                    dtype=dtype, args={"causal": causal, "lse": True})
     return Case(name=f"B{b} H{h} N{n} D{d} {tag} {dtype}", dims={"B": b, "H": h, "N": n, "D": d},
                 dtype=dtype, args={"causal": causal})
+
+
+def _reference_device(work: float) -> torch.device:
+    """Where the parent computes an fp64 reference: its GPU for large problems when it has one."""
+    want = os.environ.get("KERNELTUNE_REFERENCE_DEVICE", "auto")
+    if want != "cpu" and work >= 2**30 and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def attention_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                   scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) in fp64 on the CPU: out (B, H, N, D), lse (B, H, N) natural log, for inputs of any dtype.
+
+    Small problems in one batched computation; large ones head by head in row blocks of <= 256 MB of
+    scores, on the GPU when the parent has one (see _reference_device)."""
+    b, h, n, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if b * h * n * n * 8 <= _REF_BYTES:
+        q64, k64, v64 = (x.to(torch.float64) for x in (q, k, v))
+        s = (q64 @ k64.transpose(-1, -2)) * scale  # (B, H, N, N)
+        if causal:
+            s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.softmax(s, dim=-1) @ v64, torch.logsumexp(s, dim=-1)
+    dev = _reference_device(float(b) * h * n * n * d)
+    out = torch.empty(b, h, n, d, dtype=torch.float64)
+    lse = torch.empty(b, h, n, dtype=torch.float64)
+    rows = max(1, min(n, _REF_BYTES // (8 * n)))
+    for bi in range(b):
+        for hi in range(h):
+            qh, kh, vh = (x[bi, hi].to(dev).to(torch.float64) for x in (q, k, v))  # (N, D)
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                kend = r1 if causal else n  # causal rows see no key past the block's last row
+                s = (qh[r0:r1] @ kh[:kend].T) * scale  # (R, kend)
+                if causal:
+                    i = torch.arange(r0, r1, device=dev)[:, None]
+                    j = torch.arange(kend, device=dev)[None, :]
+                    s = s.masked_fill(j > i, float("-inf"))
+                m = torch.logsumexp(s, dim=-1)  # (R,)
+                out[bi, hi, r0:r1] = (torch.exp(s - m[:, None]) @ vh[:kend]).cpu()
+                lse[bi, hi, r0:r1] = m.cpu()
+    return out, lse
 
 
 class Attention(OpSpec):
@@ -72,6 +145,9 @@ class Attention(OpSpec):
         cases = [_case(*s[:4], "float32", s[4]) for s in shapes]
         for dtype in ("float16", "bfloat16"):
             cases += [_case(*s[:4], dtype, s[4]) for s in shapes[:4]]
+        # run_with_lse, where a candidate has it: out and the row logsumexp
+        cases += [_case(*shapes[i][:4], "float32", shapes[i][4], lse=True) for i in (0, 2, 1)]
+        cases += [_case(*shapes[2][:4], dtype, True, lse=True) for dtype in ("float16", "bfloat16")]
         return cases
 
     def timed_cases(self, device: str) -> list[Case]:
@@ -103,17 +179,17 @@ class Attention(OpSpec):
         k = torch.randn(b, h, n, d, generator=g).to(dt)
         v = torch.randn(b, h, n, d, generator=g).to(dt)
         scale = None if seed % 2 == 0 else float(0.05 + 0.45 * torch.rand((), generator=g))
-        return Inputs(tensors={"q": q, "k": k, "v": v}, args={"causal": bool(case.args["causal"]), "scale": scale})
+        args = {"causal": bool(case.args["causal"]), "scale": scale}
+        if case.args.get("lse"):
+            args["lse"] = True
+        return Inputs(tensors={"q": q, "k": k, "v": v}, args=args)
 
     def reference(self, inputs: Inputs) -> dict[str, Any]:
-        q, k, v = (inputs.tensors[x].to(torch.float64) for x in ("q", "k", "v"))  # (B, H, N, D)
-        scale = inputs.args["scale"]
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        s = (q @ k.transpose(-1, -2)) * scale  # (B, H, N, N)
-        if inputs.args["causal"]:
-            n = q.shape[-2]
-            s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
-        return {"out": torch.softmax(s, dim=-1) @ v}  # (B, H, N, D)
+        q, k, v = (inputs.tensors[x] for x in ("q", "k", "v"))  # (B, H, N, D)
+        out, lse = attention_fp64(q, k, v, inputs.args["causal"], inputs.args["scale"])
+        if inputs.args.get("lse"):
+            return {"out": out, "lse": lse}  # (B, H, N, D), (B, H, N)
+        return {"out": out}
 
     def tolerance(self, dtype: str) -> Tolerance:
         return _TOL[dtype]
@@ -123,12 +199,36 @@ class Attention(OpSpec):
         want_dtype = inputs.tensors["q"].dtype
         if out.dtype != want_dtype:
             return f"out: dtype {out.dtype} but the inputs are {want_dtype} (return the input dtype)"
-        return compare_tensor("out", out, expected["out"], self.tolerance(dtype_name(str(want_dtype)[6:])))
+        dt = dtype_name(str(want_dtype)[6:])
+        why = compare_tensor("out", out, expected["out"], self.tolerance(dt))
+        if why or "lse" not in actual:
+            return why
+        if "lse" not in expected:
+            return "lse: returned where none was asked for"
+        lse = actual["lse"]
+        if lse.dtype != torch.float32:
+            return f"lse: dtype {lse.dtype}; run_with_lse returns fp32 row statistics"
+        return compare_tensor("lse", lse, expected["lse"], _LSE_TOL[dt])
 
     # -- worker side -------------------------------------------------------------------------------------
     def invoke(self, fn: Callable[..., Any], tensors: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
         q, k, v = tensors["q"], tensors["k"], tensors["v"]
-        out = fn(q, k, v, causal=args["causal"], scale=args["scale"])
+        with_lse = getattr(fn, "__globals__", {}).get("run_with_lse") if args.get("lse") else None
+        lse = None
+        if callable(with_lse):  # the candidate's optional entry point, from the module that defines run
+            res = with_lse(q, k, v, causal=args["causal"], scale=args["scale"])
+            if type(res) is not tuple or len(res) != 2:
+                raise ContractError("run_with_lse() must return a tuple (out, lse)")
+            out, lse = res
+            b, h, n, _ = q.shape
+            if type(lse) is not torch.Tensor or tuple(lse.shape) != (b, h, n) or lse.device != q.device:  # noqa: E721
+                raise ContractError(f"run_with_lse() returned lse that is not a plain ({b}, {h}, {n}) tensor on "
+                                    f"{q.device}")
+            for name, t in (("q", q), ("k", k), ("v", v)):
+                if _overlaps(lse, t):
+                    raise ContractError(f"run_with_lse() returned {name} or a view of it as lse")
+        else:
+            out = fn(q, k, v, causal=args["causal"], scale=args["scale"])
         if type(out) is not torch.Tensor:  # noqa: E721 - subclasses (lazy tensors) are refused on purpose
             raise ContractError(f"run() returned {type(out).__module__}.{type(out).__qualname__}, "
                                 "not a plain torch.Tensor (no subclasses, no lazy results)")
@@ -138,6 +238,10 @@ class Attention(OpSpec):
         for name, t in (("q", q), ("k", k), ("v", v)):
             if _overlaps(out, t):
                 raise ContractError(f"run() returned {name} or a view of it; return a new tensor")
+        if lse is not None:
+            if _overlaps(lse, out):
+                raise ContractError("run_with_lse() returned lse overlapping out")
+            return {"out": out, "lse": lse}
         return {"out": out}
 
     def baselines(self, device: str = "cpu") -> dict[str, Callable[..., Any]]:
@@ -165,6 +269,7 @@ class Attention(OpSpec):
                     with sdpa_kernel(_b):
                         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
                 found[label] = pinned
+            found["torch_compile"] = _CompiledMath(torch_math)
         return found
 
     # -- work --------------------------------------------------------------------------------------------
@@ -176,6 +281,26 @@ class Attention(OpSpec):
     def bytes_moved(self, case: Case) -> float:
         b, h, n, d = (case.dims[x] for x in "BHND")
         return 4.0 * b * h * n * d * DTYPES[case.dtype].itemsize
+
+
+class _CompiledMath:
+    """``torch.compile`` of the explicit math version, one compiled graph per shape and dtype (no dynamic
+    shapes). The first call at a shape compiles: the evaluator's warm-up calls keep that out of the timings.
+    Compile threads are kept at 1 so no helper thread or process outlives a call."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.compiled: Callable[..., Any] | None = None
+
+    def __call__(self, q, k, v, causal=True, scale=None):
+        if self.compiled is None:
+            import torch._dynamo
+            import torch._inductor.config as inductor_config
+
+            inductor_config.compile_threads = 1
+            torch._dynamo.config.cache_size_limit = 256  # every shape of a benchmark keeps its own graph
+            self.compiled = torch.compile(self.fn, dynamic=False, fullgraph=True)
+        return self.compiled(q, k, v, causal=causal, scale=scale)
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -106,12 +106,14 @@ def unflatten(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | list[to
 
 
 def compare_tensor(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance,
-                   delta_of: torch.Tensor | None = None) -> str:
+                   delta_of: torch.Tensor | None = None, norm_floor: float = 0.0) -> str:
     """Compare one output with its fp64 reference. Returns '' when it passes, else a one-line reason.
 
     With ``delta_of`` (the value before an in-place update), the relative parts of the tolerance apply
     to the *change* (expected - delta_of), so an update computed in lower precision cannot hide behind
     a large unchanged value; a few ulps of the stored value are always allowed.
+    ``norm_floor``: the norm test is relative to at least this (an output that is exactly 0 in exact
+    arithmetic, e.g. a gradient through a constant softmax, is judged against its natural size).
     """
     if tuple(actual.shape) != tuple(expected.shape):
         return f"{name}: shape {tuple(actual.shape)} but expected {tuple(expected.shape)}"
@@ -145,6 +147,7 @@ def compare_tensor(name: str, actual: torch.Tensor, expected: torch.Tensor, tol:
         ai, ei = float(a[idx]), float(e[idx])
         return (f"{name}: {n} of {a.numel()} element(s) outside tolerance; first at {idx}: got {ai:.6g}, "
                 f"expected {ei:.6g} (atol {tol.atol:g}, rtol {tol.rtol:g})")
+    ref_norm = max(ref_norm, norm_floor)
     if ref_norm > 0:
         rel = float(torch.linalg.vector_norm(norm_err)) / ref_norm
         if rel > tol.norm_rtol:

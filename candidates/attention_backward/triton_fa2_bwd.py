@@ -1,0 +1,269 @@
+"""Triton FlashAttention-2 backward: delta preprocess, a dK/dV kernel over query blocks, a dQ kernel over key blocks.
+
+Given q, k, v, o, dO (B, H, N, D) and lse (B, H, N, fp32, natural log) from the forward:
+
+    1. delta = rowsum(dO ∘ O)                                   (B, H, N) fp32, one pass over o and dO
+    2. per key block (BLOCK_N1 keys), over the query blocks that can see it (causal: from the diagonal on):
+           sᵀ  = k qᵀ                      (BLOCK_N1, BLOCK_M1) fp32
+           pᵀ  = exp2(sᵀ·scale·log2e - lse·log2e)               the forward's probabilities, recomputed
+           dV += pᵀ dO;   dpᵀ = v dOᵀ;   dsᵀ = pᵀ ∘ (dpᵀ - delta);   dK += dsᵀ q
+       dK *= scale
+    3. per query block (BLOCK_M2 rows), over the key blocks it sees (causal: up to its diagonal):
+           p = exp2(s·scale·log2e - lse·log2e);  dp = dO vᵀ;  ds = p ∘ (dp - delta);  dQ += ds k
+       dQ *= scale
+
+No atomics: dK/dV and dQ each have one owner program. p and ds are rounded to the input dtype for the
+tensor-core dots (fp32 accumulate), as every fused backward does; fp32 inputs use input_precision="ieee".
+Masks only where a score can be masked: the causal diagonal blocks and the N tail are a masked stage of
+their own, the rest of each loop runs without masks (as in triton_fa2.py). Causal grids start with the
+heaviest blocks (dK/dV: the first key blocks; dQ: the last query blocks).
+
+Work: 10·B·H·N²·D FLOPs (half causal) + the recomputation of s: 12·B·H·N²·D counted over both kernels'
+dots (s is computed twice, once in each). HBM: q, k, v, o, do, lse read, dq, dk, dv written, plus the
+re-reads of q/do (dK/dV kernel) and k/v (dQ kernel) per block, mostly from L2.
+Runs on CUDA and under the Triton CPU interpreter (TRITON_INTERPRET=1; fp32/fp16 there).
+
+Template knobs (KERNELTUNE["space"]): BLOCK_M1/BLOCK_N1 (query/key block of the dK/dV kernel), BLOCK_M2/BLOCK_N2
+(of the dQ kernel), num_warps, num_stages (both kernels). Restrictions keep the fp32 tiles in registers:
+BLOCK_M1·BLOCK_N1 <= 2048·num_warps and BLOCK_M2·BLOCK_N2 <= 2048·num_warps. At run time blocks are clamped to
+the padded N and, for D > 128 or fp32 at D = 128, to 64; an OutOfResources retries with fewer stages, then
+smaller blocks.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+KERNELTUNE = {
+    "op": "attention_backward",
+    "backend": "triton",
+    "params": {"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32, "num_warps": 8, "num_stages": 3},
+    "space": {
+        "BLOCK_M1": [16, 32, 64],
+        "BLOCK_N1": [64, 128],
+        "BLOCK_M2": [64, 128],
+        "BLOCK_N2": [16, 32, 64],
+        "num_warps": [4, 8],
+        "num_stages": [1, 2, 3, 4, 5],
+    },
+    "restrictions": [
+        "BLOCK_M1 * BLOCK_N1 <= 2048 * num_warps",
+        "BLOCK_M2 * BLOCK_N2 <= 2048 * num_warps",
+    ],
+}
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _bwd_delta(O, DO, Delta, N, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    # delta[bh, i] = sum_d o[bh, i, d] * do[bh, i, d] in fp32; reads o and do once
+    bh = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < N) & (offs_d[None, :] < D)
+    off = bh * N * D + rows[:, None] * D + offs_d[None, :]
+    o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + bh * N + rows, tl.sum(o * do, 1), mask=rows < N)
+
+
+@triton.jit
+def _dkdv_stage(dk, dv, k, v, Q, DO, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D, qk_scale,
+                lo, hi, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                EVEN_D: tl.constexpr, PREC: tl.constexpr):
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0                                    # (BLOCK_M,) query rows
+        q_off = off_bh + offs_m[:, None] * D + offs_d[None, :]
+        if MASKED:
+            row_ok = offs_m < N
+            qm = row_ok[:, None] & (offs_d[None, :] < D)
+            q = tl.load(Q + q_off, mask=qm, other=0.0)
+            do = tl.load(DO + q_off, mask=qm, other=0.0)
+            lse2 = tl.load(Lse + off_row + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(Delta + off_row + offs_m, mask=row_ok, other=0.0)
+        else:
+            if EVEN_D:
+                q = tl.load(Q + q_off)
+                do = tl.load(DO + q_off)
+            else:
+                q = tl.load(Q + q_off, mask=offs_d[None, :] < D, other=0.0)
+                do = tl.load(DO + q_off, mask=offs_d[None, :] < D, other=0.0)
+            lse2 = tl.load(Lse + off_row + offs_m) * 1.4426950408889634
+            delta = tl.load(Delta + off_row + offs_m)
+        st = tl.dot(k, tl.trans(q), input_precision=PREC, out_dtype=tl.float32)      # (BLOCK_N, BLOCK_M)
+        pt = tl.math.exp2(st * qk_scale - lse2[None, :])
+        if MASKED:
+            valid = offs_m[None, :] < N
+            if CAUSAL:
+                valid = valid & (offs_m[None, :] >= offs_n[:, None])
+            pt = tl.where(valid, pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC, out_dtype=tl.float32)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC, out_dtype=tl.float32)    # (BLOCK_N, BLOCK_M)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PREC, out_dtype=tl.float32)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, N, D, qk_scale, scale,
+              CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    start_n = tl.program_id(1) * BLOCK_N                              # first key blocks: heaviest causal work
+    off_bh = bh * N * D
+    off_row = bh * N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    kv_off = off_bh + offs_n[:, None] * D + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    n_full = N // BLOCK_M * BLOCK_M                                   # query blocks with no row past N
+    if CAUSAL:
+        lo = start_n // BLOCK_M * BLOCK_M                             # first query block that sees a key here
+        diag_hi = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, n_full)
+        diag_hi = tl.maximum(diag_hi, lo)
+    else:
+        lo = 0
+        diag_hi = 0
+    # diagonal (masked), full blocks past it (no mask), the N tail (masked)
+    dk, dv = _dkdv_stage(dk, dv, k, v, Q, DO, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D, qk_scale,
+                         lo, diag_hi, BLOCK_M, True, CAUSAL, EVEN_D, PREC)
+    dk, dv = _dkdv_stage(dk, dv, k, v, Q, DO, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D, qk_scale,
+                         diag_hi, n_full, BLOCK_M, False, CAUSAL, EVEN_D, PREC)
+    dk, dv = _dkdv_stage(dk, dv, k, v, Q, DO, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D, qk_scale,
+                         tl.maximum(n_full, diag_hi), N, BLOCK_M, True, CAUSAL, EVEN_D, PREC)
+    tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_stage(dq, q, do, lse2, delta, K, V, off_bh, offs_m, offs_d, N, D, qk_scale,
+              lo, hi, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+              EVEN_D: tl.constexpr, PREC: tl.constexpr):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n0
+        kv_off = off_bh + cols[:, None] * D + offs_d[None, :]
+        if MASKED:
+            kvm = (cols[:, None] < N) & (offs_d[None, :] < D)
+            k = tl.load(K + kv_off, mask=kvm, other=0.0)
+            v = tl.load(V + kv_off, mask=kvm, other=0.0)
+        elif EVEN_D:
+            k = tl.load(K + kv_off)
+            v = tl.load(V + kv_off)
+        else:
+            k = tl.load(K + kv_off, mask=offs_d[None, :] < D, other=0.0)
+            v = tl.load(V + kv_off, mask=offs_d[None, :] < D, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=tl.float32)       # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        if MASKED:
+            valid = cols[None, :] < N
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= offs_m[:, None])
+            p = tl.where(valid, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=tl.float32)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC, out_dtype=tl.float32)
+    return dq
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, N, D, qk_scale, scale,
+            CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # last query blocks: heaviest causal work
+    off_bh = bh * N * D
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N
+    qm = row_ok[:, None] & (offs_d[None, :] < D)
+    q_off = off_bh + offs_m[:, None] * D + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=qm, other=0.0)
+    do = tl.load(DO + q_off, mask=qm, other=0.0)
+    lse2 = tl.load(Lse + bh * N + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + bh * N + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        lo = start_m // BLOCK_N * BLOCK_N                             # keys left of every row: no mask
+        hi = tl.minimum(start_m + BLOCK_M, N)
+    else:
+        lo = N // BLOCK_N * BLOCK_N
+        hi = N
+    dq = _dq_stage(dq, q, do, lse2, delta, K, V, off_bh, offs_m, offs_d, N, D, qk_scale,
+                   0, lo, BLOCK_N, False, CAUSAL, EVEN_D, PREC)
+    dq = _dq_stage(dq, q, do, lse2, delta, K, V, off_bh, offs_m, offs_d, N, D, qk_scale,
+                   lo, hi, BLOCK_N, True, CAUSAL, EVEN_D, PREC)
+    tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=qm)
+
+
+def _pow2_at_least(x, lo):
+    return max(lo, triton.next_power_of_2(int(x)))
+
+
+def _launch(kernel, grid, args, kw, blocks, num_warps, num_stages):
+    """Launch; on OutOfResources retry with fewer stages, then halved blocks (never below 16)."""
+    bm, bn = blocks
+    while True:
+        try:
+            kernel[grid(bm, bn)](*args, **kw, BLOCK_M=bm, BLOCK_N=bn,
+                                 num_warps=max(1, min(num_warps, max(bm, bn) // 16)), num_stages=num_stages)
+            return
+        except OutOfResources:
+            if num_stages > 1:
+                num_stages -= 1
+            elif max(bm, bn) > 16:
+                if bm >= bn:
+                    bm //= 2
+                else:
+                    bn //= 2
+            else:
+                raise
+
+
+def run(q, k, v, o, do, lse, causal=True, scale=None):
+    if q.dim() != 4 or any(t.shape != q.shape for t in (k, v, o, do)):
+        raise ValueError("q, k, v, o, do must all be (B, H, N, D) with one shape")
+    if any(t.dtype != q.dtype for t in (k, v, o, do)) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError("q, k, v, o, do must share one dtype: float32, float16 or bfloat16")
+    B, H, N, D = q.shape
+    if lse.shape != (B, H, N):
+        raise ValueError("lse must be (B, H, N)")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    q, k, v, o, do = (t.contiguous() for t in (q, k, v, o, do))
+    lse = lse.contiguous().to(torch.float32)
+    dq, dk, dv = (torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
+    if q.numel() == 0:
+        return dq, dk, dv
+
+    p = KERNELTUNE["params"]
+    BLOCK_D = _pow2_at_least(D, 16)
+    n_pow2 = _pow2_at_least(N, 16)
+    bm1, bn1 = min(int(p["BLOCK_M1"]), n_pow2), min(int(p["BLOCK_N1"]), n_pow2)
+    bm2, bn2 = min(int(p["BLOCK_M2"]), n_pow2), min(int(p["BLOCK_N2"]), n_pow2)
+    num_warps, num_stages = int(p["num_warps"]), int(p["num_stages"])
+    if BLOCK_D >= 256 or (q.dtype == torch.float32 and BLOCK_D >= 128):
+        bm1, bn1, bm2, bn2 = min(bm1, 32), min(bn1, 64), min(bm2, 64), min(bn2, 32)
+        num_stages = min(num_stages, 2)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"           # "tf32" is ignored for fp16/bf16 operands
+    even_d = D == BLOCK_D
+
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    _bwd_delta[(B * H, triton.cdiv(N, 64))](o, do, delta, N, D, BLOCK=64, BLOCK_D=BLOCK_D)
+    common = dict(CAUSAL=bool(causal), EVEN_D=even_d, BLOCK_D=BLOCK_D, PREC=prec)
+    qk_scale = float(scale) * LOG2E
+    _launch(_bwd_dkdv, lambda bm, bn: (B * H, triton.cdiv(N, bn)),
+            (q, k, v, do, lse, delta, dk, dv, N, D, qk_scale, float(scale)), common, (bm1, bn1),
+            num_warps, num_stages)
+    _launch(_bwd_dq, lambda bm, bn: (B * H, triton.cdiv(N, bm)),
+            (q, k, v, do, lse, delta, dq, N, D, qk_scale, float(scale)), common, (bm2, bn2),
+            num_warps, num_stages)
+    return dq, dk, dv

@@ -1,0 +1,310 @@
+"""attention_backward: dq, dk, dv of o = softmax(q kᵀ · scale [+ causal mask]) v, given dO and the forward's row statistics.
+
+Contract: ``run(q, k, v, o, do, lse, causal=True, scale=None) -> (dq, dk, dv)``; q, k, v, o, do: (B, H, N, D),
+contiguous, one dtype (fp32, fp16, bf16), 1 <= D <= 256; lse: fp32 (B, H, N), the natural-log logsumexp of
+the scaled, masked scores of each row (what attention's ``run_with_lse`` returns); o the forward output in
+the input dtype. Returns three new (B, H, N, D) tensors of the input dtype; inputs are not modified.
+
+    P  = exp(q kᵀ·scale [masked] - lse)          (B, H, N, N)
+    dV = Pᵀ dO;   dP = dO Vᵀ;   Δ = rowsum(dO ∘ O);   dS = P ∘ (dP - Δ)
+    dQ = scale · dS K;   dK = scale · dSᵀ Q
+
+The reference is the exact gradient in fp64 at (q, k, v, dO): its own P, O and Δ from q, k, v (never the
+rounded o and fp32 lse the candidate is given); large problems go head by head in row blocks, on the
+parent's GPU when it has one (see attention.attention_fp64).
+
+Work: FLOPs = 10·B·H·N²·D (five N×N×D matmuls, 2.5× the forward), halved when causal.
+Bytes (the floor): read q, k, v, o, do and write dq, dk, dv once (8·B·H·N·D·itemsize) + lse (4·B·H·N).
+
+Baselines (timed without their forward): ``sdpa`` is the backward of torch's default SDPA backend, i.e.
+``torch.autograd.grad`` through a graph whose forward ran once per input values, outside the timed calls
+(the backend's own saved output and logsumexp, as in training); the pinned flash, cuDNN and efficient
+backends and ``torch_math`` the same way; ``sdpa_fwd_bwd`` includes the forward (labelled secondary).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from kerneltune.ops.attention import (
+    SPEC as _ATTENTION,
+)
+from kerneltune.ops.attention import (
+    _REF_BYTES,
+    ContractError,
+    _overlaps,
+    _reference_device,
+    attention_fp64,
+)
+from kerneltune.ops.base import DTYPES, Case, Inputs, OpSpec, Tolerance, compare_tensor, dtype_name, rel_seed
+
+# Relative to the RMS of each gradient: a gradient has elements near 0 that a plain rtol cannot judge.
+# fp32: fp32 accuracy (tf32 ≈ 1e-3 fails the norm test); fp16/bf16: P and dS rounded for the tensor cores
+# as every fused backward does, accumulated in fp32; the element-wise atol admits the outliers of a plain
+# half-precision autograd backward (dP rounded before dP - Δ cancels), the norm test stays tight.
+_TOL = {
+    "float32": Tolerance(atol=1e-4, rtol=1e-3, norm_rtol=1e-4),
+    "float16": Tolerance(atol=3e-2, rtol=2e-2, norm_rtol=5e-3),
+    "bfloat16": Tolerance(atol=2e-1, rtol=1e-1, norm_rtol=4e-2),
+}
+
+
+def _case(b: int, h: int, n: int, d: int, dtype: str, causal: bool) -> Case:
+    tag = "causal" if causal else "full"
+    return Case(name=f"B{b} H{h} N{n} D{d} {tag} {dtype}", dims={"B": b, "H": h, "N": n, "D": d},
+                dtype=dtype, args={"causal": causal})
+
+
+def attention_bwd_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, causal: bool,
+                       scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in fp64 on the CPU, the exact gradient at (q, k, v) for upstream gradient do."""
+    b, h, n, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if b * h * n * n * 8 <= _REF_BYTES:
+        q64, k64, v64, do64 = (x.to(torch.float64) for x in (q, k, v, do))
+        s = (q64 @ k64.transpose(-1, -2)) * scale  # (B, H, N, N)
+        if causal:
+            s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        o = p @ v64
+        dv = p.transpose(-1, -2) @ do64
+        dp = do64 @ v64.transpose(-1, -2)
+        ds = p * (dp - (do64 * o).sum(-1, keepdim=True))
+        return (ds @ k64) * scale, (ds.transpose(-1, -2) @ q64) * scale, dv
+    dev = _reference_device(float(b) * h * n * n * d)
+    dq = torch.empty(b, h, n, d, dtype=torch.float64)
+    dk = torch.empty(b, h, n, d, dtype=torch.float64)
+    dv = torch.empty(b, h, n, d, dtype=torch.float64)
+    rows = max(1, min(n, _REF_BYTES // (8 * n)))
+    for bi in range(b):
+        for hi in range(h):
+            qh, kh, vh, doh = (x[bi, hi].to(dev).to(torch.float64) for x in (q, k, v, do))  # (N, D)
+            dkh = torch.zeros_like(kh)
+            dvh = torch.zeros_like(vh)
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                kend = r1 if causal else n
+                s = (qh[r0:r1] @ kh[:kend].T) * scale  # (R, kend)
+                if causal:
+                    i = torch.arange(r0, r1, device=dev)[:, None]
+                    s = s.masked_fill(torch.arange(kend, device=dev)[None, :] > i, float("-inf"))
+                p = torch.softmax(s, dim=-1)
+                o = p @ vh[:kend]  # (R, D)
+                dvh[:kend] += p.T @ doh[r0:r1]
+                dp = doh[r0:r1] @ vh[:kend].T
+                ds = p * (dp - (doh[r0:r1] * o).sum(-1, keepdim=True))
+                dq[bi, hi, r0:r1] = ((ds @ kh[:kend]) * scale).cpu()
+                dkh[:kend] += (ds.T @ qh[r0:r1]) * scale
+            dk[bi, hi] = dkh.cpu()
+            dv[bi, hi] = dvh.cpu()
+    return dq, dk, dv
+
+
+class AttentionBackward(OpSpec):
+    name = "attention_backward"
+    signature = "run(q, k, v, o, do, lse, causal=True, scale=None) -> (dq, dk, dv)"
+    summary = "attention backward: dq, dk, dv from q, k, v, o, dO and the forward's fp32 logsumexp per row"
+    forbidden_source = _ATTENTION.forbidden_source + ("_attention_backward", "_efficient_attention",
+                                                      "_flash_attention")
+    forbidden_attrs = _ATTENTION.forbidden_attrs
+    forbidden_aten = _ATTENTION.forbidden_aten + (
+        "_scaled_dot_product_flash_attention_backward",
+        "_scaled_dot_product_flash_attention_for_cpu_backward",
+        "_scaled_dot_product_efficient_attention_backward",
+        "_scaled_dot_product_cudnn_attention_backward",
+        "_scaled_dot_product_fused_attention_overrideable_backward",
+        "_flash_attention_backward",
+        "_flash_attention_forward",
+        "_efficient_attention_backward",
+        "_efficient_attention_forward",
+    )
+    outputs = ("dq", "dk", "dv")
+    unchanged = ("q", "k", "v", "o", "do", "lse")
+    primary_baseline = "sdpa"
+
+    # -- cases -----------------------------------------------------------------------------------------
+    def smoke_case(self) -> Case:
+        return _case(1, 2, 16, 32, "float32", True)
+
+    def check_cases(self, device: str) -> list[Case]:
+        shapes = [  # awkward on purpose: N=1, N and D off every block size, odd head counts
+            (1, 1, 1, 64, True), (2, 3, 17, 48, False), (1, 2, 127, 80, True), (1, 1, 33, 128, False),
+            (3, 1, 64, 16, True), (1, 1, 1, 8, False),
+        ]
+        cases = [_case(*s[:4], "float32", s[4]) for s in shapes]
+        for dtype in ("float16", "bfloat16"):
+            cases += [_case(*s[:4], dtype, s[4]) for s in shapes[1:3]]
+        return cases
+
+    def timed_cases(self, device: str) -> list[Case]:
+        if device == "cuda":
+            return [_case(4, 16, 4096, 128, "bfloat16", True), _case(8, 32, 2048, 64, "bfloat16", False)]
+        return [_case(2, 4, 256, 64, "float32", True)]
+
+    def parse_case(self, text: str, dtype: str) -> Case:
+        """'B,H,N,D' or 'B,H,N,D,causal|full', as attention."""
+        c = _ATTENTION.parse_case(text, dtype)
+        return _case(*(c.dims[x] for x in "BHND"), c.dtype, c.args["causal"])
+
+    # -- data --------------------------------------------------------------------------------------------
+    def make_inputs(self, case: Case, seed: int) -> Inputs:
+        g = torch.Generator().manual_seed(rel_seed("attention_backward", case.name, seed))
+        b, h, n, d = (case.dims[x] for x in "BHND")
+        dt = DTYPES[case.dtype]
+        gain = (1.0, 1.0, 2.5)[seed % 3]  # sharper softmax on some seeds
+        q = (torch.randn(b, h, n, d, generator=g) * gain).to(dt)  # (B, H, N, D)
+        k = torch.randn(b, h, n, d, generator=g).to(dt)
+        v = torch.randn(b, h, n, d, generator=g).to(dt)
+        do = torch.randn(b, h, n, d, generator=g).to(dt)
+        scale = None if seed % 2 == 0 else float(0.05 + 0.45 * torch.rand((), generator=g))
+        return self._with_forward({"q": q, "k": k, "v": v, "do": do}, bool(case.args["causal"]), scale)
+
+    @staticmethod
+    def _with_forward(t: dict[str, torch.Tensor], causal: bool, scale: float | None) -> Inputs:
+        """The inputs plus o (rounded to the dtype) and lse (fp32) of the forward at q, k, v."""
+        o, lse = attention_fp64(t["q"], t["k"], t["v"], causal, scale)
+        tensors = {"q": t["q"], "k": t["k"], "v": t["v"], "o": o.to(t["q"].dtype), "do": t["do"],
+                   "lse": lse.to(torch.float32)}
+        return Inputs(tensors=tensors, args={"causal": causal, "scale": scale})
+
+    def perturb(self, inputs: Inputs, seed: int) -> Inputs:
+        """~1% of q, k, v, do changed; o and lse recomputed so the inputs stay one consistent forward."""
+        base = Inputs({k: inputs.tensors[k] for k in ("q", "k", "v", "do")}, dict(inputs.args))
+        moved = super().perturb(base, seed)
+        return self._with_forward(moved.tensors, inputs.args["causal"], inputs.args["scale"])
+
+    def reference(self, inputs: Inputs) -> dict[str, Any]:
+        t = inputs.tensors
+        dq, dk, dv = attention_bwd_fp64(t["q"], t["k"], t["v"], t["do"], inputs.args["causal"], inputs.args["scale"])
+        return {"dq": dq, "dk": dk, "dv": dv}
+
+    def tolerance(self, dtype: str) -> Tolerance:
+        return _TOL[dtype]
+
+    def compare(self, inputs: Inputs, expected: dict[str, Any], actual: dict[str, Any]) -> str:
+        t = inputs.tensors
+        want_dtype = t["q"].dtype
+        tol = self.tolerance(dtype_name(str(want_dtype)[6:]))
+        # the natural size of each gradient, a floor under its RMS where the gradient is (nearly) exactly 0,
+        # e.g. N = 1: one key, a constant softmax, dq = dk = 0 up to rounding
+        d = t["q"].shape[-1]
+        scale = inputs.args["scale"] if inputs.args["scale"] is not None else 1.0 / math.sqrt(d)
+        rms_in = {n: _rms(t[n]) for n in ("q", "k", "v", "do")}
+        natural = {"dq": scale * math.sqrt(d) * rms_in["do"] * rms_in["v"] * rms_in["k"],
+                   "dk": scale * math.sqrt(d) * rms_in["do"] * rms_in["v"] * rms_in["q"],
+                   "dv": rms_in["do"]}
+        for name in self.outputs:
+            a, e = actual[name], expected[name]
+            if a.dtype != want_dtype:
+                return f"{name}: dtype {a.dtype} but the inputs are {want_dtype} (return the input dtype)"
+            floor = 1e-2 * natural[name]
+            size = max(_rms(e), floor)
+            why = compare_tensor(name, a, e, Tolerance(tol.atol * size, tol.rtol, tol.norm_rtol),
+                                 norm_floor=floor * math.sqrt(e.numel()))
+            if why:
+                return why
+        return ""
+
+    # -- worker side -------------------------------------------------------------------------------------
+    def invoke(self, fn: Callable[..., Any], tensors: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        q = tensors["q"]
+        res = fn(q, tensors["k"], tensors["v"], tensors["o"], tensors["do"], tensors["lse"],
+                 causal=args["causal"], scale=args["scale"])
+        if type(res) not in (tuple, list) or len(res) != 3:
+            raise ContractError(f"run() returned {type(res).__qualname__}; the contract is a tuple (dq, dk, dv)")
+        out = dict(zip(self.outputs, res))
+        for name, t in out.items():
+            if type(t) is not torch.Tensor:  # noqa: E721 - subclasses (lazy tensors) are refused on purpose
+                raise ContractError(f"run() returned {name} as {type(t).__module__}.{type(t).__qualname__}, "
+                                    "not a plain torch.Tensor")
+            if t.shape != q.shape or t.device != q.device:
+                raise ContractError(f"run() returned {name} of shape {tuple(t.shape)} on {t.device}; the contract "
+                                    f"is {tuple(q.shape)} on {q.device}")
+            for src in self.unchanged:
+                if _overlaps(t, tensors[src]):
+                    raise ContractError(f"run() returned {src} or a view of it as {name}; return new tensors")
+        names = list(out)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                if _overlaps(out[a], out[b]):
+                    raise ContractError(f"run() returned {a} and {b} sharing memory")
+        return out
+
+    def baselines(self, device: str = "cpu") -> dict[str, Callable[..., Any]]:
+        import torch.nn.functional as F
+
+        def sdpa(q, k, v, causal=True, scale=None):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+        def torch_math(q, k, v, causal=True, scale=None):
+            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+            s = (q @ k.transpose(-1, -2)).float() * scale  # (B, H, N, N), fp32 softmax
+            if causal:
+                n = q.shape[-2]
+                s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+            return torch.softmax(s, dim=-1).to(q.dtype) @ v
+
+        found: dict[str, Callable[..., Any]] = {"sdpa": _Backward(sdpa), "torch_math": _Backward(torch_math),
+                                                "sdpa_fwd_bwd": _Backward(sdpa, with_forward=True)}
+        if device == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            for label, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                                   ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+                                   ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
+                def pinned(q, k, v, causal=True, scale=None, _b=backend):
+                    with sdpa_kernel(_b):
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+                found[label] = _Backward(pinned)
+        return found
+
+    # -- work --------------------------------------------------------------------------------------------
+    def flops(self, case: Case) -> float:
+        b, h, n, d = (case.dims[x] for x in "BHND")
+        f = 10.0 * b * h * n * n * d
+        return f / 2 if case.args.get("causal") else f
+
+    def bytes_moved(self, case: Case) -> float:
+        b, h, n, d = (case.dims[x] for x in "BHND")
+        return 8.0 * b * h * n * d * DTYPES[case.dtype].itemsize + 4.0 * b * h * n
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.to(torch.float64).pow(2).mean().sqrt()) if t.numel() else 0.0
+
+
+class _Backward:
+    """The backward of an attention forward ``fwd(q, k, v, causal, scale)``, timed without its forward.
+
+    The forward runs with autograd once per input values (keyed on the buffers and their version counters,
+    which change when new values are copied in) and keeps its graph; each call is one ``torch.autograd.grad``
+    over that graph with ``do``: the backend's own backward kernels on its own saved output and logsumexp,
+    plus the autograd engine's few microseconds per call. ``with_forward``: the forward is run (and timed)
+    on every call. o and lse of the op's inputs are not used: the backend saved its own.
+    """
+
+    def __init__(self, fwd: Callable[..., Any], with_forward: bool = False) -> None:
+        self.fwd = fwd
+        self.with_forward = with_forward
+        self._key: tuple[Any, ...] | None = None
+        self._graph: tuple[torch.Tensor, ...] | None = None
+
+    def __call__(self, q, k, v, o, do, lse, causal=True, scale=None):
+        key = tuple((t.data_ptr(), t._version) for t in (q, k, v)) + (causal, scale)
+        with torch.enable_grad():
+            if self.with_forward or key != self._key or self._graph is None:
+                self._graph = None  # free the previous graph first
+                leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+                out = self.fwd(*leaves, causal=causal, scale=scale)
+                self._key, self._graph = key, (out, *leaves)
+            out, ql, kl, vl = self._graph
+            grads = torch.autograd.grad(out, (ql, kl, vl), do, retain_graph=not self.with_forward)
+        if self.with_forward:
+            self._graph = None
+        return grads
+
+
+SPEC = AttentionBackward()

@@ -1,0 +1,145 @@
+"""The Triton FA2 forward (with lse) and backward templates against the fp64 references, through the Triton
+CPU interpreter (correctness only), over awkward shapes (N = 1, N and D off every block size, odd heads) in
+fp32 and fp16, at two knob points each; and the op specs' own contracts (lse checks, chunked references)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kerneltune.ops.attention as attn_mod
+import kerneltune.ops.attention_backward as bwd_mod
+from kerneltune.ops import get_op
+from kerneltune.ops.base import Case
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = [(1, 1, 1, 64, True), (2, 3, 17, 48, False), (1, 2, 127, 80, True), (1, 1, 33, 128, False),
+          (3, 1, 64, 16, True), (1, 1, 1, 8, False)]
+
+
+def _load(rel: str):
+    spec = importlib.util.spec_from_file_location(f"kt_test_{os.path.basename(rel)[:-3]}", os.path.join(ROOT, rel))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _in_interpreter(fn_name: str, *args) -> None:
+    """Run ``fn_name(*args)`` of this module in a fresh process with TRITON_INTERPRET=1: the interpreter is
+    chosen when triton is imported, and this test process may have imported it already."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); from tests.test_attention_kernels import {fn_name}; "
+            f"{fn_name}(*{args!r})")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+def _case(b, h, n, d, causal, dtype, **extra):
+    return Case(name=f"t {b} {h} {n} {d} {causal} {dtype}", dims={"B": b, "H": h, "N": n, "D": d}, dtype=dtype,
+                args={"causal": causal, **extra})
+
+
+FWD_POINTS = [{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+              {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}]
+BWD_POINTS = [{"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32, "num_warps": 8, "num_stages": 3},
+              {"BLOCK_M1": 16, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 16, "num_warps": 4, "num_stages": 2}]
+
+
+def check_forward(dtype: str, point: int) -> None:
+    fa2 = _load("candidates/attention/triton_fa2.py")
+    spec = get_op("attention")
+    fa2.KERNELTUNE["params"] = FWD_POINTS[point]
+    for i, shape in enumerate(SHAPES):
+        inputs = spec.make_inputs(_case(*shape, dtype, lse=True), 1 + i)
+        expected = spec.reference(inputs)
+        q, k, v = (inputs.tensors[x] for x in "qkv")
+        out, lse = fa2.run_with_lse(q, k, v, causal=inputs.args["causal"], scale=inputs.args["scale"])
+        why = spec.compare(inputs, expected, {"out": out, "lse": lse})
+        assert why == "", (shape, why)
+        plain = fa2.run(q, k, v, causal=inputs.args["causal"], scale=inputs.args["scale"])
+        assert torch.equal(plain, out), shape
+
+
+def check_backward(dtype: str, point: int) -> None:
+    bwd = _load("candidates/attention_backward/triton_fa2_bwd.py")
+    spec = get_op("attention_backward")
+    bwd.KERNELTUNE["params"] = BWD_POINTS[point]
+    for i, shape in enumerate(SHAPES):
+        inputs = spec.make_inputs(_case(*shape, dtype), 1 + i)
+        t = inputs.tensors
+        dq, dk, dv = bwd.run(t["q"], t["k"], t["v"], t["o"], t["do"], t["lse"], **inputs.args)
+        why = spec.compare(inputs, spec.reference(inputs), {"dq": dq, "dk": dk, "dv": dv})
+        assert why == "", (shape, why)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("point", [0, 1])
+def test_fa2_forward_and_lse_match_fp64(dtype, point):
+    _in_interpreter("check_forward", dtype, point)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("point", [0, 1])
+def test_fa2_backward_matches_fp64(dtype, point):
+    _in_interpreter("check_backward", dtype, point)
+
+
+def test_backward_reference_is_autograd_and_chunking_changes_nothing(monkeypatch):
+    torch.manual_seed(0)
+    for causal in (True, False):
+        q, k, v, do = (torch.randn(2, 3, 37, 16, dtype=torch.float64) for _ in range(4))
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o = torch.softmax((leaves[0] @ leaves[1].transpose(-1, -2) * 0.3).masked_fill(
+            torch.ones(37, 37, dtype=torch.bool).triu(1) if causal else torch.zeros(37, 37, dtype=torch.bool),
+            float("-inf")), -1) @ leaves[2]
+        want = torch.autograd.grad(o, leaves, do)
+        whole = bwd_mod.attention_bwd_fp64(q, k, v, do, causal, 0.3)
+        out_whole, lse_whole = attn_mod.attention_fp64(q, k, v, causal, 0.3)
+        monkeypatch.setattr(bwd_mod, "_REF_BYTES", 8 * 37 * 5)  # 5 rows per block, head by head
+        monkeypatch.setattr(attn_mod, "_REF_BYTES", 8 * 37 * 5)
+        chunked = bwd_mod.attention_bwd_fp64(q, k, v, do, causal, 0.3)
+        out_chunked, lse_chunked = attn_mod.attention_fp64(q, k, v, causal, 0.3)
+        monkeypatch.undo()
+        for a, b, c in zip(want, whole, chunked):
+            assert torch.allclose(a, b, atol=1e-12) and torch.allclose(b, c, atol=1e-12)
+        assert torch.allclose(o, out_whole, atol=1e-12) and torch.allclose(out_whole, out_chunked, atol=1e-12)
+        assert torch.allclose(lse_whole, lse_chunked, atol=1e-12)
+
+
+def test_lse_is_checked_and_a_wrong_lse_fails():
+    spec = get_op("attention")
+    lse_cases = [c for c in spec.check_cases("cpu") if c.args.get("lse")]
+    assert {c.dtype for c in lse_cases} == {"float32", "float16", "bfloat16"}
+    inputs = spec.make_inputs(lse_cases[1], 1)
+    expected = spec.reference(inputs)
+    assert spec.compare(inputs, expected, {"out": expected["out"].float(), "lse": expected["lse"].float()}) == ""
+    wrong = expected["lse"].float() / 0.6931471805599453  # log2 instead of ln
+    assert "lse" in spec.compare(inputs, expected, {"out": expected["out"].float(), "lse": wrong})
+    assert "dtype" in spec.compare(inputs, expected, {"out": expected["out"].float(), "lse": expected["lse"]})
+
+
+def test_backward_tolerances_reject_tf32_like_error_and_perturb_stays_consistent():
+    spec = get_op("attention_backward")
+    inputs = spec.make_inputs(_case(1, 2, 64, 32, True, "float32"), 1)
+    expected = spec.reference(inputs)
+    good = {k: v.float() for k, v in expected.items()}
+    assert spec.compare(inputs, expected, good) == ""
+    noisy = {k: (v * (1 + 1e-3 * torch.randn_like(v))).float() for k, v in expected.items()}  # tf32-sized error
+    assert "outside tolerance" in spec.compare(inputs, expected, noisy)
+    moved = spec.perturb(inputs, 7)
+    o, lse = attn_mod.attention_fp64(moved.tensors["q"], moved.tensors["k"], moved.tensors["v"], True,
+                                     moved.args["scale"])
+    assert torch.equal(moved.tensors["lse"], lse.float()) and torch.equal(moved.tensors["o"], o.float())
+    assert not torch.equal(moved.tensors["q"], inputs.tensors["q"])
+
+
+def test_issue8_shapes_cover_the_issue():
+    shapes = attn_mod.issue8_shapes()
+    assert len(shapes) == 24 and len(set(shapes)) == 24
+    assert all(b * n == 16384 and h * d == 2048 for b, h, n, d, _ in shapes)
