@@ -58,14 +58,14 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _bwd_delta(O, DO, Delta, N, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_delta(Out, DO, Delta, N, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     # delta[bh, i] = sum_d o[bh, i, d] * do[bh, i, d] in fp32; reads o and do once
     bh = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < N) & (offs_d[None, :] < D)
     off = bh * N * D + rows[:, None] * D + offs_d[None, :]
-    o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(Out + off, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
     tl.store(Delta + bh * N + rows, tl.sum(o * do, 1), mask=rows < N)
 

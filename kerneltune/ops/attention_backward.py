@@ -29,16 +29,8 @@ from typing import Any, Callable
 
 import torch
 
-from kerneltune.ops.attention import (
-    SPEC as _ATTENTION,
-)
-from kerneltune.ops.attention import (
-    _REF_BYTES,
-    ContractError,
-    _overlaps,
-    _reference_device,
-    attention_fp64,
-)
+from kerneltune.ops.attention import _REF_BYTES, ContractError, _overlaps, _reference_device, attention_fp64
+from kerneltune.ops.attention import SPEC as _ATTENTION
 from kerneltune.ops.base import DTYPES, Case, Inputs, OpSpec, Tolerance, compare_tensor, dtype_name, rel_seed
 
 # Relative to the RMS of each gradient: a gradient has elements near 0 that a plain rtol cannot judge.
