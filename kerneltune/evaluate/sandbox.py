@@ -43,10 +43,12 @@ def landlock_abi() -> int:
     return max(int(r), 0)
 
 
-def apply_landlock(writable: list[str]) -> int:
+def apply_landlock(writable: list[str], max_abi: int | None = None) -> int:
     """Make the file system read-only except ``writable``; block TCP and outside signals where the ABI
-    allows. Returns the ABI used (0: not applied)."""
+    allows (``max_abi`` caps the features used). Returns the ABI used (0: not applied)."""
     abi = landlock_abi()
+    if max_abi is not None:
+        abi = min(abi, max_abi)
     if abi <= 0:
         return 0
     libc = _libc()
@@ -105,5 +107,5 @@ def apply(cfg: dict[str, Any]) -> dict[str, Any]:
     set_limits(cfg.get("memory_bytes"), cfg.get("file_bytes", 512 << 20), cfg.get("nproc"))
     abi = 0
     if cfg.get("landlock", True):
-        abi = apply_landlock([cfg["workdir"], "/dev"])
+        abi = apply_landlock([cfg["workdir"], "/dev", *cfg.get("writable", [])], cfg.get("landlock_max_abi"))
     return {"landlock_abi": abi, "memory_bytes": cfg.get("memory_bytes"), "nproc": cfg.get("nproc")}
