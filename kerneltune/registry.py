@@ -18,8 +18,9 @@ Lookup (``Registry.decide``), for an op called on a device with some dims and dt
 exact entry (same device key, op, dtype, args and shape bucket) -> same device, nearest bucket -> the
 reference. Only entries recorded for this device key, whose backend runs on this device kind, whose
 measured speedup is at least the minimum (1.0, or ``$KERNELTUNE_MIN_SPEEDUP``) and whose candidate file
-still hashes to the source that passed, are ever chosen. A user registry (``$KERNELTUNE_REGISTRY``)
-comes before the shipped one. A corrupt file warns once and counts as empty.
+still hashes to the source that passed, are ever chosen; a bucket whose own measurements are all below
+the minimum gets the reference (a faster bucket elsewhere is no evidence for it). A user registry
+(``$KERNELTUNE_REGISTRY``) comes before the shipped one. A corrupt file warns once and counts as empty.
 """
 
 from __future__ import annotations
@@ -233,20 +234,26 @@ def with_header(source: str, lines: Iterable[str]) -> str:
     return f"{HEADER_START}\n{body}{HEADER_END}\n{source}"
 
 
-def file_hash(text: str) -> str:
-    """The evaluator's hash of a candidate source (its KERNELTUNE params included)."""
-    from kerneltune.evaluate.static import literal, source_hash
+def file_meta(text: str) -> dict[str, Any]:
+    """The KERNELTUNE literal of a candidate source ({} when it has none that parses)."""
+    from kerneltune.evaluate.static import literal
 
-    params = None
     try:
         for node in ast.parse(text).body:
             if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "KERNELTUNE"
                                                     for t in node.targets):
                 meta = literal(node.value)
-                params = meta.get("params") if isinstance(meta, dict) else None
+                return meta if isinstance(meta, dict) else {}
     except (SyntaxError, ValueError):
         pass
-    return source_hash(text, params)
+    return {}
+
+
+def file_hash(text: str) -> str:
+    """The evaluator's hash of a candidate source (its KERNELTUNE params included)."""
+    from kerneltune.evaluate.static import source_hash
+
+    return source_hash(text, file_meta(text).get("params"))
 
 
 _FILE_CHECKS: dict[tuple[str, int, int], str] = {}
@@ -391,16 +398,20 @@ class Registry:
                                f"{floor:g} (${ENV_MIN_SPEEDUP})")
             else:
                 eligible.append(e)
+        want = bucket(op, dims)
+        if any(e.bucket == want for e in fits) and not any(e.bucket == want for e in eligible):
+            # measured at this very bucket and slower than the floor: a faster bucket elsewhere says nothing here
+            eligible = []
         rank = {id(e): i for i, e in enumerate(self.entries)}  # user registry before shipped
         target = norm_dims(op, dims)
-        ordered = sorted(eligible, key=lambda e: (e.bucket != bucket(op, dims), distance(op, e.dims, target),
+        ordered = sorted(eligible, key=lambda e: (e.bucket != want, distance(op, e.dims, target),
                                                   rank[id(e)], -e.speedup))
         for e in ordered:
             why = check_file(e) if check_files else ""
             if why:
                 problems.append(why)
                 continue
-            exact = e.bucket == bucket(op, dims)
+            exact = e.bucket == want
             reason = (f"{'exact' if exact else 'nearest bucket'}: {e.describe()}"
                       + ("" if exact else f" (asked for {asked})"))
             return Decision(e, "exact" if exact else "nearest", reason, warning="; ".join(problems) or None,

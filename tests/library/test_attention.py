@@ -1,0 +1,186 @@
+"""kerneltune.attention against torch SDPA and an fp64 reference: forward and gradients, awkward shapes, every
+dtype the CPU runs, a registry kernel forced to serve, and torch.compile without a graph break."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kerneltune
+from tests.library.conftest import kt_warnings
+
+# (B, H, N, D): N=1, odd head counts, N and D off every power of two, D=256 (the contract's limit)
+SHAPES = [(1, 1, 1, 8), (2, 3, 17, 48), (1, 5, 33, 80), (3, 1, 64, 16), (1, 2, 7, 256)]
+# (dtype, atol, rtol) against the fp64 reference, for forward outputs and for gradients
+TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (4e-3, 1e-2), torch.bfloat16: (3e-2, 5e-2)}
+
+
+def fp64_attention(q, k, v, causal, scale):
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s = (q @ k.transpose(-1, -2)) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if causal:
+        n = q.shape[-2]
+        s = s.masked_fill(torch.ones(n, k.shape[-2], dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, -1) @ v, (q, k, v)
+
+
+def inputs(shape, dtype, seed, gain=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=g) * (gain if i == 0 else 1.0)).to(dtype).requires_grad_()
+            for i in range(3)]
+
+
+def grads(out, tensors, g):
+    return torch.autograd.grad(out, tensors, g)
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_and_gradients_match_sdpa_and_fp64(shape, dtype):
+    atol, rtol = TOL[dtype]
+    for seed, (causal, scale) in enumerate([(True, None), (False, None), (True, 0.3)]):
+        q, k, v = inputs(shape, dtype, seed, gain=2.5 if seed == 2 else 1.0)
+        out = kerneltune.attention(q, k, v, causal=causal, scale=scale)
+        assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
+        want, leaves = fp64_attention(q, k, v, causal, scale)
+        sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        torch.testing.assert_close(out.double(), want, atol=atol, rtol=rtol)
+        torch.testing.assert_close(out, sdpa, atol=atol, rtol=rtol)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(99 + seed)).to(dtype)
+        ours = grads(out, (q, k, v), g)
+        exact = grads(want, leaves, g.double())
+        theirs = grads(sdpa, (q, k, v), g)
+        for name, a, e, t in zip("qkv", ours, exact, theirs):
+            assert a.dtype == dtype, name
+            # gradients: relative to the gradient's own scale (a gradient has elements near 0)
+            s = max(float(e.abs().max()), 1e-2)  # dq is exactly 0 at N=1
+            torch.testing.assert_close(a.double() / s, e / s, atol=atol, rtol=rtol, msg=f"d{name} vs fp64")
+            torch.testing.assert_close(a.double() / s, t.double() / s, atol=2 * atol, rtol=2 * rtol,
+                                       msg=f"d{name} vs SDPA")
+    assert kerneltune.served() == {"attention": {"reference": 3}, "attention_backward": {"reference": 3}}
+
+
+def test_fp64_and_non_contract_inputs_take_the_reference_exactly():
+    q, k, v = inputs((2, 3, 5, 12), torch.float64, 1)
+    kv = [t.detach()[:, :, :4].clone().requires_grad_() for t in (k, v)]  # cross-attention: Nk != Nq
+    for kk, vv in ((k, v), kv):
+        out = kerneltune.attention(q, kk, vv, causal=True)
+        ref = F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+        for a, b in zip(grads(out, (q, kk, vv), torch.ones_like(out)), grads(ref, (q, kk, vv), torch.ones_like(ref))):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_non_contiguous_inputs_and_inputs_unchanged():
+    base = torch.randn(2, 9, 3, 24)  # (B, N, H, D) viewed as (B, H, N, D): not contiguous
+    q, k, v = (base.transpose(1, 2) + i for i in range(3))
+    keep = [t.clone() for t in (q, k, v)]
+    out = kerneltune.attention(q, k, v, causal=False)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=2e-6, rtol=1e-5)
+    for t, c in zip((q, k, v), keep):
+        assert torch.equal(t, c)
+
+
+def test_a_registry_numba_kernel_serves_when_forced_and_matches(user_registry, monkeypatch):
+    user_registry([("attention/numba_cpu.py", dict(op="attention", dims={"B": 2, "H": 3, "N": 17, "D": 48},
+                                                   args={"causal": True}, speedup=0.4))])
+    q, k, v = inputs((2, 3, 17, 48), torch.float32, 5)
+    # recorded slower than torch: the reference serves by default
+    kerneltune.attention(q, k, v, causal=True)
+    assert kerneltune.served() == {"attention": {"reference": 1}}
+    monkeypatch.setenv("KERNELTUNE_MIN_SPEEDUP", "0")
+    monkeypatch.setenv("KERNELTUNE_VERIFY", "1")
+    kerneltune.reset_served()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for shape in [(2, 3, 17, 48), (1, 1, 1, 40)]:  # the exact bucket, then the nearest one
+            q, k, v = inputs(shape, torch.float32, 6)
+            out = kerneltune.attention(q, k, v, causal=True)
+            want, leaves = fp64_attention(q, k, v, True, None)
+            torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
+            g = torch.randn_like(out)
+            for a, e in zip(grads(out, (q, k, v), g), grads(want, leaves, g.double())):
+                torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=1e-4)
+        kerneltune.attention(q, k, v, causal=False)  # no entry for causal=False: the reference
+    assert kt_warnings(caught) == []
+    assert kerneltune.served() == {"attention": {"numba_cpu": 2, "reference": 1},
+                                   "attention_backward": {"reference": 2}}
+    kinds = {(d["bucket"], d["args"]): (d["kernel"], d["kind"]) for d in kerneltune.decisions() if d["op"] == "attention"}
+    assert ("numba_cpu", "exact") in kinds.values() and ("numba_cpu", "nearest") in kinds.values()
+    monkeypatch.setenv("KERNELTUNE_DISABLE", "1")
+    kerneltune.reset_served()
+    kerneltune.attention(q, k, v, causal=True)
+    assert kerneltune.served() == {"attention": {"reference": 1}}
+
+
+def test_a_kernel_that_disagrees_on_first_use_is_dropped_with_one_warning(user_registry, monkeypatch, tmp_path):
+    path = user_registry([("attention/numba_cpu.py", dict(op="attention", dims={"B": 1, "H": 2, "N": 9, "D": 16},
+                                                          args={"causal": True}))])
+    # a kernel that is wrong (its file hashes as registered: the registry trusts what passed; verification
+    # on first use is the net for what the registry cannot know)
+    import json
+    import os
+
+    doc = json.load(open(path))
+    cand = os.path.join(os.path.dirname(path), "candidates", doc["entries"][0]["candidate"])
+    src = open(cand).read().replace("o[d] = ai[d] * inv", "o[d] = ai[d] * inv * 1.01")
+    open(cand, "w").write(src)
+    from kerneltune import registry as reg
+
+    doc["entries"][0]["source_hash"] = reg.file_hash(src)
+    open(path, "w").write(json.dumps(doc))
+    monkeypatch.setenv("KERNELTUNE_VERIFY", "1")
+    from kerneltune.library import serve
+
+    serve.reload()
+    q, k, v = inputs((1, 2, 9, 16), torch.float32, 7)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            out = kerneltune.attention(q, k, v, causal=True)
+            torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    msgs = kt_warnings(caught)
+    assert len(msgs) == 1 and "disagreed with the reference" in msgs[0], msgs
+    assert kerneltune.served() == {"attention": {"reference": 3}}
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    """A module calling kerneltune.attention compiles whole (fullgraph=True fails on any graph break), runs
+    forward and backward, and still counts what served at run time."""
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = torch.nn.Linear(24, 72)
+
+        def forward(self, x):  # (B, T, C) -> (B, T, C)
+            b, t, c = x.shape
+            q, k, v = (z.view(b, t, 3, 8).transpose(1, 2) for z in self.qkv(x).split(24, dim=2))
+            return kerneltune.attention(q, k, v, causal=True).transpose(1, 2).reshape(b, t, c)
+
+    torch._dynamo.reset()
+    m = Block()
+    x = torch.randn(2, 11, 24, requires_grad=True)
+    compiled = torch.compile(m, fullgraph=True)
+    y = compiled(x)
+    ref = m(x)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    gy = torch.autograd.grad(y.sum(), x)[0]
+    gr = torch.autograd.grad(ref.sum(), x)[0]
+    torch.testing.assert_close(gy, gr, atol=1e-5, rtol=1e-5)
+    assert kerneltune.served()["attention"] == {"reference": 2}
+    assert kerneltune.served()["attention_backward"] == {"reference": 2}
+
+
+def test_custom_ops_pass_opcheck():
+    """torch's own consistency checks of the custom ops: schema, fake (meta) impl, autograd registration."""
+    q, k, v = inputs((1, 2, 5, 8), torch.float32, 3)
+    torch.library.opcheck(torch.ops.kerneltune.attention.default, (q, k, v, True, None))
+    g = torch.randn(1, 2, 5, 8)
+    o = kerneltune.attention(q, k, v).detach()
+    torch.library.opcheck(torch.ops.kerneltune.attention_backward.default,
+                          (g, q.detach(), k.detach(), v.detach(), o, True, 0.5))

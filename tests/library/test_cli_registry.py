@@ -1,0 +1,145 @@
+"""kerneltune promote / registry / explain on recorded evaluations (a store written here, as the evaluator
+writes it): the copy with its provenance header, one entry per timed shape, refusals, JSON, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+import kerneltune.registry as reg
+from kerneltune.cli import app
+from kerneltune.evaluate.static import inspect_source, read_candidate
+from kerneltune.store.db import Store
+from tests.library.conftest import SEEDS
+
+SEED = os.path.join(SEEDS, "adamw", "numba_cpu.py")
+
+
+def record(db: str, path: str, *, status: str = "passed", device_key: str | None = None, timed: bool = True,
+           speedups: tuple[float, ...] = (0.8,)) -> str:
+    """Store a candidate and one evaluation of it, shaped like the evaluator's result; return its hash."""
+    cand = read_candidate(path)
+    inspect_source(cand)
+    store = Store(db)
+    store.add_candidate(hash=cand.hash, op=cand.op, backend=cand.backend, name=cand.name, source=cand.source,
+                        path=path, summary=cand.summary, params=cand.meta.get("params"), origin="seed", parent=None)
+    cases = []
+    for i, sp in enumerate(speedups if (timed and status == "passed") else ()):
+        shapes = [[64, 32], [32]] if i == 0 else [[4096, 1024]] * 8
+        cases.append({"case": {"name": f"case{i}", "dims": {"shapes": shapes}, "dtype": "float32", "args": {}},
+                      "name": f"case{i}", "median_ms": 2.0 / sp, "p20_ms": 1.9 / sp, "p80_ms": 2.1 / sp, "speedup": sp,
+                      "baselines": {"adamw_fused": {"median_ms": 2.0}}})
+    key = device_key or reg.device_key("cpu")
+    store.add_evaluation({
+        "hash": cand.hash, "op": cand.op, "status": status, "reason": "" if status == "passed" else "params[0]: wrong",
+        "stage": "time", "median_ms": cases[0]["median_ms"] if cases else None, "p20_ms": None, "p80_ms": None,
+        "speedup": cases[0]["speedup"] if cases else None, "baseline": "adamw_fused" if cases else None,
+        "shape": cases[0]["name"] if cases else None, "dtype": "float32", "cases": cases,
+        "provenance": {"device": {"key": key, "name": "Test CPU"}, "versions": {"torch": "2.x", "kerneltune": "0.1.0"},
+                       "threads": 2, "timestamp": "2026-01-01T00:00:00Z", "timing": {"clock": "perf_counter"}}})
+    store.close()
+    return cand.hash
+
+
+@pytest.fixture
+def cli():
+    runner = CliRunner()
+
+    def _run(*args: str):
+        return runner.invoke(app, list(args), catch_exceptions=False)
+
+    return _run
+
+
+def test_promote_copies_with_provenance_and_adds_one_entry_per_timed_shape(cli, tmp_path):
+    db, registry = str(tmp_path / "kt.db"), str(tmp_path / "reg" / "registry.json")
+    h = record(db, SEED, speedups=(0.8, 1.7))
+    r = cli("promote", SEED, "--registry", registry, "--db", db, "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    copy = tmp_path / "reg" / "candidates" / "adamw" / "numba_cpu.py"
+    assert res["copied"] and res["file"] == str(copy) and len(res["added"]) == 2
+    text = copy.read_text()
+    assert text.startswith(reg.HEADER_START) and h in text.split(reg.HEADER_END)[0]
+    assert reg.strip_header(text) == open(SEED).read()
+    entries = reg.load(registry).entries
+    assert {e.bucket for e in entries} == {"P4096", "P33554432"}
+    for e in entries:
+        assert e.source_hash == h and e.candidate == "adamw/numba_cpu.py" and reg.check_file(e) == ""
+        assert e.device_key == reg.device_key("cpu") and e.baseline == "adamw_fused" and e.backend == "numba"
+        assert e.provenance["evaluation"] and e.versions["torch"] == "2.x" and e.params == {"PARALLEL_MIN": 65536}
+    # promoting again: the same file is found and reused, entries replaced in place
+    r = cli("promote", h[:10], "--registry", registry, "--db", db, "--json")
+    assert r.exit_code == 0 and not json.loads(r.stdout)["copied"]
+    assert len(reg.load(registry).entries) == 2
+    assert os.listdir(tmp_path / "reg" / "candidates" / "adamw") == ["numba_cpu.py"]
+
+
+def test_registry_and_explain_report_what_serves(cli, tmp_path, monkeypatch):
+    db, registry = str(tmp_path / "kt.db"), str(tmp_path / "registry.json")
+    record(db, SEED, speedups=(0.8, 1.7))
+    assert cli("promote", "numba_cpu", "--registry", registry, "--db", db).exit_code == 0
+    r = cli("registry", "--registry", registry, "--json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["entries"]
+    assert sorted(x["status"] for x in rows) == ["below minimum", "serves"]
+    r = cli("explain", "adamw", "--shape", "4096x1024;4096x1024", "--registry", registry, "--json")
+    info = json.loads(r.stdout)
+    assert r.exit_code == 0 and info["kernel"] == "numba_cpu" and info["kind"] == "nearest", info
+    r = cli("explain", "adamw", "--shape", "64x32;32", "--registry", registry, "--json")
+    info = json.loads(r.stdout)
+    assert info["kernel"] == "reference" and "below the minimum" in info["reason"]
+    monkeypatch.setenv(reg.ENV_MIN_SPEEDUP, "0.5")
+    info = json.loads(cli("explain", "adamw", "--shape", "64x32;32", "--registry", registry, "--json").stdout)
+    assert info["kernel"] == "numba_cpu" and info["kind"] == "exact"
+    r = cli("explain", "attention", "--shape", "2,8,512,64", "--registry", registry)
+    assert r.exit_code == 0 and "no registry entry for attention" in r.stdout
+    # a missing candidate file: registry exits 1 and says so
+    os.remove(tmp_path / "candidates" / "adamw" / "numba_cpu.py")
+    r = cli("registry", "--registry", registry, "--json")
+    assert r.exit_code == 1 and {x["status"] for x in json.loads(r.stdout)["entries"]} == {"file missing"}
+
+
+def test_promote_refuses_what_did_not_pass_here(cli, tmp_path):
+    db, registry = str(tmp_path / "kt.db"), str(tmp_path / "registry.json")
+    record(db, SEED, status="incorrect")
+    r = cli("promote", SEED, "--registry", registry, "--db", db)
+    assert r.exit_code == 1 and "has not passed on cpu:" in r.output and "incorrect" in r.output
+    record(db, SEED, device_key="cpu:another-machine:8t")
+    r = cli("promote", SEED, "--registry", registry, "--db", db)
+    assert r.exit_code == 1 and "it passed on cpu:another-machine:8t" in r.output
+    r = cli("promote", SEED, "--registry", registry, "--db", db, "--device-key", "cpu:another-machine:8t", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["added"][0]["device_key"] == "cpu:another-machine:8t"
+    assert not os.path.exists(tmp_path / "x.json")
+
+
+def test_promote_refuses_untimed_unknown_and_bad_usage(cli, tmp_path):
+    db, registry = str(tmp_path / "kt.db"), str(tmp_path / "registry.json")
+    record(db, SEED, timed=False)
+    r = cli("promote", SEED, "--registry", registry, "--db", db)
+    assert r.exit_code == 1 and "never timed" in r.output
+    assert not os.path.exists(registry) and not os.path.exists(tmp_path / "candidates")
+    r = cli("promote", str(os.path.join(SEEDS, "attention", "numba_cpu.py")), "--registry", registry, "--db", db)
+    assert r.exit_code == 1 and "never been evaluated" in r.output
+    assert cli("promote", "nosuchname", "--registry", registry, "--db", db).exit_code == 2
+    assert cli("promote", SEED, "--device", "tpu", "--db", db).exit_code == 2
+    assert cli("explain", "attention", "--shape", "2,8", "--registry", registry).exit_code == 2
+    assert cli("explain", "nosuchop", "--shape", "2,8,512,64").exit_code == 2
+
+
+def test_promote_keeps_a_faster_entry_unless_forced(cli, tmp_path):
+    db, registry = str(tmp_path / "kt.db"), str(tmp_path / "registry.json")
+    record(db, SEED, speedups=(2.0,))
+    assert cli("promote", SEED, "--registry", registry, "--db", db).exit_code == 0
+    other = tmp_path / "numba_other.py"
+    other.write_text(open(SEED).read().replace("one fused, parallel pass", "one fused parallel pass"))
+    record(db, str(other), speedups=(1.5,))
+    r = cli("promote", str(other), "--registry", registry, "--db", db, "--json")
+    assert r.exit_code == 1 and json.loads(r.stdout)["kept"][0]["kept"] == "numba_cpu"
+    assert not (tmp_path / "candidates" / "adamw" / "numba_other.py").exists()
+    r = cli("promote", str(other), "--registry", registry, "--db", db, "--force", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["added"][0]["replaced"] == "numba_cpu"
+    assert [e.name for e in reg.load(registry).entries] == ["numba_other"]

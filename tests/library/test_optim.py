@@ -1,0 +1,168 @@
+"""kerneltune.optim.AdamW against torch.optim.AdamW: 100 steps of a small model, param groups, closures, options
+a kernel cannot honour, state_dicts both ways, and a registry numba kernel forced to serve."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import kerneltune
+from kerneltune.optim import AdamW
+from tests.library.conftest import kt_warnings
+
+
+def small_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    # awkward sizes, a one-element tensor, a frozen one (never a grad: skipped, as torch skips it)
+    m = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.GELU(), torch.nn.Linear(13, 1), torch.nn.Flatten(0),
+                            torch.nn.Linear(5, 3))
+    m[2].bias.requires_grad_(False)
+    return m
+
+
+def groups(m: torch.nn.Module) -> list[dict]:
+    return [{"params": list(m[0].parameters()), "lr": 3e-2, "weight_decay": 0.0},
+            {"params": list(m[2].parameters()) + list(m[4].parameters())}]
+
+
+def train(m: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 1, closure: bool = False) -> list:
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(5, 7, generator=g)
+
+        def loss_fn(x=x):
+            opt.zero_grad()
+            loss = (m(x) ** 2).mean() + m(x).sin().sum()
+            loss.backward()
+            return loss
+
+        if closure:
+            losses.append(float(opt.step(loss_fn)))
+        else:
+            losses.append(float(loss_fn().detach()))
+            opt.step()
+    return losses
+
+
+def assert_same(a: torch.nn.Module, b: torch.nn.Module, atol: float = 0.0, rtol: float = 0.0) -> None:
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=atol, rtol=rtol, msg=n)
+
+
+def assert_same_state(o1: torch.optim.Optimizer, o2: torch.optim.Optimizer, atol=0.0, rtol=0.0) -> None:
+    s1, s2 = o1.state_dict(), o2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    assert s1["state"].keys() == s2["state"].keys()
+    for i in s1["state"]:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(s1["state"][i][key], s2["state"][i][key], atol=atol, rtol=rtol, msg=f"{i}.{key}")
+
+
+@pytest.mark.parametrize("closure", [False, True])
+def test_matches_torch_adamw_over_100_steps(closure):
+    m1 = small_model()
+    m2 = copy.deepcopy(m1)
+    kw = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.1)
+    o1, o2 = torch.optim.AdamW(groups(m1), **kw), AdamW(groups(m2), **kw)
+    steps = 30 if closure else 100
+    assert train(m1, o1, steps, closure=closure) == train(m2, o2, steps, closure=closure)
+    assert_same(m1, m2)
+    assert_same_state(o1, o2)
+    assert kerneltune.served() == {"adamw": {"reference": steps}}
+
+
+@pytest.mark.parametrize("opts", [dict(amsgrad=True), dict(maximize=True), dict(foreach=False),
+                                  dict(lr=torch.tensor(1e-2)), dict(fused=True)], ids=str)
+def test_every_option_torch_has_works_the_same(opts):
+    m1 = small_model(3)
+    m2 = copy.deepcopy(m1)
+    o1, o2 = torch.optim.AdamW(m1.parameters(), **opts), AdamW(m2.parameters(), **opts)
+    train(m1, o1, 5)
+    train(m2, o2, 5)
+    assert_same(m1, m2)
+
+
+def test_state_dicts_load_both_ways():
+    m1 = small_model(4)
+    m2 = copy.deepcopy(m1)
+    o1 = torch.optim.AdamW(groups(m1), lr=5e-3)
+    train(m1, o1, 7)
+    # torch -> kerneltune, then both continue
+    m2.load_state_dict(m1.state_dict())
+    o2 = AdamW(groups(m2), lr=5e-3)
+    o2.load_state_dict(copy.deepcopy(o1.state_dict()))  # state_dict() hands out the live tensors
+    assert_same_state(o1, o2)
+    train(m1, o1, 6, seed=2)
+    train(m2, o2, 6, seed=2)
+    assert_same(m1, m2)
+    # kerneltune -> torch
+    m3 = copy.deepcopy(m2)
+    o3 = torch.optim.AdamW(groups(m3), lr=5e-3)
+    o3.load_state_dict(copy.deepcopy(o2.state_dict()))
+    assert_same_state(o2, o3)
+    train(m2, o2, 4, seed=3)
+    train(m3, o3, 4, seed=3)
+    assert_same(m2, m3)
+
+
+def test_step_hooks_run_once_per_step():
+    m = small_model()
+    opt = AdamW(m.parameters())
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    torch.optim.AdamW(small_model().parameters())  # a torch AdamW in the same process wraps torch's own step
+    train(m, opt, 3)
+    assert calls == ["pre", "post"] * 3
+
+
+def test_a_registry_numba_kernel_serves_when_forced_and_matches(user_registry, monkeypatch):
+    user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[13, 7], [13]]}, speedup=0.2))])
+    monkeypatch.setenv("KERNELTUNE_MIN_SPEEDUP", "0")
+    monkeypatch.setenv("KERNELTUNE_VERIFY", "1")
+    m1 = small_model(5)
+    m2 = copy.deepcopy(m1)
+    # a bf16 tensor in a group: the kernel contract is fp32, so torch's step takes it, the rest is tuned
+    extra1 = torch.nn.Parameter(torch.randn(6, dtype=torch.bfloat16))
+    extra2 = torch.nn.Parameter(extra1.detach().clone())
+    kw = dict(lr=1e-2, weight_decay=0.05)
+    o1 = torch.optim.AdamW(groups(m1) + [{"params": [extra1]}], **kw)
+    o2 = AdamW(groups(m2) + [{"params": [extra2]}], **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(100):
+            for m, extra, o in ((m1, extra1, o1), (m2, extra2, o2)):
+                o.zero_grad()
+                x = torch.randn(5, 7, generator=torch.Generator().manual_seed(step))
+                ((m(x) ** 2).mean() + (extra.float() ** 2).sum()).backward()
+                o.step()
+    assert kt_warnings(caught) == []
+    served = kerneltune.served()["adamw"]
+    assert served["numba_cpu"] == 200 and served["reference"] == 100  # two fp32 groups tuned, bf16 by torch
+    # the kernel rounds differently from torch's fp32 math (moments in fp64): within a few ulp per step
+    assert_same(m1, m2, atol=1e-5, rtol=1e-4)
+    assert_same_state(o1, o2, atol=1e-6, rtol=1e-4)
+    assert torch.equal(extra1, extra2)
+    assert all(float(s["step"]) == 100 for s in o2.state_dict()["state"].values())
+
+
+def test_per_parameter_step_counts_are_honoured(user_registry, monkeypatch):
+    """A parameter that joins late (no grad for a while) keeps its own step count, as in torch."""
+    user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
+    a1, b1 = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3))
+    a2, b2 = (torch.nn.Parameter(t.detach().clone()) for t in (a1, b1))
+    o1, o2 = torch.optim.AdamW([a1, b1], lr=0.1), AdamW([a2, b2], lr=0.1)
+    for step in range(6):
+        for a, b, o in ((a1, b1, o1), (a2, b2, o2)):
+            o.zero_grad()
+            loss = (a ** 2).sum() + ((b ** 3).sum() if step >= 3 else 0)
+            loss.backward()
+            o.step()
+    assert [float(o2.state[p]["step"]) for p in (a2, b2)] == [6.0, 3.0]
+    torch.testing.assert_close(a1, a2, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(b1, b2, atol=1e-6, rtol=1e-5)
+    assert kerneltune.served()["adamw"]["numba_cpu"] == 9  # 3 steps of a alone, 3 of {a, b} split by step count
