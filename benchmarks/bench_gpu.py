@@ -1,0 +1,427 @@
+"""Issue 8 on a GPU: kerneltune's attention forward/backward and AdamW against every torch baseline, every shape.
+
+    python benchmarks/bench_gpu.py --out DIR [--db STORE] [--deadline 240] [--ops attention,attention_backward,adamw]
+
+What it does, in one process on one GPU (trusted code: the kernels timed here are files that have passed
+kerneltune's evaluator, in the search that chose them or in a `kerneltune eval`; this harness re-checks each
+at every shape it times and records the error):
+1. measures the device's ceilings in this run: copy bandwidth (read + write of a large buffer) and the bf16
+   matmul rate (kerneltune.evaluate.roofline.measure_ceilings);
+2. picks the contestant kernel per op: the best passed candidate in the store (--db, as `kerneltune
+   leaderboard`) on this device, else the shipped template at its defaults;
+3. attention forward and backward: the 24 shapes of the issue (N 512..16384, D 64 and 128, causal and full,
+   B·N = 16k tokens, H·D = 2048), bf16; adamw: the GPT-2 small parameter list (124M fp32 params, 148 tensors);
+4. per shape: inputs on the GPU; the candidate's output checked against the fp64 reference on batch 0, heads
+   0..3 (the op's own tolerance); every baseline's relative error recorded; then candidate and baselines
+   timed interleaved, round by round in rotating order, each call with CUDA events around it and L2 flushed
+   (a 256 MB write) before it; p20/p50/p80 of all calls;
+5. writes one CSV (one row per shape and contestant, with provenance) and prints a summary table last.
+
+Baselines: attention: sdpa (default backend, primary), sdpa_flash, sdpa_cudnn, sdpa_efficient (pinned; a
+backend that refuses a shape is recorded as failed), torch_math (N <= 4096: it holds B·H·N² scores),
+torch_compile (torch.compile of the math version, N in --compile-n; its compile time is in the warm-up);
+attention_backward: the same, each timed without its forward (autograd over a retained graph, see
+kerneltune/ops/attention_backward.py), plus sdpa_fwd_bwd (forward + backward); adamw: adamw_fused (primary),
+adamw_foreach. Ratios are `baseline p50 / candidate p50` from the same interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from kerneltune.evaluate.device import device_info, versions  # noqa: E402
+from kerneltune.evaluate.roofline import measure_ceilings  # noqa: E402
+from kerneltune.ops import get_op  # noqa: E402
+from kerneltune.ops.adamw import PRESETS, gpt_param_shapes  # noqa: E402
+from kerneltune.ops.attention import attention_fp64, issue8_shapes  # noqa: E402
+from kerneltune.ops.attention_backward import attention_bwd_fp64  # noqa: E402
+from kerneltune.ops.base import Case, Tolerance, compare_tensor  # noqa: E402
+
+TEMPLATES = {"attention": "candidates/attention/triton_fa2.py",
+             "attention_backward": "candidates/attention_backward/triton_fa2_bwd.py",
+             "adamw": "candidates/adamw/triton_mt_table.py"}
+DEV = "cuda"       # --dry-run-cpu: "cpu", tiny shapes, fp16, Triton's interpreter (checks this script, not speed)
+HALF = torch.bfloat16
+PRIMARY = {"attention": "sdpa", "attention_backward": "sdpa", "adamw": "adamw_fused"}
+FIELDS = ["timestamp", "device", "device_key", "capability", "torch", "triton", "kerneltune", "git", "op", "B", "H",
+          "N", "D", "causal", "dtype", "shape", "contestant", "kind", "candidate", "candidate_hash", "status", "p20_ms",
+          "p50_ms", "p80_ms", "reps", "tflops", "gbps", "pct_matmul_ceiling", "pct_copy_ceiling", "speedup_vs_primary",
+          "candidate_speedup", "rel_err", "copy_gbps", "matmul_bf16_tflops", "note"]
+
+
+# -- contestants ----------------------------------------------------------------------------------------------
+def load_module(path: str, name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def pick_candidate(op: str, db: str | None, device_key: str, workdir: str) -> tuple[str, str, str]:
+    """(path, name, hash) of the best passed candidate of op in the store on this device, else the template."""
+    if db and os.path.exists(db):
+        con = sqlite3.connect(db)
+        con.row_factory = sqlite3.Row
+        row = con.execute(
+            "SELECT c.name, c.hash, c.source FROM evaluations e JOIN candidates c ON c.hash = e.candidate_hash"
+            " WHERE e.op = ? AND e.device_key = ? AND e.status = 'passed' AND e.speedup IS NOT NULL"
+            " ORDER BY e.speedup DESC LIMIT 1", (op, device_key)).fetchone()
+        con.close()
+        if row is not None:
+            path = os.path.join(workdir, f"{row['name']}.py")
+            with open(path, "w") as f:
+                f.write(row["source"])
+            return path, row["name"], row["hash"]
+    from kerneltune.evaluate.static import read_candidate
+
+    path = os.path.join(ROOT, TEMPLATES[op])
+    c = read_candidate(path)
+    return path, c.name, c.hash
+
+
+# -- timing -----------------------------------------------------------------------------------------------------
+class Timer:
+    """Interleaved CUDA-event timing with an L2 flush before every call."""
+
+    def __init__(self, rounds: int, turn_ms: float) -> None:
+        self.rounds, self.turn_ms = rounds, turn_ms
+        self.flush = torch.empty(256 << 20 if DEV == "cuda" else 1 << 20, dtype=torch.uint8, device=DEV)
+
+    def _calls(self, fn: Callable[[], Any], n: int) -> list[float]:
+        if DEV == "cpu":
+            out = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t0) * 1e3)
+            return out
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for s, e in ev:
+            self.flush.zero_()
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in ev]
+
+    def run(self, fns: dict[str, Callable[[], Any]]) -> tuple[dict[str, list[float]], dict[str, str]]:
+        failed: dict[str, str] = {}
+        reps: dict[str, int] = {}
+        for name, fn in list(fns.items()):
+            try:
+                fn()  # warm-up: compiles (Triton, torch.compile), builds graphs and tables
+                _sync()
+                t = min(self._calls(fn, 2))
+                reps[name] = int(min(max(math.ceil(self.turn_ms / max(t, 1e-3)), 1), 200))
+            except Exception as e:  # noqa: BLE001 - a baseline that cannot run this shape is recorded, not fatal
+                failed[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+                fns.pop(name)
+                _sync()
+                _empty_cache()
+        names = list(fns)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(self.rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                times[name] += self._calls(fns[name], reps[name])
+        return times, failed
+
+
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _empty_cache() -> None:
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def quantiles(xs: list[float]) -> tuple[float, float, float]:
+    s = sorted(xs)
+    pick = lambda q: s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]  # noqa: E731
+    return pick(0.2), pick(0.5), pick(0.8)
+
+
+def rel_err(a: torch.Tensor, e: torch.Tensor) -> float:
+    a64, e64 = a.double(), e.to(a.device).double()
+    return float(torch.linalg.vector_norm(a64 - e64) / torch.linalg.vector_norm(e64).clamp_min(1e-300))
+
+
+# -- ops --------------------------------------------------------------------------------------------------------
+def attention_shapes(only: str | None) -> list[tuple[int, int, int, int, bool]]:
+    shapes = issue8_shapes()
+    # the headline shapes first, so a deadline cuts the least important ones
+    shapes.sort(key=lambda s: (s[3] != 128, not s[4], s[2] < 4096, s[2]))
+    if only:
+        keep = {int(x) for x in only.split(",")}
+        shapes = [s for s in shapes if s[2] in keep]
+    if DEV == "cpu":  # dry run: the same loop over tiny, awkward shapes
+        shapes = [(1, 3, 80, 64, True), (2, 2, 64, 128, False)]
+    return shapes
+
+
+def bench_attention(op: str, cand: Any, fwd_cand: Any, args: argparse.Namespace, timer: Timer, ceil: dict[str, Any],
+                    emit: Callable[..., None], deadline: float) -> None:
+    spec = get_op(op)
+    baselines = spec.baselines(DEV)
+    dtname = "bfloat16" if HALF == torch.bfloat16 else "float16"
+    tol = spec.tolerance(dtname)
+    compile_n = {int(x) for x in args.compile_n.split(",") if x}
+    for b, h, n, d, causal in attention_shapes(args.only_n):
+        shape = dict(B=b, H=h, N=n, D=d, causal=causal, dtype=dtname)
+        if time.monotonic() > deadline:
+            emit(op, shape, "—", "candidate", status="skipped", note="deadline reached before this shape")
+            continue
+        g = torch.Generator(device=DEV).manual_seed(1234 + n + d + causal)
+        q, k, v, do = (torch.randn(b, h, n, d, device=DEV, generator=g).to(HALF) for _ in range(4))
+        case = Case(name=f"B{b} H{h} N{n} D{d}", dims={"B": b, "H": h, "N": n, "D": d}, dtype=dtname,
+                    args={"causal": causal})
+        flops, nbytes = spec.flops(case), spec.bytes_moved(case)
+        sl = (slice(0, 1), slice(0, min(h, 4)))  # the slice checked against fp64: batch 0, heads 0..3
+        names = [x for x in baselines if not (x == "torch_math" and n > 4096)
+                 and not (x == "torch_compile" and n not in compile_n)]
+        if op == "attention":
+            ref = attention_fp64(q[sl], k[sl], v[sl], causal, None)[0]
+            fns = {"candidate": lambda: cand.run(q, k, v, causal=causal)}
+            for x in names:
+                fns[x] = (lambda f=baselines[x]: f(q, k, v, causal=causal))
+            got = fns["candidate"]()[sl]
+            why = compare_tensor("out", got.cpu(), ref, tol)
+            errs = {"candidate": rel_err(got, ref)}
+        else:
+            o, lse = fwd_cand.run_with_lse(q, k, v, causal=causal)
+            ref = attention_bwd_fp64(q[sl], k[sl], v[sl], do[sl], causal, None)
+            fns = {"candidate": lambda: cand.run(q, k, v, o, do, lse, causal=causal)}
+            for x in names:
+                fns[x] = (lambda f=baselines[x]: f(q, k, v, o, do, lse, causal=causal))
+            res = fns["candidate"]()
+            whys = []
+            for name_i, got_i, ref_i in zip(("dq", "dk", "dv"), res, ref):
+                rms = float(ref_i.pow(2).mean().sqrt())
+                whys.append(compare_tensor(name_i, got_i[sl].cpu(), ref_i, Tolerance(tol.atol * rms, tol.rtol,
+                                                                                     tol.norm_rtol)))
+            why = "; ".join(w for w in whys if w)
+            errs = {"candidate": max(rel_err(gi[sl], ri) for gi, ri in zip(res, ref))}
+            del res
+        # baselines' errors on the same slice (recorded; a failure to run is recorded when timing)
+        for x in names:
+            try:
+                r = fns[x]()
+                if op == "attention":
+                    errs[x] = rel_err(r[sl], ref)
+                else:
+                    errs[x] = max(rel_err(gi[sl], ri) for gi, ri in zip(r, ref))
+                del r
+            except Exception:  # noqa: BLE001 - reported by the timer below
+                pass
+        if why:
+            fns = {x: f for x, f in fns.items() if x != "candidate"}
+        times, failed = timer.run(fns)
+        cand_p50 = quantiles(times["candidate"])[1] if "candidate" in times else None
+        prim_p50 = quantiles(times[PRIMARY[op]])[1] if PRIMARY[op] in times else None
+        for x in ["candidate", *names]:
+            kind = "candidate" if x == "candidate" else "baseline"
+            if x == "candidate" and why:
+                emit(op, shape, x, kind, status="incorrect", rel_err=errs.get(x), note=why[:300])
+                continue
+            if x in failed or x not in times:
+                emit(op, shape, x, kind, status="failed", note=failed.get(x, "did not run"))
+                continue
+            p20, p50, p80 = quantiles(times[x])
+            tfl = flops / (p50 * 1e-3) / 1e12
+            emit(op, shape, x, kind, status="ok", p20_ms=p20, p50_ms=p50, p80_ms=p80, reps=len(times[x]), tflops=tfl,
+                 gbps=nbytes / (p50 * 1e-3) / 1e9, pct_matmul_ceiling=100 * tfl / _mm_ceiling(ceil),
+                 speedup_vs_primary=(prim_p50 / p50) if prim_p50 else None,
+                 candidate_speedup=(p50 / cand_p50) if cand_p50 else None, rel_err=errs.get(x))
+        del q, k, v, do, fns
+        _empty_cache()
+
+
+def _mm_ceiling(ceil: dict[str, Any]) -> float:
+    m = ceil["matmul_tflops"]
+    return m.get("bfloat16") or m["float32"]
+
+
+def bench_adamw(cand: Any, args: argparse.Namespace, timer: Timer, ceil: dict[str, Any], emit: Callable[..., None]) -> None:
+    spec = get_op("adamw")
+    # correctness on the GPU at gpt-mini (the evaluator checked the rest): one step against the fp64 reference
+    mini = Case("gpt-mini", {"shapes": gpt_param_shapes(*PRESETS["gpt-mini"])})
+    inp = spec.make_inputs(mini, 1)
+    expected = spec.reference(inp)
+    dev = {k_: [t.to(DEV).clone() for t in v_] for k_, v_ in inp.tensors.items()}
+    cand.run(dev["params"], dev["grads"], dev["exp_avgs"], dev["exp_avg_sqs"], **inp.args)
+    why = spec.compare(inp, expected, {k_: [t.cpu() for t in dev[k_]] for k_ in spec.outputs})
+    shapes = gpt_param_shapes(*PRESETS["gpt2-124m" if DEV == "cuda" else "gpt-tiny"])
+    n = sum(math.prod(s) for s in shapes)
+    shape = dict(B="", H="", N=n, D="", causal="", dtype="float32")
+    g = torch.Generator(device=DEV).manual_seed(7)
+    ps = [torch.randn(s, device=DEV, generator=g) for s in shapes]
+    gs = [torch.randn(s, device=DEV, generator=g) * 0.1 for s in shapes]
+    ms = [torch.randn(s, device=DEV, generator=g) * 0.05 for s in shapes]
+    vs = [torch.rand(s, device=DEV, generator=g) * 0.01 for s in shapes]
+    hp = dict(lr=6e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    fns: dict[str, Callable[[], Any]] = {}
+    copies = {}
+    for name in ["candidate", *spec.baselines(DEV)]:
+        # each contestant its own buffers (a step changes them), the same starting values
+        c = [[t.clone() for t in lst] for lst in (ps, gs, ms, vs)]
+        copies[name] = c
+        f = cand.run if name == "candidate" else spec.baselines(DEV)[name]
+        step = [1000]
+
+        def call(f=f, c=c, step=step):
+            step[0] += 1
+            f(c[0], c[1], c[2], c[3], step=step[0], **hp)
+        fns[name] = call
+    if why:
+        fns.pop("candidate")
+    times, failed = timer.run(fns)
+    cand_p50 = quantiles(times["candidate"])[1] if "candidate" in times else None
+    prim_p50 = quantiles(times["adamw_fused"])[1] if "adamw_fused" in times else None
+    for x in copies:
+        kind = "candidate" if x == "candidate" else "baseline"
+        if x == "candidate" and why:
+            emit("adamw", shape, x, kind, status="incorrect", note=why[:300])
+            continue
+        if x not in times:
+            emit("adamw", shape, x, kind, status="failed", note=failed.get(x, "did not run"))
+            continue
+        p20, p50, p80 = quantiles(times[x])
+        gbps = 28.0 * n / (p50 * 1e-3) / 1e9
+        emit("adamw", shape, x, kind, status="ok", p20_ms=p20, p50_ms=p50, p80_ms=p80, reps=len(times[x]),
+             tflops=16.0 * n / (p50 * 1e-3) / 1e12, gbps=gbps, pct_copy_ceiling=100 * gbps / ceil["copy_gbps"],
+             speedup_vs_primary=(prim_p50 / p50) if prim_p50 else None,
+             candidate_speedup=(p50 / cand_p50) if cand_p50 else None, note="gpt2-124m, 148 tensors, 28 B/param")
+
+
+# -- main -------------------------------------------------------------------------------------------------------
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="folder for the CSV (and plots, if matplotlib is there)")
+    ap.add_argument("--db", default=None, help="kerneltune store to take each op's best candidate from")
+    ap.add_argument("--ops", default="adamw,attention,attention_backward")
+    ap.add_argument("--deadline", type=float, default=240.0, help="seconds: shapes not started by then are skipped")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--turn-ms", type=float, default=15.0, help="target time of one contestant's turn")
+    ap.add_argument("--compile-n", default="1024,4096", help="N values where torch_compile is timed")
+    ap.add_argument("--only-n", default=None, help="comma-separated N values (default: all six)")
+    ap.add_argument("--csv", default="issue8.csv")
+    ap.add_argument("--dry-run-cpu", action="store_true", help="check this script on a CPU: tiny shapes, fp16, "
+                    "Triton's interpreter (set TRITON_INTERPRET=1); its timings mean nothing")
+    args = ap.parse_args()
+    global DEV, HALF
+    if args.dry_run_cpu:
+        DEV, HALF = "cpu", torch.float16
+    elif not torch.cuda.is_available():
+        print("bench_gpu: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    os.makedirs(args.out, exist_ok=True)
+    info, ver = device_info(DEV), versions()
+    try:
+        git = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        git = ""
+    ceil = measure_ceilings(DEV)
+    print(f"ceilings: copy {ceil['copy_gbps']:.0f} GB/s, bf16 matmul {_mm_ceiling(ceil):.0f} TFLOP/s "
+          f"({time.monotonic() - t0:.0f} s)", flush=True)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    path = os.path.join(args.out, args.csv)
+    f = open(path, "a", newline="")
+    w = csv.DictWriter(f, fieldnames=FIELDS)
+    if f.tell() == 0:
+        w.writeheader()
+    chosen: dict[str, tuple[str, str, str]] = {}
+    common = {"timestamp": stamp, "device": info["name"], "device_key": info["key"],
+              "capability": info.get("capability"), "torch": ver["torch"], "triton": ver.get("triton"),
+              "kerneltune": ver["kerneltune"], "git": git, "copy_gbps": round(ceil["copy_gbps"], 1),
+              "matmul_bf16_tflops": round(_mm_ceiling(ceil), 1)}
+    rows: list[dict[str, Any]] = []
+
+    def emit(op: str, shape: dict[str, Any], contestant: str, kind: str, **vals: Any) -> None:
+        name, hsh = (chosen[op][1], chosen[op][2][:16]) if op in chosen else ("", "")
+        row = {**common, "op": op, **shape, "shape": " ".join(f"{k}{v}" for k, v in shape.items() if k in "BHND"),
+               "contestant": name if contestant == "candidate" else contestant, "kind": kind, "candidate": name,
+               "candidate_hash": hsh, **vals}
+        row = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
+        w.writerow(row)
+        f.flush()
+        rows.append(row)
+
+    emit("ceiling", {}, "copy_gbps", "ceiling", status="ok", gbps=ceil["copy_gbps"], note="d2d copy, read + write")
+    emit("ceiling", {}, "matmul_bf16", "ceiling", status="ok", tflops=_mm_ceiling(ceil),
+         note="8192^3 bf16 matmul, torch")
+    timer = Timer(args.rounds, args.turn_ms)
+    work = tempfile.mkdtemp(prefix="kt_bench_")
+    ops = [o for o in args.ops.split(",") if o]
+    mods: dict[str, Any] = {}
+    for op in set(ops) | ({"attention"} if "attention_backward" in ops else set()):
+        chosen[op] = pick_candidate(op, args.db, info["key"], work)
+        mods[op] = load_module(chosen[op][0], f"kt_bench_{op}")
+        print(f"{op}: {chosen[op][1]} ({os.path.relpath(chosen[op][0], ROOT) if chosen[op][0].startswith(ROOT) else 'from the store'})"
+              f" params {getattr(mods[op], 'KERNELTUNE', {}).get('params')}", flush=True)
+    left = max(args.deadline - (time.monotonic() - t0), 0)
+    share = {"adamw": 0.1, "attention": 0.45, "attention_backward": 0.45}
+    for op in ops:
+        t_op = time.monotonic()
+        budget = left * share.get(op, 0.3) / max(sum(share.get(o, 0.3) for o in ops), 1e-9)
+        try:
+            if op == "adamw":
+                bench_adamw(mods[op], args, timer, ceil, emit)
+            else:
+                bench_attention(op, mods[op], mods["attention"], args, timer, ceil, emit, t_op + budget)
+        except Exception as e:  # noqa: BLE001 - one op's failure must not lose the others' numbers
+            emit(op, {}, "candidate", "candidate", status="error", note=f"{type(e).__name__}: {str(e)[:300]}")
+            _empty_cache()
+        print(f"{op}: done in {time.monotonic() - t_op:.0f} s", flush=True)
+    f.close()
+    with open(os.path.join(args.out, "issue8_meta.json"), "w") as mf:
+        json.dump({"device": info, "versions": ver, "git": git, "ceilings": ceil, "timestamp": stamp,
+                   "candidates": {k: {"name": v[1], "hash": v[2],
+                                      "params": getattr(mods[k], "KERNELTUNE", {}).get("params")}
+                                  for k, v in chosen.items()}}, mf, indent=1, default=str)
+    print_summary(rows)
+    print(f"bench_gpu: {len(rows)} rows in {path}, {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+def print_summary(rows: list[dict[str, Any]]) -> None:
+    print(f"\n{'op':<19}{'shape':<24}{'cand ms':>9}  {'vs primary':>10}  {'best baseline':<16}{'vs best':>8}  "
+          f"{'% ceil':>7}")
+    by: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["op"] != "ceiling":
+            by.setdefault((r["op"], r["shape"], r.get("causal")), []).append(r)
+    for (op, shape, causal), rs in by.items():
+        cand = next((r for r in rs if r["kind"] == "candidate"), None)
+        base = [r for r in rs if r["kind"] == "baseline" and r.get("status") == "ok" and r["contestant"] != "sdpa_fwd_bwd"]
+        tag = shape + ("" if causal == "" else (" causal" if causal else " full"))
+        if cand is None or cand.get("status") != "ok":
+            print(f"{op:<19}{tag:<24}{(cand or {}).get('status', '—'):>9}")
+            continue
+        best = min(base, key=lambda r: r["p50_ms"]) if base else None
+        pct = cand.get("pct_matmul_ceiling") or cand.get("pct_copy_ceiling")
+        print(f"{op:<19}{tag:<24}{cand['p50_ms']:>9.3f}  {cand.get('speedup_vs_primary') or 0:>9.2f}x  "
+              f"{(best or {}).get('contestant', '—'):<16}{(best['p50_ms'] / cand['p50_ms']) if best else 0:>7.2f}x  "
+              f"{pct or 0:>6.1f}%")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
