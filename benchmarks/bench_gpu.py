@@ -198,18 +198,20 @@ def bench_attention(op: str, cand: Any, fwd_cand: Any, args: argparse.Namespace,
                  and not (x == "torch_compile" and n not in compile_n)]
         if op == "attention":
             ref = attention_fp64(q[sl], k[sl], v[sl], causal, None)[0]
-            fns = {"candidate": lambda: cand.run(q, k, v, causal=causal)}
+            a = (q, k, v)
+            fns = {"candidate": lambda a=a, c=causal: cand.run(*a, causal=c)}
             for x in names:
-                fns[x] = (lambda f=baselines[x]: f(q, k, v, causal=causal))
+                fns[x] = (lambda f=baselines[x], a=a, c=causal: f(*a, causal=c))
             got = fns["candidate"]()[sl]
             why = compare_tensor("out", got.cpu(), ref, tol)
             errs = {"candidate": rel_err(got, ref)}
         else:
             o, lse = fwd_cand.run_with_lse(q, k, v, causal=causal)
             ref = attention_bwd_fp64(q[sl], k[sl], v[sl], do[sl], causal, None)
-            fns = {"candidate": lambda: cand.run(q, k, v, o, do, lse, causal=causal)}
+            a = (q, k, v, o, do, lse)
+            fns = {"candidate": lambda a=a, c=causal: cand.run(*a, causal=c)}
             for x in names:
-                fns[x] = (lambda f=baselines[x]: f(q, k, v, o, do, lse, causal=causal))
+                fns[x] = (lambda f=baselines[x], a=a, c=causal: f(*a, causal=c))
             res = fns["candidate"]()
             whys = []
             for name_i, got_i, ref_i in zip(("dq", "dk", "dv"), res, ref):
@@ -249,7 +251,7 @@ def bench_attention(op: str, cand: Any, fwd_cand: Any, args: argparse.Namespace,
                  gbps=nbytes / (p50 * 1e-3) / 1e9, pct_matmul_ceiling=100 * tfl / _mm_ceiling(ceil),
                  speedup_vs_primary=(prim_p50 / p50) if prim_p50 else None,
                  candidate_speedup=(p50 / cand_p50) if cand_p50 else None, rel_err=errs.get(x))
-        del q, k, v, do, fns
+        del q, k, v, do, fns, a
         _empty_cache()
 
 
