@@ -23,6 +23,8 @@ dots (s is computed twice, once in each). HBM: q, k, v, o, do, lse read, dq, dk,
 re-reads of q/do (dK/dV kernel) and k/v (dQ kernel) per block, mostly from L2.
 Runs on CUDA and under the Triton CPU interpreter (TRITON_INTERPRET=1; fp32/fp16 there).
 
+Defaults: dK/dV with 64 keys per program (the two fp32 accumulators, 2·64·D, fit 8 warps' registers at
+D = 128 without spills), dQ with 128 query rows and 64 keys per step.
 Template knobs (KERNELTUNE["space"]): BLOCK_M1/BLOCK_N1 (query/key block of the dK/dV kernel), BLOCK_M2/BLOCK_N2
 (of the dQ kernel), num_warps, num_stages (both kernels). Restrictions keep the fp32 tiles in registers:
 BLOCK_M1·BLOCK_N1 <= 2048·num_warps and BLOCK_M2·BLOCK_N2 <= 2048·num_warps. At run time blocks are clamped to
@@ -39,7 +41,7 @@ from triton.runtime.errors import OutOfResources
 KERNELTUNE = {
     "op": "attention_backward",
     "backend": "triton",
-    "params": {"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32, "num_warps": 8, "num_stages": 3},
+    "params": {"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 128, "BLOCK_N2": 64, "num_warps": 8, "num_stages": 2},
     "space": {
         "BLOCK_M1": [16, 32, 64],
         "BLOCK_N1": [64, 128],
