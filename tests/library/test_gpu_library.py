@@ -1,0 +1,97 @@
+"""The library on a CUDA GPU, with the shipped Triton seeds forced to serve through a user registry: attention
+forward and backward against SDPA and fp64, torch.compile without a graph break, AdamW against torch's fused
+AdamW. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kerneltune
+import kerneltune.registry as reg
+from tests.library.conftest import kt_warnings
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (4e-3, 1e-2), torch.bfloat16: (3e-2, 5e-2)}
+
+
+@pytest.fixture
+def cuda_registry(user_registry, monkeypatch):
+    key = reg.device_key("cuda")
+    att = {"B": 2, "H": 4, "N": 256, "D": 64}
+    user_registry([
+        *[("attention/triton_flash.py", dict(op="attention", dims=att, dtype=dt, args={"causal": c}, device_key=key,
+                                             backend="triton"))
+          for dt in ("float32", "float16", "bfloat16") for c in (True, False)],
+        ("adamw/triton_multitensor.py", dict(op="adamw", dims={"shapes": [[1024, 256], [256]]}, device_key=key,
+                                             backend="triton")),
+    ])
+    monkeypatch.setenv("KERNELTUNE_MIN_SPEEDUP", "0")
+    monkeypatch.setenv("KERNELTUNE_VERIFY", "1")
+
+
+def fp64(q, k, v, causal):
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if causal:
+        n = q.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.softmax(s, -1) @ v, (q, k, v)
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 64), (2, 3, 77, 64), (1, 5, 300, 128), (2, 4, 256, 80)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_triton_attention_serves_on_cuda_and_matches(cuda_registry, shape, dtype):
+    atol, rtol = TOL[dtype]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for causal in (True, False):
+            q, k, v = (torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+            out = kerneltune.attention(q, k, v, causal=causal)
+            want, leaves = fp64(q, k, v, causal)
+            torch.testing.assert_close(out.double(), want, atol=atol, rtol=rtol)
+            torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=causal), atol=atol,
+                                       rtol=rtol)
+            g = torch.randn_like(out)
+            for a, e in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, leaves, g.double())):
+                s = max(float(e.abs().max()), 1e-2)
+                torch.testing.assert_close(a.double() / s, e / s, atol=atol, rtol=rtol)
+    assert kt_warnings(caught) == []
+    assert kerneltune.served()["attention"] == {"triton_flash": 2}
+
+
+def test_compile_on_cuda_serves_the_kernel_without_graph_breaks(cuda_registry):
+    torch._dynamo.reset()
+
+    def f(q, k, v):
+        return kerneltune.attention(q * 2, k, v, causal=True).sum(-1)
+
+    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    y = torch.compile(f, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(y, f(q, k, v))
+    y.sum().backward()
+    assert kerneltune.served()["attention"] == {"triton_flash": 2}
+
+
+def test_adamw_triton_kernel_matches_fused_torch_over_100_steps(cuda_registry):
+    torch.manual_seed(0)
+    m1 = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 3)).cuda()
+    m2 = copy.deepcopy(m1)
+    o1 = torch.optim.AdamW(m1.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+    o2 = kerneltune.optim.AdamW(m2.parameters(), lr=1e-3, weight_decay=0.1)
+    for step in range(100):
+        x = torch.randn(32, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(step))
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+    assert kerneltune.served()["adamw"] == {"triton_multitensor": 100}
