@@ -6,13 +6,13 @@
 #   bash benchmarks/gpu/issue8.sh                       # device machine, repo root; writes under $OUT (<= 7 files)
 #   SEARCH=0 BENCH_DEADLINE=330 bash benchmarks/gpu/issue8.sh   # bench only (e.g. a second call), longer
 #
-# Budgets (seconds, env): T_FWD=85 T_BWD=85 T_ADAM=75 (search wall limits), BENCH_DEADLINE=125 (shapes not started
+# Budgets (seconds, env): T_FWD=85 T_BWD=85 T_ADAM=65 (search wall limits), BENCH_DEADLINE=110 (shapes not started
 # by then are recorded as skipped; the headline shapes go first), BENCH_TIMEOUT=BENCH_DEADLINE+45.
 # Files: issue8.log, issue8.csv, issue8_meta.json, issue8.db, attention.png, attention_backward.png, adamw.png
 set -u
 OUT=${OUT:-/tmp/ktout}; mkdir -p "$OUT"
-T_FWD=${T_FWD:-85}; T_BWD=${T_BWD:-85}; T_ADAM=${T_ADAM:-75}; SEARCH=${SEARCH:-1}
-BENCH_DEADLINE=${BENCH_DEADLINE:-125}; BENCH_TIMEOUT=${BENCH_TIMEOUT:-$((BENCH_DEADLINE + 45))}
+T_FWD=${T_FWD:-85}; T_BWD=${T_BWD:-85}; T_ADAM=${T_ADAM:-65}; SEARCH=${SEARCH:-1}
+BENCH_DEADLINE=${BENCH_DEADLINE:-110}; BENCH_TIMEOUT=${BENCH_TIMEOUT:-$((BENCH_DEADLINE + 45))}
 export PYTHONUNBUFFERED=1 KERNELTUNE_CACHE_DIR=/tmp/ktcache KERNELTUNE_DB=$OUT/issue8.db
 exec > >(tee -a "$OUT/issue8.log") 2>&1
 T_ALL=$SECONDS
