@@ -384,8 +384,9 @@ class Registry:
         fits = [e for e in here if e.dtype == dtype and _args_key(e.args) == want_args]
         if not fits:
             have = sorted({f"{e.dtype} {_args_text(e.args)}".strip() for e in here})
-            return Decision(None, "reference", f"no {op} entry for {' '.join(x for x in (dtype, _args_text(args or {})) if x)} on {key} "
-                                               f"(entries: {'; '.join(have)}): the reference serves")
+            what = " ".join(x for x in (dtype, _args_text(args or {})) if x)
+            return Decision(None, "reference", f"no {op} entry for {what} on {key} (entries: {'; '.join(have)}): "
+                                               "the reference serves")
         floor = min_speedup() if minimum is None else minimum
         skipped: list[str] = []
         problems: list[str] = []
@@ -507,10 +508,13 @@ def read_file(path: str) -> tuple[list[Entry], Source]:
 def load(path: str | None = None) -> Registry:
     """``path`` alone when given; else the user registry ($KERNELTUNE_REGISTRY) first, then the shipped one.
     A corrupt file warns once (here) and counts as empty."""
-    paths = [path] if path else [p for p in (os.environ.get(ENV_REGISTRY, "").strip(), shipped_path()) if p]
+    user = os.environ.get(ENV_REGISTRY, "").strip()
+    paths = [path] if path else [p for p in (user, shipped_path()) if p]
     reg = Registry()
     for p in paths:
         entries, src = read_file(p)
+        if not path and p == user and not os.path.exists(p):
+            src.error = f"${ENV_REGISTRY}={p} does not exist; set it to a registry JSON (kerneltune promote writes one)"
         if src.error:
             warn(src.error)
         reg.entries += entries

@@ -109,11 +109,12 @@ def test_a_changed_candidate_file_never_serves(user_registry, monkeypatch):
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"entries": 3}', '{"format": 99, "entries": []}',
-                                     '{"format": 1, "entries": [{"op": "attention"}]}'],
-                         ids=["syntax", "entries-not-list", "future-format", "entry-missing-fields"])
+                                     '{"format": 1, "entries": [{"op": "attention"}]}', None],
+                         ids=["syntax", "entries-not-list", "future-format", "entry-missing-fields", "no-such-file"])
 def test_a_corrupt_registry_gives_the_reference_and_one_warning(tmp_path, monkeypatch, content):
     bad = tmp_path / "corrupt.json"
-    bad.write_text(content)
+    if content is not None:
+        bad.write_text(content)
     monkeypatch.setenv(reg.ENV_REGISTRY, str(bad))
     serve.reload()
     msgs = calls_warnings()
