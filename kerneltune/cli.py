@@ -575,6 +575,11 @@ def show_cmd(candidate: str = typer.Argument(..., help="hash, hash prefix or nam
     out.print(Syntax(info["source"], "python", line_numbers=True))
 
 
+from kerneltune.cli_train import train_cmd  # noqa: E402 - its own module; heavy imports stay inside it
+
+app.command("train")(train_cmd)
+
+
 from kerneltune.cli_registry import register as _register_registry  # noqa: E402 - promote, registry, explain
 
 _register_registry(app)
