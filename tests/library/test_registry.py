@@ -90,6 +90,18 @@ def test_an_entry_for_another_device_gives_the_reference_and_one_warning(user_re
     assert kerneltune.served() == {"attention": {"reference": 3}}
 
 
+def test_the_shipped_registry_holding_other_devices_does_not_warn(tmp_path, monkeypatch):
+    shipped = tmp_path / "shipped.json"
+    e = entry_for(os.path.join(SEEDS, "attention", "numba_cpu.py"), "attention", dims=ATT, args={"causal": True},
+                  device_key="cpu:some-other-cpu:64t")
+    e["candidate"] = os.path.join(SEEDS, "attention", "numba_cpu.py")
+    shipped.write_text(json.dumps({"format": 1, "entries": [e]}))
+    monkeypatch.setattr(reg, "shipped_path", lambda: str(shipped))
+    serve.reload()
+    assert calls_warnings() == []
+    assert "only for other devices (cpu:some-other-cpu:64t)" in kerneltune.decisions()[0]["reason"]
+
+
 def test_a_missing_candidate_file_gives_the_reference_and_one_warning(user_registry):
     path = user_registry([("attention/numba_cpu.py", dict(op="attention", dims=ATT, args={"causal": True}))])
     os.remove(os.path.join(os.path.dirname(path), "candidates", "attention", "numba_cpu.py"))
