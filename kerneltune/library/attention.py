@@ -146,9 +146,10 @@ def reference_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, causal
     nk = k.shape[-2]
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     qf, kf, vf, gf = (t.detach().to(ct) for t in (q, k, v, grad_out))  # (..., N, D), (..., Nk, D), (..., Nk, Dv)
-    dq = torch.empty_like(qf)
-    dk = torch.zeros_like(kf)
-    dv = torch.zeros_like(vf)
+    cf = torch.contiguous_format  # the layout the fake promises, whatever the saved inputs' strides
+    dq = torch.empty_like(qf, memory_format=cf)
+    dk = torch.zeros_like(kf, memory_format=cf)
+    dv = torch.zeros_like(vf, memory_format=cf)
     for i0, i1 in _row_blocks(q, nk, qf.element_size()):
         s = (qf[..., i0:i1, :] @ kf.transpose(-1, -2)) * sc               # (..., m, Nk)
         if causal:
