@@ -185,7 +185,7 @@ def candidates_dir() -> str:
 
 @app.command("bench")
 def bench_cmd(
-    op: str = typer.Argument(..., help="attention or adamw"),
+    op: Optional[str] = typer.Argument(None, help="attention or adamw (with --check: only this op's entries)"),
     device: str = DeviceOpt,
     shapes: Optional[list[str]] = typer.Option(None, "--shapes", help="timed shape(s), e.g. 2,8,512,64,causal"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="dtype of the timed shapes"),
@@ -194,14 +194,32 @@ def bench_cmd(
     csv_path: Optional[str] = typer.Option(None, "--csv", help="append one row per contestant to this CSV"),
     candidates: Optional[str] = typer.Option(None, "--candidates", help="directory of candidates (default: candidates/OP)"),
     db: Optional[str] = DbOpt,
+    check: bool = typer.Option(False, "--check", help="regression check of every registry entry for this device "
+                                                      "(docs/ci.md); exit 1 on a regression"),
+    registry: Optional[str] = typer.Option(None, "--registry", help="with --check: this registry file only"),
+    tolerance: float = typer.Option(0.10, "--tolerance", help="with --check: minimum relative drop that counts"),
+    confidence: float = typer.Option(0.99, "--confidence", help="with --check: bootstrap confidence level"),
+    confirm: int = typer.Option(1, "--confirm", help="with --check: re-measurements a regression must survive"),
+    max_foreign_load: float = typer.Option(0.25, "--max-foreign-load",
+                                           help="with --check: share of the CPUs other processes may use"),
+    strict: bool = typer.Option(False, "--strict", help="with --check: inconclusive or nothing checked fails too"),
 ) -> None:
-    """Baselines and every candidate under candidates/OP in one table: median, p20/p80, speedups, % of roof."""
+    """Baselines and every candidate under candidates/OP in one table: median, p20/p80, speedups, % of roof.
+    With --check: has any registry winner for this device got slower relative to its baseline (docs/ci.md)?"""
     from kerneltune.backends import capability
     from kerneltune.evaluate.static import StaticReject, inspect_source, read_candidate
     from kerneltune.ops import op_names
 
+    if check:
+        from kerneltune.check import check_command
+
+        raise typer.Exit(check_command(op=op, device=_check_device(device), registry=registry, tolerance=tolerance,
+                                       confidence=confidence, confirm=confirm, max_foreign_load=max_foreign_load,
+                                       strict=strict, timeout=timeout, json_out=json_out, csv_path=csv_path,
+                                       shapes=shapes, dtype=dtype, candidates=candidates))
     if op not in op_names():
-        usage_error(f"unknown op {op!r}: use one of {', '.join(op_names())}")
+        usage_error(f"unknown op {op!r}: use one of {', '.join(op_names())}" if op else
+                    f"give an op ({', '.join(op_names())}), or --check for the registry's regression check")
     device = _check_device(device)
     folder = candidates or os.path.join(candidates_dir(), op)
     paths = sorted(glob.glob(os.path.join(folder, "*.py")))
@@ -578,6 +596,11 @@ def show_cmd(candidate: str = typer.Argument(..., help="hash, hash prefix or nam
 from kerneltune.cli_train import train_cmd  # noqa: E402 - its own module; heavy imports stay inside it
 
 app.command("train")(train_cmd)
+
+
+from kerneltune.report import report_cmd  # noqa: E402 - results CSVs -> PNGs + markdown (docs/ci.md)
+
+app.command("report")(report_cmd)
 
 
 from kerneltune.cli_registry import register as _register_registry  # noqa: E402 - promote, registry, explain

@@ -1,0 +1,578 @@
+"""`kerneltune bench --check`: has a registry winner got slower relative to its baseline, beyond noise?
+
+For every registry entry recorded for this device, in one evaluator (one process, one trusted baseline
+worker per op), the entry's candidate file is verified again exactly as `kerneltune eval` does (every
+check shape, fresh seeds, re-verification after timing) and timed interleaved with the entry's
+baseline, round by round. The verdict compares the speedup measured now with the one recorded:
+
+    t_c[r], t_b[r]   the timed calls of the candidate's and the baseline's turn in round r (adjacent in time)
+    S                = Q_q(all t_b) / Q_q(all t_c)      Q_q: the q-quantile (default q = 0.1) of pooled calls
+    [lo, hi]         a percentile bootstrap CI of S (default 99 %), resampling whole rounds, pairs kept
+    regression       when  recorded > hi · (1 + tolerance)             (default tolerance 0.10)
+
+Why a low quantile and not the median: interference (another process on a core, a descheduled thread at a
+barrier, an interrupt) only ever adds time to a call, so the least disturbed calls carry the kernel's own
+speed. On a 2-core machine shared with other jobs the median ratio of numba AdamW over fused AdamW moved
+from 0.30 to 0.03 while the p10 ratio stayed within 0.25-0.32 (docs/ci.md has the figures).
+
+A flagged entry is measured again (``confirm`` times, each a fresh evaluation after waiting for the
+machine to be quiet) and is a regression only if every measurement flags it. Each measurement records
+the CPU time that processes other than this one and its workers used meanwhile ("foreign load", from
+/proc/stat); a regression seen only while the machine was busy is reported as inconclusive, not as a
+failure. A candidate that no longer passes verification fails whatever the load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+STATUS_OK, STATUS_REGRESSION, STATUS_FAILED, STATUS_INCONCLUSIVE = "ok", "regression", "failed", "inconclusive"
+FAILING = (STATUS_REGRESSION, STATUS_FAILED)
+
+
+@dataclass
+class CheckOptions:
+    tolerance: float = 0.10           # minimum effect: relative drop of the speedup that counts
+    confidence: float = 0.99          # two-sided bootstrap CI
+    quantile: float = 0.10            # Q_q of the pooled calls of each contestant
+    resamples: int = 2000             # bootstrap resamples (fixed seed: the same samples give the same CI)
+    rounds: int = 20                  # interleaved rounds per measurement
+    round_ms: float = 20.0            # target length of one contestant's turn
+    min_reps: int = 60                # at least this many timed calls per contestant (more rounds if needed)
+    seeds: int = 2                    # fresh random inputs per check shape (re-verification)
+    confirm: int = 1                  # extra measurements of a flagged entry; all must flag it
+    max_foreign_load: float = 0.25    # share of the CPUs other processes may use before a measurement is "busy"
+    wait_quiet_s: float = 30.0        # before a confirmation, wait up to this long for a quiet machine
+    timeout: float = 600.0            # seconds per evaluation
+    seed: int = 0                     # of the bootstrap
+
+
+# -- statistics ------------------------------------------------------------------------------------------
+_MAX_PER_TURN = 256  # a turn of a very fast kernel holds thousands of calls: keep evenly spaced order statistics
+
+
+def _thin(turn: Sequence[float]) -> list[float]:
+    s = sorted(float(x) for x in turn)
+    if len(s) <= _MAX_PER_TURN:
+        return s
+    step = (len(s) - 1) / (_MAX_PER_TURN - 1)
+    return [s[round(i * step)] for i in range(_MAX_PER_TURN)]
+
+
+def quantile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolated q-quantile (numpy's default method)."""
+    s = sorted(xs)
+    if not s:
+        raise ValueError("no samples")
+    pos = q * (len(s) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def speedup_stat(base_turns: Sequence[Sequence[float]], cand_turns: Sequence[Sequence[float]], q: float) -> float:
+    """Q_q of every baseline call over Q_q of every candidate call."""
+    b = [x for t in base_turns for x in t]
+    c = [x for t in cand_turns for x in t]
+    return quantile(b, q) / quantile(c, q)
+
+
+def bootstrap_ci(base_turns: Sequence[Sequence[float]], cand_turns: Sequence[Sequence[float]], *, q: float,
+                 confidence: float, resamples: int, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``speedup_stat``, resampling rounds (the candidate's and the baseline's turn
+    of one round stay together: they ran next to each other, under the same conditions)."""
+    import numpy as np
+
+    n = min(len(base_turns), len(cand_turns))
+    if n < 2:
+        raise ValueError("the bootstrap needs at least 2 rounds")
+    bt = [np.asarray(_thin(t)) for t in base_turns[:n]]
+    ct = [np.asarray(_thin(t)) for t in cand_turns[:n]]
+    rng = random.Random(seed)
+    stats = np.empty(resamples)
+    for i in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        b = np.concatenate([bt[j] for j in idx])
+        c = np.concatenate([ct[j] for j in idx])
+        stats[i] = np.quantile(b, q) / np.quantile(c, q)
+    alpha = (1.0 - confidence) / 2
+    lo, hi = np.quantile(stats, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def judge(recorded: float, lo: float, hi: float, tolerance: float) -> str:
+    """'regression' when the recorded speedup is above the CI's upper end by more than the tolerance."""
+    return STATUS_REGRESSION if recorded > hi * (1.0 + tolerance) else STATUS_OK
+
+
+# -- foreign load ----------------------------------------------------------------------------------------
+def _read_proc_stat() -> tuple[int, int] | None:
+    """(busy ticks of all CPUs, number of CPUs) from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    head = lines[0].split()
+    if head[0] != "cpu":
+        return None
+    v = [int(x) for x in head[1:]]
+    # user nice system idle iowait irq softirq steal (guest is inside user): all but idle and iowait count
+    busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
+    ncpu = sum(1 for ln in lines if ln.startswith("cpu") and ln[3:4].isdigit())
+    return busy, ncpu
+
+
+def _own_ticks(root: int) -> int:
+    """CPU ticks of ``root`` and all its descendants (their reaped children included)."""
+    procs: dict[int, tuple[int, int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return 0
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        rest = raw[raw.rfind(")") + 2:].split()  # fields after "pid (comm)"
+        try:
+            ppid = int(rest[1])
+            ticks = int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14])  # utime stime cutime cstime
+        except (IndexError, ValueError):
+            continue
+        procs[int(name)] = (ppid, ticks)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in procs:
+            total += procs[pid][1]
+        todo += children.get(pid, [])
+    return total
+
+
+class LoadMeter:
+    """CPU time used by processes other than this one and its descendants, between start() and stop(),
+    as a share of all CPUs (0.5 = half the cores busy all along). None where /proc is missing (not Linux)."""
+
+    def __init__(self) -> None:
+        self._t0 = 0.0
+        self._busy0: tuple[int, int] | None = None
+        self._own0 = 0
+        self.cores: float | None = None  # the same, in cores
+
+    def start(self) -> "LoadMeter":
+        self._t0 = time.monotonic()
+        self._busy0 = _read_proc_stat()
+        self._own0 = _own_ticks(os.getpid())
+        return self
+
+    def stop(self) -> float | None:
+        wall = time.monotonic() - self._t0
+        busy1 = _read_proc_stat()
+        if self._busy0 is None or busy1 is None or wall <= 0:
+            return None
+        own = _own_ticks(os.getpid()) - self._own0
+        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.cores = round(max(busy1[0] - self._busy0[0] - own, 0) / hz / wall, 3)
+        return round(self.cores / max(busy1[1], 1), 3)
+
+
+def wait_quiet(limit: float, max_wait_s: float, window_s: float = 1.0) -> float | None:
+    """Sample the foreign load over short windows until it is at most ``limit`` or ``max_wait_s`` passed;
+    return the last sample."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        m = LoadMeter().start()
+        time.sleep(window_s)
+        load = m.stop()
+        if load is None or load <= limit or time.monotonic() >= deadline:
+            return load
+
+
+# -- registry entries -> cases -----------------------------------------------------------------------------
+def entry_case(entry: Any) -> Any:
+    """The Case an entry was timed at. A registry keeps attention dims whole but only adamw's numel and
+    tensor count; the full case comes from ``provenance['case_json']`` when the entry has it, else from the
+    preset its case name starts with, else a GPT-like list of the same numel and tensor count."""
+    from kerneltune.ops import get_op
+    from kerneltune.ops.base import Case
+
+    prov = entry.provenance or {}
+    if isinstance(prov.get("case_json"), dict):
+        return Case.from_json(prov["case_json"])
+    spec = get_op(entry.op)
+    if entry.op == "adamw":
+        from kerneltune.ops.adamw import PRESETS
+
+        name = str(prov.get("case") or "")
+        preset = next((p for p in PRESETS if name.split(" ")[0] == p), None)
+        if preset:
+            case = spec.parse_case(preset, "float32")
+            if _norm(entry.op, case.dims) == _norm(entry.op, entry.dims):
+                return case
+        return _adamw_like(entry.dims)
+    name = str(prov.get("case") or entry.bucket)
+    return Case(name=name, dims=dict(entry.dims), dtype=entry.dtype, args=dict(entry.args))
+
+
+def _norm(op: str, dims: dict[str, Any]) -> dict[str, Any]:
+    from kerneltune.registry import norm_dims
+
+    return norm_dims(op, dims)
+
+
+def _adamw_like(dims: dict[str, Any]) -> Any:
+    """A parameter list of exactly ``numel`` elements in ``tensors`` tensors: one square-ish matrix holding
+    most of it and vectors of equal size for the rest (the numel and count the entry records)."""
+    from kerneltune.ops.base import Case
+
+    numel, n = int(dims["numel"]), max(int(dims.get("tensors", 1)), 1)
+    small = max(min(numel // (4 * n), 4096), 1) if n > 1 else 0
+    big = numel - small * (n - 1)
+    shapes = [[big]] + [[small]] * (n - 1)
+    return Case(name=f"approx ({numel / 1e6:.2f}M params, {n} tensors)", dims={"shapes": shapes}, dtype="float32")
+
+
+# -- one entry ---------------------------------------------------------------------------------------------
+@dataclass
+class Measurement:
+    status: str                       # ok | regression | failed
+    speedup: float | None = None      # S, the quantile ratio
+    ci: tuple[float, float] | None = None
+    median_speedup: float | None = None  # baseline median / candidate median (as the evaluator reports it)
+    candidate_p50_ms: float | None = None
+    baseline_p50_ms: float | None = None
+    rounds: int = 0
+    calls: tuple[int, int] = (0, 0)   # candidate, baseline
+    foreign_load: float | None = None
+    busy: bool = False
+    reason: str = ""
+    duration_s: float = 0.0
+    result: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def measure(ev: Any, entry: Any, case: Any, opts: CheckOptions, recorded: float) -> Measurement:
+    """One fresh evaluation of the entry's candidate file at its case, against its baseline; judged."""
+    t0 = time.monotonic()
+    ev.opt.shapes = [case]
+    ev.opt.baselines = [entry.baseline]
+    meter = LoadMeter().start()
+    res = ev.evaluate_path(entry.path)
+    load = meter.stop()
+    busy = load is not None and load > opts.max_foreign_load
+    m = Measurement(status=STATUS_OK, foreign_load=load, busy=busy, duration_s=round(time.monotonic() - t0, 2),
+                    result=res)
+    if res["status"] != "passed":
+        m.status = STATUS_FAILED
+        m.reason = f"{res['status']}: {res['reason'] or '; '.join(res.get('notes') or [])}"
+        return m
+    cases = res.get("cases") or []
+    if not cases:
+        m.status = STATUS_FAILED
+        m.reason = "passed verification but was not timed on this device"
+        return m
+    c = cases[0]
+    b = (c.get("baselines") or {}).get(entry.baseline)
+    if b is None or "samples_ms" not in c or "samples_ms" not in b:
+        m.status = STATUS_FAILED
+        m.reason = f"baseline {entry.baseline!r} was not timed (the op's baselines: {', '.join(c.get('baselines') or {})})"
+        return m
+    ct, bt = c["samples_ms"], b["samples_ms"]
+    m.rounds = min(len(ct), len(bt))
+    m.calls = (sum(len(t) for t in ct), sum(len(t) for t in bt))
+    m.speedup = speedup_stat(bt, ct, opts.quantile)
+    m.ci = bootstrap_ci(bt, ct, q=opts.quantile, confidence=opts.confidence, resamples=opts.resamples, seed=opts.seed)
+    m.median_speedup = b.get("speedup")
+    m.candidate_p50_ms, m.baseline_p50_ms = c.get("median_ms"), b.get("median_ms")
+    m.status = judge(recorded, m.ci[0], m.ci[1], opts.tolerance)
+    return m
+
+
+def label(entry: Any) -> str:
+    args = entry.args or {}
+    extra = ("causal" if args.get("causal") else "full") if "causal" in args else ""
+    what = " ".join(x for x in (entry.op, entry.bucket, entry.dtype, extra) if x)
+    return f"{entry.name} ({what})"
+
+
+def check_entry(ev: Any, entry: Any, opts: CheckOptions, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Measure one entry (again, if flagged) and decide; a JSON-able record."""
+    from kerneltune.registry import check_file
+
+    recorded = float(entry.speedup)
+    rec: dict[str, Any] = {"entry": label(entry), "name": entry.name, "op": entry.op, "bucket": entry.bucket,
+                           "dtype": entry.dtype, "args": entry.args, "device_key": entry.device_key,
+                           "candidate": entry.path, "baseline": entry.baseline, "recorded_speedup": recorded,
+                           "notes": []}
+    if not os.path.isfile(entry.path):
+        rec.update(status=STATUS_FAILED, reason=f"candidate file {entry.path} is missing", measurements=[])
+        return rec
+    changed = check_file(entry)
+    if changed:
+        rec["notes"].append(changed.split(";")[0] + ": measuring the file as it is now")
+    try:
+        case = entry_case(entry)
+    except (KeyError, ValueError, TypeError) as e:
+        rec.update(status=STATUS_FAILED, reason=f"cannot rebuild the shape it was timed at ({e})", measurements=[])
+        return rec
+    rec["shape"] = case.name
+    measurements: list[Measurement] = []
+    for attempt in range(1 + max(opts.confirm, 0)):
+        if attempt:
+            progress(f"{entry.name}: flagged; waiting up to {opts.wait_quiet_s:.0f} s for a quiet machine, then "
+                     "measuring again")
+            if opts.wait_quiet_s > 0:
+                wait_quiet(opts.max_foreign_load, opts.wait_quiet_s)
+        progress(f"{entry.name}: verifying and timing against {entry.baseline} ({attempt + 1})")
+        try:
+            m = measure(ev, entry, case, opts, recorded)
+        except RuntimeError as e:  # the trusted baseline worker itself failed
+            m = Measurement(status=STATUS_FAILED, reason=f"baseline error: {e}")
+        measurements.append(m)
+        if m.status != STATUS_REGRESSION:
+            break
+    rec["measurements"] = [_m_json(m) for m in measurements]
+    last = measurements[-1]
+    if last.status == STATUS_FAILED:
+        rec.update(status=STATUS_FAILED, reason=last.reason)
+    elif last.status == STATUS_OK:
+        rec["status"] = STATUS_OK
+        if len(measurements) > 1:
+            rec["notes"].append(f"flagged by {len(measurements) - 1} measurement(s), cleared by the next")
+        if last.busy:
+            rec["notes"].append(f"the machine was busy (other processes used {last.foreign_load:.0%} of the CPUs): "
+                                "a regression could hide in the noise")
+    elif all(m.busy for m in measurements):
+        rec["status"] = STATUS_INCONCLUSIVE
+        rec["reason"] = (f"speedup {last.speedup:.3g}× looks {1 - last.speedup / recorded:.0%} below the recorded "
+                         f"{recorded:.3g}×, but other processes used up to "
+                         f"{max(m.foreign_load or 0 for m in measurements):.0%} of the CPUs meanwhile "
+                         f"(limit {opts.max_foreign_load:.0%}): measure again on a quiet machine")
+    else:
+        rec["status"] = STATUS_REGRESSION
+        lo, hi = last.ci or (math.nan, math.nan)
+        rec["reason"] = (f"speedup {last.speedup:.3g}× vs {entry.baseline} ({opts.confidence:.0%} CI {lo:.3g}–{hi:.3g}, "
+                         f"{len(measurements)} measurements) is {1 - last.speedup / recorded:.0%} below the recorded "
+                         f"{recorded:.3g}× (tolerance {opts.tolerance:.0%})")
+    if last.speedup is not None:
+        rec["speedup"] = last.speedup
+        rec["ci"] = list(last.ci) if last.ci else None
+        rec["change"] = last.speedup / recorded - 1.0 if recorded > 0 else None
+    rec.setdefault("reason", "")
+    return rec
+
+
+def _m_json(m: Measurement) -> dict[str, Any]:
+    d = asdict(m)
+    d.pop("result")
+    d["ci"] = list(m.ci) if m.ci else None
+    d["calls"] = list(m.calls)
+    d["evaluation"] = {k: m.result.get(k) for k in ("status", "reason", "hash", "duration_s")} if m.result else None
+    return d
+
+
+# -- the whole check -----------------------------------------------------------------------------------------
+def run_check(device: str, *, registry_path: str | None = None, op: str | None = None,
+              opts: CheckOptions | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Check every entry of the registry recorded for this device (of ``op``, when given)."""
+    from kerneltune import registry as reg
+    from kerneltune.evaluate.device import device_info, versions
+    from kerneltune.evaluate.evaluator import Evaluator, Options
+
+    opts = opts or CheckOptions()
+    progress = progress or (lambda _m: None)
+    key = device_info(device)["key"]
+    r = reg.load(registry_path)
+    entries = [e for e in r.for_device(key) if op is None or e.op == op]
+    t0 = time.monotonic()
+    report: dict[str, Any] = {
+        "device": device_info(device), "device_key": key, "registries": [s.path for s in r.sources],
+        "options": asdict(opts), "versions": versions(), "commit": git_commit(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "entries": [],
+        "other_devices": sorted({e.device_key for e in r.entries} - {key}),
+    }
+    if entries:
+        eopts = Options(device=device, timeout=opts.timeout, seeds=opts.seeds, rounds=opts.rounds,
+                        round_ms=opts.round_ms, min_reps=opts.min_reps, samples=True, memory_gb=16.0)
+        with Evaluator(eopts, progress=progress) as ev:
+            for e in entries:
+                report["entries"].append(check_entry(ev, e, opts, progress))
+    counts = {s: sum(1 for x in report["entries"] if x["status"] == s)
+              for s in (STATUS_OK, STATUS_REGRESSION, STATUS_FAILED, STATUS_INCONCLUSIVE)}
+    report["summary"] = {**counts, "checked": len(entries), "duration_s": round(time.monotonic() - t0, 1)}
+    return report
+
+
+def exit_code(report: dict[str, Any], strict: bool = False) -> int:
+    """1 when an entry regressed or failed verification (or, with ``strict``, was inconclusive or nothing was
+    checked); else 0."""
+    s = report["summary"]
+    if s[STATUS_REGRESSION] or s[STATUS_FAILED]:
+        return 1
+    if strict and (s[STATUS_INCONCLUSIVE] or not s["checked"]):
+        return 1
+    return 0
+
+
+def failure_lines(report: dict[str, Any]) -> list[str]:
+    """One line per regression or failure (and per inconclusive entry), for CI logs."""
+    lines = []
+    for x in report["entries"]:
+        if x["status"] in FAILING or x["status"] == STATUS_INCONCLUSIVE:
+            lines.append(f"{x['status'].upper()}: {x['entry']} on {x['device_key']}: {x['reason']}")
+    return lines
+
+
+def git_commit(cwd: str | None = None) -> str:
+    """The checkout's commit (12 hex digits, '+dirty' when the tree has changes), else $GITHUB_SHA /
+    $CI_COMMIT_SHA, else 'unknown'."""
+    import subprocess
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                             timeout=10, cwd=cwd).stdout.strip()
+        if sha:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, timeout=10, cwd=cwd).stdout.strip()
+            return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for var in ("GITHUB_SHA", "CI_COMMIT_SHA"):
+        if os.environ.get(var):
+            return os.environ[var][:12]
+    return "unknown"
+
+
+def to_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=1, default=str)
+
+
+# -- rows for the results CSV ----------------------------------------------------------------------------------
+def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per contestant (candidate, baseline) per entry measured, in the results-CSV format
+    (kerneltune.report.FIELDS), from each entry's last measurement."""
+    rows = []
+    v = report["versions"]
+    for x in report["entries"]:
+        ms = x.get("measurements") or []
+        if not ms or ms[-1].get("median_speedup") is None:
+            continue
+        m = ms[-1]
+        common = {"timestamp": report["timestamp"], "commit": report["commit"], "source": "bench --check",
+                  "device": report["device"]["name"], "device_key": report["device_key"], "torch": v.get("torch"),
+                  "triton": v.get("triton"), "numba": v.get("numba"), "kerneltune": v.get("kerneltune"),
+                  "threads": report["device"].get("threads"), "op": x["op"], "shape": x.get("shape", x["bucket"]),
+                  "dtype": x["dtype"], "candidate": x["name"], "candidate_hash": (m.get("evaluation") or {}).get("hash", "")[:16]}
+        rows.append({**common, "contestant": x["name"], "kind": "candidate", "p50_ms": m["candidate_p50_ms"],
+                     "speedup_vs_primary": m["median_speedup"], "check_speedup": m["speedup"],
+                     "recorded_speedup": x["recorded_speedup"], "status": x["status"]})
+        rows.append({**common, "contestant": x["baseline"], "kind": "baseline", "p50_ms": m["baseline_p50_ms"],
+                     "speedup_vs_primary": m["median_speedup"]})
+    return rows
+
+
+# -- the command ----------------------------------------------------------------------------------------------
+def check_command(*, op: str | None, device: str, registry: str | None, tolerance: float, confidence: float,
+                  confirm: int, max_foreign_load: float, strict: bool, timeout: float, json_out: bool,
+                  csv_path: str | None, shapes: Any = None, dtype: str | None = None,
+                  candidates: str | None = None) -> int:
+    """Validate `bench --check`'s options (exit 2 with one line on a usage error), then run it."""
+    import sys
+
+    from kerneltune.ops import op_names
+
+    def usage(msg: str) -> int:
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+    if shapes or dtype or candidates:
+        return usage("--check measures each registry entry at the shape and dtype it was recorded at: drop "
+                     "--shapes, --dtype and --candidates")
+    if op is not None and op not in op_names():
+        return usage(f"unknown op {op!r}: use one of {', '.join(op_names())}, or none for every op")
+    if not tolerance >= 0 or not 0.5 <= confidence < 1 or confirm < 0 or not 0 < max_foreign_load <= 1 or timeout <= 0:
+        return usage("--tolerance >= 0, 0.5 <= --confidence < 1, --confirm >= 0, 0 < --max-foreign-load <= 1 and "
+                     "--timeout > 0, please")
+    opts = CheckOptions(tolerance=tolerance, confidence=confidence, confirm=confirm, max_foreign_load=max_foreign_load,
+                        timeout=timeout)
+    return cli_check(device=device, op=op, registry=registry, opts=opts, strict=strict, json_out=json_out,
+                     csv_path=csv_path)
+
+
+def cli_check(*, device: str, op: str | None, registry: str | None, opts: CheckOptions, strict: bool,
+              json_out: bool, csv_path: str | None) -> int:
+    """`kerneltune bench --check`: prints the report (a table, or JSON with --json), one line per regression on
+    stderr, appends rows to ``csv_path``; returns the exit code."""
+    import sys
+
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    out = Console(width=None if sys.stdout.isatty() else 200)
+    if registry and not os.path.isfile(registry):
+        print(f"error: --registry {registry}: no such file", file=sys.stderr)
+        return 2
+    with err.status("starting") as status:
+        report = run_check(device, registry_path=registry, op=op, opts=opts,
+                           progress=lambda m: status.update(m) if not json_out else None)
+    if csv_path:
+        from kerneltune.report import append_rows
+
+        append_rows(csv_path, csv_rows(report))
+    code = exit_code(report, strict)
+    report["exit_code"] = code
+    if json_out:
+        print(to_json(report))
+    else:
+        _print_report(out, report, opts)
+    for line in failure_lines(report):
+        print(line, file=sys.stderr)
+    return code
+
+
+_STYLE = {STATUS_OK: "green", STATUS_REGRESSION: "red", STATUS_FAILED: "red", STATUS_INCONCLUSIVE: "yellow"}
+
+
+def _print_report(out: Any, report: dict[str, Any], opts: CheckOptions) -> None:
+    from rich.table import Table
+
+    s = report["summary"]
+    if not s["checked"]:
+        others = ", ".join(report["other_devices"]) or "none"
+        out.print(f"nothing to check: no registry entry for this device ({report['device_key']}); entries exist for: "
+                  f"{others}. Record some with kerneltune eval + kerneltune promote on this kind of machine.",
+                  highlight=False)
+        return
+    t = Table(title=f"kerneltune bench --check · {report['device_key']}")
+    for col in ("entry", "status", "recorded", f"now (p{opts.quantile * 100:.0f} ratio)", f"{opts.confidence:.0%} CI",
+                "change", "median ratio", "foreign load", "note"):
+        t.add_column(col, overflow="fold")
+    for x in report["entries"]:
+        ms = x.get("measurements") or [{}]
+        m = ms[-1]
+        ci = x.get("ci")
+        t.add_row(x["entry"], f"[{_STYLE[x['status']]}]{x['status']}[/]", f"{x['recorded_speedup']:.3g}×",
+                  f"{x['speedup']:.3g}×" if x.get("speedup") is not None else "—",
+                  f"{ci[0]:.3g}–{ci[1]:.3g}" if ci else "—",
+                  f"{x['change']:+.0%}" if x.get("change") is not None else "—",
+                  f"{m['median_speedup']:.3g}×" if m.get("median_speedup") is not None else "—",
+                  f"{m['foreign_load']:.0%}" if m.get("foreign_load") is not None else "—",
+                  "; ".join(([x["reason"]] if x["reason"] and x["status"] != STATUS_OK else []) + x["notes"]))
+    out.print(t)
+    out.print(f"[dim]{s['checked']} checked in {s['duration_s']} s: {s[STATUS_OK]} ok, {s[STATUS_REGRESSION]} "
+              f"regressed, {s[STATUS_FAILED]} failed, {s[STATUS_INCONCLUSIVE]} inconclusive · regression when the "
+              f"recorded speedup > CI upper end × {1 + opts.tolerance:g} · commit {report['commit']} · torch "
+              f"{report['versions']['torch']}[/dim]", highlight=False)
