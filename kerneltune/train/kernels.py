@@ -4,6 +4,8 @@ reference: torch.nn.functional.scaled_dot_product_attention and torch.optim.Adam
 tuned:     kerneltune.attention and kerneltune.optim.AdamW, which look up the registry's winner per
            device, shape and dtype and fall back to the reference where no winner beats it;
            kerneltune.served() says which kernel answered each call.
+Both optimizers get the same arguments (fused=True on GPU), so where no AdamW winner serves, the
+tuned run falls back to the very step the reference takes.
 """
 
 from __future__ import annotations
@@ -31,11 +33,15 @@ class Kernels:
     reset: Callable[[], None]
 
 
+def adamw_options(device: str) -> dict:
+    return {"fused": device.startswith("cuda")}
+
+
 def reference(device: str) -> Kernels:
-    fused = device.startswith("cuda")
+    fused = adamw_options(device)["fused"]
 
     def make_adamw(groups: Any, **kw: Any) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(groups, fused=fused, **kw)
+        return torch.optim.AdamW(groups, **adamw_options(device), **kw)
 
     label = {"attention": {"torch.scaled_dot_product_attention": None},
              "adamw": {f"torch.optim.AdamW(fused={fused})": None}}
@@ -57,7 +63,7 @@ def tuned(device: str) -> Kernels:
         return attention(q, k, v, causal=causal)
 
     def make_adamw(groups: Any, **kw: Any) -> torch.optim.Optimizer:
-        return adamw_cls(groups, **kw)
+        return adamw_cls(groups, **adamw_options(device), **kw)
 
     return Kernels("tuned", attend, make_adamw, served, reset)
 

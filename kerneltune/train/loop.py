@@ -119,7 +119,7 @@ class Run:
     def micro_batches(self, split: str, step: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         for m in range(self.accum):  # this process's rows of the step's global batch
             x, y = self.batches.get(split, step, self.d.rank * self.accum + m, self.cfg.micro_batch)
-            yield m, x.to(self.device), y.to(self.device)
+            yield m, x, y  # on self.device already
 
     def train_step(self) -> dict:
         """One optimizer step on the global batch of step self.step; returns loss (global mean), ms, lr."""
@@ -264,6 +264,9 @@ def make_setup(cfg: TrainConfig, corpus: Corpus, d: Dist, device: str, stream: T
     if cfg.model.vocab_size < corpus.vocab_size:
         raise TrainError(f"{corpus.name}: tokens up to {corpus.vocab_size - 1} but the model's vocabulary "
                          f"is {cfg.model.vocab_size}")
+    if device.startswith("cuda"):  # as nanoGPT: fp32 matmuls outside autocast may use TF32, in both runs alike
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     peak, source = device_peak(device)
     peak *= d.world  # MFU of the whole job: model FLOP/s of all processes over the peak of all devices
 
@@ -271,7 +274,7 @@ def make_setup(cfg: TrainConfig, corpus: Corpus, d: Dist, device: str, stream: T
         if d.master:
             print(msg, file=stream, flush=True)
 
-    batches = Batches(corpus, cfg.model.block_size, cfg.batch_size, cfg.seed)
+    batches = Batches(corpus, cfg.model.block_size, cfg.batch_size, cfg.seed, device)
     return Setup(cfg, corpus, batches, d, device, peak, source, log)
 
 

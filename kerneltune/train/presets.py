@@ -42,7 +42,7 @@ PRESETS: dict[str, Preset] = {
                     batch_size=8, micro_batch=4, steps=20, lr=3e-3, eval_interval=10, eval_iters=2,
                     summary="2 layers, 32 wide, context 32: seconds on a CPU"),
     "cpu-tiny": Preset(GPTConfig(block_size=128, vocab_size=256, n_layer=4, n_head=4, n_embd=128),
-                       batch_size=32, micro_batch=32, steps=200, lr=2e-3, eval_interval=50, eval_iters=8,
+                       batch_size=32, micro_batch=32, steps=200, lr=3e-3, eval_interval=50, eval_iters=8,
                        summary="4 layers, 4 heads, 128 wide, context 128: 200 steps in minutes on 2 cores"),
     "gpt2-124m": Preset(GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768),
                         batch_size=32, micro_batch=16, steps=60, lr=6e-4, eval_interval=20, eval_iters=4,
