@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from typing import Optional
 
@@ -83,7 +84,8 @@ def train_cmd(
             corpus = load_corpus(data)
             cfg = resolve(preset or DEFAULT_PRESET, steps=steps, batch_size=batch_size, micro_batch=micro_batch,
                           lr=lr, eval_interval=eval_interval, seed=1337 if seed is None else seed, device=dev,
-                          kernels=kernels or "reference", data=data, vocab_size=corpus.vocab_size)
+                          kernels=kernels or "reference", data=data, vocab_size=corpus.vocab_size,
+                          world=int(os.environ.get("WORLD_SIZE", "1")))
         d, proc_device = loop.setup_distributed(cfg.device)
         s = loop.make_setup(cfg, corpus, d, proc_device, stream=sys.stderr if json_out else sys.stdout)
         if compare:
@@ -106,8 +108,6 @@ def train_cmd(
 
 def write_train_summary(s, summary: dict, out_dir: str) -> dict:
     """train.json next to the run: the summary plus what the data and the machine were."""
-    import os
-
     from kerneltune.evaluate.device import device_info, versions
 
     ent = s.corpus.unigram_entropy()

@@ -86,14 +86,16 @@ class TrainConfig:
 def resolve(preset: str, *, steps: Optional[int] = None, batch_size: Optional[int] = None,
             micro_batch: Optional[int] = None, lr: Optional[float] = None, eval_interval: Optional[int] = None,
             seed: int = 1337, device: str = "cpu", kernels: str = "reference", data: Optional[str] = None,
-            vocab_size: int = 256) -> TrainConfig:
-    """A preset with the user's overrides -> TrainConfig. ValueError (one line) on nonsense."""
+            vocab_size: int = 256, world: int = 1) -> TrainConfig:
+    """A preset with the user's overrides -> TrainConfig. ConfigError (one line) on nonsense. Without an
+    explicit micro_batch, the preset's is lowered so that `world` processes share the global batch."""
     if preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r}: unknown; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
     steps = p.steps if steps is None else steps
     batch_size = p.batch_size if batch_size is None else batch_size
-    micro_batch = min(p.micro_batch if micro_batch is None else micro_batch, batch_size)
+    if micro_batch is None:
+        micro_batch = max(1, min(p.micro_batch, batch_size // world))
     lr = p.lr if lr is None else lr
     eval_interval = min(p.eval_interval, steps) if eval_interval is None else eval_interval
     for name, v in (("--steps", steps), ("--batch-size", batch_size), ("--micro-batch", micro_batch),

@@ -83,3 +83,9 @@ def test_dropout_streams_survive_resume(corpus, tmp_path):
 def test_batch_sizes_that_do_not_divide(corpus):
     with pytest.raises(loop.TrainError, match="multiple"):
         loop.train(setup(corpus, batch_size=6, micro_batch=4))
+
+
+def test_default_micro_batch_shares_the_global_batch_among_processes():
+    assert resolve("cpu-tiny").micro_batch == 32
+    assert resolve("cpu-tiny", world=2).micro_batch == 16  # torchrun --nproc_per_node 2 needs no --micro-batch
+    assert resolve("cpu-tiny", world=2, micro_batch=8).micro_batch == 8
