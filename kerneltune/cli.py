@@ -203,6 +203,8 @@ def bench_cmd(
     max_foreign_load: float = typer.Option(0.25, "--max-foreign-load",
                                            help="with --check: share of the CPUs other processes may use"),
     strict: bool = typer.Option(False, "--strict", help="with --check: inconclusive or nothing checked fails too"),
+    record: bool = typer.Option(False, "--record", help="with --check: measure each entry 5 times on a quiet machine "
+                                                        "and write that into the registry as the recorded speedup"),
 ) -> None:
     """Baselines and every candidate under candidates/OP in one table: median, p20/p80, speedups, % of roof.
     With --check: has any registry winner for this device got slower relative to its baseline (docs/ci.md)?"""
@@ -216,7 +218,7 @@ def bench_cmd(
         raise typer.Exit(check_command(op=op, device=_check_device(device), registry=registry, tolerance=tolerance,
                                        confidence=confidence, confirm=confirm, max_foreign_load=max_foreign_load,
                                        strict=strict, timeout=timeout, json_out=json_out, csv_path=csv_path,
-                                       shapes=shapes, dtype=dtype, candidates=candidates))
+                                       shapes=shapes, dtype=dtype, candidates=candidates, record=record))
     if op not in op_names():
         usage_error(f"unknown op {op!r}: use one of {', '.join(op_names())}" if op else
                     f"give an op ({', '.join(op_names())}), or --check for the registry's regression check")

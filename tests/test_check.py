@@ -1,0 +1,338 @@
+"""`kerneltune bench --check`: the statistics on samples we control, the decision logic on a scripted
+evaluator, and the real thing: a slowed copy of a winner fails, the unchanged winner passes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from kerneltune import check as ck
+from kerneltune import registry as reg
+
+KEY = reg.device_key("cpu")
+
+
+def turns(rng: random.Random, ms: float, rounds: int = 20, calls: int = 8, jitter: float = 0.02,
+          burst_p: float = 0.0, burst: float = 4.0) -> list[list[float]]:
+    """Calls of ``ms`` each with a little multiplicative jitter; with probability ``burst_p`` a call is hit by
+    interference that adds ``burst`` times its length (interference only ever adds time)."""
+    out = []
+    for _ in range(rounds):
+        t = []
+        for _ in range(calls):
+            x = ms * (1 + rng.uniform(0, jitter))
+            if rng.random() < burst_p:
+                x += ms * burst * rng.random()
+            t.append(x)
+        out.append(t)
+    return out
+
+
+# -- statistics ------------------------------------------------------------------------------------------------
+def test_quantile_matches_numpy():
+    rng = random.Random(1)
+    xs = [rng.random() for _ in range(37)]
+    for q in (0.0, 0.1, 0.2, 0.5, 0.9, 1.0):
+        assert ck.quantile(xs, q) == pytest.approx(float(np.quantile(xs, q)), rel=1e-12)
+    with pytest.raises(ValueError):
+        ck.quantile([], 0.5)
+
+
+def test_thin_keeps_the_distribution_of_a_long_turn():
+    xs = list(np.linspace(1.0, 2.0, 5001))
+    thin = ck._thin(xs)
+    assert len(thin) == ck._MAX_PER_TURN and thin[0] == 1.0 and thin[-1] == 2.0
+    assert ck.quantile(thin, 0.1) == pytest.approx(1.1, abs=0.01)
+
+
+def test_unchanged_kernel_is_not_flagged_and_a_slower_one_is():
+    rng = random.Random(7)
+    base, cand = turns(rng, 1.0), turns(rng, 3.5)  # speedup 0.286
+    recorded = ck.speedup_stat(base, cand, 0.1)
+    lo, hi = ck.bootstrap_ci(base, cand, q=0.1, confidence=0.99, resamples=500)
+    assert lo <= recorded <= hi and ck.judge(recorded, lo, hi, 0.10) == "ok"
+    for factor, verdict in ((1.05, "ok"), (1.5, "regression"), (2.0, "regression")):
+        slow = turns(rng, 3.5 * factor)
+        lo, hi = ck.bootstrap_ci(base, slow, q=0.1, confidence=0.99, resamples=500)
+        assert ck.judge(recorded, lo, hi, 0.10) == verdict, (factor, lo, hi)
+
+
+def test_interference_on_the_candidate_alone_moves_the_median_ratio_but_not_the_low_quantile():
+    """Half the candidate's calls hit by a busy neighbour: the median ratio would call that a regression of a
+    kernel that did not change; the p10 ratio (the undisturbed calls) does not."""
+    rng = random.Random(3)
+    base = turns(rng, 1.0)
+    cand_quiet, cand_busy = turns(rng, 3.5), turns(rng, 3.5, burst_p=0.5, burst=3.0)
+    recorded = ck.speedup_stat(base, cand_quiet, 0.1)
+    assert ck.speedup_stat(base, cand_busy, 0.5) < recorded / 1.3           # the median is fooled
+    lo, hi = ck.bootstrap_ci(base, cand_busy, q=0.1, confidence=0.99, resamples=500)
+    assert ck.judge(recorded, lo, hi, 0.10) == "ok"
+
+
+def test_bootstrap_is_deterministic_and_judge_is_exact_at_the_edge():
+    rng = random.Random(5)
+    base, cand = turns(rng, 1.0, jitter=0.3), turns(rng, 2.0, jitter=0.3)
+    a = ck.bootstrap_ci(base, cand, q=0.1, confidence=0.99, resamples=300, seed=4)
+    assert a == ck.bootstrap_ci(base, cand, q=0.1, confidence=0.99, resamples=300, seed=4)
+    assert a[0] < a[1]
+    narrow = ck.bootstrap_ci(base, cand, q=0.1, confidence=0.5, resamples=300, seed=4)
+    assert a[0] <= narrow[0] <= narrow[1] <= a[1]
+    assert ck.judge(1.1, 0.9, 1.0, 0.10) == "ok"
+    assert ck.judge(1.1 + 1e-9, 0.9, 1.0, 0.10) == "regression"
+    with pytest.raises(ValueError):
+        ck.bootstrap_ci(base[:1], cand[:1], q=0.1, confidence=0.99, resamples=10)
+
+
+# -- load -------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux /proc")
+def test_own_ticks_count_descendants_and_the_meter_reports_a_share():
+    before = ck._own_ticks(os.getpid())
+    code = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    gained = (ck._own_ticks(os.getpid()) - before) / os.sysconf("SC_CLK_TCK")
+    assert gained >= 0.4, gained  # the child's CPU time is ours (in cutime once reaped)
+    m = ck.LoadMeter().start()
+    time.sleep(0.2)
+    share = m.stop()
+    assert share is not None and 0.0 <= share <= 1.0 and m.cores is not None
+
+
+# -- entries -> cases -------------------------------------------------------------------------------------------
+def _entry(op="adamw", dims=None, case=None, speedup=0.3, path="/nonexistent.py", **prov) -> reg.Entry:
+    dims = dims or {"numel": 439_936, "tensors": 28}
+    return reg.Entry(op=op, device_key=KEY, device_name="cpu", dtype="float32", dims=dims,
+                     args={"causal": True} if op == "attention" else {}, bucket=reg.bucket(op, dims), candidate=path,
+                     source_hash="0" * 64, params={}, baseline="adamw_fused" if op == "adamw" else "sdpa",
+                     speedup=speedup, provenance={**({"case": case} if case else {}), **prov}, name="k",
+                     backend="numba")
+
+
+def test_entry_case_rebuilds_the_timed_shape():
+    from kerneltune.ops import get_op
+
+    tiny = get_op("adamw").parse_case("gpt-tiny", "float32")
+    dims = reg.norm_dims("adamw", tiny.dims)
+    assert ck.entry_case(_entry(dims=dims, case=tiny.name)) == tiny
+    exact = get_op("adamw").parse_case("100x3;7", "float32")
+    assert ck.entry_case(_entry(dims={"numel": 307, "tensors": 2}, case_json=exact.to_json())).dims == exact.dims
+    approx = ck.entry_case(_entry(dims={"numel": 1000, "tensors": 5}, case="custom (0.00M params, 5 tensors)"))
+    shapes = approx.dims["shapes"]
+    assert len(shapes) == 5 and sum(s[0] for s in shapes) == 1000
+    att = ck.entry_case(_entry(op="attention", dims={"B": 1, "H": 3, "N": 17, "D": 8}))
+    assert att.dims == {"B": 1, "H": 3, "N": 17, "D": 8} and att.args == {"causal": True}
+
+
+def test_recorded_speedup_is_like_for_like_when_the_entry_has_it():
+    opts = ck.CheckOptions()
+    assert ck.recorded_speedup(_entry(speedup=0.3), opts)[0] == 0.3
+    e = _entry(speedup=0.3, check={"quantile": 0.1, "speedup": 0.33, "runs": [[0.33, 0.3, 0.0]] * 3})
+    assert ck.recorded_speedup(e, opts)[0] == 0.33
+    assert ck.recorded_speedup(e, ck.CheckOptions(quantile=0.2))[0] == 0.3  # another statistic: the plain speedup
+
+
+# -- the decision, on a scripted evaluator -----------------------------------------------------------------------
+class ScriptedEvaluator:
+    """Stands in for the Evaluator: each evaluate_path returns the next scripted result."""
+
+    def __init__(self, results):
+        self.results = list(results)
+        self.opt = type("O", (), {"shapes": None, "baselines": None})()
+        self.calls = 0
+
+    def evaluate_path(self, path):
+        self.calls += 1
+        return self.results.pop(0)
+
+
+def _result(cand_ms: float, base_ms: float = 1.0, status: str = "passed", seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    if status != "passed":
+        return {"status": status, "reason": "out: 3 of 9 element(s) outside tolerance", "cases": [], "hash": "h"}
+    c, b = turns(rng, cand_ms), turns(rng, base_ms)
+    return {"status": "passed", "reason": "", "hash": "h" * 64, "cases": [{
+        "median_ms": cand_ms, "samples_ms": c,
+        "baselines": {"adamw_fused": {"median_ms": base_ms, "speedup": base_ms / cand_ms, "samples_ms": b}}}]}
+
+
+@pytest.fixture
+def quiet(monkeypatch):
+    """Pretend the machine is quiet (or busy) without waiting."""
+    state = {"load": 0.0}
+    monkeypatch.setattr(ck.LoadMeter, "stop", lambda self: state["load"])
+    monkeypatch.setattr(ck, "wait_quiet", lambda *a, **k: state["load"])
+    return state
+
+
+@pytest.fixture
+def entry_file(tmp_path):
+    p = tmp_path / "k.py"
+    p.write_text("KERNELTUNE = {'op': 'adamw', 'backend': 'numba'}\n")
+    return str(p)
+
+
+def test_a_regression_needs_every_measurement(quiet, entry_file):
+    e = _entry(speedup=1 / 3.5, path=entry_file)
+    opts = ck.CheckOptions(resamples=300)
+    ev = ScriptedEvaluator([_result(7.0, seed=1), _result(7.0, seed=2)])
+    rec = ck.check_entry(ev, e, opts, lambda m: None)
+    assert rec["status"] == "regression" and ev.calls == 2 and "50% below the recorded" in rec["reason"]
+    ev = ScriptedEvaluator([_result(7.0, seed=1), _result(3.5, seed=2)])  # flagged once, then cleared
+    rec = ck.check_entry(ev, e, opts, lambda m: None)
+    assert rec["status"] == "ok" and ev.calls == 2 and "cleared" in rec["notes"][-1]
+    ev = ScriptedEvaluator([_result(3.5, seed=3)])
+    rec = ck.check_entry(ev, e, opts, lambda m: None)
+    assert rec["status"] == "ok" and ev.calls == 1 and abs(rec["change"]) < 0.05
+
+
+def test_busy_machine_makes_a_slowdown_inconclusive_but_never_hides_a_wrong_result(quiet, entry_file):
+    e = _entry(speedup=1 / 3.5, path=entry_file)
+    quiet["load"] = 0.8
+    rec = ck.check_entry(ScriptedEvaluator([_result(7.0), _result(7.0, seed=1)]), e, ck.CheckOptions(resamples=300),
+                         lambda m: None)
+    assert rec["status"] == "inconclusive" and "80% of the CPUs" in rec["reason"]
+    rec = ck.check_entry(ScriptedEvaluator([_result(3.5, status="incorrect")]), e, ck.CheckOptions(), lambda m: None)
+    assert rec["status"] == "failed" and "outside tolerance" in rec["reason"]
+    gone = _entry(path=entry_file + ".gone")
+    rec = ck.check_entry(ScriptedEvaluator([]), gone, ck.CheckOptions(), lambda m: None)
+    assert rec["status"] == "failed" and "missing" in rec["reason"]
+
+
+def test_exit_codes_and_one_line_per_failure():
+    def report(*statuses):
+        entries = [{"status": s, "entry": f"k{i} (adamw P1 float32)", "device_key": KEY, "reason": f"why {i}"}
+                   for i, s in enumerate(statuses)]
+        summary = {s: statuses.count(s) for s in ("ok", "regression", "failed", "inconclusive")}
+        return {"entries": entries, "summary": {**summary, "checked": len(statuses)}}
+
+    assert ck.exit_code(report("ok", "ok")) == 0
+    assert ck.exit_code(report("ok", "inconclusive")) == 0
+    assert ck.exit_code(report("ok", "inconclusive"), strict=True) == 1
+    assert ck.exit_code(report(), strict=True) == 1 and ck.exit_code(report()) == 0
+    r = report("ok", "regression", "failed")
+    assert ck.exit_code(r) == 1
+    lines = ck.failure_lines(r)
+    assert lines == [f"REGRESSION: k1 (adamw P1 float32) on {KEY}: why 1", f"FAILED: k2 (adamw P1 float32) on {KEY}: why 2"]
+
+
+def test_git_commit_without_git(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "nothing"))
+    monkeypatch.delenv("GITHUB_SHA", raising=False)
+    monkeypatch.delenv("CI_COMMIT_SHA", raising=False)
+    assert ck.git_commit(str(tmp_path)) == "unknown"
+    monkeypatch.setenv("GITHUB_SHA", "0123456789abcdef0123")
+    assert ck.git_commit(str(tmp_path)) == "0123456789ab"
+
+
+# -- the real thing: slowed copy fails, unchanged passes -----------------------------------------------------------
+SLOWER = '''
+
+_kt_fast_run = run
+
+
+def run(params, grads, exp_avgs, exp_avg_sqs, **kw):
+    # deliberately slowed copy: the same update done first into scratch copies (a redundant pass over the data)
+    _kt_fast_run([p.clone() for p in params], grads, [m.clone() for m in exp_avgs], [v.clone() for v in exp_avg_sqs],
+                 **kw)
+    return _kt_fast_run(params, grads, exp_avgs, exp_avg_sqs, **kw)
+'''
+
+
+def kt(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "kerneltune.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "KERNELTUNE_REGISTRY": ""})
+
+
+def _registry_with(tmp: str, source: str, like: reg.Entry) -> str:
+    """A registry holding one adamw entry (the numbers of ``like``) whose candidate file has ``source``."""
+    folder = os.path.join(tmp, "candidates", "adamw")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "numba_cpu.py")
+    with open(path, "w") as f:
+        f.write(source)
+    e = reg.Entry(**{**like.to_json(), "candidate": path})
+    out = os.path.join(tmp, "registry.json")
+    reg.Registry([e]).save(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """The numba AdamW seed at gpt-tiny, as an entry for this device recorded here with `record_entries`
+    (two runs; the quantile ratio they give is what the check compares with)."""
+    from kerneltune.ops import get_op
+
+    src = open(os.path.join(os.path.dirname(__file__), "..", "candidates", "adamw", "numba_cpu.py")).read()
+    case = get_op("adamw").parse_case("gpt-tiny", "float32")
+    dims = reg.norm_dims("adamw", case.dims)
+    e = reg.Entry(op="adamw", device_key=KEY, device_name="cpu", dtype="float32", dims=dims, args={},
+                  bucket=reg.bucket("adamw", dims), candidate="x.py", source_hash=reg.file_hash(src), params={},
+                  baseline="adamw_fused", speedup=1.0, provenance={"case": case.name}, name="numba_cpu",
+                  backend="numba")
+    tmp = str(tmp_path_factory.mktemp("recorded"))
+    path = _registry_with(tmp, src, e)
+    recs = ck.record_entries("cpu", path, runs=2, opts=ck.CheckOptions(max_foreign_load=1.0, wait_quiet_s=0))
+    assert recs[0]["updated"], recs
+    return src, reg.load(path).entries[0]
+
+
+def test_slowed_copy_of_a_winner_fails_with_one_line_naming_it(recorded, tmp_path):
+    src, entry = recorded
+    path = _registry_with(str(tmp_path), src + SLOWER, entry)
+    # --max-foreign-load 1: judge even on a busy machine (a redundant pass is ~2x; noise this size is not)
+    r = kt("bench", "--check", "--registry", path, "--max-foreign-load", "1", "--json")
+    assert r.returncode == 1, (r.stdout[-3000:], r.stderr[-3000:])
+    rep = json.loads(r.stdout)
+    x = rep["entries"][0]
+    assert x["status"] == "regression" and len(x["measurements"]) == 2, x
+    assert x["speedup"] < x["recorded_speedup"] / 1.3, x
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("REGRESSION")]
+    assert len(lines) == 1 and "numba_cpu (adamw P524288 float32)" in lines[0] and KEY in lines[0], r.stderr
+    assert "changed since it was promoted" in " ".join(x["notes"])
+
+
+def test_unchanged_winner_passes(recorded, tmp_path):
+    src, entry = recorded
+    path = _registry_with(str(tmp_path), src, entry)
+    csv_path = tmp_path / "results.csv"
+    r = kt("bench", "--check", "--registry", path, "--csv", str(csv_path))
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "numba_cpu (adamw P524288 float32)" in r.stdout and "REGRESSION" not in r.stderr
+    from kerneltune.report import read_rows
+
+    rows = read_rows([str(csv_path)])
+    assert [x["kind"] for x in rows] == ["candidate", "baseline"] and rows[0]["source"] == "bench --check"
+    assert rows[0]["commit"] and rows[0]["check_speedup"] > 0
+
+
+def test_usage_errors():
+    for args, words in ((["bench", "--check", "--shapes", "gpt-tiny"], "drop --shapes"),
+                        (["bench", "--check", "conv"], "unknown op"),
+                        (["bench", "--check", "--tolerance", "-1"], "--tolerance >= 0"),
+                        (["bench", "--check", "--registry", "/nonexistent/r.json"], "no such file")):
+        r = kt(*args)
+        assert r.returncode == 2 and words in r.stderr, (args, r.stderr)
+
+
+def test_nothing_to_check_says_so(tmp_path):
+    path = str(tmp_path / "registry.json")
+    reg.Registry([reg.Entry(**{**_entry().to_json(), "device_key": "cpu:other:9t"})]).save(path)
+    r = kt("bench", "--check", "--registry", path)
+    assert r.returncode == 0 and "nothing to check" in r.stdout and "cpu:other:9t" in r.stdout
+    assert kt("bench", "--check", "--registry", path, "--strict").returncode == 1
+
+
+@pytest.mark.slow
+def test_shipped_registry_passes():
+    """The acceptance run: the registry shipped in the package, every entry for this device."""
+    if not reg.load(reg.shipped_path()).for_device(KEY):
+        pytest.skip(f"the shipped registry has no entry for {KEY}")
+    r = kt("bench", "--check", "--json")
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert all(x["status"] in ("ok", "inconclusive") for x in json.loads(r.stdout)["entries"])
