@@ -133,27 +133,41 @@ def _plt() -> Any:
 
 
 def plot_speedups(op: str, items: list[dict[str, Any]], path: str) -> dict[str, Any]:
-    """Grouped bars: one group per shape, one bar per candidate, height = speedup over the primary baseline
-    (latest row). The data plotted goes into the PNG's 'Description' text chunk (JSON) and is returned."""
+    """Grouped bars: one group per shape, one bar per candidate (and device, when several), height = speedup
+    over the op's primary baseline (latest row). The data plotted goes into the PNG's 'Description' text chunk
+    (JSON) and is returned."""
+    import textwrap
+
     plt = _plt()
+    devices = sorted({r.get("device_key") or "?" for r in items})
+
+    def series(r: dict[str, Any]) -> str:
+        return r["candidate"] + (f" · {r.get('device_key') or '?'}" if len(devices) > 1 else "")
+
     shapes = sorted({r["shape"] for r in items})
-    cands = sorted({r["candidate"] for r in items})
-    val = {(r["shape"], r["candidate"]): float(r["speedup_vs_primary"]) for r in items}
-    width = 0.8 / max(len(cands), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(shapes) * max(len(cands), 1) ** 0.5 + 2), 4.5))
-    for j, c in enumerate(cands):
-        xs = [i + (j - (len(cands) - 1) / 2) * width for i, s in enumerate(shapes) if (s, c) in val]
+    names = sorted({series(r) for r in items})
+    val = {(r["shape"], series(r)): float(r["speedup_vs_primary"]) for r in items}
+    width = 0.8 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(shapes) * max(len(names), 1) ** 0.5 + 3), 4.8))
+    for j, c in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * width for i, s in enumerate(shapes) if (s, c) in val]
         ys = [val[(s, c)] for s in shapes if (s, c) in val]
         ax.bar(xs, ys, width=width, color=f"C{j % 10}", label=c)
     ax.axhline(1.0, color="0.4", linestyle="--", linewidth=1)
     ax.set_xticks(range(len(shapes)))
-    ax.set_xticklabels([s if len(s) <= 28 else s[:26] + "…" for s in shapes], rotation=15, ha="right", fontsize=8)
+    ax.set_xticklabels(["\n".join(textwrap.wrap(s, 22)) for s in shapes], fontsize=8)
     ax.set_ylabel("speedup over the primary baseline (×)")
     ax.set_ylim(0, max([1.0, *val.values()]) * 1.15)
-    ax.set_title(f"{op}: speedup per shape (latest run; > 1 is faster than torch)")
-    ax.legend(fontsize=8)
+    try:
+        from kerneltune.ops import get_op
+
+        primary = get_op(op).primary_baseline
+    except ValueError:
+        primary = "the primary baseline"
+    ax.set_title(f"{op}: speedup over {primary} per shape (latest; > 1 is faster)", fontsize=10)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    data = {"op": op, "shapes": shapes, "candidates": cands,
+    data = {"op": op, "shapes": shapes, "series": names,
             "speedup": {f"{s} | {c}": v for (s, c), v in sorted(val.items())}}
     fig.savefig(path, dpi=100, metadata={"Title": f"kerneltune speedup {op}", "Description": json.dumps(data)})
     plt.close(fig)
@@ -224,13 +238,19 @@ def build_report(csv_paths: list[str], out_dir: str, drop_warn: float = 0.10) ->
 def _markdown(csv_paths: list[str], rows: list[dict[str, Any]], now: list[dict[str, Any]],
               hist: dict[tuple[str, str, str, str], list[tuple[str, float, int]]], drops: list[dict[str, Any]],
               files: list[str], drop_warn: float) -> str:
-    base_p50 = {}
-    for r in rows:  # the primary baseline's p50 from the same run: the baseline row that carries the same speedup
-        if r.get("kind") == "baseline":
-            base_p50[(r.get("timestamp"), r.get("op"), r.get("shape"), r.get("candidate"), r.get("speedup_vs_primary"))] = r.get("p50_ms")
+    from kerneltune.ops import get_op, op_names
+
+    primary = {op: get_op(op).primary_baseline for op in op_names()}
+    base_p50: dict[tuple[Any, ...], Any] = {}
+    for r in rows:  # the primary baseline's p50 from the same run (and, for `kerneltune bench`, the same candidate's)
+        if r.get("kind") == "baseline" and r.get("contestant") == primary.get(r.get("op") or ""):
+            k = (r.get("timestamp"), r.get("op"), r.get("shape"), r.get("device_key"))
+            base_p50[k + (r.get("candidate"),)] = r.get("p50_ms")
+            base_p50.setdefault(k, r.get("p50_ms"))
     lines = ["# kerneltune report", "",
              f"{len(rows)} rows from {', '.join(f'`{p}`' for p in csv_paths)}. Speedup = the primary baseline's median "
-             "over the candidate's, measured interleaved in the same run (never across runs).", ""]
+             "over the candidate's, both measured in the same run (interleaved round by round by `kerneltune bench` "
+             "and `bench --check`; one after the other in the pytest-benchmark suite), never across runs.", ""]
     if drops:
         lines += [f"**{len(drops)} series dropped by more than {drop_warn:.0%} at their latest commit:**", ""]
         lines += [f"- {d['op']} {d['candidate']} @ {d['shape']} ({d['device_key']}): {d['from']:.3g}× at "
@@ -240,7 +260,8 @@ def _markdown(csv_paths: list[str], rows: list[dict[str, Any]], now: list[dict[s
               "| op | shape | device | candidate | speedup | candidate p50 ms | baseline p50 ms | commit | when |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in now:
-        b = base_p50.get((r.get("timestamp"), r.get("op"), r.get("shape"), r.get("candidate"), r.get("speedup_vs_primary")))
+        k = (r.get("timestamp"), r.get("op"), r.get("shape"), r.get("device_key"))
+        b = base_p50.get(k + (r.get("candidate"),), base_p50.get(k))
         lines.append(f"| {r['op']} | {r['shape']} | {r.get('device') or r.get('device_key')} | {r['candidate']} | "
                      f"{r['speedup_vs_primary']:.3f}× | {_f(r.get('p50_ms'))} | {_f(b)} | {r['commit'][:12]} | "
                      f"{r.get('timestamp') or ''} |")

@@ -1,0 +1,115 @@
+"""`kerneltune report` and the results CSV: the PNGs show the data (bar heights, commit order), the markdown
+states it, and one CSV takes rows from every source."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kerneltune import report as rp
+
+pytest.importorskip("matplotlib")
+
+
+def row(op="adamw", shape="gpt-tiny", cand="numba_cpu", speedup=0.5, commit="c1", ts="2026-01-01T00:00:00Z",
+        kind="candidate", contestant=None, p50=2.0, key="cpu:x:2t"):
+    return {"timestamp": ts, "commit": commit, "source": "test", "device": "X", "device_key": key, "op": op,
+            "shape": shape, "dtype": "float32", "candidate": cand, "contestant": contestant or cand, "kind": kind,
+            "p20_ms": p50 * 0.9, "p50_ms": p50, "p80_ms": p50 * 1.1, "speedup_vs_primary": speedup}
+
+
+def test_append_rows_widens_the_header_and_keeps_old_rows(tmp_path):
+    p = str(tmp_path / "r.csv")
+    with open(p, "w", newline="") as f:  # a file from before the commit column existed (like cpu-bench.csv)
+        w = csv.DictWriter(f, fieldnames=["timestamp", "op", "shape", "candidate", "kind", "speedup_vs_primary"])
+        w.writeheader()
+        w.writerow({"timestamp": "t0", "op": "adamw", "shape": "s", "candidate": "old", "kind": "candidate",
+                    "speedup_vs_primary": "0.25"})
+    rp.append_rows(p, [row(commit="abc")])
+    rp.append_rows(p, [row(commit="def")])  # same header now: a plain append
+    rows = rp.read_rows([p])
+    assert [r["commit"] for r in rows] == ["unknown", "abc", "def"]
+    assert rows[0]["speedup_vs_primary"] == 0.25 and rows[1]["p50_ms"] == 2.0 and rows[0]["p50_ms"] is None
+    header = open(p).readline().strip().split(",")
+    assert header[:6] == ["timestamp", "op", "shape", "candidate", "kind", "speedup_vs_primary"]
+    assert "commit" in header and "p80_ms" in header
+
+
+def _bars(png: str, rgb: tuple[int, int, int]) -> list[int]:
+    """Heights in pixels of the bars drawn in colour ``rgb``, left to right (the middle column of each)."""
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(png)[..., :3]
+    mask = np.all(np.abs(img - np.array(rgb) / 255.0) < 0.02, axis=-1)
+    cols = np.where(mask.sum(axis=0) > 3)[0]
+    runs, start = [], cols[0]
+    for a, b in zip(cols, cols[1:]):
+        if b != a + 1:
+            runs.append((start, a))
+            start = b
+    runs.append((start, cols[-1]))
+    return [int(mask[:, (lo + hi) // 2].sum()) for lo, hi in runs]
+
+
+def test_speedup_png_bar_heights_follow_the_data(tmp_path):
+    p = str(tmp_path / "r.csv")
+    rp.append_rows(p, [row(shape="gpt-tiny", speedup=0.5), row(shape="gpt-mini", speedup=2.0),
+                       row(shape="gpt-tiny", speedup=9.0, ts="2025-01-01T00:00:00Z")])  # older: not the latest
+    info = rp.build_report([p], str(tmp_path / "out"))
+    png = str(tmp_path / "out" / "speedup-adamw.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    heights = _bars(png, (0x1F, 0x77, 0xB4))  # C0: the one candidate; shapes sorted: gpt-mini, gpt-tiny
+    assert len(heights) == 2 and heights[1] / heights[0] == pytest.approx(0.5 / 2.0, rel=0.06), heights
+    from PIL import Image
+
+    meta = json.loads(Image.open(png).info["Description"])
+    assert meta["speedup"] == {"gpt-mini | numba_cpu": 2.0, "gpt-tiny | numba_cpu": 0.5}
+    assert info["plotted"]["speedup-adamw.png"] == meta
+
+
+def test_history_over_commits_and_the_markdown(tmp_path):
+    p = str(tmp_path / "r.csv")
+    rows = [row(commit="aaa", speedup=1.2, ts="2026-01-01T00:00:00Z"),
+            row(commit="bbb", speedup=1.25, ts="2026-01-02T00:00:00Z"),
+            row(commit="bbb", speedup=1.15, ts="2026-01-02T00:01:00Z"),   # two runs of one commit: the median
+            row(commit="ccc", speedup=0.9, ts="2026-01-03T00:00:00Z"),    # a 25 % drop
+            row(op="attention", shape="B1 H4 N256 D64", cand="numba_cpu", speedup=0.6, commit="ccc",
+                ts="2026-01-03T00:00:00Z"),
+            row(kind="baseline", contestant="adamw_fused", cand="numba_cpu", speedup=0.9, commit="ccc",
+                ts="2026-01-03T00:00:00Z", p50=1.8)]
+    rp.append_rows(p, rows)
+    out = str(tmp_path / "out")
+    info = rp.build_report([p], out)
+    assert sorted(os.path.basename(f) for f in info["files"]) == ["history.png", "report.md", "speedup-adamw.png",
+                                                                  "speedup-attention.png"]
+    h = info["plotted"]["history.png"]
+    assert h["commits"] == ["aaa", "bbb", "ccc"]
+    assert h["series"]["adamw numba_cpu @ gpt-tiny [cpu:x:2t]"] == [["aaa", 1.2], ["bbb", 1.2], ["ccc", 0.9]]
+    assert [d["to_commit"] for d in info["drops"]] == ["ccc"] and info["drops"][0]["change"] == pytest.approx(-0.25)
+    md = open(os.path.join(out, "report.md")).read()
+    assert "1 series dropped by more than 10%" in md and "1.2× at aaa" not in md  # the drop is bbb -> ccc
+    assert "| adamw | gpt-tiny | X | numba_cpu | 0.900× | 2 | 1.8 | ccc |" in md
+    assert "![history.png](history.png)" in md
+    from PIL import Image
+
+    assert json.loads(Image.open(os.path.join(out, "history.png")).info["Description"]) == h
+
+
+def test_report_command(tmp_path):
+    p = str(tmp_path / "r.csv")
+    rp.append_rows(p, [row()])
+    env = {**os.environ}
+    r = subprocess.run([sys.executable, "-m", "kerneltune.cli", "report", "--csv", p, "--out", str(tmp_path / "o"),
+                        "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert all(os.path.isfile(f) for f in info["files"]) and info["rows"] == 1
+    r = subprocess.run([sys.executable, "-m", "kerneltune.cli", "report", "--csv", str(tmp_path / "none.csv")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "no such file" in r.stderr
