@@ -17,5 +17,5 @@ fi
 T0=$SECONDS
 timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/train/test_gpu_train.py
 echo "gpu train test rc=$? in $((SECONDS-T0)) s"; T0=$SECONDS
-timeout 200 python3 -m kerneltune.cli train --compare --preset gpt2-124m --device cuda --steps "$STEPS" --out "$OUT/train_124m"
+timeout 170 python3 -m kerneltune.cli train --compare --preset gpt2-124m --device cuda --steps "$STEPS" --out "$OUT/train_124m"
 echo "compare rc=$? in $((SECONDS-T0)) s (0: losses agree within tolerance, 1: they do not)"

@@ -94,6 +94,8 @@ class Run:
                          else contextlib.nullcontext())
         torch.manual_seed(cfg.seed)  # same initial weights in every process and for both kernel choices
         self.model = GPT(cfg.model, kernels.attend).to(device)
+        if d.rank > 0:  # other dropout masks in every process (as nanoGPT's seed offset); rank 0 as a lone run
+            torch.manual_seed(cfg.seed + d.rank)
         self.rng = torch.get_rng_state()  # this run's own stream for dropout, see own_rng()
         self.cuda_rng = torch.cuda.get_rng_state(device) if device.startswith("cuda") else None
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[d.local_rank] if
@@ -123,7 +125,7 @@ class Run:
 
     def train_step(self) -> dict:
         """One optimizer step on the global batch of step self.step; returns loss (global mean), ms, lr."""
-        model = self.ddp or self.model
+        model = self.model if self.ddp is None else self.ddp
         lr = lr_at(self.cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
