@@ -102,3 +102,12 @@ def test_two_processes_under_torchrun_equal_one_process(tmp_path):
     np.testing.assert_allclose(a["history"]["loss"], b["history"]["loss"], rtol=0, atol=2e-5)
     np.testing.assert_allclose(a["history"]["val_loss"], b["history"]["val_loss"], rtol=0, atol=2e-5)
     assert a["history"]["loss"][-1] < a["history"]["loss"][0] - 0.3  # and it learned
+
+
+def test_compare_json_and_exit_code_follow_the_tolerance(tmp_path):
+    r = kt("--compare", "--preset", "smoke", "--steps", "4", "--tolerance", "0", "--json", "--out", str(tmp_path))
+    if r.exit_code == 2 and "--kernels tuned needs" in r.stderr:
+        pytest.skip(r.stderr)
+    sm = json.loads(r.stdout)
+    assert r.exit_code == (0 if sm["loss"]["within_tolerance"] else 1), r.stderr
+    assert sm["loss"]["tolerance_nats"] == 0.0 and os.path.isfile(sm["files"]["png"])
