@@ -5,8 +5,10 @@ Two torch custom ops (``torch.library``), so ``torch.compile`` traces a call as 
     kerneltune::attention(q, k, v, causal, scale) -> out                       # (B, H, N, D) -> (B, H, N, Dv)
     kerneltune::attention_backward(grad_out, q, k, v, out, causal, scale) -> (dq, dk, dv)
 
-Each one picks its kernel when it runs (``serve.choose``): a registry kernel for this device, shape
-bucket and dtype, else the reference — torch's ``scaled_dot_product_attention`` forward, and an exact
+A call that no registry kernel serves (neither its forward nor its backward) never enters them: it is
+torch's ``scaled_dot_product_attention`` with SDPA's own backward, so the fallback costs nothing.
+Otherwise each op picks its kernel when it runs (``serve.choose``): a registry kernel for this device,
+shape bucket and dtype, else the reference — torch's ``scaled_dot_product_attention`` forward, and an exact
 backward recomputed from the saved q, k, v in fp32 (fp64 for fp64 inputs). A backward kernel serves
 only where the registry holds an ``attention_backward`` entry.
 
@@ -37,7 +39,31 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
     Causal: query i sees keys j <= i. Differentiable in q, k and v; traceable by torch.compile
     (fullgraph). Served by the registry's winner for this device, shape and dtype, else by torch SDPA.
     """
-    return torch.ops.kerneltune.attention(q, k, v, bool(causal), None if scale is None else float(scale))
+    causal, scale = bool(causal), None if scale is None else float(scale)
+    if not _fits_contract(q, k, v) or not _kernel_may_serve(q.device.type, q.device.index, tuple(q.shape),
+                                                           _dtype(q), causal):
+        # Nothing in the registry for this call: torch's SDPA as it is, with its own fused backward (the
+        # custom op's exact fp32 backward is for calls whose forward or backward a registry kernel serves).
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        if not torch.compiler.is_compiling():
+            serve.count(OP, serve.REFERENCE)
+            if out.requires_grad:
+                out.register_hook(_count_reference_backward)
+        return out
+    return torch.ops.kerneltune.attention(q, k, v, causal, scale)
+
+
+def _count_reference_backward(grad: Tensor) -> None:
+    serve.count(OP_BACKWARD, serve.REFERENCE)
+
+
+@torch.compiler.assume_constant_result
+def _kernel_may_serve(device_type: str, index: Optional[int], shape: tuple[int, ...], dtype: str, causal: bool) -> bool:
+    """Whether the registry would serve this call's forward or backward (torch.compile: decided at trace time)."""
+    device = torch.device(device_type, index) if index is not None else torch.device(device_type)
+    dims = dict(zip("BHND", shape))
+    return any(serve.choose(op, device, dims, dtype, {"causal": causal}).run is not None
+               for op in (OP, OP_BACKWARD))
 
 
 def _fits_contract(q: Tensor, k: Tensor, v: Tensor) -> bool:
