@@ -104,6 +104,21 @@ def test_own_ticks_count_descendants_and_the_meter_reports_a_share():
     assert share is not None and 0.0 <= share <= 1.0 and m.cores is not None
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux /proc")
+def test_meter_keeps_a_worker_that_its_parent_abandoned():
+    """A sandboxed worker whose parent dies is reaped by init, not by us: its CPU time must still count as
+    ours (before this, the check's own workers read as 'foreign load')."""
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.8: pass\n"
+    m = ck.LoadMeter(interval=0.05).start()
+    # the child starts a grandchild and exits soon after: the grandchild is re-parented to init and burns on
+    subprocess.run([sys.executable, "-c", "import subprocess, sys, time\n"
+                    f"subprocess.Popen([sys.executable, '-c', {burn!r}])\ntime.sleep(0.3)"], check=True)
+    time.sleep(1.5)
+    m.stop()
+    own = sum(last - first for first, last in m._seen.values()) / os.sysconf("SC_CLK_TCK")
+    assert own >= 0.6, own
+
+
 # -- entries -> cases -------------------------------------------------------------------------------------------
 def _entry(op="adamw", dims=None, case=None, speedup=0.3, path="/nonexistent.py", **prov) -> reg.Entry:
     dims = dims or {"numel": 439_936, "tensors": 28}
@@ -131,10 +146,20 @@ def test_entry_case_rebuilds_the_timed_shape():
 
 def test_recorded_speedup_is_like_for_like_when_the_entry_has_it():
     opts = ck.CheckOptions()
-    assert ck.recorded_speedup(_entry(speedup=0.3), opts)[0] == 0.3
-    e = _entry(speedup=0.3, check={"quantile": 0.1, "speedup": 0.33, "runs": [[0.33, 0.3, 0.0]] * 3})
-    assert ck.recorded_speedup(e, opts)[0] == 0.33
-    assert ck.recorded_speedup(e, ck.CheckOptions(quantile=0.2))[0] == 0.3  # another statistic: the plain speedup
+    assert ck.recorded_speedup(_entry(speedup=0.3), opts)[:2] == (0.3, 0.3)
+    e = _entry(speedup=0.3, check={"quantile": 0.1, "speedup": 0.33, "floor": 0.31, "runs": [[0.33, 0.3, 0.0]] * 3})
+    assert ck.recorded_speedup(e, opts)[:2] == (0.33, 0.31)
+    assert ck.recorded_speedup(e, ck.CheckOptions(quantile=0.2))[:2] == (0.3, 0.3)  # another statistic: the speedup
+
+
+def test_the_floor_of_the_recorded_runs_decides(quiet, entry_file):
+    """Recorded runs spread 0.22-0.29: a run at 0.23 now is within what recording saw, not a regression."""
+    e = _entry(speedup=0.29, path=entry_file, check={"quantile": 0.1, "speedup": 0.286, "floor": 0.22})
+    rec = ck.check_entry(ScriptedEvaluator([_result(4.35)]), e, ck.CheckOptions(resamples=300), lambda m: None)
+    assert rec["status"] == "ok" and rec["change"] < -0.15, rec
+    rec = ck.check_entry(ScriptedEvaluator([_result(7.0), _result(7.0, seed=1)]), e, ck.CheckOptions(resamples=300),
+                         lambda m: None)
+    assert rec["status"] == "regression" and "lowest recorded run 0.22×" in rec["reason"], rec
 
 
 # -- the decision, on a scripted evaluator -----------------------------------------------------------------------
