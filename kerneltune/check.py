@@ -49,7 +49,7 @@ class CheckOptions:
     round_ms: float = 40.0            # target length of one contestant's turn
     min_reps: int = 30                # at least this many timed calls per contestant (more rounds if needed)
     seeds: int = 2                    # fresh random inputs per check shape (re-verification)
-    confirm: int = 1                  # extra measurements of a flagged entry; all must flag it
+    confirm: int = 2                  # extra measurements of a flagged entry (fresh workers); all must flag it
     max_foreign_load: float = 0.25    # share of the CPUs other processes may use before a measurement is "busy"
     wait_quiet_s: float = 30.0        # before a confirmation, wait up to this long for a quiet machine
     timeout: float = 600.0            # seconds per evaluation
@@ -376,8 +376,10 @@ def label(entry: Any) -> str:
     return f"{entry.name} ({what})"
 
 
-def check_entry(ev: Any, entry: Any, opts: CheckOptions, progress: Callable[[str], None]) -> dict[str, Any]:
-    """Measure one entry (again, if flagged) and decide; a JSON-able record."""
+def check_entry(ev: Any, entry: Any, opts: CheckOptions, progress: Callable[[str], None],
+                fresh: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Measure one entry (again, if flagged: with a ``fresh()`` evaluator when given) and decide; a JSON-able
+    record."""
     from kerneltune.registry import check_file
 
     recorded, floor, recorded_as = recorded_speedup(entry, opts)
@@ -407,7 +409,11 @@ def check_entry(ev: Any, entry: Any, opts: CheckOptions, progress: Callable[[str
                 wait_quiet(opts.max_foreign_load, opts.wait_quiet_s)
         progress(f"{entry.name}: verifying and timing against {entry.baseline} ({attempt + 1})")
         try:
-            m = measure(ev, entry, case, opts, floor)
+            if attempt and fresh is not None:  # a confirmation owes nothing to the first: new baseline worker too
+                with fresh() as ev2:
+                    m = measure(ev2, entry, case, opts, floor)
+            else:
+                m = measure(ev, entry, case, opts, floor)
         except RuntimeError as e:  # the trusted baseline worker itself failed
             m = Measurement(status=STATUS_FAILED, reason=f"baseline error: {e}")
         measurements.append(m)
@@ -554,7 +560,8 @@ def run_check(device: str, *, registry_path: str | None = None, op: str | None =
                         round_ms=opts.round_ms, min_reps=opts.min_reps, samples=True, memory_gb=16.0)
         with Evaluator(eopts, progress=progress) as ev:
             for e in entries:
-                report["entries"].append(check_entry(ev, e, opts, progress))
+                report["entries"].append(check_entry(ev, e, opts, progress,
+                                                     fresh=lambda: Evaluator(eopts, progress=progress)))
     counts = {s: sum(1 for x in report["entries"] if x["status"] == s)
               for s in (STATUS_OK, STATUS_REGRESSION, STATUS_FAILED, STATUS_INCONCLUSIVE)}
     report["summary"] = {**counts, "checked": len(entries), "duration_s": round(time.monotonic() - t0, 1)}

@@ -199,7 +199,7 @@ def bench_cmd(
     registry: Optional[str] = typer.Option(None, "--registry", help="with --check: this registry file only"),
     tolerance: float = typer.Option(0.10, "--tolerance", help="with --check: minimum relative drop that counts"),
     confidence: float = typer.Option(0.99, "--confidence", help="with --check: bootstrap confidence level"),
-    confirm: int = typer.Option(1, "--confirm", help="with --check: re-measurements a regression must survive"),
+    confirm: int = typer.Option(2, "--confirm", help="with --check: re-measurements a regression must survive"),
     max_foreign_load: float = typer.Option(0.25, "--max-foreign-load",
                                            help="with --check: share of the CPUs other processes may use"),
     strict: bool = typer.Option(False, "--strict", help="with --check: inconclusive or nothing checked fails too"),

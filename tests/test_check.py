@@ -157,8 +157,8 @@ def test_the_floor_of_the_recorded_runs_decides(quiet, entry_file):
     e = _entry(speedup=0.29, path=entry_file, check={"quantile": 0.1, "speedup": 0.286, "floor": 0.22})
     rec = ck.check_entry(ScriptedEvaluator([_result(4.35)]), e, ck.CheckOptions(resamples=300), lambda m: None)
     assert rec["status"] == "ok" and rec["change"] < -0.15, rec
-    rec = ck.check_entry(ScriptedEvaluator([_result(7.0), _result(7.0, seed=1)]), e, ck.CheckOptions(resamples=300),
-                         lambda m: None)
+    rec = ck.check_entry(ScriptedEvaluator([_result(7.0), _result(7.0, seed=1)]), e,
+                         ck.CheckOptions(resamples=300, confirm=1), lambda m: None)
     assert rec["status"] == "regression" and "lowest recorded run 0.22×" in rec["reason"], rec
 
 
@@ -174,6 +174,15 @@ class ScriptedEvaluator:
     def evaluate_path(self, path):
         self.calls += 1
         return self.results.pop(0)
+
+    def __enter__(self):  # as a fresh evaluator for confirmations
+        self.fresh += 1
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    fresh = 0
 
 
 def _result(cand_ms: float, base_ms: float = 1.0, status: str = "passed", seed: int = 0) -> dict:
@@ -204,13 +213,14 @@ def entry_file(tmp_path):
 
 def test_a_regression_needs_every_measurement(quiet, entry_file):
     e = _entry(speedup=1 / 3.5, path=entry_file)
-    opts = ck.CheckOptions(resamples=300)
-    ev = ScriptedEvaluator([_result(7.0, seed=1), _result(7.0, seed=2)])
-    rec = ck.check_entry(ev, e, opts, lambda m: None)
-    assert rec["status"] == "regression" and ev.calls == 2 and "50% below the recorded" in rec["reason"]
-    ev = ScriptedEvaluator([_result(7.0, seed=1), _result(3.5, seed=2)])  # flagged once, then cleared
-    rec = ck.check_entry(ev, e, opts, lambda m: None)
-    assert rec["status"] == "ok" and ev.calls == 2 and "cleared" in rec["notes"][-1]
+    opts = ck.CheckOptions(resamples=300)  # confirm=2: three measurements must flag it
+    ev = ScriptedEvaluator([_result(7.0, seed=1), _result(7.0, seed=2), _result(7.0, seed=3)])
+    rec = ck.check_entry(ev, e, opts, lambda m: None, fresh=lambda: ev)
+    assert rec["status"] == "regression" and ev.calls == 3 and ev.fresh == 2, rec
+    assert "50% below the recorded" in rec["reason"]
+    ev = ScriptedEvaluator([_result(7.0, seed=1), _result(7.0, seed=2), _result(3.5, seed=3)])  # cleared at last
+    rec = ck.check_entry(ev, e, opts, lambda m: None, fresh=lambda: ev)
+    assert rec["status"] == "ok" and ev.calls == 3 and "flagged by 2 measurement(s), cleared" in rec["notes"][-1]
     ev = ScriptedEvaluator([_result(3.5, seed=3)])
     rec = ck.check_entry(ev, e, opts, lambda m: None)
     assert rec["status"] == "ok" and ev.calls == 1 and abs(rec["change"]) < 0.05
@@ -219,8 +229,8 @@ def test_a_regression_needs_every_measurement(quiet, entry_file):
 def test_busy_machine_makes_a_slowdown_inconclusive_but_never_hides_a_wrong_result(quiet, entry_file):
     e = _entry(speedup=1 / 3.5, path=entry_file)
     quiet["load"] = 0.8
-    rec = ck.check_entry(ScriptedEvaluator([_result(7.0), _result(7.0, seed=1)]), e, ck.CheckOptions(resamples=300),
-                         lambda m: None)
+    rec = ck.check_entry(ScriptedEvaluator([_result(7.0), _result(7.0, seed=1)]), e,
+                         ck.CheckOptions(resamples=300, confirm=1), lambda m: None)
     assert rec["status"] == "inconclusive" and "80% of the CPUs" in rec["reason"]
     rec = ck.check_entry(ScriptedEvaluator([_result(3.5, status="incorrect")]), e, ck.CheckOptions(), lambda m: None)
     assert rec["status"] == "failed" and "outside tolerance" in rec["reason"]
@@ -310,12 +320,13 @@ def recorded(tmp_path_factory):
 def test_slowed_copy_of_a_winner_fails_with_one_line_naming_it(recorded, tmp_path):
     src, entry = recorded
     path = _registry_with(str(tmp_path), src + SLOWER, entry)
-    # --max-foreign-load 1: judge even on a busy machine (a redundant pass is ~2x; noise this size is not)
-    r = kt("bench", "--check", "--registry", path, "--max-foreign-load", "1", "--json")
+    # --max-foreign-load 1: judge even on a busy machine (a redundant pass is ~2x; noise this size is not);
+    # --confirm 1: one confirmation is enough to show it (the default, 2, costs another measurement)
+    r = kt("bench", "--check", "--registry", path, "--max-foreign-load", "1", "--confirm", "1", "--json")
     assert r.returncode == 1, (r.stdout[-3000:], r.stderr[-3000:])
     rep = json.loads(r.stdout)
     x = rep["entries"][0]
-    assert x["status"] == "regression" and len(x["measurements"]) == 2, x
+    assert x["status"] == "regression" and len(x["measurements"]) == 2, x  # the first and its confirmation
     assert x["speedup"] < x["recorded_speedup"] / 1.3, x
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("REGRESSION")]
     assert len(lines) == 1 and "numba_cpu (adamw P524288 float32)" in lines[0] and KEY in lines[0], r.stderr
@@ -336,21 +347,29 @@ def test_unchanged_winner_passes(recorded, tmp_path):
     assert rows[0]["commit"] and rows[0]["check_speedup"] > 0
 
 
+def cli(*args):
+    from typer.testing import CliRunner
+
+    from kerneltune.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
 def test_usage_errors():
     for args, words in ((["bench", "--check", "--shapes", "gpt-tiny"], "drop --shapes"),
                         (["bench", "--check", "conv"], "unknown op"),
                         (["bench", "--check", "--tolerance", "-1"], "--tolerance >= 0"),
                         (["bench", "--check", "--registry", "/nonexistent/r.json"], "no such file")):
-        r = kt(*args)
-        assert r.returncode == 2 and words in r.stderr, (args, r.stderr)
+        r = cli(*args)
+        assert r.exit_code == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
 
 
 def test_nothing_to_check_says_so(tmp_path):
     path = str(tmp_path / "registry.json")
     reg.Registry([reg.Entry(**{**_entry().to_json(), "device_key": "cpu:other:9t"})]).save(path)
-    r = kt("bench", "--check", "--registry", path)
-    assert r.returncode == 0 and "nothing to check" in r.stdout and "cpu:other:9t" in r.stdout
-    assert kt("bench", "--check", "--registry", path, "--strict").returncode == 1
+    r = cli("bench", "--check", "--registry", path)
+    assert r.exit_code == 0 and "nothing to check" in r.stdout and "cpu:other:9t" in r.stdout
+    assert cli("bench", "--check", "--registry", path, "--strict").exit_code == 1
 
 
 @pytest.mark.slow
