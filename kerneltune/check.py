@@ -511,12 +511,10 @@ def record_entries(device: str, registry_path: str, *, runs: int = 5, op: str | 
                 old = (e.provenance or {}).get("check") or {}
                 same = (old.get("quantile") == opts.quantile and (e.provenance or {}).get("candidate_hash") ==
                         rep.result["hash"] and (e.versions or {}).get("torch") == prov["versions"].get("torch"))
-                # recording accumulates: runs of earlier sessions of the same source and torch stay (the last 30)
-                history = [list(x) + [None] * (4 - len(x)) for x in (old.get("runs") or [])] if same else []
-                history += [[m.speedup, m.median_speedup, m.foreign_load, when] for m in ms]
-                history = history[-30:]
                 limit = opts.max_foreign_load
-                quiet_values = [x[0] for x in history if x[0] is not None and x[2] is not None and x[2] <= limit]
+                history, quiet_values = merge_runs(old.get("runs") if same else None,
+                                                   [[m.speedup, m.median_speedup, m.foreign_load, when] for m in ms],
+                                                   limit)
                 e.speedup = float(rep.median_speedup or 0.0)
                 e.p20_ms, e.median_ms, e.p80_ms = c["p20_ms"], c["median_ms"], c["p80_ms"]
                 e.versions, e.timestamp = prov["versions"], prov["timestamp"]
@@ -539,6 +537,17 @@ def record_entries(device: str, registry_path: str, *, runs: int = 5, op: str | 
             out.append(rec)
     r.save(registry_path)
     return out
+
+
+def merge_runs(old: list[list[Any]] | None, new: list[list[Any]], limit: float,
+               keep: int = 30) -> tuple[list[list[Any]], list[float]]:
+    """Recording accumulates: the runs of earlier sessions (same source and torch) followed by the new ones, the
+    last ``keep``; and the quantile ratios of those that ran on a quiet machine (foreign load <= ``limit``).
+    A run is [quantile ratio, median ratio, foreign load, when]; older files have no 'when'."""
+    history = [list(x) + [None] * (4 - len(x)) for x in (old or [])] + [list(x) for x in new]
+    history = history[-keep:]
+    quiet = [float(x[0]) for x in history if x[0] is not None and x[2] is not None and x[2] <= limit]
+    return history, quiet
 
 
 def statistics_median(xs: Sequence[float | None]) -> float:

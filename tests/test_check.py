@@ -152,6 +152,16 @@ def test_recorded_speedup_is_like_for_like_when_the_entry_has_it():
     assert ck.recorded_speedup(e, ck.CheckOptions(quantile=0.2))[:2] == (0.3, 0.3)  # another statistic: the speedup
 
 
+def test_recording_accumulates_runs_across_sessions():
+    old = [[0.30, 0.29, 0.01], [0.27, 0.26, 0.6], [0.31, 0.30, 0.0]]  # a file from before runs had a 'when'
+    new = [[0.25, 0.24, 0.02, "t2"], [None, None, 0.0, "t2"]]
+    history, quiet = ck.merge_runs(old, new, 0.25)
+    assert history[0] == [0.30, 0.29, 0.01, None] and history[-1][3] == "t2" and len(history) == 5
+    assert quiet == [0.30, 0.31, 0.25]  # the busy run (0.6) and the failed one (None) do not count
+    history, quiet = ck.merge_runs(None, new * 20, 0.25, keep=30)
+    assert len(history) == 30 and quiet == [0.25] * 15
+
+
 def test_the_floor_of_the_recorded_runs_decides(quiet, entry_file):
     """Recorded runs spread 0.22-0.29: a run at 0.23 now is within what recording saw, not a regression."""
     e = _entry(speedup=0.29, path=entry_file, check={"quantile": 0.1, "speedup": 0.286, "floor": 0.22})
