@@ -10,16 +10,16 @@ baseline, round by round. The verdict compares the speedup measured now with the
     [lo, hi]         a percentile bootstrap CI of S (default 99 %), resampling whole rounds, pairs kept
     regression       when  recorded > hi · (1 + tolerance)             (default tolerance 0.10)
 
-where "recorded" is the lowest of the quantile ratios `bench --check --record` measured in 5 quiet runs
+where "recorded" is the lowest of the quantile ratios `bench --check --record` measured in its quiet runs
 (the spread between runs, which one run's bootstrap cannot see), else the entry's speedup.
 
 Why a low quantile and not the median: interference (another process on a core, a descheduled thread at a
 barrier, an interrupt) only ever adds time to a call, so the least disturbed calls carry the kernel's own
 speed. On a 2-core machine shared with other jobs the median ratio of numba AdamW over fused AdamW moved
-from 0.30 to 0.03 while the p10 ratio stayed within 0.25-0.32 (docs/ci.md has the figures).
+between 0.03 and 0.14 while the p10 ratio stayed within 0.25-0.32 (docs/ci.md has the figures).
 
-A flagged entry is measured again (``confirm`` times, each a fresh evaluation after waiting for the
-machine to be quiet) and is a regression only if every measurement flags it. Each measurement records
+A flagged entry is measured again (``confirm`` times, default 2, each a fresh evaluator with new workers,
+after waiting for the machine to be quiet) and is a regression only if every measurement flags it. Each measurement records
 the CPU time that processes other than this one and its workers used meanwhile ("foreign load", from
 /proc/stat); a regression seen only while the machine was busy is reported as inconclusive, not as a
 failure. A candidate that no longer passes verification fails whatever the load.
