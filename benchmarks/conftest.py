@@ -171,12 +171,16 @@ def kt_bench(request, benchmark, kt_case, kt_contestant):
     one = max(time.perf_counter() - t0, 1e-6)
     rounds = int(min(max(request.config.getoption("kt_seconds") / one, 5), 200))
     benchmark.group = f"{op} · {kt_case.name}"
+    from kerneltune.check import LoadMeter
+
+    meter = LoadMeter().start()  # CPU share other processes took meanwhile: a busy row is not a clean row
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=min(3, rounds))
+    foreign = meter.stop()
     data = sorted(benchmark.stats.stats.data)
     q = statistics.quantiles(data, n=10, method="inclusive") if len(data) > 1 else [data[0]] * 9
     row = {"contestant": name, "kind": "baseline" if kind == "baseline" else "candidate", "role": kind,
            "p20_ms": q[1] * 1e3, "p50_ms": statistics.median(data) * 1e3, "p80_ms": q[7] * 1e3,
-           "candidate_hash": _hash(where) if kind != "baseline" else ""}
+           "candidate_hash": _hash(where) if kind != "baseline" else "", "foreign_load": foreign}
     benchmark.extra_info.update({**_provenance(device), "op": op, "shape": kt_case.name, "dtype": kt_case.dtype,
                                  **row})
     _RESULTS.setdefault((op, kt_case.name, kt_case.dtype, device), {})[name] = row
@@ -215,7 +219,8 @@ def pytest_sessionfinish(session, exitstatus):
             rows.append({**prov, "source": "pytest-benchmark", "op": op, "shape": shape, "dtype": dtype,
                          "candidate": name, "candidate_hash": r["candidate_hash"], "contestant": name,
                          "kind": r["kind"], "p20_ms": r["p20_ms"], "p50_ms": r["p50_ms"], "p80_ms": r["p80_ms"],
-                         "speedup_vs_primary": base / r["p50_ms"] if base and r["p50_ms"] else None})
+                         "speedup_vs_primary": base / r["p50_ms"] if base and r["p50_ms"] else None,
+                         "foreign_load": r["foreign_load"]})
     append_rows(path, rows)
     _RESULTS.clear()
     tr = session.config.pluginmanager.get_plugin("terminalreporter")

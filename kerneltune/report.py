@@ -23,7 +23,7 @@ FIELDS = ["timestamp", "commit", "source", "device", "device_key", "torch", "tri
           "threads", "op", "shape", "dtype", "candidate", "candidate_hash", "contestant", "kind", "p20_ms",
           "p50_ms", "p80_ms", "speedup_vs_primary", "pct_of_roof", "gbps", "tflops"]
 NUMERIC = {"p20_ms", "p50_ms", "p80_ms", "speedup_vs_primary", "pct_of_roof", "gbps", "tflops", "check_speedup",
-           "recorded_speedup"}
+           "recorded_speedup", "foreign_load"}
 DEFAULT_CSV = os.path.join(".benchmarks", "kerneltune-results.csv")
 
 
