@@ -70,13 +70,17 @@ class Outcome(Exception):
 
 @dataclass
 class _Timing:
-    times: list[float] = field(default_factory=list)
     turns: list[tuple[float, float, int]] = field(default_factory=list)  # (wall ms, reported ms, calls) per turn
     per_turn: list[list[float]] = field(default_factory=list)  # the timed calls of each turn, in round order
 
+    @property
+    def times(self) -> list[float]:
+        return [t for turn in self.per_turn for t in turn]
+
     def stats(self, samples: bool = False) -> dict[str, Any]:
-        q = _quantiles(self.times)
-        st: dict[str, Any] = {"median_ms": q[1], "p20_ms": q[0], "p80_ms": q[2], "reps": len(self.times)}
+        times = self.times
+        q = _quantiles(times)
+        st: dict[str, Any] = {"median_ms": q[1], "p20_ms": q[0], "p80_ms": q[2], "reps": len(times)}
         if samples:  # Options.samples: round r of every contestant is index r (kerneltune.check's statistics)
             st["samples_ms"] = [list(t) for t in self.per_turn]
         return st
@@ -393,7 +397,6 @@ class Evaluator:
                     raise Outcome(r["status"], f"{r['reason']} [{case.name}, while timing]", "time")
                 tm = timing[label_c]
                 times = [float(x) for x in r["times_ms"]]
-                tm.times += times
                 tm.per_turn.append(times)
                 # the turn's warm-up call is untimed: count it as a call of the candidate's own measured pace
                 tm.turns.append((wall, sum(times) * (len(times) + 1) / max(len(times), 1), len(times) + 1))
