@@ -188,71 +188,82 @@ def bench_attention(op: str, cand: Any, fwd_cand: Any, args: argparse.Namespace,
         if time.monotonic() > deadline:
             emit(op, shape, "—", "candidate", status="skipped", note="deadline reached before this shape")
             continue
-        g = torch.Generator(device=DEV).manual_seed(1234 + n + d + causal)
-        q, k, v, do = (torch.randn(b, h, n, d, device=DEV, generator=g).to(HALF) for _ in range(4))
-        case = Case(name=f"B{b} H{h} N{n} D{d}", dims={"B": b, "H": h, "N": n, "D": d}, dtype=dtname,
-                    args={"causal": causal})
-        flops, nbytes = spec.flops(case), spec.bytes_moved(case)
-        sl = (slice(0, 1), slice(0, min(h, 4)))  # the slice checked against fp64: batch 0, heads 0..3
-        names = [x for x in baselines if not (x == "torch_math" and n > 4096)
-                 and not (x == "torch_compile" and n not in compile_n)]
-        if op == "attention":
-            ref = attention_fp64(q[sl], k[sl], v[sl], causal, None)[0]
-            a = (q, k, v)
-            fns = {"candidate": lambda a=a, c=causal: cand.run(*a, causal=c)}
-            for x in names:
-                fns[x] = (lambda f=baselines[x], a=a, c=causal: f(*a, causal=c))
-            got = fns["candidate"]()[sl]
-            why = compare_tensor("out", got.cpu(), ref, tol)
-            errs = {"candidate": rel_err(got, ref)}
-        else:
-            o, lse = fwd_cand.run_with_lse(q, k, v, causal=causal)
-            ref = attention_bwd_fp64(q[sl], k[sl], v[sl], do[sl], causal, None)
-            a = (q, k, v, o, do, lse)
-            fns = {"candidate": lambda a=a, c=causal: cand.run(*a, causal=c)}
-            for x in names:
-                fns[x] = (lambda f=baselines[x], a=a, c=causal: f(*a, causal=c))
-            res = fns["candidate"]()
-            whys = []
-            for name_i, got_i, ref_i in zip(("dq", "dk", "dv"), res, ref):
-                rms = float(ref_i.pow(2).mean().sqrt())
-                whys.append(compare_tensor(name_i, got_i[sl].cpu(), ref_i, Tolerance(tol.atol * rms, tol.rtol,
-                                                                                     tol.norm_rtol)))
-            why = "; ".join(w for w in whys if w)
-            errs = {"candidate": max(rel_err(gi[sl], ri) for gi, ri in zip(res, ref))}
-            del res
-        # baselines' errors on the same slice (recorded; a failure to run is recorded when timing)
-        for x in names:
-            try:
-                r = fns[x]()
-                if op == "attention":
-                    errs[x] = rel_err(r[sl], ref)
-                else:
-                    errs[x] = max(rel_err(gi[sl], ri) for gi, ri in zip(r, ref))
-                del r
-            except Exception:  # noqa: BLE001 - reported by the timer below
-                pass
-        if why:
-            fns = {x: f for x, f in fns.items() if x != "candidate"}
-        times, failed = timer.run(fns)
-        cand_p50 = quantiles(times["candidate"])[1] if "candidate" in times else None
-        prim_p50 = quantiles(times[PRIMARY[op]])[1] if PRIMARY[op] in times else None
-        for x in ["candidate", *names]:
-            kind = "candidate" if x == "candidate" else "baseline"
-            if x == "candidate" and why:
-                emit(op, shape, x, kind, status="incorrect", rel_err=errs.get(x), note=why[:300])
-                continue
-            if x in failed or x not in times:
-                emit(op, shape, x, kind, status="failed", note=failed.get(x, "did not run"))
-                continue
-            p20, p50, p80 = quantiles(times[x])
-            tfl = flops / (p50 * 1e-3) / 1e12
-            emit(op, shape, x, kind, status="ok", p20_ms=p20, p50_ms=p50, p80_ms=p80, reps=len(times[x]), tflops=tfl,
-                 gbps=nbytes / (p50 * 1e-3) / 1e9, pct_matmul_ceiling=100 * tfl / _mm_ceiling(ceil),
-                 speedup_vs_primary=(prim_p50 / p50) if prim_p50 else None,
-                 candidate_speedup=(p50 / cand_p50) if cand_p50 else None, rel_err=errs.get(x))
-        del q, k, v, do, fns, a
+        try:
+            _attention_shape(op, spec, cand, fwd_cand, baselines, tol, compile_n, timer, ceil, emit, b, h, n, d,
+                             causal, dtname, shape)
+        except Exception as e:  # noqa: BLE001 - one shape's failure is its row; the other shapes still run
+            emit(op, shape, "candidate", "candidate", status="error", note=f"{type(e).__name__}: {str(e)[:300]}")
         _empty_cache()
+
+
+def _attention_shape(op: str, spec: Any, cand: Any, fwd_cand: Any, baselines: dict[str, Any], tol: Tolerance,
+                     compile_n: set[int], timer: Timer, ceil: dict[str, Any], emit: Callable[..., None],
+                     b: int, h: int, n: int, d: int, causal: bool, dtname: str, shape: dict[str, Any]) -> None:
+    """One shape: checked against fp64, every contestant timed interleaved, one row each."""
+    g = torch.Generator(device=DEV).manual_seed(1234 + n + d + causal)
+    q, k, v, do = (torch.randn(b, h, n, d, device=DEV, generator=g).to(HALF) for _ in range(4))
+    case = Case(name=f"B{b} H{h} N{n} D{d}", dims={"B": b, "H": h, "N": n, "D": d}, dtype=dtname,
+                args={"causal": causal})
+    flops, nbytes = spec.flops(case), spec.bytes_moved(case)
+    sl = (slice(0, 1), slice(0, min(h, 4)))  # the slice checked against fp64: batch 0, heads 0..3
+    names = [x for x in baselines if not (x == "torch_math" and n > 4096)
+             and not (x == "torch_compile" and n not in compile_n)]
+    if op == "attention":
+        ref = attention_fp64(q[sl], k[sl], v[sl], causal, None)[0]
+        a = (q, k, v)
+        fns = {"candidate": lambda a=a, c=causal: cand.run(*a, causal=c)}
+        for x in names:
+            fns[x] = (lambda f=baselines[x], a=a, c=causal: f(*a, causal=c))
+        got = fns["candidate"]()[sl]
+        why = compare_tensor("out", got.cpu(), ref, tol)
+        errs = {"candidate": rel_err(got, ref)}
+    else:
+        o, lse = fwd_cand.run_with_lse(q, k, v, causal=causal)
+        ref = attention_bwd_fp64(q[sl], k[sl], v[sl], do[sl], causal, None)
+        a = (q, k, v, o, do, lse)
+        fns = {"candidate": lambda a=a, c=causal: cand.run(*a, causal=c)}
+        for x in names:
+            fns[x] = (lambda f=baselines[x], a=a, c=causal: f(*a, causal=c))
+        res = fns["candidate"]()
+        whys = []
+        for name_i, got_i, ref_i in zip(("dq", "dk", "dv"), res, ref):
+            rms = float(ref_i.pow(2).mean().sqrt())
+            whys.append(compare_tensor(name_i, got_i[sl].cpu(), ref_i, Tolerance(tol.atol * rms, tol.rtol,
+                                                                                 tol.norm_rtol)))
+        why = "; ".join(w for w in whys if w)
+        errs = {"candidate": max(rel_err(gi[sl], ri) for gi, ri in zip(res, ref))}
+        del res
+    # baselines' errors on the same slice (recorded; a failure to run is recorded when timing)
+    for x in names:
+        try:
+            r = fns[x]()
+            if op == "attention":
+                errs[x] = rel_err(r[sl], ref)
+            else:
+                errs[x] = max(rel_err(gi[sl], ri) for gi, ri in zip(r, ref))
+            del r
+        except Exception:  # noqa: BLE001 - reported by the timer below
+            pass
+    if why:
+        fns = {x: f for x, f in fns.items() if x != "candidate"}
+    times, failed = timer.run(fns)
+    cand_p50 = quantiles(times["candidate"])[1] if "candidate" in times else None
+    prim_p50 = quantiles(times[PRIMARY[op]])[1] if PRIMARY[op] in times else None
+    for x in ["candidate", *names]:
+        kind = "candidate" if x == "candidate" else "baseline"
+        if x == "candidate" and why:
+            emit(op, shape, x, kind, status="incorrect", rel_err=errs.get(x), note=why[:300])
+            continue
+        if x in failed or x not in times:
+            emit(op, shape, x, kind, status="failed", note=failed.get(x, "did not run"))
+            continue
+        p20, p50, p80 = quantiles(times[x])
+        tfl = flops / (p50 * 1e-3) / 1e12
+        emit(op, shape, x, kind, status="ok", p20_ms=p20, p50_ms=p50, p80_ms=p80, reps=len(times[x]), tflops=tfl,
+             gbps=nbytes / (p50 * 1e-3) / 1e9, pct_matmul_ceiling=100 * tfl / _mm_ceiling(ceil),
+             speedup_vs_primary=(prim_p50 / p50) if prim_p50 else None,
+             candidate_speedup=(p50 / cand_p50) if cand_p50 else None, rel_err=errs.get(x))
+    del q, k, v, do, fns, a
 
 
 def _mm_ceiling(ceil: dict[str, Any]) -> float:

@@ -70,16 +70,22 @@ class Confinement:
     landlock: bool = True
     nproc: bool = True
     note: str = ""  # what was given up, and why (empty: nothing)
+    writable: tuple[str, ...] = ()  # paths Landlock leaves writable beyond the worker's own folder and /dev
 
     def describe(self) -> str:
-        on = [n for n, v in (("namespaces", self.namespaces), ("landlock", self.landlock),
+        ll = "landlock" + (f" (+ writable {', '.join(self.writable)})" if self.writable else "")
+        on = [n for n, v in (("namespaces", self.namespaces), (ll, self.landlock),
                              ("process limit", self.nproc and self.namespaces)) if v]
         return ", ".join(on) or "none"
 
 
-# Tried in order until a confined process can use the GPU: every layer first, then each layer given up
-# alone (the process limit is the cheapest to lose: it only bounds fork bombs), then two, then none.
-_CUDA_TRIES = (Confinement(True, True, True), Confinement(True, True, False), Confinement(True, False, True),
+# Tried in order until a confined process can use the GPU: every layer first; then Landlock with /proc
+# writable (an H100 host's driver refused to start under Landlock until the process could write /proc,
+# found by benchmarks/gpu/landlock_probe.py; inside the PID namespace that /proc is the sandbox's own);
+# then each layer given up alone (the process limit is the cheapest to lose: it only bounds fork bombs),
+# then two, then none.
+_CUDA_TRIES = (Confinement(True, True, True), Confinement(True, True, True, writable=("/proc",)),
+               Confinement(True, True, False), Confinement(True, False, True),
                Confinement(False, True, False), Confinement(True, False, False), Confinement(False, False, False))
 _CUDA_PROBE = ("import json, sys; from kerneltune.evaluate import sandbox; sandbox.apply(json.loads(sys.argv[1])); "
                "import torch; torch.cuda.init(); x = torch.ones(1024, device='cuda'); "
@@ -110,7 +116,8 @@ def probe_confinement(code: str, what: str) -> Confinement:
             continue
         workdir = tempfile.mkdtemp(prefix="kerneltune-probe-")
         cfg = {"workdir": workdir, "memory_bytes": None, "file_bytes": OUTPUT_CAP,
-               "nproc": 1024 if (conf.namespaces and conf.nproc) else None, "landlock": conf.landlock}
+               "nproc": 1024 if (conf.namespaces and conf.nproc) else None, "landlock": conf.landlock,
+               "writable": list(conf.writable)}
         argv = [sys.executable, "-c", code, json.dumps(cfg)]
         if conf.namespaces:
             argv = _wrap_namespaces(argv)
@@ -124,7 +131,7 @@ def probe_confinement(code: str, what: str) -> Confinement:
             shutil.rmtree(workdir, ignore_errors=True)
         if ok:
             note = "" if not failures else f"{what} failed under stronger confinement (" + "; ".join(failures) + ")"
-            return Confinement(conf.namespaces and ns_ok, conf.landlock, conf.nproc, note)
+            return Confinement(conf.namespaces and ns_ok, conf.landlock, conf.nproc, note, conf.writable)
         failures.append(f"{conf.describe()}: {(tail[-1] if tail else 'no output')[:160]}")
     return Confinement(ns_ok, True, True, f"{what} failed under every confinement tried (" + "; ".join(failures) + ")")
 
@@ -164,7 +171,8 @@ class WorkerProcess:
         use_ns = conf.namespaces
         cfg = {"fd_in": r1, "fd_out": w2, "device": device, "role": role, "op": op, "workdir": self.workdir,
                "memory_bytes": memory_bytes if device == "cpu" else None, "file_bytes": OUTPUT_CAP,
-               "nproc": 1024 if (use_ns and conf.nproc) else None, "landlock": conf.landlock}
+               "nproc": 1024 if (use_ns and conf.nproc) else None, "landlock": conf.landlock,
+               "writable": list(conf.writable)}
         env_extra = {"HOME": self.workdir, "TMPDIR": self.workdir, "TRITON_CACHE_DIR": os.path.join(self.workdir, "triton"),
                      "NUMBA_CACHE_DIR": os.path.join(self.workdir, "numba"), "PYTHONDONTWRITEBYTECODE": "1",
                      "TORCHINDUCTOR_CACHE_DIR": os.path.join(self.workdir, "inductor"), "PYTHONUNBUFFERED": "1"}

@@ -59,7 +59,7 @@ def attention_bwd_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: to
         q64, k64, v64, do64 = (x.to(torch.float64) for x in (q, k, v, do))
         s = (q64 @ k64.transpose(-1, -2)) * scale  # (B, H, N, N)
         if causal:
-            s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+            s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
         p = torch.softmax(s, dim=-1)
         o = p @ v64
         dv = p.transpose(-1, -2) @ do64
