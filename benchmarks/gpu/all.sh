@@ -6,7 +6,7 @@
 #   3. issue 7: `kerneltune train --compare --preset gpt2-124m`, the tuned run taking that registry
 #      through $KERNELTUNE_REGISTRY (reference vs tuned, same seed and batches);
 #   4. issue 8: every shape benched against every baseline, ceilings in the same run (bench_gpu.py);
-#   5. `kerneltune search attention` and `attention_backward` with the time left (Triton compiles every
+#   5. `kerneltune search attention` with the time left (Triton compiles every
 #      check case's specialisation: a candidate needs well over a minute).
 # Each phase's files are packed into one tarball under $OUT as soon as it ends (the device returns 8 files):
 #   all.log, search.tgz (store, search JSON, scratch registry + promoted files), train.tgz, bench.tgz (CSV,
@@ -78,13 +78,10 @@ timeout 25 python3 benchmarks/plot_gpu.py "$W/bench/issue8.csv" --out "$W/bench"
 tar -czf "$OUT/bench.tgz" -C "$W" bench
 
 T=$(( $(left) - 5 ))
-if [ "$T" -ge 90 ]; then  # forward and backward at once (two stores): two candidates each
-  search attention "$T" 2 "$((T - 10))" --shapes 4,16,4096,128,causal --shapes 16,12,1024,64,causal --dtype bf16 &
-  KERNELTUNE_DB=$W/search/store_bwd.db search attention_backward "$T" 2 "$((T - 10))" \
-    --shapes 4,16,4096,128,causal --shapes 16,12,1024,64,causal --dtype bf16
-  wait
+if [ "$T" -ge 90 ]; then  # one search at a time: timings never share the GPU
+  search attention "$T" 2 "$((T - 10))" --shapes 4,16,4096,128,causal --shapes 16,12,1024,64,causal --dtype bf16
 else
-  echo "attention searches: only $T s left, not started"
+  echo "attention search: only $T s left, not started"
 fi
 tar -czf "$OUT/search_attn.tgz" -C "$W" search
 echo "all.sh: $((SECONDS - T_ALL)) s in all; files: $(ls "$OUT" | tr '\n' ' ')"
