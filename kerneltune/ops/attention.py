@@ -88,7 +88,7 @@ def attention_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
         s = (q64 @ k64.transpose(-1, -2)) * scale  # (B, H, N, N)
         if causal:
             s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-        return torch.softmax(s, dim=-1) @ v64, torch.logsumexp(s, dim=-1)
+        return (torch.softmax(s, dim=-1) @ v64).cpu(), torch.logsumexp(s, dim=-1).cpu()
     dev = _reference_device(float(b) * h * n * n * d)
     out = torch.empty(b, h, n, d, dtype=torch.float64)
     lse = torch.empty(b, h, n, dtype=torch.float64)

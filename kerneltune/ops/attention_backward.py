@@ -65,7 +65,7 @@ def attention_bwd_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: to
         dv = p.transpose(-1, -2) @ do64
         dp = do64 @ v64.transpose(-1, -2)
         ds = p * (dp - (do64 * o).sum(-1, keepdim=True))
-        return (ds @ k64) * scale, (ds.transpose(-1, -2) @ q64) * scale, dv
+        return ((ds @ k64) * scale).cpu(), ((ds.transpose(-1, -2) @ q64) * scale).cpu(), dv.cpu()
     dev = _reference_device(float(b) * h * n * n * d)
     dq = torch.empty(b, h, n, d, dtype=torch.float64)
     dk = torch.empty(b, h, n, d, dtype=torch.float64)
