@@ -1,6 +1,7 @@
 """Plots of benchmarks/bench_gpu.py's CSV, one PNG per op; runs anywhere (no GPU), e.g. on recorded results.
 
     python benchmarks/plot_gpu.py benchmarks/results/issue8-h100.csv --out benchmarks/results/
+    python benchmarks/plot_gpu.py benchmarks/results/issue8-h100.csv --markdown   # the docs' tables, on stdout
 
 attention / attention_backward: per (D, causal) panel, the candidate's speedup over every baseline against N
 (log scale; 1.0 dashed), and the candidate's % of the measured bf16 matmul ceiling on a second axis.
@@ -93,11 +94,75 @@ def plot_adamw(rows: list[dict[str, str]], out: str) -> str | None:
     return path
 
 
+def _x(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}×"
+
+
+def markdown(rows: list[dict[str, str]]) -> str:
+    """The tables of docs/benchmarks.md: one row per shape, the candidate's speedup over each baseline."""
+    ceil = {r["contestant"]: r for r in rows if r["op"] == "ceiling"}
+    any_row = next((r for r in rows if r["op"] != "ceiling"), rows[0])
+    lines = [f"Device: {any_row['device']} · torch {any_row['torch']} · triton {any_row['triton']} · commit "
+             f"{any_row['git']} · {any_row['timestamp']} · copy bandwidth {_f(ceil['copy_gbps']['gbps']):.0f} GB/s · "
+             f"bf16 matmul {_f(ceil['matmul_bf16']['tflops']):.0f} TFLOP/s (both measured in the run)", ""]
+    by: dict[tuple[str, str], dict[str, dict[str, str]]] = defaultdict(dict)
+    order: list[tuple[str, str]] = []
+    for r in rows:
+        if r["op"] == "ceiling":
+            continue
+        key = (r["op"], r["shape"] + "|" + r.get("causal", ""))
+        if key not in by:
+            order.append(key)
+        by[key][r["contestant"] if r["kind"] != "candidate" else "candidate"] = r
+    cols = {"attention": ["sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "torch_compile", "torch_math"],
+            "attention_backward": ["sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_fwd_bwd"]}
+    for op, title in (("attention", "attention forward, bf16"), ("attention_backward", "attention backward, bf16")):
+        keys = sorted((k for k in order if k[0] == op),
+                      key=lambda k: (-int(by[k]["candidate"]["D"] or 0), by[k]["candidate"]["causal"] != "True",
+                                     int(by[k]["candidate"]["N"] or 0)))
+        if not keys:
+            continue
+        lines += [f"### {title}", "",
+                  "| D | mask | N | B×H | kerneltune ms | " + " | ".join(f"vs {c}" for c in cols[op])
+                  + " | % matmul ceiling | rel. error |",
+                  "|---" * (len(cols[op]) + 7) + "|"]
+        for k in keys:
+            c = by[k]["candidate"]
+            head = f"| {c['D']} | {'causal' if c['causal'] == 'True' else 'full'} | {c['N']} | {c['B']}×{c['H']} |"
+            if c["status"] != "ok":
+                lines.append(f"{head} {c['status']}: {c['note'][:90]} |" + " |" * (len(cols[op]) + 2))
+                continue
+            vs = [_x(_f(by[k][b]["candidate_speedup"])) if b in by[k] and by[k][b]["status"] == "ok"
+                  else ("failed" if b in by[k] else "—") for b in cols[op]]
+            lines.append(f"{head} {_f(c['p50_ms']):.3f} | " + " | ".join(vs)
+                         + f" | {_f(c['pct_matmul_ceiling']):.1f}% | {_f(c['rel_err']):.1e} |")
+        lines.append("")
+    ad = [r for r in rows if r["op"] == "adamw" and r["status"] == "ok"]
+    if ad:
+        lines += ["### adamw, GPT-2 124M (fp32 params and state, 148 tensors)", "",
+                  "| contestant | p50 ms (p20–p80) | speedup of kerneltune | GB/s | % of copy bandwidth |",
+                  "|---|---|---|---|---|"]
+        for r in ad:
+            name = f"kerneltune `{r['candidate']}`" if r["kind"] == "candidate" else f"`{r['contestant']}`"
+            lines.append(f"| {name} | {_f(r['p50_ms']):.3f} ({_f(r['p20_ms']):.3f}–{_f(r['p80_ms']):.3f}) | "
+                         f"{_x(_f(r['candidate_speedup'])) if r['kind'] != 'candidate' else '—'} | "
+                         f"{_f(r['gbps']):.0f} | {_f(r['pct_copy_ceiling']):.1f}% |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("csv")
     ap.add_argument("--out", default=None, help="folder for the PNGs (default: beside the CSV)")
+    ap.add_argument("--markdown", action="store_true", help="print the docs' tables (markdown) instead of plotting")
     args = ap.parse_args()
+    if args.markdown:
+        with open(args.csv, newline="") as f:
+            rows = list(csv.DictReader(f))
+        ts = max((r["timestamp"] for r in rows if r.get("op") != "ceiling"), default=None)
+        print(markdown([r for r in rows if r["timestamp"] == ts]))
+        return 0
     try:
         import matplotlib  # noqa: F401
     except ImportError:

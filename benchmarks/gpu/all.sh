@@ -42,7 +42,7 @@ try:
 except Exception as e:  # noqa: BLE001
     print(f"  no summary ({e})"); sys.exit(0)
 print(f"  {s.get('results')} results {s.get('by_status')}; top:")
-top = s.get("top") or []
+top = s.get("leaderboard") or []
 for t in top[:4]:
     print(f"    {t.get('name')}  {t.get('speedup') or 0:.3f}x  {t.get('median_ms') or 0:.3f} ms  {t.get('params', '')}")
 if top and (top[0].get("speedup") or 0) > 1.0:

@@ -32,7 +32,7 @@ import json, sys
 try:
     s = json.load(open(f"/tmp/search_{sys.argv[1]}.json"))
     print(f"  {sys.argv[1]}: {s.get('results')} results {s.get('by_status')}; top:")
-    for t in (s.get("top") or [])[:4]:
+    for t in (s.get("leaderboard") or [])[:4]:
         print(f"    {t.get('name')}  {t.get('speedup') or 0:.3f}x  {t.get('median_ms') or 0:.3f} ms  {t.get('params', '')}")
 except Exception as e:  # noqa: BLE001
     print(f"  {sys.argv[1]}: no summary ({e})")
