@@ -48,6 +48,7 @@ def plot_attention(op: str, rows: list[dict[str, str]], out: str) -> str | None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"vs {name}")
         ax.axhline(1.0, color="grey", ls="--", lw=1)
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")  # 0.7x and 1.4x equally far from parity
         ax.set_xlabel("N (B·N = 16k tokens)")
         ax.set_ylabel("kerneltune speedup (baseline p50 / ours)")
         ax.set_title(f"D={d} {'causal' if causal else 'full'}")
@@ -58,7 +59,7 @@ def plot_attention(op: str, rows: list[dict[str, str]], out: str) -> str | None:
                      label="% bf16 matmul ceiling")
             ax2.set_ylim(0, 100)
             ax2.set_ylabel("% of measured bf16 matmul ceiling")
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper left", framealpha=0.6)
     dev = rows[0].get("device", "")
     fig.suptitle(f"{op} · bf16 · {dev} · torch {rows[0].get('torch', '')} · {rows[0].get('timestamp', '')}", fontsize=9)
     fig.tight_layout()
