@@ -40,8 +40,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
     (fullgraph). Served by the registry's winner for this device, shape and dtype, else by torch SDPA.
     """
     causal, scale = bool(causal), None if scale is None else float(scale)
-    if not _fits_contract(q, k, v) or not _kernel_may_serve(q.device.type, q.device.index, tuple(q.shape),
-                                                           _dtype(q), causal):
+    if not _fits_contract(q, k, v) or not _may_serve(q, causal):
         # Nothing in the registry for this call: torch's SDPA as it is, with its own fused backward (the
         # custom op's exact fp32 backward is for calls whose forward or backward a registry kernel serves).
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
@@ -55,6 +54,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
 
 def _count_reference_backward(grad: Tensor) -> None:
     serve.count(OP_BACKWARD, serve.REFERENCE)
+
+
+_may_serve_cache: dict[tuple[Any, ...], bool] = {}
+
+
+def _may_serve(q: Tensor, causal: bool) -> bool:
+    """_kernel_may_serve, remembered per call signature until the registry's answer may change (a training
+    step makes dozens of identical calls: the fallback must cost next to nothing over SDPA itself)."""
+    if torch.compiler.is_compiling():
+        return _kernel_may_serve(q.device.type, q.device.index, tuple(q.shape), _dtype(q), causal)
+    key = (q.device, q.shape, q.dtype, causal, serve.generation())
+    hit = _may_serve_cache.get(key)
+    if hit is None:
+        hit = _kernel_may_serve(q.device.type, q.device.index, tuple(q.shape), _dtype(q), causal)
+        if len(_may_serve_cache) > 4096:
+            _may_serve_cache.clear()
+        _may_serve_cache[key] = hit
+    return hit
 
 
 @torch.compiler.assume_constant_result

@@ -34,6 +34,7 @@ _registry: tuple[str, reg.Registry] | None = None
 _decisions: dict[tuple[Any, ...], Decision] = {}
 _kernels: dict[str, Callable[..., Any]] = {}
 _bad: dict[str, str] = {}          # entry id -> why it no longer serves in this process
+_generation = 0                    # bumped whenever a decision may change: see generation()
 _verified: set[str] = set()
 _warned: set[str] = set()
 
@@ -80,7 +81,21 @@ def registry() -> reg.Registry:
                 warn_once(str(w.message))
             _registry = (env, r)
             _decisions.clear()
+            _bump()
         return _registry[1]
+
+
+def _bump() -> None:
+    global _generation
+    _generation += 1
+
+
+def generation() -> tuple[int, str, str, str]:
+    """Changes whenever what ``choose`` answers may change: the registry was (re)read or reloaded, a kernel
+    was marked bad, or one of the environment variables the decision reads. Callers cache on it."""
+    env = os.environ
+    return (_generation, env.get(reg.ENV_REGISTRY, ""), env.get(reg.ENV_MIN_SPEEDUP, ""),
+            env.get(reg.ENV_DISABLE, ""))
 
 
 def reload() -> None:
@@ -90,6 +105,7 @@ def reload() -> None:
         _registry = None
         _decisions.clear()
         _bad.clear()
+        _bump()
         _verified.clear()
         _warned.clear()
 
@@ -175,6 +191,7 @@ def mark_bad(e: Entry, why: str) -> None:
     """Stop serving ``e`` in this process (one warning says why)."""
     with _lock:
         _bad[_entry_id(e)] = why
+        _bump()
     warn_once(f"{why}; the reference serves {e.op} from now on")
 
 

@@ -118,6 +118,12 @@ def test_a_registry_numba_kernel_serves_when_forced_and_matches(user_registry, m
     kerneltune.reset_served()
     kerneltune.attention(q, k, v, causal=True)
     assert kerneltune.served() == {"attention": {"reference": 1}}
+    # the per-signature dispatch cache follows the environment back, and a registry re-read
+    monkeypatch.delenv("KERNELTUNE_DISABLE")
+    kerneltune.attention(q, k, v, causal=True)
+    monkeypatch.setenv("KERNELTUNE_MIN_SPEEDUP", "1")
+    kerneltune.attention(q, k, v, causal=True)
+    assert kerneltune.served() == {"attention": {"reference": 2, "numba_cpu": 1}}
 
 
 def test_a_kernel_that_disagrees_on_first_use_is_dropped_with_one_warning(user_registry, monkeypatch, tmp_path):
