@@ -81,6 +81,19 @@ def test_honest_kernel_passes_with_timing_and_provenance(evaluator, write_candid
     assert "gbps" in case["roofline"] and "pct_of_roof" in case["roofline"]
 
 
+def test_a_large_timed_case_is_checked_once_before_timing_and_twice_after(evaluator, write_candidate, monkeypatch):
+    import kerneltune.evaluate.evaluator as ev_mod
+
+    path = write_candidate("honest_large", ATTN_OK.format(tweak="pass"))
+    r = evaluator.evaluate_path(path)
+    checks, timed = len(r["checks"]["cases"]) - len(r["cases"]), len(r["cases"])
+    assert r["checks"]["calls"] == 1 + 2 * (checks + timed)  # smoke, then two seeds per case
+    monkeypatch.setattr(ev_mod, "LARGE_CASE_BYTES", 1)  # every timed case counts as large
+    r = evaluator.evaluate_path(path)
+    assert r["status"] == "passed", r["reason"]
+    assert r["checks"]["calls"] == 1 + 2 * checks + timed
+
+
 @pytest.mark.parametrize("name", list(WRONG))
 def test_wrong_kernels_are_caught(evaluator, write_candidate, name):
     tweak, status, words = WRONG[name]

@@ -139,3 +139,39 @@ def test_parse_case_errors_are_one_line_and_helpful():
         ATT.parse_case("2,8,512", "float32")
     with pytest.raises(ValueError, match="fp32"):
         ADAMW.parse_case("gpt-tiny", "bf16")
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (37,), (5, 7, 3), (1000,)])
+def test_chunked_compare_gives_the_same_verdicts(shape, monkeypatch):
+    """compare_tensor in chunks of 7 elements answers exactly as in one piece: passes, the first element out of
+    tolerance (as a multi-dimensional index) and the count, NaNs first, the norm test of an update."""
+    import kerneltune.ops.base as base
+    from kerneltune.ops.base import Tolerance, compare_tensor
+
+    g = torch.Generator().manual_seed(math.prod(shape) + len(shape))
+    before = torch.randn(shape, generator=g)
+    exact = before.double() + 1e-2 * torch.randn(shape, generator=g, dtype=torch.float64)
+    tol = Tolerance(atol=1e-6, rtol=1e-3, norm_rtol=1e-4)
+    cases = [exact.float()]
+    n = max(math.prod(shape), 1)
+    wrong = exact.float().reshape(-1).clone()
+    wrong[n // 2] += 1.0
+    wrong[-1] += 0.5
+    cases.append(wrong.reshape(shape))
+    nan = exact.float().reshape(-1).clone()
+    nan[-1] = float("nan")
+    cases.append(nan.reshape(shape))
+    cases.append((exact + 3e-4 * (exact - before.double())).float())  # every element a little off: the norm test
+    for actual in cases:
+        for delta in (None, before):
+            monkeypatch.setattr(base, "_COMPARE_CHUNK", 1 << 22)
+            whole = compare_tensor("x", actual, exact, tol, delta_of=delta)
+            monkeypatch.setattr(base, "_COMPARE_CHUNK", 7)
+            assert compare_tensor("x", actual, exact, tol, delta_of=delta) == whole
+    monkeypatch.setattr(base, "_COMPARE_CHUNK", 7)
+    assert compare_tensor("x", cases[0], exact, tol, delta_of=before) == ""
+    if n > 1:
+        msg = compare_tensor("x", cases[1], exact, tol, delta_of=before)
+        first = tuple(int(i) for i in torch.unravel_index(torch.tensor(n // 2), shape)) if shape else ()
+        assert "2 of" in msg and f"first at {first}" in msg, msg
+        assert "NaN" in compare_tensor("x", cases[2], exact, tol)

@@ -20,13 +20,22 @@ come back to the CPU), else on the CPU. ``KERNELTUNE_REFERENCE_DEVICE=cpu`` forc
 from __future__ import annotations
 
 import math
-import os
 import re
 from typing import Any, Callable
 
 import torch
 
-from kerneltune.ops.base import DTYPES, Case, Inputs, OpSpec, Tolerance, compare_tensor, dtype_name, rel_seed
+from kerneltune.ops.base import (
+    DTYPES,
+    Case,
+    Inputs,
+    OpSpec,
+    Tolerance,
+    compare_tensor,
+    dtype_name,
+    reference_device,
+    rel_seed,
+)
 
 
 class ContractError(Exception):
@@ -69,10 +78,7 @@ def _case(b: int, h: int, n: int, d: int, dtype: str, causal: bool, lse: bool = 
 
 def _reference_device(work: float) -> torch.device:
     """Where the parent computes an fp64 reference: its GPU for large problems when it has one."""
-    want = os.environ.get("KERNELTUNE_REFERENCE_DEVICE", "auto")
-    if want != "cpu" and work >= 2**30 and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+    return reference_device(work >= 2**30)
 
 
 def attention_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,

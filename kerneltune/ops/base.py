@@ -8,6 +8,7 @@ processes (how to call ``run`` and the baselines); it never runs candidate code 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -105,6 +106,18 @@ def unflatten(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | list[to
     return out
 
 
+def reference_device(large: bool) -> torch.device:
+    """Where the parent computes an fp64 reference: its GPU for a large problem when it has one
+    ($KERNELTUNE_REFERENCE_DEVICE=cpu keeps every reference on the CPU)."""
+    want = os.environ.get("KERNELTUNE_REFERENCE_DEVICE", "auto")
+    if want != "cpu" and large and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+_COMPARE_CHUNK = 1 << 22  # elements compared at once: bounded fp64 temporaries for 100M-element outputs
+
+
 def compare_tensor(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance,
                    delta_of: torch.Tensor | None = None, norm_floor: float = 0.0) -> str:
     """Compare one output with its fp64 reference. Returns '' when it passes, else a one-line reason.
@@ -114,42 +127,61 @@ def compare_tensor(name: str, actual: torch.Tensor, expected: torch.Tensor, tol:
     a large unchanged value; a few ulps of the stored value are always allowed.
     ``norm_floor``: the norm test is relative to at least this (an output that is exactly 0 in exact
     arithmetic, e.g. a gradient through a constant softmax, is judged against its natural size).
+    Runs on ``expected``'s device (the others are moved there), ``_COMPARE_CHUNK`` elements at a time.
     """
     if tuple(actual.shape) != tuple(expected.shape):
         return f"{name}: shape {tuple(actual.shape)} but expected {tuple(expected.shape)}"
-    a = actual.detach().to(torch.float64)
-    e = expected.detach().to(torch.float64)
-    if a.numel() == 0:
+    numel = actual.numel()
+    if numel == 0:
         return ""
-    finite_e = torch.isfinite(e)
-    bad_nan = (~torch.isfinite(a)) & finite_e
-    if bool(bad_nan.any()):
-        n = int(bad_nan.sum())
-        idx = _first_index(bad_nan)
-        return f"{name}: {n} element(s) NaN/inf where the reference is finite (first at {idx})"
-    if delta_of is not None:
-        d = delta_of.detach().to(torch.float64)
-        scale = (e - d).abs()
-        ulp = torch.finfo(actual.dtype).eps * e.abs()
-        allowed = 4 * ulp + tol.atol + tol.rtol * scale
+    dev = expected.device
+    a_all, e_all = actual.detach().reshape(-1), expected.detach().reshape(-1)
+    d_all = delta_of.detach().reshape(-1) if delta_of is not None else None
+    eps = torch.finfo(actual.dtype).eps if actual.dtype.is_floating_point else 0.0
+    n_nan = n_over = 0
+    first_nan = first_over = -1
+    err_sq = ref_sq = 0.0
+    for lo in range(0, numel, _COMPARE_CHUNK):
+        hi = min(numel, lo + _COMPARE_CHUNK)
+        a = a_all[lo:hi].to(dev, torch.float64)
+        e = e_all[lo:hi].to(torch.float64)
+        bad_nan = (~torch.isfinite(a)) & torch.isfinite(e)
+        k = int(bad_nan.sum())
+        if k:
+            n_nan += k
+            if first_nan < 0:
+                first_nan = lo + int(bad_nan.nonzero()[0, 0])
+        if n_nan:
+            continue  # the verdict is the NaN one: only count them
         err = (a - e).abs()
-        norm_err = (err - ulp).clamp_min(0)  # rounding the stored value is not an error of the update
-        ref_norm = float(torch.linalg.vector_norm(e - d))
-    else:
-        allowed = tol.atol + tol.rtol * e.abs()
-        err = (a - e).abs()
-        norm_err = err
-        ref_norm = float(torch.linalg.vector_norm(e))
-    over = err > allowed
-    if bool(over.any()):
-        n = int(over.sum())
-        idx = _first_index(over)
-        ai, ei = float(a[idx]), float(e[idx])
-        return (f"{name}: {n} of {a.numel()} element(s) outside tolerance; first at {idx}: got {ai:.6g}, "
-                f"expected {ei:.6g} (atol {tol.atol:g}, rtol {tol.rtol:g})")
-    ref_norm = max(ref_norm, norm_floor)
+        if d_all is not None:
+            change = e - d_all[lo:hi].to(dev, torch.float64)
+            ulp = eps * e.abs()
+            allowed = 4 * ulp + tol.atol + tol.rtol * change.abs()
+            norm_err = (err - ulp).clamp_min(0)  # rounding the stored value is not an error of the update
+            ref_sq += float(torch.linalg.vector_norm(change)) ** 2
+        else:
+            allowed = tol.atol + tol.rtol * e.abs()
+            norm_err = err
+            ref_sq += float(torch.linalg.vector_norm(e)) ** 2
+        over = err > allowed
+        k = int(over.sum())
+        if k:
+            n_over += k
+            if first_over < 0:
+                first_over = lo + int(over.nonzero()[0, 0])
+        err_sq += float(torch.linalg.vector_norm(norm_err)) ** 2
+    if n_nan:
+        return (f"{name}: {n_nan} element(s) NaN/inf where the reference is finite (first at "
+                f"{_unravel(first_nan, actual.shape)})")
+    if n_over:
+        ai, ei = float(a_all[first_over]), float(e_all[first_over])
+        return (f"{name}: {n_over} of {numel} element(s) outside tolerance; first at "
+                f"{_unravel(first_over, actual.shape)}: got {ai:.6g}, expected {ei:.6g} (atol {tol.atol:g}, "
+                f"rtol {tol.rtol:g})")
+    ref_norm = max(math.sqrt(ref_sq), norm_floor)
     if ref_norm > 0:
-        rel = float(torch.linalg.vector_norm(norm_err)) / ref_norm
+        rel = math.sqrt(err_sq) / ref_norm
         if rel > tol.norm_rtol:
             what = "relative error of the update" if delta_of is not None else "relative error"
             return (f"{name}: {what} {rel:.3g} exceeds {tol.norm_rtol:g} for {actual.dtype}"
@@ -157,9 +189,12 @@ def compare_tensor(name: str, actual: torch.Tensor, expected: torch.Tensor, tol:
     return ""
 
 
-def _first_index(mask: torch.Tensor) -> tuple[int, ...]:
-    nz = mask.nonzero()
-    return tuple(int(i) for i in nz[0]) if nz.numel() else ()
+def _unravel(flat: int, shape: Any) -> tuple[int, ...]:
+    idx = []
+    for n in reversed(tuple(shape)):
+        idx.append(flat % n)
+        flat //= n
+    return tuple(reversed(idx))
 
 
 class OpSpec:
