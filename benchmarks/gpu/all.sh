@@ -11,10 +11,10 @@
 # Each phase's files are packed into one tarball under $OUT as soon as it ends (the device returns 8 files):
 #   all.log, search.tgz (store, search JSON, scratch registry + promoted files), train.tgz, bench.tgz (CSV,
 #   meta, PNGs), search_attn.tgz
-# Usage (device machine, repo root): bash benchmarks/gpu/all.sh     [TOTAL=520 T_ADAM=130 T_ATTN=150 STEPS=60]
+# Usage (device machine, repo root): bash benchmarks/gpu/all.sh     [TOTAL=520 T_ADAM=200 T_ATTN=150 STEPS=60]
 set -u
 OUT=${OUT:-/tmp/ktout}; mkdir -p "$OUT"
-TOTAL=${TOTAL:-520}; T_ADAM=${T_ADAM:-130}; T_ATTN=${T_ATTN:-150}; STEPS=${STEPS:-60}
+TOTAL=${TOTAL:-520}; T_ADAM=${T_ADAM:-200}; T_ATTN=${T_ATTN:-150}; STEPS=${STEPS:-60}
 W=/tmp/ktw; rm -rf "$W"; mkdir -p "$W/search" "$W/train" "$W/bench" "$W/registry"
 export PYTHONUNBUFFERED=1 KERNELTUNE_CACHE_DIR=/tmp/ktcache KERNELTUNE_DB=$W/search/store.db
 exec > >(tee -a "$OUT/all.log") 2>&1
