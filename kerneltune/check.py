@@ -319,11 +319,17 @@ class Measurement:
 
 def measure(ev: Any, entry: Any, case: Any, opts: CheckOptions, recorded: float) -> Measurement:
     """One fresh evaluation of the entry's candidate file at its case, against its baseline; judged."""
+    from kerneltune.evaluate.evaluator import BaselineError
+
     t0 = time.monotonic()
     ev.opt.shapes = [case]
     ev.opt.baselines = [entry.baseline]
     meter = LoadMeter().start()
-    res = ev.evaluate_path(entry.path)
+    try:
+        res = ev.evaluate_path(entry.path)
+    except BaselineError as e:  # no reference point on this device: the entry cannot be checked, which fails
+        meter.stop()
+        return Measurement(status=STATUS_FAILED, reason=str(e), duration_s=round(time.monotonic() - t0, 2))
     load = meter.stop()
     busy = load is not None and load > opts.max_foreign_load
     m = Measurement(status=STATUS_OK, foreign_load=load, busy=busy, duration_s=round(time.monotonic() - t0, 2),

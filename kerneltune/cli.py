@@ -91,19 +91,24 @@ STATUS_STYLE = {"passed": "green", "incorrect": "red", "rejected": "magenta", "c
 
 def _run_evaluations(paths: list[str], *, device: str, timeout: float, memory_gb: float, seeds: int,
                      shapes: Any, time_it: bool, db: Optional[str], show_progress: bool) -> list[dict[str, Any]]:
-    from kerneltune.evaluate.evaluator import Evaluator, Options
+    from kerneltune.evaluate.evaluator import BaselineError, Evaluator, Options
 
     store = _open_store(db)
     opts = Options(device=device, timeout=timeout, memory_gb=memory_gb, seeds=seeds, shapes=shapes, time_it=time_it)
     results = []
-    with _progress_ctx(show_progress) as progress:
-        task = progress.add_task("starting", total=len(paths))
-        with Evaluator(opts, store=store, progress=lambda m: progress.update(task, description=m)) as ev:
-            for i, path in enumerate(paths):
-                progress.update(task, description=f"[{i + 1}/{len(paths)}] {os.path.basename(path)}")
-                results.append(ev.evaluate_path(path))
-                progress.advance(task)
-    store.close()
+    try:
+        with _progress_ctx(show_progress) as progress:
+            task = progress.add_task("starting", total=len(paths))
+            with Evaluator(opts, store=store, progress=lambda m: progress.update(task, description=m)) as ev:
+                for i, path in enumerate(paths):
+                    progress.update(task, description=f"[{i + 1}/{len(paths)}] {os.path.basename(path)}")
+                    results.append(ev.evaluate_path(path))
+                    progress.advance(task)
+    except BaselineError as e:
+        print(f"error: {e}", file=sys.stderr)  # the verdicts already given are stored
+        raise typer.Exit(1) from None
+    finally:
+        store.close()
     return results
 
 
@@ -446,6 +451,9 @@ def search_cmd(
         err.print(f"interrupted: every finished evaluation is stored; resume with: kerneltune search --resume "
                   f"{summary['run']}" + (f" --db {db}" if db else ""), highlight=False)
         raise typer.Exit(130)
+    if summary["status"] == "failed":
+        print(f"error: {summary['stop_reason']}", file=sys.stderr)
+        raise typer.Exit(1)
     raise typer.Exit(0 if summary["best"] else 1)
 
 

@@ -61,6 +61,11 @@ class Options:
     samples: bool = False             # keep every timed call, per round, in each case's "samples_ms"
 
 
+class BaselineError(RuntimeError):
+    """The op's primary baseline failed on a timed case: no speedup can be measured here, for any candidate.
+    Not a verdict on the candidate (nothing is stored for it); the caller stops with this one line."""
+
+
 class Outcome(Exception):
     """Ends an evaluation early with a verdict."""
 
@@ -375,7 +380,9 @@ class Evaluator:
             why = (f"failed: {reply.get('reason')}" if not reply.get("ok") else
                    spec.compare(inputs, expected, unflatten(flat)))
             if why and name == spec.primary_baseline:
-                raise RuntimeError(f"baseline {name} on {case.name}: {why}")
+                raise BaselineError(f"the primary baseline {name} failed on {case.name} ({why[:300]}): no speedup "
+                                    f"can be measured on this device; check torch on it (kerneltune doctor), or time "
+                                    f"other shapes with --shapes")
             if why:  # a secondary baseline that cannot run this case (a pinned backend, a compiler) is left out
                 dropped[name] = why if not reply.get("ok") else f"disagrees with the reference: {why}"
                 names.remove(name)

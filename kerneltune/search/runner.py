@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from kerneltune.evaluate.device import device_info, versions
-from kerneltune.evaluate.evaluator import Evaluator, Options
+from kerneltune.evaluate.evaluator import BaselineError, Evaluator, Options
 from kerneltune.evaluate.static import CandidateFile
 from kerneltune.ops import get_op
 from kerneltune.propose.base import Proposal, Proposer
@@ -206,8 +206,20 @@ class Search:
                     done, _ = wait(list(inflight), timeout=0.5, return_when=FIRST_COMPLETED)
                     for fut in done:
                         proposal, pid = inflight.pop(fut)
-                        result = fut.result()
+                        try:
+                            result = fut.result()
+                        except BaselineError as e:
+                            # nothing can be timed on this device: stop now (the evaluations in flight are
+                            # killed); the proposals without a verdict stay for --resume
+                            status = "failed"
+                            self.stop(str(e))
+                            self.evaluator.abort()
+                            continue
                         self._finish(proposal, pid, result, cached=False)
+                    if status == "failed":
+                        for fut in inflight:
+                            fut.cancel()
+                        break
         except KeyboardInterrupt:
             status = "interrupted"
             self.stop("interrupted (Ctrl-C)")

@@ -86,3 +86,23 @@ def test_kill_9_then_resume_loses_nothing_and_repeats_nothing(template_dir, tmp_
     runs = json.loads(subprocess.run([sys.executable, "-m", "kerneltune.cli", "runs", "--db", db, "--json"],
                                      capture_output=True, text=True, timeout=120).stdout)
     assert runs[0]["finished"] == 6 and runs[0]["status"] == "done"
+
+
+def test_a_failing_primary_baseline_stops_the_search_with_one_line_and_nothing_lost(template_dir, tmp_path,
+                                                                                      monkeypatch):
+    """No speedup can be measured when the primary baseline fails: the search stops (status failed, the reason
+    as its stop reason), stores no verdict for the candidates it could not time, and can be resumed."""
+    import kerneltune.evaluate.evaluator as ev_mod
+
+    def broken(self, worker, spec, case, *a, **kw):
+        raise ev_mod.BaselineError(f"the primary baseline {spec.primary_baseline} failed on {case.name} (test)")
+
+    monkeypatch.setattr(ev_mod.Evaluator, "_time_case", broken)
+    store = Store(str(tmp_path / "kt.db"))
+    cfg = SearchConfig(op="adamw", device="cpu", strategy="random", budget=3, jobs=1, candidate_dirs=[template_dir],
+                       shapes=["gpt-tiny"], timeout=120)
+    summary = Search(store, cfg).run()
+    assert summary["status"] == "failed" and "primary baseline adamw_fused failed" in summary["stop_reason"]
+    assert summary["results"] == 0 and store.count("evaluations") == 0
+    assert summary["resume"] and store.proposals(summary["run"])  # proposed, stored, waiting for --resume
+    store.close()
