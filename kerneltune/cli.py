@@ -6,7 +6,6 @@ Exit codes: 0 success (every candidate passed), 1 a candidate did not pass / a c
 
 from __future__ import annotations
 
-import csv
 import glob
 import json
 import os
@@ -247,7 +246,9 @@ def bench_cmd(
                                time_it=True, db=db, show_progress=not json_out)
     rows = bench_rows(results)
     if csv_path:
-        append_csv(csv_path, rows)
+        from kerneltune.report import append_rows
+
+        append_rows(csv_path, rows)  # one CSV for every source: the header widens when a row brings a column
     if json_out:
         print(json.dumps({"op": op, "device": device, "rows": rows, "results": results,
                           "not_timed_here": skipped}, indent=1, default=str))
@@ -278,18 +279,6 @@ def bench_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                              "pct_of_roof": b["roofline"].get("pct_of_roof"), "gbps": b["roofline"]["gbps"],
                              "tflops": b["roofline"]["tflops"]})
     return rows
-
-
-def append_csv(path: str, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
 
 
 def _print_bench(op: str, results: list[dict[str, Any]], skipped: list[str]) -> None:
