@@ -184,11 +184,12 @@ def _verify(before: list[list[Tensor]], grads: list[Tensor], after: tuple[list[T
             hyper: dict[str, Any]) -> str:
     """'' when the kernel's update matches the op's fp64 reference within the evaluator's tolerance."""
     from kerneltune.ops import get_op
-    from kerneltune.ops.base import Inputs
+    from kerneltune.ops.base import Inputs, cpu_references
 
     spec = get_op(OP)
     cpu = lambda ts: [t.detach().cpu() for t in ts]  # noqa: E731
     inputs = Inputs({"params": cpu(before[0]), "grads": cpu(grads), "exp_avgs": cpu(before[1]),
                      "exp_avg_sqs": cpu(before[2])}, dict(hyper))
     actual = {"params": cpu(after[0]), "exp_avgs": cpu(after[1]), "exp_avg_sqs": cpu(after[2])}
-    return spec.compare(inputs, spec.reference(inputs), actual)
+    with cpu_references():  # never gigabytes of the training GPU for a check
+        return spec.compare(inputs, spec.reference(inputs), actual)

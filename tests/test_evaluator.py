@@ -92,6 +92,7 @@ def test_a_large_timed_case_is_checked_once_before_timing_and_twice_after(evalua
     r = evaluator.evaluate_path(path)
     assert r["status"] == "passed", r["reason"]
     assert r["checks"]["calls"] == 1 + 2 * checks + timed
+    assert r["checks"]["one_seed_before_timing"] == [c["name"] for c in r["cases"]]
 
 
 @pytest.mark.parametrize("name", list(WRONG))

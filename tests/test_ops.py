@@ -175,3 +175,16 @@ def test_chunked_compare_gives_the_same_verdicts(shape, monkeypatch):
         first = tuple(int(i) for i in torch.unravel_index(torch.tensor(n // 2), shape)) if shape else ()
         assert "2 of" in msg and f"first at {first}" in msg, msg
         assert "NaN" in compare_tensor("x", cases[2], exact, tol)
+
+
+def test_reference_device_large_problems_go_to_the_gpu_unless_told(monkeypatch):
+    from kerneltune.ops.base import cpu_references, reference_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("KERNELTUNE_REFERENCE_DEVICE", raising=False)
+    assert reference_device(True).type == "cuda" and reference_device(False).type == "cpu"
+    with cpu_references():
+        assert reference_device(True).type == "cpu"
+    assert reference_device(True).type == "cuda"
+    monkeypatch.setenv("KERNELTUNE_REFERENCE_DEVICE", "cpu")
+    assert reference_device(True).type == "cpu"

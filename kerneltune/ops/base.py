@@ -7,10 +7,12 @@ processes (how to call ``run`` and the baselines); it never runs candidate code 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -106,11 +108,25 @@ def unflatten(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | list[to
     return out
 
 
+_cpu_only: contextvars.ContextVar[bool] = contextvars.ContextVar("kerneltune_cpu_references", default=False)
+
+
+@contextlib.contextmanager
+def cpu_references() -> Iterator[None]:
+    """References computed inside stay on the CPU (a training process checking a kernel must not take
+    gigabytes of its own GPU for the check)."""
+    token = _cpu_only.set(True)
+    try:
+        yield
+    finally:
+        _cpu_only.reset(token)
+
+
 def reference_device(large: bool) -> torch.device:
     """Where the parent computes an fp64 reference: its GPU for a large problem when it has one
-    ($KERNELTUNE_REFERENCE_DEVICE=cpu keeps every reference on the CPU)."""
+    ($KERNELTUNE_REFERENCE_DEVICE=cpu, or inside cpu_references(), keeps every reference on the CPU)."""
     want = os.environ.get("KERNELTUNE_REFERENCE_DEVICE", "auto")
-    if want != "cpu" and large and torch.cuda.is_available():
+    if want != "cpu" and not _cpu_only.get() and large and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
 
@@ -159,18 +175,18 @@ def compare_tensor(name: str, actual: torch.Tensor, expected: torch.Tensor, tol:
             ulp = eps * e.abs()
             allowed = 4 * ulp + tol.atol + tol.rtol * change.abs()
             norm_err = (err - ulp).clamp_min(0)  # rounding the stored value is not an error of the update
-            ref_sq += float(torch.linalg.vector_norm(change)) ** 2
+            ref_sq += _sq(float(torch.linalg.vector_norm(change)))
         else:
             allowed = tol.atol + tol.rtol * e.abs()
             norm_err = err
-            ref_sq += float(torch.linalg.vector_norm(e)) ** 2
+            ref_sq += _sq(float(torch.linalg.vector_norm(e)))
         over = err > allowed
         k = int(over.sum())
         if k:
             n_over += k
             if first_over < 0:
                 first_over = lo + int(over.nonzero()[0, 0])
-        err_sq += float(torch.linalg.vector_norm(norm_err)) ** 2
+        err_sq += _sq(float(torch.linalg.vector_norm(norm_err)))
     if n_nan:
         return (f"{name}: {n_nan} element(s) NaN/inf where the reference is finite (first at "
                 f"{_unravel(first_nan, actual.shape)})")
@@ -187,6 +203,10 @@ def compare_tensor(name: str, actual: torch.Tensor, expected: torch.Tensor, tol:
             return (f"{name}: {what} {rel:.3g} exceeds {tol.norm_rtol:g} for {actual.dtype}"
                     " (computed in lower precision?)")
     return ""
+
+
+def _sq(x: float) -> float:
+    return x * x  # inf past 1.3e154, where x ** 2 raises OverflowError
 
 
 def _unravel(flat: int, shape: Any) -> tuple[int, ...]:
