@@ -12,6 +12,9 @@
 #   all.log, search.tgz (store, search JSON, scratch registry + promoted files), train.tgz, bench.tgz (CSV,
 #   meta, PNGs), search_attn.tgz
 # Usage (device machine, repo root): bash benchmarks/gpu/all.sh     [TOTAL=520 T_ADAM=200 T_ATTN=150 STEPS=60]
+#   BENCH_ARGS="--only-n 512,1024,2048" measures only those N (the rest is in benchmarks/results/issue8-h100.csv).
+# Afterwards, here: promote the AdamW winner from the returned store into the shipped registry with
+#   kerneltune promote NAME --device-key cuda:nvidia-h100-80gb-hbm3:sm90 --db <search.tgz>/search/store.db
 set -u
 OUT=${OUT:-/tmp/ktout}; mkdir -p "$OUT"
 TOTAL=${TOTAL:-520}; T_ADAM=${T_ADAM:-200}; T_ATTN=${T_ATTN:-150}; STEPS=${STEPS:-60}
@@ -72,7 +75,7 @@ DL=$(( $(left) - T_ATTN - 60 )); [ "$DL" -lt 60 ] && DL=60
 echo "bench deadline $DL s"
 T0=$SECONDS
 timeout -k 5 "$((DL + 40))" python3 benchmarks/bench_gpu.py --out "$W/bench" --db "$KERNELTUNE_DB" \
-  --deadline "$DL" --compile-n 4096
+  --deadline "$DL" --compile-n 4096 ${BENCH_ARGS:-}
 echo "bench rc=$? in $((SECONDS - T0)) s"
 timeout 25 python3 benchmarks/plot_gpu.py "$W/bench/issue8.csv" --out "$W/bench" || echo "plots: not made here (rebuild from the CSV)"
 tar -czf "$OUT/bench.tgz" -C "$W" bench
