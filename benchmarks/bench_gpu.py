@@ -179,27 +179,27 @@ def attention_shapes(only: str | None) -> list[tuple[int, int, int, int, bool]]:
 def bench_attention(op: str, cand: Any, fwd_cand: Any, args: argparse.Namespace, timer: Timer, ceil: dict[str, Any],
                     emit: Callable[..., None], deadline: float) -> None:
     spec = get_op(op)
-    baselines = spec.baselines(DEV)
+    baselines = spec.baselines(DEV)  # built once per op: torch_compile's compiled function is kept in its closure
     dtname = "bfloat16" if HALF == torch.bfloat16 else "float16"
-    tol = spec.tolerance(dtname)
-    compile_n = {int(x) for x in args.compile_n.split(",") if x}
     for b, h, n, d, causal in attention_shapes(args.only_n):
         shape = dict(B=b, H=h, N=n, D=d, causal=causal, dtype=dtname)
         if time.monotonic() > deadline:
             emit(op, shape, "—", "candidate", status="skipped", note="deadline reached before this shape")
             continue
         try:
-            _attention_shape(op, spec, cand, fwd_cand, baselines, tol, compile_n, timer, ceil, emit, b, h, n, d,
-                             causal, dtname, shape)
+            _attention_shape(op, spec, baselines, cand, fwd_cand, args, timer, ceil, emit, shape)
         except Exception as e:  # noqa: BLE001 - one shape's failure is its row; the other shapes still run
             emit(op, shape, "candidate", "candidate", status="error", note=f"{type(e).__name__}: {str(e)[:300]}")
         _empty_cache()
 
 
-def _attention_shape(op: str, spec: Any, cand: Any, fwd_cand: Any, baselines: dict[str, Any], tol: Tolerance,
-                     compile_n: set[int], timer: Timer, ceil: dict[str, Any], emit: Callable[..., None],
-                     b: int, h: int, n: int, d: int, causal: bool, dtname: str, shape: dict[str, Any]) -> None:
+def _attention_shape(op: str, spec: Any, baselines: dict[str, Any], cand: Any, fwd_cand: Any,
+                     args: argparse.Namespace, timer: Timer, ceil: dict[str, Any], emit: Callable[..., None],
+                     shape: dict[str, Any]) -> None:
     """One shape: checked against fp64, every contestant timed interleaved, one row each."""
+    b, h, n, d, causal, dtname = (shape[x] for x in ("B", "H", "N", "D", "causal", "dtype"))
+    tol = spec.tolerance(dtname)
+    compile_n = {int(x) for x in args.compile_n.split(",") if x}
     g = torch.Generator(device=DEV).manual_seed(1234 + n + d + causal)
     q, k, v, do = (torch.randn(b, h, n, d, device=DEV, generator=g).to(HALF) for _ in range(4))
     case = Case(name=f"B{b} H{h} N{n} D{d}", dims={"B": b, "H": h, "N": n, "D": d}, dtype=dtname,

@@ -93,9 +93,13 @@ def _bump() -> None:
 def generation() -> tuple[int, str, str, str]:
     """Changes whenever what ``choose`` answers may change: the registry was (re)read or reloaded, a kernel
     was marked bad, or one of the environment variables the decision reads. Callers cache on it."""
+    return (_generation, *_env_key())
+
+
+def _env_key() -> tuple[str, str, str]:
+    """The environment variables a serving decision reads."""
     env = os.environ
-    return (_generation, env.get(reg.ENV_REGISTRY, ""), env.get(reg.ENV_MIN_SPEEDUP, ""),
-            env.get(reg.ENV_DISABLE, ""))
+    return env.get(reg.ENV_REGISTRY, ""), env.get(reg.ENV_MIN_SPEEDUP, ""), env.get(reg.ENV_DISABLE, "")
 
 
 def reload() -> None:
@@ -113,8 +117,7 @@ def reload() -> None:
 def choose(op: str, device: Any, dims: dict[str, Any], dtype: str, args: dict[str, Any] | None = None) -> Choice:
     """The kernel that serves ``op`` for this call (cached per bucket)."""
     r = registry()
-    key = (op, reg.device_kind(device), reg.bucket(op, dims), str(dtype), reg._args_key(args),
-           os.environ.get(reg.ENV_MIN_SPEEDUP, ""), os.environ.get(reg.ENV_DISABLE, ""))
+    key = (op, reg.device_kind(device), reg.bucket(op, dims), str(dtype), reg._args_key(args), *_env_key())
     with _lock:
         d = _decisions.get(key)
     if d is None:

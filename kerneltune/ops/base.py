@@ -189,11 +189,11 @@ def compare_tensor(name: str, actual: torch.Tensor, expected: torch.Tensor, tol:
         err_sq += _sq(float(torch.linalg.vector_norm(norm_err)))
     if n_nan:
         return (f"{name}: {n_nan} element(s) NaN/inf where the reference is finite (first at "
-                f"{_unravel(first_nan, actual.shape)})")
+                f"{_index(first_nan, actual.shape)})")
     if n_over:
         ai, ei = float(a_all[first_over]), float(e_all[first_over])
         return (f"{name}: {n_over} of {numel} element(s) outside tolerance; first at "
-                f"{_unravel(first_over, actual.shape)}: got {ai:.6g}, expected {ei:.6g} (atol {tol.atol:g}, "
+                f"{_index(first_over, actual.shape)}: got {ai:.6g}, expected {ei:.6g} (atol {tol.atol:g}, "
                 f"rtol {tol.rtol:g})")
     ref_norm = max(math.sqrt(ref_sq), norm_floor)
     if ref_norm > 0:
@@ -205,16 +205,12 @@ def compare_tensor(name: str, actual: torch.Tensor, expected: torch.Tensor, tol:
     return ""
 
 
+def _index(flat: int, shape: Any) -> tuple[int, ...]:
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(shape)))
+
+
 def _sq(x: float) -> float:
     return x * x  # inf past 1.3e154, where x ** 2 raises OverflowError
-
-
-def _unravel(flat: int, shape: Any) -> tuple[int, ...]:
-    idx = []
-    for n in reversed(tuple(shape)):
-        idx.append(flat % n)
-        flat //= n
-    return tuple(reversed(idx))
 
 
 class OpSpec:
