@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
-# Every open GPU check in ONE call of about TOTAL seconds (default 520) on a lent H100, most important first:
-#   0. `kerneltune doctor` (which sandbox layers CUDA runs under on this host);
-#   1. `kerneltune search adamw` on GPT-2 small's parameters (each candidate through the full evaluator);
-#   2. its best candidate promoted into a scratch registry when it beats torch's fused AdamW;
-#   3. issue 7: `kerneltune train --compare --preset gpt2-124m`, the tuned run taking that registry
-#      through $KERNELTUNE_REGISTRY (reference vs tuned, same seed and batches);
-#   4. issue 8: every shape benched against every baseline, ceilings in the same run (bench_gpu.py);
-#   5. `kerneltune search attention` with the time left (Triton compiles every
-#      check case's specialisation: a candidate needs well over a minute).
+# Every open GPU check in ONE call of about TOTAL seconds (default 520) on a lent H100. Phases, run in the
+# order PHASES names them (default "adamw train bench attn"), after `kerneltune doctor` (which sandbox
+# layers CUDA runs under on this host):
+#   adamw  `kerneltune search adamw` on GPT-2 small's parameters (each candidate through the full evaluator;
+#          two at once; ADAM_ONLY="triton_mt_table ...": those templates only), then its best candidate
+#          promoted into a scratch registry when it beats torch's fused AdamW;
+#   train  issue 7: `kerneltune train --compare --preset gpt2-124m`, the tuned run taking that registry
+#          through $KERNELTUNE_REGISTRY (reference vs tuned, same seed and batches); TRAIN_IF_PROMOTED=1
+#          skips it when the adamw phase promoted nothing (the fallback's cost is measured already);
+#   bench  issue 8: every shape benched against every baseline, ceilings in the same run (bench_gpu.py;
+#          BENCH_ARGS passes more arguments, e.g. --only-n 512,1024,2048; BENCH_S caps its deadline);
+#   tests  the tests marked gpu (T_TESTS seconds, default 120), the evaluator's slow seed test left out
+#          (the adamw phase runs the same evaluator at full size);
+#   attn   `kerneltune search attention` with the time left (Triton compiles every check case's
+#          specialisation: a candidate needs well over a minute).
 # Each phase's files are packed into one tarball under $OUT as soon as it ends (the device returns 8 files):
 #   all.log, search.tgz (store, search JSON, scratch registry + promoted files), train.tgz, bench.tgz (CSV,
 #   meta, PNGs), search_attn.tgz
-# Usage (device machine, repo root): bash benchmarks/gpu/all.sh     [TOTAL=520 T_ADAM=200 T_ATTN=150 STEPS=60]
-#   BENCH_ARGS="--only-n 512,1024,2048" measures only those N (the rest is in benchmarks/results/issue8-h100.csv).
+# Usage (device machine, repo root): bash benchmarks/gpu/all.sh   [TOTAL=520 T_ADAM=200 T_ATTN=150 STEPS=60]
+#   PHASES="bench adamw train" BENCH_ARGS="--only-n 512,1024,2048 --compile-n 1024" bash benchmarks/gpu/all.sh
 # Afterwards, here: promote the AdamW winner from the returned store into the shipped registry with
 #   kerneltune promote NAME --device-key cuda:nvidia-h100-80gb-hbm3:sm90 --db <search.tgz>/search/store.db
 set -u
 OUT=${OUT:-/tmp/ktout}; mkdir -p "$OUT"
 TOTAL=${TOTAL:-520}; T_ADAM=${T_ADAM:-200}; T_ATTN=${T_ATTN:-150}; STEPS=${STEPS:-60}
+PHASES=${PHASES:-adamw train bench attn}; ADAM_ONLY=${ADAM_ONLY:-}; BENCH_S=${BENCH_S:-600}
 W=/tmp/ktw; rm -rf "$W"; mkdir -p "$W/search" "$W/train" "$W/bench" "$W/registry"
 export PYTHONUNBUFFERED=1 KERNELTUNE_CACHE_DIR=/tmp/ktcache KERNELTUNE_DB=$W/search/store.db
 exec > >(tee -a "$OUT/all.log") 2>&1
@@ -53,38 +60,68 @@ if top and (top[0].get("speedup") or 0) > 1.0:
 PY
 }
 
-search adamw "$T_ADAM" 2 $((T_ADAM - 15))
-export KERNELTUNE_REGISTRY=$W/registry/registry.json
-if [ -s "$W/search/adamw.best" ]; then
-  timeout 30 "${KT[@]}" promote "$(cat "$W/search/adamw.best")" --device cuda --registry "$KERNELTUNE_REGISTRY" || true
-else
-  echo "promote adamw: nothing beat the primary baseline in the search"
-fi
-[ -f "$KERNELTUNE_REGISTRY" ] || unset KERNELTUNE_REGISTRY
-timeout 20 "${KT[@]}" registry || true
-tar -czf "$OUT/search.tgz" -C "$W" search registry
-echo "phase search+promote done at $((SECONDS - T_ALL)) s"
+phase_adamw() {
+  local cands=candidates/adamw
+  if [ -n "$ADAM_ONLY" ]; then  # a search over some templates only: copied into a folder of their own
+    cands=$W/cands/adamw; mkdir -p "$cands"
+    for t in $ADAM_ONLY; do cp "candidates/adamw/$t.py" "$cands/"; done
+  fi
+  search adamw "$T_ADAM" 2 $((T_ADAM - 15)) --candidates "$cands"
+  export KERNELTUNE_REGISTRY=$W/registry/registry.json
+  if [ -s "$W/search/adamw.best" ]; then
+    timeout 30 "${KT[@]}" promote "$(cat "$W/search/adamw.best")" --device cuda --registry "$KERNELTUNE_REGISTRY" || true
+  else
+    echo "promote adamw: nothing beat the primary baseline in the search"
+  fi
+  [ -f "$KERNELTUNE_REGISTRY" ] || unset KERNELTUNE_REGISTRY
+  timeout 20 "${KT[@]}" registry || true
+  tar -czf "$OUT/search.tgz" -C "$W" search registry
+  echo "phase search+promote done at $((SECONDS - T_ALL)) s"
+}
 
-T0=$SECONDS
-timeout 100 "${KT[@]}" train --compare --preset gpt2-124m --device cuda --steps "$STEPS" --out "$W/train/out"
-echo "train compare rc=$? in $((SECONDS - T0)) s (0: losses agree within tolerance, 1: they do not)"
-tar -czf "$OUT/train.tgz" -C "$W" train
-unset KERNELTUNE_REGISTRY
+phase_train() {
+  if [ -n "${TRAIN_IF_PROMOTED:-}" ] && [ -z "${KERNELTUNE_REGISTRY:-}" ]; then
+    echo "train compare: skipped, nothing promoted"; return
+  fi
+  T0=$SECONDS
+  timeout 100 "${KT[@]}" train --compare --preset gpt2-124m --device cuda --steps "$STEPS" --out "$W/train/out"
+  echo "train compare rc=$? in $((SECONDS - T0)) s (0: losses agree within tolerance, 1: they do not)"
+  tar -czf "$OUT/train.tgz" -C "$W" train
+}
 
-DL=$(( $(left) - T_ATTN - 60 )); [ "$DL" -lt 60 ] && DL=60
-echo "bench deadline $DL s"
-T0=$SECONDS
-timeout -k 5 "$((DL + 40))" python3 benchmarks/bench_gpu.py --out "$W/bench" --db "$KERNELTUNE_DB" \
-  --deadline "$DL" --compile-n 4096 ${BENCH_ARGS:-}
-echo "bench rc=$? in $((SECONDS - T0)) s"
-timeout 25 python3 benchmarks/plot_gpu.py "$W/bench/issue8.csv" --out "$W/bench" || echo "plots: not made here (rebuild from the CSV)"
-tar -czf "$OUT/bench.tgz" -C "$W" bench
+phase_bench() {
+  DL=$(( $(left) - T_ATTN - 60 )); [ "$DL" -gt "$BENCH_S" ] && DL=$BENCH_S; [ "$DL" -lt 60 ] && DL=60
+  echo "bench deadline $DL s"
+  T0=$SECONDS
+  timeout -k 5 "$((DL + 40))" python3 benchmarks/bench_gpu.py --out "$W/bench" --db "$KERNELTUNE_DB" \
+    --deadline "$DL" --compile-n 4096 ${BENCH_ARGS:-}
+  echo "bench rc=$? in $((SECONDS - T0)) s"
+  timeout 25 python3 benchmarks/plot_gpu.py "$W/bench/issue8.csv" --out "$W/bench" || echo "plots: not made here (rebuild from the CSV)"
+  tar -czf "$OUT/bench.tgz" -C "$W" bench
+}
 
-T=$(( $(left) - 5 ))
-if [ "$T" -ge 90 ]; then  # one search at a time: timings never share the GPU
-  search attention "$T" 2 "$((T - 10))" --shapes 4,16,4096,128,causal --shapes 16,12,1024,64,causal --dtype bf16
-else
-  echo "attention search: only $T s left, not started"
-fi
-tar -czf "$OUT/search_attn.tgz" -C "$W" search
+phase_tests() {
+  T0=$SECONDS
+  timeout -k 5 "${T_TESTS:-120}" python3 -m pytest -m gpu -q -p no:cacheprovider -k "not seed_passes_and_is_timed" \
+    tests/test_gpu.py tests/library/test_gpu_library.py tests/train/test_gpu_train.py
+  echo "gpu tests rc=$? in $((SECONDS - T0)) s"
+}
+
+phase_attn() {
+  T=$(( $(left) - 5 ))
+  if [ "$T" -ge 90 ]; then  # one search at a time: timings never share the GPU
+    search attention "$T" 2 "$((T - 10))" --shapes 4,16,4096,128,causal --shapes 16,12,1024,64,causal --dtype bf16
+  else
+    echo "attention search: only $T s left, not started"
+  fi
+  tar -czf "$OUT/search_attn.tgz" -C "$W" search
+}
+
+for ph in $PHASES; do
+  echo "== phase $ph at $((SECONDS - T_ALL)) s"
+  case $ph in
+    adamw|train|bench|tests|attn) "phase_$ph" ;;
+    *) echo "unknown phase $ph (adamw, train, bench, tests, attn)" ;;
+  esac
+done
 echo "all.sh: $((SECONDS - T_ALL)) s in all; files: $(ls "$OUT" | tr '\n' ' ')"
