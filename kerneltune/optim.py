@@ -12,6 +12,7 @@ fused step, sparse or complex gradients, non-fp32 or non-contiguous tensors — 
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -99,7 +100,7 @@ class AdamW(torch.optim.AdamW):
                 continue
             steps = [s["step"] for s in states]
             by_step: dict[float, list[int]] = {}
-            for i, t in enumerate(torch.stack([s.detach().to("cpu", torch.float64) for s in steps]).tolist()):
+            for i, t in enumerate(self._step_values(steps)):
                 by_step.setdefault(t, []).append(i)
             for t, idx in by_step.items():
                 sel = [params[i] for i in idx]
@@ -110,9 +111,37 @@ class AdamW(torch.optim.AdamW):
                 if not ok:  # the kernel failed or was dropped: torch's step takes these (nothing was changed)
                     leftover += sel
                     continue
-                for i in idx:
-                    steps[i] += 1
+                done = [steps[i] for i in idx]
+                torch._foreach_add_(done, 1.0)  # one launch for the lot, where torch's step makes one per tensor
+                self._remember_steps(done, t + 1)
         return leftover
+
+    # -- step counts without a device sync ---------------------------------------------------------------
+    def _step_values(self, steps: list[Tensor]) -> list[float]:
+        """The step counts as host numbers. Reading a step tensor that lives on the GPU (fused/capturable
+        state) waits for the whole backward pass; so the counts this optimizer wrote last are remembered with
+        each tensor's version counter, which any later write (torch's step, load_state_dict, fill_) bumps:
+        only a tensor changed behind our back is read, all of those in one transfer."""
+        seen = self.__dict__.setdefault("_kt_steps", {})
+        out: list[Optional[float]] = []
+        unknown: list[int] = []
+        for i, s in enumerate(steps):
+            hit = seen.get(id(s))
+            if hit is not None and hit[0]() is s and hit[1] == s._version:
+                out.append(hit[2])
+            else:
+                out.append(None)
+                unknown.append(i)
+        if unknown:
+            read = torch.stack([steps[i].detach().reshape(()).to(torch.float64) for i in unknown])
+            for i, v in zip(unknown, read.cpu().tolist()):
+                out[i] = v
+        return out  # type: ignore[return-value]
+
+    def _remember_steps(self, steps: list[Tensor], value: float) -> None:
+        seen = self.__dict__.setdefault("_kt_steps", {})
+        for s in steps:
+            seen[id(s)] = (weakref.ref(s), s._version, value)
 
     def _state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """The parameter's state, created exactly as torch.optim.AdamW creates it."""
@@ -154,18 +183,21 @@ def _adamw_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     e = choice.entry
     assert e is not None
     verify = choice.verify
-    backup = [[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs)]
+    # a copy to put back only where the result is checked (the first call, with $KERNELTUNE_VERIFY): cloning
+    # 3 x 4 B x 124M on every step would cost more than the kernel saves. A kernel that raises does so before
+    # it writes (a launch or compile error; a fault on the device ends the process's CUDA context anyway)
+    backup = [[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs)] if verify else None
     try:
         choice.run(params, grads, exp_avgs, exp_avg_sqs, **hyper)
-        why = _verify(backup, grads, (params, exp_avgs, exp_avg_sqs), hyper) if verify else ""
+        why = _verify(backup, grads, (params, exp_avgs, exp_avg_sqs), hyper) if backup is not None else ""
     except Exception as ex:  # noqa: BLE001 - a kernel that raises never takes the caller down
         why = f"raised {type(ex).__name__}: {ex}"
         serve.mark_bad(e, f"{e.name} {why}")
     else:
         if why:
             serve.verify_failed(OP, e, why)
-    if why:  # put everything back: the caller takes torch's step for these tensors
-        for ts, olds in zip((params, exp_avgs, exp_avg_sqs), backup):
+    if why:  # put everything back (where checked): the caller takes torch's step for these tensors
+        for ts, olds in zip((params, exp_avgs, exp_avg_sqs), backup or ()):
             for t, old in zip(ts, olds):
                 t.copy_(old)
         return

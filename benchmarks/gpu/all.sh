@@ -8,6 +8,8 @@
 #   train  issue 7: `kerneltune train --compare --preset gpt2-124m`, the tuned run taking that registry
 #          through $KERNELTUNE_REGISTRY (reference vs tuned, same seed and batches); TRAIN_IF_PROMOTED=1
 #          skips it when the adamw phase promoted nothing (the fallback's cost is measured already);
+#   optim  one optimizer step of GPT-2 small, torch's fused AdamW vs kerneltune.optim.AdamW from the shipped
+#          registry (benchmarks/optim_step.py: device and host time per step; into train.tgz);
 #   bench  issue 8: every shape benched against every baseline, ceilings in the same run (bench_gpu.py;
 #          BENCH_ARGS passes more arguments, e.g. --only-n 512,1024,2048; BENCH_S caps its deadline);
 #   tests  the tests marked gpu (T_TESTS seconds, default 120), the evaluator's slow seed test left out
@@ -89,6 +91,13 @@ phase_train() {
   tar -czf "$OUT/train.tgz" -C "$W" train
 }
 
+phase_optim() {
+  mkdir -p "$W/train"
+  timeout 120 python3 benchmarks/optim_step.py --device cuda --json > "$W/train/optim_step.json"
+  echo "optim step rc=$?"; cat "$W/train/optim_step.json"
+  tar -czf "$OUT/train.tgz" -C "$W" train
+}
+
 phase_bench() {
   DL=$(( $(left) - T_ATTN - 60 )); [ "$DL" -gt "$BENCH_S" ] && DL=$BENCH_S; [ "$DL" -lt 60 ] && DL=60
   echo "bench deadline $DL s"
@@ -102,7 +111,7 @@ phase_bench() {
 
 phase_tests() {
   T0=$SECONDS
-  timeout -k 5 "${T_TESTS:-120}" python3 -m pytest -m gpu -q -p no:cacheprovider -k "not seed_passes_and_is_timed" \
+  timeout -k 5 "${T_TESTS:-120}" python3 -m pytest -m gpu -v --durations=0 -p no:cacheprovider -k "not seed_passes_and_is_timed" \
     tests/test_gpu.py tests/library/test_gpu_library.py tests/train/test_gpu_train.py
   echo "gpu tests rc=$? in $((SECONDS - T0)) s"
 }
@@ -120,8 +129,8 @@ phase_attn() {
 for ph in $PHASES; do
   echo "== phase $ph at $((SECONDS - T_ALL)) s"
   case $ph in
-    adamw|train|bench|tests|attn) "phase_$ph" ;;
-    *) echo "unknown phase $ph (adamw, train, bench, tests, attn)" ;;
+    adamw|train|optim|bench|tests|attn) "phase_$ph" ;;
+    *) echo "unknown phase $ph (adamw, train, optim, bench, tests, attn)" ;;
   esac
 done
 echo "all.sh: $((SECONDS - T_ALL)) s in all; files: $(ls "$OUT" | tr '\n' ' ')"

@@ -131,6 +131,9 @@ class Space:
                 t = load_template(path)
                 if t is not None and t.op == op and capability(t.backend, device).timed:
                     found.append(t)
+        # a promoted copy (NAME-HASH.py, kept beside its template for the registry) names the template it came
+        # from: the template's own file (NAME.py) speaks for it, whichever order the folders list them in
+        found.sort(key=lambda t: os.path.splitext(os.path.basename(t.path))[0] == t.name)
         if not found:
             raise SpaceError(f"no template candidates for {op} that can be timed on {device} in "
                              f"{', '.join(folders)}: a template is a candidate whose KERNELTUNE has a 'space'")

@@ -166,3 +166,37 @@ def test_per_parameter_step_counts_are_honoured(user_registry, monkeypatch):
     torch.testing.assert_close(a1, a2, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(b1, b2, atol=1e-6, rtol=1e-5)
     assert kerneltune.served()["adamw"]["numba_cpu"] == 9  # 3 steps of a alone, 3 of {a, b} split by step count
+
+
+def test_step_counts_written_behind_the_optimizers_back_are_read_again(user_registry, monkeypatch):
+    """The tuned step remembers the counts it wrote (no device read per step); a count changed since — by
+    load_state_dict or an in-place write — must still be the one the kernel's bias correction uses."""
+    user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
+    torch.manual_seed(3)
+    a1, b1 = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(5, 3))
+    a2, b2 = (torch.nn.Parameter(t.detach().clone()) for t in (a1, b1))
+    # fused=False keeps the counts on the host, so torch.optim.AdamW takes them as they are
+    o1, o2 = torch.optim.AdamW([a1, b1], lr=0.05), AdamW([a2, b2], lr=0.05)
+
+    def step(i: int) -> None:
+        for a, b, o in ((a1, b1, o1), (a2, b2, o2)):
+            o.zero_grad()
+            ((a ** 2).sum() + (b.sin() * (i + 1)).sum()).backward()
+            o.step()
+
+    for i in range(3):
+        step(i)
+    for o in (o1, o2):  # an in-place write: bias correction changes a lot at small counts
+        o.state[o.param_groups[0]["params"][0]]["step"].fill_(0.0)
+    step(3)
+    saved = copy.deepcopy(o1.state_dict())  # counts 1 and 4
+    for i in range(4, 7):
+        step(i)
+    for o in (o1, o2):  # back to the saved state: new step tensors, different counts
+        o.load_state_dict(copy.deepcopy(saved))
+    step(7)
+    assert [float(o2.state[p]["step"]) for p in (a2, b2)] == [2.0, 5.0]
+    torch.testing.assert_close(a1, a2, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(b1, b2, atol=1e-6, rtol=1e-5)
+    assert_same_state(o1, o2, atol=1e-6, rtol=1e-5)
+    assert kerneltune.served()["adamw"]["numba_cpu"] == 13  # split by count from the fill_ on
