@@ -188,3 +188,24 @@ def test_reference_device_large_problems_go_to_the_gpu_unless_told(monkeypatch):
     assert reference_device(True).type == "cuda"
     monkeypatch.setenv("KERNELTUNE_REFERENCE_DEVICE", "cpu")
     assert reference_device(True).type == "cpu"
+
+
+@pytest.mark.parametrize("impl", ["adamw_fused", "adamw_foreach"])
+def test_adamw_baselines_take_each_calls_step_in_the_same_buffers(impl):
+    """The torch baselines are driven like a training loop (one optimizer per set of buffers): the step count
+    and hyper-parameters of every call must still be the call's own, including a step repeated (timing)
+    and a step going backwards (re-verification with new values)."""
+    fn = ADAMW.baselines()[impl]
+    case = ADAMW.check_cases("cpu")[0]
+    bufs = None
+    for seed, step in ((0, 3), (1, 3), (2, 9), (3, 1), (4, 2)):
+        inputs = ADAMW.make_inputs(case, seed)
+        inputs.args["step"] = step
+        if bufs is None:
+            bufs = {k: [x.clone() for x in v] for k, v in inputs.tensors.items()}
+        else:  # new values in the same tensors, as the evaluator's slots hold them
+            for k, v in inputs.tensors.items():
+                for dst, src in zip(bufs[k], v):
+                    dst.copy_(src)
+        actual = ADAMW.invoke(fn, bufs, inputs.args)
+        assert ADAMW.compare(inputs, ADAMW.reference(inputs), actual) == "", (seed, step)
