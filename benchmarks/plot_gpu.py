@@ -61,7 +61,8 @@ def plot_attention(op: str, rows: list[dict[str, str]], out: str) -> str | None:
             ax2.set_ylabel("% of measured bf16 matmul ceiling")
         ax.legend(fontsize=7, loc="upper left", framealpha=0.6)
     dev = rows[0].get("device", "")
-    fig.suptitle(f"{op} · bf16 · {dev} · torch {rows[0].get('torch', '')} · {rows[0].get('timestamp', '')}", fontsize=9)
+    runs = " + ".join(sorted({r.get("timestamp", "") for r in rows if r.get("op") == op}))
+    fig.suptitle(f"{op} · bf16 · {dev} · torch {rows[0].get('torch', '')} · run(s) {runs}", fontsize=9)
     fig.tight_layout()
     path = os.path.join(out, f"{op}.png")
     fig.savefig(path, dpi=110)
@@ -99,13 +100,37 @@ def _x(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f}×"
 
 
+def merged(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Each shape as its latest run measured it: the rows of the newest run whose candidate row for that
+    (op, shape, mask) is ok, else of the newest run that has it at all; with the ceiling rows of every run
+    kept. A CSV that several runs appended to (some shapes re-measured after a failure) reads as one table,
+    every ratio and % of ceiling still from within one run."""
+    runs: dict[tuple[str, str, str], dict[str, list[dict[str, str]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["op"] != "ceiling":
+            runs[(r["op"], r["shape"], r.get("causal", ""))][r["timestamp"]].append(r)
+    out = []
+    for by_ts in runs.values():
+        ok = [ts for ts, rs in by_ts.items() if any(x["kind"] == "candidate" and x["status"] == "ok" for x in rs)]
+        out += by_ts[max(ok or by_ts)]
+    used = {r["timestamp"] for r in out}
+    return [r for r in rows if r["op"] == "ceiling" and r["timestamp"] in used] + out
+
+
 def markdown(rows: list[dict[str, str]]) -> str:
     """The tables of docs/benchmarks.md: one row per shape, the candidate's speedup over each baseline."""
-    ceil = {r["contestant"]: r for r in rows if r["op"] == "ceiling"}
-    any_row = next((r for r in rows if r["op"] != "ceiling"), rows[0])
-    lines = [f"Device: {any_row['device']} · torch {any_row['torch']} · triton {any_row['triton']} · commit "
-             f"{any_row['git']} · {any_row['timestamp']} · copy bandwidth {_f(ceil['copy_gbps']['gbps']):.0f} GB/s · "
-             f"bf16 matmul {_f(ceil['matmul_bf16']['tflops']):.0f} TFLOP/s (both measured in the run)", ""]
+    lines = []
+    for ts in sorted({r["timestamp"] for r in rows if r["op"] != "ceiling"}):
+        run = [r for r in rows if r["timestamp"] == ts]
+        ceil = {r["contestant"]: r for r in run if r["op"] == "ceiling"}
+        any_row = next(r for r in run if r["op"] != "ceiling")
+        ns = sorted({int(r["N"]) for r in run if r["op"].startswith("attention") and r["N"]})
+        ops = sorted({r["op"] for r in run if r["op"] != "ceiling"})
+        lines.append(f"Run {ts}: {any_row['device']} · torch {any_row['torch']} · triton {any_row['triton']} · commit "
+                     f"{any_row['git']} · copy bandwidth {_f(ceil['copy_gbps']['gbps']):.0f} GB/s · bf16 matmul "
+                     f"{_f(ceil['matmul_bf16']['tflops']):.0f} TFLOP/s (both measured in that run) · "
+                     f"{', '.join(ops)}" + (f" at N = {', '.join(map(str, ns))}" if ns else "") + "  ")
+    lines.append("")
     by: dict[tuple[str, str], dict[str, dict[str, str]]] = defaultdict(dict)
     order: list[tuple[str, str]] = []
     for r in rows:
@@ -161,8 +186,7 @@ def main() -> int:
     if args.markdown:
         with open(args.csv, newline="") as f:
             rows = list(csv.DictReader(f))
-        ts = max((r["timestamp"] for r in rows if r.get("op") != "ceiling"), default=None)
-        print(markdown([r for r in rows if r["timestamp"] == ts]))
+        print(markdown(merged(rows)))
         return 0
     try:
         import matplotlib  # noqa: F401
@@ -171,8 +195,7 @@ def main() -> int:
         return 0
     with open(args.csv, newline="") as f:
         rows = list(csv.DictReader(f))
-    ts = max((r["timestamp"] for r in rows if r.get("op") != "ceiling"), default=None)
-    rows = [r for r in rows if r["timestamp"] == ts]  # the latest run only
+    rows = merged(rows)  # each shape from the latest run that measured it
     out = args.out or os.path.dirname(os.path.abspath(args.csv))
     os.makedirs(out, exist_ok=True)
     for p in (plot_attention("attention", rows, out), plot_attention("attention_backward", rows, out),

@@ -200,3 +200,33 @@ def test_step_counts_written_behind_the_optimizers_back_are_read_again(user_regi
     torch.testing.assert_close(b1, b2, atol=1e-6, rtol=1e-5)
     assert_same_state(o1, o2, atol=1e-6, rtol=1e-5)
     assert kerneltune.served()["adamw"]["numba_cpu"] == 13  # split by count from the fill_ on
+
+
+def test_eager_step_and_the_custom_op_take_the_kernel_and_agree(user_registry, monkeypatch):
+    """Eager ``adamw_step`` calls the kernel directly (the custom op's dispatch costs more host time than
+    the fused step); ``torch.ops.kerneltune.adamw_`` (what a graph records) runs the same body. Both update
+    the same way, bump the version counters of what they change, and count as the kernel's calls."""
+    from kerneltune.optim import adamw_step
+
+    user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
+    g = torch.Generator().manual_seed(11)
+    shapes = [(3, 5), (7,), (1,)]
+    base = [[torch.randn(s, generator=g) for s in shapes] for _ in range(4)]
+    base[3] = [t.abs() for t in base[3]]
+    kw = dict(step=4, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    eager = [[t.clone() for t in ts] for ts in base]
+    op = [[t.clone() for t in ts] for ts in base]
+    versions = [t._version for t in eager[0] + eager[2] + eager[3]]
+    assert adamw_step(*eager, **kw)
+    torch.ops.kerneltune.adamw_(*op, *kw.values())
+    assert all(t._version > v for t, v in zip(eager[0] + eager[2] + eager[3], versions))
+    ref = [[t.clone() for t in ts] for ts in base]
+    o = torch.optim.AdamW([torch.nn.Parameter(p) for p in ref[0]], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    for p, gr, m, v in zip(o.param_groups[0]["params"], ref[1], ref[2], ref[3]):
+        p.grad = gr
+        o.state[p] = {"step": torch.tensor(3.0), "exp_avg": m, "exp_avg_sq": v}
+    o.step()
+    for a, b, c in zip(eager[0] + eager[2] + eager[3], op[0] + op[2] + op[3], ref[0] + ref[2] + ref[3]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-5)
+    assert kerneltune.served()["adamw"]["numba_cpu"] == 2

@@ -1,0 +1,46 @@
+"""benchmarks/plot_gpu.py reads a CSV that several GPU runs appended to: each shape from the latest run that
+measured it, never a ratio mixed across runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("plot_gpu", os.path.join(ROOT, "benchmarks", "plot_gpu.py"))
+plot_gpu = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(plot_gpu)
+
+
+def row(ts, op, n, kind, contestant, status="ok", p50="1.0", speedup="0.5", gbps="", tflops=""):
+    return {"timestamp": ts, "device": "GPU X", "torch": "t", "triton": "tr", "git": ts[-3:], "op": op, "B": "1",
+            "H": "2", "N": str(n), "D": "64", "causal": "True", "shape": f"B1 H2 N{n} D64", "contestant": contestant,
+            "kind": kind, "candidate": "k" if kind == "candidate" else "", "status": status, "note": "boom",
+            "p20_ms": p50, "p50_ms": p50, "p80_ms": p50, "candidate_speedup": speedup, "pct_matmul_ceiling": "50",
+            "rel_err": "1e-3", "gbps": gbps, "tflops": tflops, "pct_copy_ceiling": ""}
+
+
+def ceilings(ts, copy):
+    return [row(ts, "ceiling", "", "ceiling", "copy_gbps", gbps=str(copy)),
+            row(ts, "ceiling", "", "ceiling", "matmul_bf16", tflops="700")]
+
+
+def test_a_shape_that_failed_is_taken_from_the_run_that_measured_it_and_the_rest_from_the_latest():
+    a, b = "2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z"
+    rows = (ceilings(a, 1000) + [row(a, "attention", 512, "candidate", "candidate", status="error"),
+                                 row(a, "attention", 4096, "candidate", "candidate", p50="2.0"),
+                                 row(a, "attention", 4096, "baseline", "sdpa", speedup="0.9")]
+            + ceilings(b, 1100) + [row(b, "attention", 512, "candidate", "candidate", p50="0.3"),
+                                   row(b, "attention", 512, "baseline", "sdpa", speedup="0.7")])
+    m = plot_gpu.merged(rows)
+    cand = {r["N"]: r for r in m if r["kind"] == "candidate"}
+    assert cand["512"]["timestamp"] == b and cand["512"]["status"] == "ok"
+    assert cand["4096"]["timestamp"] == a
+    assert {r["timestamp"] for r in m if r["op"] == "ceiling"} == {a, b}
+    md = plot_gpu.markdown(m)
+    assert md.count("Run 2026-") == 2 and "1000 GB/s" in md and "1100 GB/s" in md
+    assert "| 64 | causal | 512 | 1×2 | 0.300 | 0.70×" in md and "| 64 | causal | 4096 | 1×2 | 2.000 | 0.90×" in md
+    # a later run that fails a shape again does not hide the earlier measurement
+    c = "2026-01-03T00:00:00Z"
+    m2 = plot_gpu.merged(rows + ceilings(c, 1200) + [row(c, "attention", 512, "candidate", "candidate", status="error")])
+    assert {r["timestamp"] for r in m2 if r["kind"] == "candidate" and r["N"] == "512"} == {b}
