@@ -4,8 +4,12 @@ The parameters are the training model's own (``GPT(PRESETS[...].model)``), in it
 on matrices, none on vectors), with random gradients. Both optimizers get the same arguments (fused=True on
 CUDA). Measured side by side, interleaved in rounds:
 
-- ``step_ms``: device time per step with the queue kept full (N steps back to back, one sync at the end);
+- ``step_ms``: time per step, N steps back to back and one sync at the end: the slower of the host and the
+  device sets it;
 - ``host_ms``: host time per step call (what the Python side costs before it returns);
+- ``device_ms`` (CUDA): device time per step alone: the stream is first held by a sleep kernel long enough
+  for the host to queue all N steps, so CUDA events around them time the GPU's work only (``host_ahead``
+  says whether the host did get ahead; where it did not, the figure is not reported);
 - the kernel that served each kerneltune step (``kerneltune.served()``).
 
 A tuned step that is quick on the device but slow on the host, or that waits for the device, shows here
@@ -64,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             opt.step()
     sync(a.device)
     kerneltune.reset_served()
-    samples: dict[str, dict[str, list[float]]] = {n: {"step_ms": [], "host_ms": []} for n in contestants}
+    cuda = a.device.startswith("cuda")
+    samples: dict[str, dict[str, list[float]]] = {n: {"step_ms": [], "host_ms": [], "device_ms": []}
+                                                  for n in contestants}
+    ahead = True
     for r in range(a.rounds):
         order = list(contestants.items())
         order = order[r % 2:] + order[:r % 2]
@@ -79,22 +86,43 @@ def main(argv: list[str] | None = None) -> int:
             sync(a.device)
             samples[name]["step_ms"].append((time.perf_counter() - t0) * 1e3 / a.steps)
             samples[name]["host_ms"].append(host * 1e3 / a.steps)
+            if cuda:  # the device's time alone: hold the stream while the host queues every step
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                hold = torch.cuda.Event(enable_timing=True)
+                sync(a.device)
+                torch.cuda._sleep(int(2e9))  # about a second at H100 clocks: far longer than queueing N steps
+                hold.record()
+                start.record()
+                for _ in range(a.steps):
+                    opt.step()
+                end.record()
+                queued = hold.query() is False  # the sleep still running once every step is queued
+                sync(a.device)
+                ahead = ahead and queued
+                samples[name]["device_ms"].append(start.elapsed_time(end) / a.steps)
     out = {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else a.device,
            "torch": torch.__version__, "preset": a.preset, "params": n_params, "steps": a.steps,
            "rounds": a.rounds, "options": {k: v for k, v in kw.items() if k != "betas"},
            "served": kerneltune.served().get("adamw", {}), "results": {}}
+    out["host_ahead"] = ahead if cuda else None
     for name, s in samples.items():
-        out["results"][name] = {k: statistics.median(v) for k, v in s.items()}
+        out["results"][name] = {k: statistics.median(v) for k, v in s.items() if v and (k != "device_ms" or ahead)}
     t, k = out["results"]["torch.optim.AdamW"], out["results"]["kerneltune.optim.AdamW"]
     out["speedup"] = t["step_ms"] / k["step_ms"]
+    if "device_ms" in t and "device_ms" in k:
+        out["device_speedup"] = t["device_ms"] / k["device_ms"]
     if a.json:
         print(json.dumps(out, indent=1))
     else:
         print(f"{a.preset} ({n_params / 1e6:.1f}M params) on {out['device']}, {a.rounds} rounds of {a.steps} steps; "
               f"medians per step")
         for name, r in out["results"].items():
-            print(f"  {name:24s} device {r['step_ms']:8.3f} ms   host {r['host_ms']:8.3f} ms")
-        print(f"  speedup {out['speedup']:.3f}x (torch / kerneltune); kerneltune steps served by {out['served']}")
+            dev = f"   device alone {r['device_ms']:8.3f} ms" if "device_ms" in r else ""
+            print(f"  {name:24s} step {r['step_ms']:8.3f} ms   host {r['host_ms']:8.3f} ms{dev}")
+        extra = f", device alone {out['device_speedup']:.3f}x" if "device_speedup" in out else ""
+        print(f"  speedup {out['speedup']:.3f}x{extra} (torch / kerneltune); kerneltune steps served by {out['served']}")
+        if out["host_ahead"] is False:
+            print("  device-alone times left out: the host did not queue every step within the sleep")
     return 0
 
 
