@@ -133,8 +133,11 @@ class AdamW(torch.optim.AdamW):
                 out.append(None)
                 unknown.append(i)
         if unknown:
-            read = torch.stack([steps[i].detach().reshape(()).to(torch.float64) for i in unknown])
-            for i, v in zip(unknown, read.cpu().tolist()):
+            try:
+                read = torch.stack([steps[i].detach().reshape(()).to(torch.float64) for i in unknown]).cpu().tolist()
+            except RuntimeError:  # counts on several devices (state loaded by hand): one read each
+                read = [float(steps[i]) for i in unknown]
+            for i, v in zip(unknown, read):
                 out[i] = v
         return out  # type: ignore[return-value]
 
