@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from kerneltune import optim
     from kerneltune.train.kernels import adamw_options
 
+    if a.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(a.device))  # events, the sleep and synchronize() act on the current one
     kw = dict(lr=6e-4, betas=(0.9, 0.95), eps=1e-8, **adamw_options(a.device))
     contestants = {}
     for name, cls in (("torch.optim.AdamW", torch.optim.AdamW), ("kerneltune.optim.AdamW", optim.AdamW)):
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 sync(a.device)
                 ahead = ahead and queued
                 samples[name]["device_ms"].append(start.elapsed_time(end) / a.steps)
-    out = {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else a.device,
+    out = {"device": torch.cuda.get_device_name(torch.device(a.device)) if a.device.startswith("cuda") else a.device,
            "torch": torch.__version__, "preset": a.preset, "params": n_params, "steps": a.steps,
            "rounds": a.rounds, "options": {k: v for k, v in kw.items() if k != "betas"},
            "served": kerneltune.served().get("adamw", {}), "results": {}}

@@ -111,7 +111,7 @@ class AdamW(torch.optim.AdamW):
                 if not ok:  # the kernel failed or was dropped: torch's step takes these (nothing was changed)
                     leftover += sel
                     continue
-                done = [steps[i] for i in idx]
+                done = list({id(steps[i]): steps[i] for i in idx}.values())  # a count shared by params: once
                 torch._foreach_add_(done, 1.0)  # one launch for the lot, where torch's step makes one per tensor
                 self._remember_steps(done, t + 1)
         return leftover
@@ -121,7 +121,9 @@ class AdamW(torch.optim.AdamW):
         """The step counts as host numbers. Reading a step tensor that lives on the GPU (fused/capturable
         state) waits for the whole backward pass; so the counts this optimizer wrote last are remembered with
         each tensor's version counter, which any later write (torch's step, load_state_dict, fill_) bumps:
-        only a tensor changed behind our back is read, all of those in one transfer."""
+        only a tensor changed behind our back is read, all of those in one transfer. (A write that bypasses
+        autograd's counter — through ``.data`` or a numpy view — is not seen: set counts with ``fill_``,
+        ``copy_`` or ``load_state_dict``.)"""
         seen = self.__dict__.setdefault("_kt_steps", {})
         out: list[Optional[float]] = []
         unknown: list[int] = []
@@ -145,6 +147,9 @@ class AdamW(torch.optim.AdamW):
         seen = self.__dict__.setdefault("_kt_steps", {})
         for s in steps:
             seen[id(s)] = (weakref.ref(s), s._version, value)
+        if len(seen) > 4 * len(steps) + 256:  # counts of tensors gone (replaced by load_state_dict)
+            for k in [k for k, v in seen.items() if v[0]() is None]:
+                del seen[k]
 
     def _state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """The parameter's state, created exactly as torch.optim.AdamW creates it."""
@@ -180,7 +185,7 @@ def adamw_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
         # 4 lists of 148 tensors (GPT-2 small), as much as the fused step's whole host side; its one effect
         # besides the call, bumping the version counters of what it mutates, is done here as well
         _adamw_impl(choice, params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay)
-        torch.autograd.graph.increment_version([*params, *exp_avgs, *exp_avg_sqs])
+        _bump_versions([*params, *exp_avgs, *exp_avg_sqs])
     return not serve.is_bad(choice.entry)
 
 
@@ -195,17 +200,21 @@ def _adamw_impl(choice: serve.Choice, params: list[Tensor], grads: list[Tensor],
                 exp_avg_sqs: list[Tensor], step: int, lr: float, beta1: float, beta2: float, eps: float,
                 weight_decay: float) -> None:
     """The registry kernel's update, checked on its first call where $KERNELTUNE_VERIFY asks; a kernel that
-    raises or disagrees is marked bad and everything it changed (where checked) is put back."""
+    raises or disagrees is marked bad and what it changed is put back (see ``backup``)."""
     if choice.run is None:
         return
     hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     e = choice.entry
     assert e is not None
     verify = choice.verify
-    # a copy to put back only where the result is checked (the first call, with $KERNELTUNE_VERIFY): cloning
-    # 3 x 4 B x 124M on every step would cost more than the kernel saves. A kernel that raises does so before
-    # it writes (a launch or compile error; a fault on the device ends the process's CUDA context anyway)
-    backup = [[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs)] if verify else None
+    # a copy to put back, only where it can be needed: the call that is checked ($KERNELTUNE_VERIFY), and the
+    # kernel's first call at these shapes in this process, where its compilations happen (a numba kernel may
+    # compile its parallel loop at the first large tensor, after updating smaller ones). Cloning 3 x 4 B x
+    # 124M on every step would cost more than the kernel saves; later calls run code that already ran (a
+    # fault on the device ends the process's CUDA context, which no copy would survive)
+    first = (serve.entry_id(e), tuple(tuple(p.shape) for p in params))
+    backup = ([[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs)]
+              if verify or first not in _ran else None)
     try:
         choice.run(params, grads, exp_avgs, exp_avg_sqs, **hyper)
         why = _verify(backup, grads, (params, exp_avgs, exp_avg_sqs), hyper) if backup is not None else ""
@@ -215,14 +224,27 @@ def _adamw_impl(choice: serve.Choice, params: list[Tensor], grads: list[Tensor],
     else:
         if why:
             serve.verify_failed(OP, e, why)
-    if why:  # put everything back (where checked): the caller takes torch's step for these tensors
+    if why:  # put everything back: the caller takes torch's step for these tensors
         for ts, olds in zip((params, exp_avgs, exp_avg_sqs), backup or ()):
             for t, old in zip(ts, olds):
                 t.copy_(old)
         return
     if verify:
         serve.mark_verified(e)
+    _ran.add(first)
     serve.count(OP, choice.name)
+
+
+_ran: set[tuple[Any, ...]] = set()  # (registry entry, shapes) that completed a call in this process
+
+
+def _bump_versions(tensors: list[Tensor]) -> None:
+    """What the custom op does for the tensors it mutates: bump their autograd version counters."""
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except (TypeError, RuntimeError, AssertionError):  # torch < 2.5 takes one tensor a call
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
 
 
 @_adamw_op.register_fake

@@ -8,8 +8,10 @@
 #   train  issue 7: `kerneltune train --compare --preset gpt2-124m`, the tuned run taking that registry
 #          through $KERNELTUNE_REGISTRY (reference vs tuned, same seed and batches); TRAIN_IF_PROMOTED=1
 #          skips it when the adamw phase promoted nothing (the fallback's cost is measured already);
-#   optim  one optimizer step of GPT-2 small, torch's fused AdamW vs kerneltune.optim.AdamW from the shipped
-#          registry (benchmarks/optim_step.py: device and host time per step; into train.tgz);
+#   optim  one optimizer step of GPT-2 small, torch's fused AdamW vs kerneltune.optim.AdamW (benchmarks/
+#          optim_step.py: device and host time per step; into train.tgz);
+# train and optim serve from the scratch registry when an earlier adamw phase promoted into it (else the
+# shipped one); bench, tests and attn never see it.
 #   bench  issue 8: every shape benched against every baseline, ceilings in the same run (bench_gpu.py;
 #          BENCH_ARGS passes more arguments, e.g. --only-n 512,1024,2048; BENCH_S caps its deadline);
 #   tests  the tests marked gpu (T_TESTS seconds, default 120), the evaluator's slow seed test left out
@@ -99,6 +101,7 @@ phase_optim() {
 }
 
 phase_bench() {
+  local -x KERNELTUNE_REGISTRY=""  # empty: the shipped registry (this phase never serves from a scratch one)
   DL=$(( $(left) - T_ATTN - 60 )); [ "$DL" -gt "$BENCH_S" ] && DL=$BENCH_S; [ "$DL" -lt 60 ] && DL=60
   echo "bench deadline $DL s"
   T0=$SECONDS
@@ -110,6 +113,7 @@ phase_bench() {
 }
 
 phase_tests() {
+  local -x KERNELTUNE_REGISTRY=""
   T0=$SECONDS
   timeout -k 5 "${T_TESTS:-120}" python3 -m pytest -m gpu -v --durations=0 -p no:cacheprovider -k "not seed_passes_and_is_timed" \
     tests/test_gpu.py tests/library/test_gpu_library.py tests/train/test_gpu_train.py
@@ -117,6 +121,7 @@ phase_tests() {
 }
 
 phase_attn() {
+  local -x KERNELTUNE_REGISTRY=""
   T=$(( $(left) - 5 ))
   if [ "$T" -ge 90 ]; then  # one search at a time: timings never share the GPU
     search attention "$T" 2 "$((T - 10))" --shapes 4,16,4096,128,causal --shapes 16,12,1024,64,causal --dtype bf16

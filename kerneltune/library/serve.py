@@ -150,6 +150,11 @@ def _entry_id(e: Entry) -> str:
     return f"{e.op}:{e.source_hash}:{e.path}"
 
 
+def entry_id(e: Entry) -> str:
+    """One registry kernel's identity in this process (op, source hash, file)."""
+    return _entry_id(e)
+
+
 def _kernel(e: Entry) -> Callable[..., Any] | None:
     eid = _entry_id(e)
     with _lock:

@@ -254,9 +254,9 @@ class _TorchAdamW:
         opt = self._opt
         group = opt.param_groups[0]
         group.update(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
-        if self._held != step - 1:  # small integers: exact in fp32
-            torch._foreach_add_(self._steps, float(step - 1) - self._held)
         try:
+            if self._held != step - 1:  # small integers: exact in fp32
+                torch._foreach_add_(self._steps, float(step - 1) - self._held)
             opt.step()
         except BaseException:
             self._key = None  # what the step tensors hold is no longer known: rebuild on the next call

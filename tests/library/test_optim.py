@@ -230,3 +230,35 @@ def test_eager_step_and_the_custom_op_take_the_kernel_and_agree(user_registry, m
         torch.testing.assert_close(a, b, atol=0, rtol=0)
         torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-5)
     assert kerneltune.served()["adamw"]["numba_cpu"] == 2
+
+
+def test_a_kernel_that_writes_then_raises_on_its_first_call_is_undone_and_torch_steps(user_registry, monkeypatch):
+    """A kernel's first call at some shapes is where it compiles, and may fail after updating some tensors (a
+    per-tensor loop that compiles its parallel path at the first large tensor): without $KERNELTUNE_VERIFY
+    the tensors are still put back before torch's step takes them, so nothing is updated twice."""
+    from kerneltune.library import serve
+
+    user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
+    monkeypatch.delenv("KERNELTUNE_VERIFY", raising=False)
+
+    def half_then_raise(params, grads, exp_avgs, exp_avg_sqs, **kw):
+        params[0].sub_(1.0)
+        exp_avgs[0].add_(1.0)
+        raise RuntimeError("could not compile the parallel loop")
+
+    monkeypatch.setattr(serve, "_kernel", lambda e: half_then_raise)
+    torch.manual_seed(5)
+    a1, b1 = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(6))
+    a2, b2 = (torch.nn.Parameter(t.detach().clone()) for t in (a1, b1))
+    o1, o2 = torch.optim.AdamW([a1, b1], lr=0.1), AdamW([a2, b2], lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            for a, b, o in ((a1, b1, o1), (a2, b2, o2)):
+                o.zero_grad()
+                ((a ** 2).sum() + b.sin().sum()).backward()
+                o.step()
+    assert any("could not compile" in w for w in kt_warnings(caught))
+    assert torch.equal(a1, a2) and torch.equal(b1, b2)
+    assert_same_state(o1, o2)
+    assert kerneltune.served()["adamw"] == {"reference": 3}
