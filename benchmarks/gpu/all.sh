@@ -95,8 +95,9 @@ phase_train() {
 
 phase_optim() {
   mkdir -p "$W/train"
-  timeout 120 python3 benchmarks/optim_step.py --device cuda --json > "$W/train/optim_step.json"
-  echo "optim step rc=$?"; cat "$W/train/optim_step.json"
+  local f="$W/train/optim_step${KERNELTUNE_REGISTRY:+-scratch}.json"  # after a promotion: its own file
+  timeout 120 python3 benchmarks/optim_step.py --device cuda --json > "$f"
+  echo "optim step rc=$?"; cat "$f"
   tar -czf "$OUT/train.tgz" -C "$W" train
 }
 
