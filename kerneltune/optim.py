@@ -217,7 +217,7 @@ def _adamw_impl(choice: serve.Choice, params: list[Tensor], grads: list[Tensor],
               if verify or first not in _ran else None)
     try:
         choice.run(params, grads, exp_avgs, exp_avg_sqs, **hyper)
-        why = _verify(backup, grads, (params, exp_avgs, exp_avg_sqs), hyper) if backup is not None else ""
+        why = _verify(backup, grads, (params, exp_avgs, exp_avg_sqs), hyper) if verify else ""
     except Exception as ex:  # noqa: BLE001 - a kernel that raises never takes the caller down
         why = f"raised {type(ex).__name__}: {ex}"
         serve.mark_bad(e, f"{e.name} {why}")

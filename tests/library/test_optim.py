@@ -262,3 +262,28 @@ def test_a_kernel_that_writes_then_raises_on_its_first_call_is_undone_and_torch_
     assert torch.equal(a1, a2) and torch.equal(b1, b2)
     assert_same_state(o1, o2)
     assert kerneltune.served()["adamw"] == {"reference": 3}
+
+
+def test_without_kerneltune_verify_no_call_is_checked_not_even_the_first(user_registry, monkeypatch):
+    """The first call at given shapes keeps a copy to put back, but checking it against the fp64 reference
+    (seconds on a CPU at GPT-2 small's size) is what $KERNELTUNE_VERIFY asks for, and only then."""
+    import kerneltune.optim as ko
+
+    user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
+    monkeypatch.delenv("KERNELTUNE_VERIFY", raising=False)
+    checked = []
+    monkeypatch.setattr(ko, "_verify", lambda *a, **k: checked.append(1) or "")
+    p = torch.nn.Parameter(torch.randn(9))
+    o = AdamW([p], lr=0.1)
+    for _ in range(2):
+        o.zero_grad()
+        (p ** 2).sum().backward()
+        o.step()
+    assert checked == [] and kerneltune.served()["adamw"] == {"numba_cpu": 2}
+    monkeypatch.setenv("KERNELTUNE_VERIFY", "1")
+    kerneltune.reset_served()
+    ko.serve.reload()
+    o.zero_grad()
+    (p ** 2).sum().backward()
+    o.step()
+    assert checked == [1]
