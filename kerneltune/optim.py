@@ -90,7 +90,7 @@ class AdamW(torch.optim.AdamW):
                 continue
             buckets.setdefault((p.device, p.dtype), []).append(p)
         for (device, _), params in buckets.items():
-            choice = serve.choose(OP, device, {"shapes": [list(p.shape) for p in params]}, "float32", {})
+            choice = _choose(params)
             if choice.run is None:
                 leftover += params
                 continue
@@ -104,7 +104,9 @@ class AdamW(torch.optim.AdamW):
                 by_step.setdefault(t, []).append(i)
             for t, idx in by_step.items():
                 sel = [params[i] for i in idx]
-                ok = adamw_step(sel, [p.grad for p in sel], [states[i]["exp_avg"] for i in idx],
+                # the bucket's decision holds for all of it; a part split off by its step count is its own size
+                part = choice if len(sel) == len(params) else _choose(sel)
+                ok = _step_with(part, sel, [p.grad for p in sel], [states[i]["exp_avg"] for i in idx],
                                 [states[i]["exp_avg_sq"] for i in idx], step=int(t) + 1, lr=float(group["lr"]),
                                 beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
                                 eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))
@@ -174,7 +176,18 @@ def adamw_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
     then takes torch's step."""
     if not params:
         return True
-    choice = serve.choose(OP, params[0].device, {"shapes": [list(p.shape) for p in params]}, "float32", {})
+    return _step_with(_choose(params), params, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr, beta1=beta1,
+                      beta2=beta2, eps=eps, weight_decay=weight_decay)
+
+
+def _choose(params: list[Tensor]) -> serve.Choice:
+    return serve.choose(OP, params[0].device, {"shapes": [list(p.shape) for p in params]}, "float32", {})
+
+
+def _step_with(choice: serve.Choice, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+               exp_avg_sqs: list[Tensor], *, step: int, lr: float, beta1: float, beta2: float, eps: float,
+               weight_decay: float) -> bool:
+    """``adamw_step`` with the serving decision already made."""
     if choice.run is None:
         return False
     if torch.compiler.is_compiling():  # a graph sees the custom op: its schema says what it mutates
@@ -192,8 +205,7 @@ def adamw_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
 @torch.library.custom_op("kerneltune::adamw_", mutates_args=("params", "exp_avgs", "exp_avg_sqs"))
 def _adamw_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
               step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
-    choice = serve.choose(OP, params[0].device, {"shapes": [list(p.shape) for p in params]}, "float32", {})
-    _adamw_impl(choice, params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay)
+    _adamw_impl(_choose(params), params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay)
 
 
 def _adamw_impl(choice: serve.Choice, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],

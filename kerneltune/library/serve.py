@@ -51,7 +51,7 @@ class Choice:
     @property
     def verify(self) -> bool:
         """True on the first call of a registry kernel in this process when $KERNELTUNE_VERIFY is set."""
-        return self.entry is not None and _flag(ENV_VERIFY) and _entry_id(self.entry) not in _verified
+        return self.entry is not None and _flag(ENV_VERIFY) and entry_id(self.entry) not in _verified
 
 
 def _flag(name: str) -> bool:
@@ -129,7 +129,7 @@ def choose(op: str, device: Any, dims: dict[str, Any], dtype: str, args: dict[st
         _log(f"{op} {key[2]} {dtype} {reg._args_text(args or {})} on {reg._as_key(device)}: "
              f"{d.entry.name if d.entry else REFERENCE} ({d.reason})")
     e = d.entry
-    if e is None or _entry_id(e) in _bad:
+    if e is None or entry_id(e) in _bad:
         return Choice(None, REFERENCE, None, d)
     fn = _kernel(e)
     if fn is None:
@@ -146,17 +146,13 @@ def _log(msg: str) -> None:
     log.info(msg)
 
 
-def _entry_id(e: Entry) -> str:
+def entry_id(e: Entry) -> str:
+    """One registry kernel's identity in this process (op, source hash, file)."""
     return f"{e.op}:{e.source_hash}:{e.path}"
 
 
-def entry_id(e: Entry) -> str:
-    """One registry kernel's identity in this process (op, source hash, file)."""
-    return _entry_id(e)
-
-
 def _kernel(e: Entry) -> Callable[..., Any] | None:
-    eid = _entry_id(e)
+    eid = entry_id(e)
     with _lock:
         if eid in _kernels:
             return _kernels[eid]
@@ -198,7 +194,7 @@ def _import_run(e: Entry) -> Callable[..., Any]:
 def mark_bad(e: Entry, why: str) -> None:
     """Stop serving ``e`` in this process (one warning says why)."""
     with _lock:
-        _bad[_entry_id(e)] = why
+        _bad[entry_id(e)] = why
         _bump()
     warn_once(f"{why}; the reference serves {e.op} from now on")
 
@@ -206,12 +202,12 @@ def mark_bad(e: Entry, why: str) -> None:
 def is_bad(e: Entry | None) -> bool:
     """True when ``e`` was dropped in this process (failed to load, raised, or failed verification)."""
     with _lock:
-        return e is not None and _entry_id(e) in _bad
+        return e is not None and entry_id(e) in _bad
 
 
 def mark_verified(e: Entry) -> None:
     with _lock:
-        _verified.add(_entry_id(e))
+        _verified.add(entry_id(e))
 
 
 def count(op: str, name: str) -> None:
@@ -238,7 +234,7 @@ def decisions() -> list[dict[str, Any]]:
     out = []
     for key, d in items:
         e = d.entry
-        why = bad.get(_entry_id(e)) if e is not None else None
+        why = bad.get(entry_id(e)) if e is not None else None
         out.append({"op": key[0], "device": key[1], "bucket": key[2], "dtype": key[3], "args": key[4],
                     "kernel": REFERENCE if (e is None or why) else e.name, "kind": "reference" if why else d.kind,
                     "reason": why or d.reason})
