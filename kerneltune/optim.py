@@ -89,7 +89,7 @@ class AdamW(torch.optim.AdamW):
                 leftover.append(p)
                 continue
             buckets.setdefault((p.device, p.dtype), []).append(p)
-        for (device, _), params in buckets.items():
+        for params in buckets.values():
             choice = _choose(params)
             if choice.run is None:
                 leftover += params
