@@ -1,6 +1,6 @@
 """The Triton FA2 forward (with lse) and backward templates against the fp64 references, through the Triton
 CPU interpreter (correctness only), over awkward shapes (N = 1, N and D off every block size, odd heads) in
-fp32 and fp16, at two knob points each; and the op specs' own contracts (lse checks, chunked references)."""
+fp32 and fp16, at two knob points each (the two program orders among them); and the op specs' own contracts (lse checks, chunked references)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from kerneltune.ops.base import Case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [(1, 1, 1, 64, True), (2, 3, 17, 48, False), (1, 2, 127, 80, True), (1, 1, 33, 128, False),
-          (3, 1, 64, 16, True), (1, 1, 1, 8, False)]
+          (3, 1, 64, 16, True), (1, 1, 1, 8, False), (2, 2, 300, 32, True)]
 
 
 def _load(rel: str):
@@ -45,10 +45,13 @@ def _case(b, h, n, d, causal, dtype, **extra):
                 args={"causal": causal, **extra})
 
 
-FWD_POINTS = [{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
-              {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}]
-BWD_POINTS = [{"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32, "num_warps": 8, "num_stages": 3},
-              {"BLOCK_M1": 16, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 16, "num_warps": 4, "num_stages": 2}]
+# the two program orders (GROUP_BY_HEAD) each meet several heads of several blocks (N = 300, 127)
+FWD_POINTS = [{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "GROUP_BY_HEAD": 1},
+              {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "GROUP_BY_HEAD": 0}]
+BWD_POINTS = [{"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32, "num_warps": 8, "num_stages": 3,
+               "GROUP_BY_HEAD": 1},
+              {"BLOCK_M1": 16, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 16, "num_warps": 4, "num_stages": 2,
+               "GROUP_BY_HEAD": 0}]
 
 
 def check_forward(dtype: str, point: int) -> None:

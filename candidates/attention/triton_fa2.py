@@ -8,9 +8,14 @@ Changes against triton_flash.py (the plain FA2 seed):
   diagonal with the causal mask. Non-causal: stage 1 is every full key block, stage 2 the N tail (if any).
   So the mask is only computed where a score can be masked.
 - EVEN_N / EVEN_D (constexpr): no load masks at all when N is a multiple of the blocks and D a power of two.
-- grid (B*H, ceil(N/BLOCK_M)) with the query blocks in reverse: program ids are issued dim 0 first, so
-  every head's heaviest causal block (the last rows, the longest key loop) starts first and the short ones
-  fill the tail of the wave.
+- one program per (head, query block) on a 1-D grid. GROUP_BY_HEAD = 1 (the default) numbers a head's query
+  blocks consecutively, so the programs resident at once are a few heads' blocks, which read the same k and
+  v: each head's k/v comes from HBM about once and is then served from L2. GROUP_BY_HEAD = 0 numbers the
+  heads consecutively (every resident program on another head): when B*H exceeds the programs resident at
+  once, each program streams its head's k/v from HBM, ceil(N/BLOCK_M)·B·H·N·D·4 bytes in all (2 GB at
+  N = 2048, D = 128, 16k tokens: 0.7 ms of an H100's bandwidth, most of that shape's run time).
+  Within a head the query blocks go in reverse, so the heaviest causal blocks (the last rows, the longest
+  key loop) start first and the short ones fill the tail.
 - run_with_lse(q, k, v, causal, scale) -> (out, lse): lse is the fp32 (B, H, N) natural-log logsumexp of the
   scaled, masked scores (the row statistic a backward pass needs): lse = (m + log2 l)·ln 2.
 
@@ -30,6 +35,7 @@ Runs on CUDA and under the Triton CPU interpreter (TRITON_INTERPRET=1; fp32/fp16
 Template knobs (KERNELTUNE["space"], read at call time):
 - BLOCK_M, BLOCK_N: query rows per program, keys per inner step.
 - num_warps, num_stages: warps per program, software-pipelining depth of the k/v loads (GPU only).
+- GROUP_BY_HEAD: the program order above (1: a head's blocks together; 0: heads interleaved).
 Restrictions: BLOCK_M >= BLOCK_N (the diagonal stage is one or two key blocks); BLOCK_M·BLOCK_N <=
 2048·num_warps (at most 64 fp32 scores per thread: no spills); (BLOCK_M + 2·BLOCK_N·num_stages)·256 <= 200 KiB (q plus the k/v ring at D=128, 2-byte inputs, in an H100's
 227 KiB of shared memory). At run time blocks are clamped to the padded N, and for D > 128 or fp32 inputs to
@@ -45,12 +51,13 @@ from triton.runtime.errors import OutOfResources
 KERNELTUNE = {
     "op": "attention",
     "backend": "triton",
-    "params": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    "params": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "GROUP_BY_HEAD": 1},
     "space": {
         "BLOCK_M": [64, 128],
         "BLOCK_N": [32, 64, 128],
         "num_warps": [4, 8],
         "num_stages": [2, 3, 4, 5],
+        "GROUP_BY_HEAD": [1, 0],
     },
     "restrictions": [
         "BLOCK_M >= BLOCK_N",
@@ -61,6 +68,19 @@ KERNELTUNE = {
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _program(BH, n_blocks, GROUP_BY_HEAD: tl.constexpr):
+    """(head, block) of this program on the 1-D grid of BH·n_blocks programs (see GROUP_BY_HEAD)."""
+    pid = tl.program_id(0)
+    if GROUP_BY_HEAD:
+        bh = pid // n_blocks
+        blk = pid % n_blocks
+    else:
+        bh = pid % BH
+        blk = pid // BH
+    return bh, blk
 
 
 @triton.jit
@@ -104,13 +124,13 @@ def _fa2_stage(acc, l_i, m_i, q, K, V, off_bh, stride_n, offs_m, offs_n, offs_d,
 def _fa2_fwd(
     Q, K, V, Out, Lse,
     stride_bh, stride_n,
-    N, D, qk_scale,
+    N, D, qk_scale, BH,
     CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, GROUP_BY_HEAD: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    start_m = tl.num_programs(1) - 1 - tl.program_id(1)            # heaviest causal blocks first
+    bh, blk = _program(BH, tl.cdiv(N, BLOCK_M), GROUP_BY_HEAD)
+    start_m = tl.cdiv(N, BLOCK_M) - 1 - blk                         # heaviest causal blocks first
     off_bh = bh.to(tl.int64) * stride_bh                             # int64: B*H*N*D may exceed 2**31
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)              # (BLOCK_M,) query rows
     offs_n = tl.arange(0, BLOCK_N)
@@ -181,18 +201,19 @@ def _forward(q, k, v, causal, scale, want_lse):
         BLOCK_M, BLOCK_N = min(BLOCK_M, 64), min(BLOCK_N, 32)
         num_stages = min(num_stages, 2)
     num_warps = max(1, min(num_warps, BLOCK_M // 16))
+    group = int(p.get("GROUP_BY_HEAD", 1))
     prec = "ieee" if q.dtype == torch.float32 else "tf32"          # "tf32" is ignored for fp16/bf16 operands
     while True:
         try:
-            grid = (B * H, triton.cdiv(N, BLOCK_M))
+            grid = (B * H * triton.cdiv(N, BLOCK_M),)
             _fa2_fwd[grid](
                 q, k, v, out, lse,
                 N * D, D,
-                N, D, float(scale) * LOG2E,
+                N, D, float(scale) * LOG2E, B * H,
                 CAUSAL=bool(causal), STORE_LSE=bool(want_lse),
                 EVEN_N=(N % BLOCK_M == 0 and N % BLOCK_N == 0), EVEN_D=(D == BLOCK_D),
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                PREC=prec,
+                PREC=prec, GROUP_BY_HEAD=group,
                 num_warps=num_warps, num_stages=num_stages,
             )
             return out, lse

@@ -21,7 +21,8 @@ q@k^T and cast p to the input dtype for p@v (standard flash practice), always ac
 Runs on CUDA and under the Triton CPU interpreter (TRITON_INTERPRET=1; fp32/fp16 there).
 
 Template knobs (KERNELTUNE["space"]; read from KERNELTUNE["params"] at call time):
-- BLOCK_M: query rows per program (grid = ceil(N/BLOCK_M) x B*H); k, v are re-read once per query block.
+- BLOCK_M: query rows per program (a 1-D grid of ceil(N/BLOCK_M)·B·H programs, a head's blocks consecutive,
+  so B·H is not bound by CUDA's 65535 limit on the grid's second axis); k, v are re-read once per query block.
 - BLOCK_N: keys per inner iteration; the (BLOCK_M, BLOCK_N) fp32 score tile lives in registers.
 - num_warps: warps per program (GPU only; the interpreter ignores it).
 - num_stages: software-pipelining depth of the k/v loads (GPU only; the interpreter ignores it).
@@ -69,8 +70,9 @@ def _flash_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1).to(tl.int64) * stride_bh          # int64: B*H*N*D may exceed 2**31
+    n_blocks = tl.cdiv(N, BLOCK_M)
+    start_m = tl.program_id(0) % n_blocks
+    off_bh = (tl.program_id(0) // n_blocks).to(tl.int64) * stride_bh  # int64: B*H*N*D may exceed 2**31
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)          # (BLOCK_M,) query rows
     offs_n = tl.arange(0, BLOCK_N)                              # (BLOCK_N,) key columns in a block
     offs_d = tl.arange(0, BLOCK_D)                              # (BLOCK_D,)
@@ -148,7 +150,7 @@ def run(q, k, v, causal=True, scale=None):
     prec = "ieee" if q.dtype == torch.float32 else "tf32"       # "tf32" is ignored for fp16/bf16 operands
     while True:
         try:
-            grid = (triton.cdiv(N, BLOCK_M), B * H)
+            grid = (triton.cdiv(N, BLOCK_M) * B * H,)
             _flash_fwd[grid](
                 q, k, v, out,
                 N * D, D,

@@ -17,6 +17,11 @@ tensor-core dots (fp32 accumulate), as every fused backward does; fp32 inputs us
 Masks only where a score can be masked: the causal diagonal blocks and the N tail are a masked stage of
 their own, the rest of each loop runs without masks (as in triton_fa2.py). Causal grids start with the
 heaviest blocks (dK/dV: the first key blocks; dQ: the last query blocks).
+Program order (GROUP_BY_HEAD, as in triton_fa2.py): 1-D grids; with 1 (the default) a head's blocks are
+consecutive programs, so the programs resident at once share their head's q/dO (dK/dV kernel) or k/v (dQ
+kernel) in L2; with 0 consecutive programs walk the heads, and when B·H exceeds the resident programs every
+program streams its head's q/dO or k/v from HBM (at N = 2048, D = 128, 16k tokens: up to 4 GB for dK/dV with
+64-key blocks plus 2 GB for dQ, up to 2 ms of an H100's bandwidth, of the 2.6 ms that shape took).
 
 Work: 10·B·H·N²·D FLOPs (half causal) + the recomputation of s: 12·B·H·N²·D counted over both kernels'
 dots (s is computed twice, once in each). HBM: q, k, v, o, do, lse read, dq, dk, dv written, plus the
@@ -27,7 +32,7 @@ Defaults: dK/dV with 64 keys per program (the two fp32 accumulators, 2·64·D, f
 D = 128 without spills), dQ with 128 query rows and 64 keys per step.
 Template knobs (KERNELTUNE["space"]): BLOCK_M1/BLOCK_N1 (query/key block of the dK/dV kernel), BLOCK_M2/BLOCK_N2
 (of the dQ kernel), num_warps, num_stages (both kernels). Restrictions keep the fp32 tiles in registers:
-BLOCK_M1·BLOCK_N1 <= 2048·num_warps and BLOCK_M2·BLOCK_N2 <= 2048·num_warps. At run time blocks are clamped to
+BLOCK_M1·BLOCK_N1 <= 2048·num_warps and BLOCK_M2·BLOCK_N2 <= 2048·num_warps. GROUP_BY_HEAD: the program order. At run time blocks are clamped to
 the padded N and, for D > 128 or fp32 at D = 128, to 64; an OutOfResources retries with fewer stages, then
 smaller blocks.
 """
@@ -41,7 +46,8 @@ from triton.runtime.errors import OutOfResources
 KERNELTUNE = {
     "op": "attention_backward",
     "backend": "triton",
-    "params": {"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 128, "BLOCK_N2": 64, "num_warps": 8, "num_stages": 2},
+    "params": {"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 128, "BLOCK_N2": 64, "num_warps": 8, "num_stages": 2,
+               "GROUP_BY_HEAD": 1},
     "space": {
         "BLOCK_M1": [16, 32, 64],
         "BLOCK_N1": [64, 128],
@@ -49,6 +55,7 @@ KERNELTUNE = {
         "BLOCK_N2": [16, 32, 64],
         "num_warps": [4, 8],
         "num_stages": [1, 2, 3, 4, 5],
+        "GROUP_BY_HEAD": [1, 0],
     },
     "restrictions": [
         "BLOCK_M1 * BLOCK_N1 <= 2048 * num_warps",
@@ -70,6 +77,19 @@ def _bwd_delta(Out, DO, Delta, N, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr)
     o = tl.load(Out + off, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
     tl.store(Delta + bh * N + rows, tl.sum(o * do, 1), mask=rows < N)
+
+
+@triton.jit
+def _program(BH, n_blocks, GROUP_BY_HEAD: tl.constexpr):
+    """(head, block) of this program on the 1-D grid of BH·n_blocks programs (see GROUP_BY_HEAD)."""
+    pid = tl.program_id(0)
+    if GROUP_BY_HEAD:
+        bh = pid // n_blocks
+        blk = pid % n_blocks
+    else:
+        bh = pid % BH
+        blk = pid // BH
+    return bh.to(tl.int64), blk
 
 
 @triton.jit
@@ -111,11 +131,11 @@ def _dkdv_stage(dk, dv, k, v, Q, DO, Lse, Delta, off_bh, off_row, offs_n, offs_d
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, N, D, qk_scale, scale,
-              CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, N, D, qk_scale, scale, BH,
+              CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, GROUP_BY_HEAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
-    start_n = tl.program_id(1) * BLOCK_N                              # first key blocks: heaviest causal work
+    bh, blk = _program(BH, tl.cdiv(N, BLOCK_N), GROUP_BY_HEAD)
+    start_n = blk * BLOCK_N                                           # first key blocks: heaviest causal work
     off_bh = bh * N * D
     off_row = bh * N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -177,11 +197,11 @@ def _dq_stage(dq, q, do, lse2, delta, K, V, off_bh, offs_m, offs_d, N, D, qk_sca
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, N, D, qk_scale, scale,
-            CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, N, D, qk_scale, scale, BH,
+            CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, GROUP_BY_HEAD: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
-    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # last query blocks: heaviest causal work
+    bh, blk = _program(BH, tl.cdiv(N, BLOCK_M), GROUP_BY_HEAD)
+    start_m = (tl.cdiv(N, BLOCK_M) - 1 - blk) * BLOCK_M              # last query blocks: heaviest causal work
     off_bh = bh * N * D
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -260,12 +280,13 @@ def run(q, k, v, o, do, lse, causal=True, scale=None):
 
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     _bwd_delta[(B * H, triton.cdiv(N, 64))](o, do, delta, N, D, BLOCK=64, BLOCK_D=BLOCK_D)
-    common = dict(CAUSAL=bool(causal), EVEN_D=even_d, BLOCK_D=BLOCK_D, PREC=prec)
+    common = dict(CAUSAL=bool(causal), EVEN_D=even_d, BLOCK_D=BLOCK_D, PREC=prec,
+                  GROUP_BY_HEAD=int(p.get("GROUP_BY_HEAD", 1)))
     qk_scale = float(scale) * LOG2E
-    _launch(_bwd_dkdv, lambda bm, bn: (B * H, triton.cdiv(N, bn)),
-            (q, k, v, do, lse, delta, dk, dv, N, D, qk_scale, float(scale)), common, (bm1, bn1),
+    _launch(_bwd_dkdv, lambda bm, bn: (B * H * triton.cdiv(N, bn),),
+            (q, k, v, do, lse, delta, dk, dv, N, D, qk_scale, float(scale), B * H), common, (bm1, bn1),
             num_warps, num_stages)
-    _launch(_bwd_dq, lambda bm, bn: (B * H, triton.cdiv(N, bm)),
-            (q, k, v, do, lse, delta, dq, N, D, qk_scale, float(scale)), common, (bm2, bn2),
+    _launch(_bwd_dq, lambda bm, bn: (B * H * triton.cdiv(N, bm),),
+            (q, k, v, do, lse, delta, dq, N, D, qk_scale, float(scale), B * H), common, (bm2, bn2),
             num_warps, num_stages)
     return dq, dk, dv
