@@ -23,6 +23,10 @@ torch_compile (torch.compile of the math version, N in --compile-n; its compile 
 attention_backward: the same, each timed without its forward (autograd over a retained graph, see
 kerneltune/ops/attention_backward.py), plus sdpa_fwd_bwd (forward + backward); adamw: adamw_fused (primary),
 adamw_foreach. Ratios are `baseline p50 / candidate p50` from the same interleaved rounds.
+
+Variants (--also 'attention:GROUP_BY_HEAD=0;attention_backward:BLOCK_N1=128,num_stages=3'): the same candidate
+file at other knob values, checked and timed in the same rounds as one more contestant (kind "variant",
+named after the knobs it changes), so a knob's effect is a ratio measured side by side, not across runs.
 """
 
 from __future__ import annotations
@@ -71,6 +75,41 @@ def load_module(path: str, name: str) -> Any:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def parse_also(spec: str | None) -> dict[str, list[dict[str, Any]]]:
+    """'op:K=V,K=V;op:K=V' -> {op: [{K: V, ...}, ...]}; values are ints where they parse as ints."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for part in (spec or "").split(";"):
+        if not part.strip():
+            continue
+        op, sep, knobs = part.partition(":")
+        if not sep or not knobs.strip():
+            raise SystemExit(f"bench_gpu: --also part {part!r} is not 'op:KNOB=VALUE[,KNOB=VALUE]'")
+        point: dict[str, Any] = {}
+        for kv in knobs.split(","):
+            k, eq, v = kv.partition("=")
+            if not eq or not k.strip():
+                raise SystemExit(f"bench_gpu: --also knob {kv!r} is not KNOB=VALUE")
+            v = v.strip()
+            point[k.strip()] = int(v) if v.lstrip("-").isdigit() else v
+        out.setdefault(op.strip(), []).append(point)
+    return out
+
+
+def load_variants(op: str, path: str, points: list[dict[str, Any]]) -> dict[str, Any]:
+    """{contestant name: module} for each point: the candidate's file loaded again, its params updated."""
+    mods: dict[str, Any] = {}
+    for i, point in enumerate(points):
+        mod = load_module(path, f"kt_bench_{op}_variant{i}")
+        known = getattr(mod, "KERNELTUNE", {}).get("params", {})
+        unknown = sorted(set(point) - set(known))
+        if unknown:
+            raise SystemExit(f"bench_gpu: --also {op}: knob(s) {unknown} are not params of {os.path.basename(path)} "
+                             f"(its params: {sorted(known)})")
+        mod.KERNELTUNE["params"] = {**known, **point}
+        mods["variant " + ",".join(f"{k}={v}" for k, v in point.items())] = mod
+    return mods
 
 
 def pick_candidate(op: str, db: str | None, device_key: str, workdir: str) -> tuple[str, str, str]:
@@ -177,7 +216,7 @@ def attention_shapes(only: str | None) -> list[tuple[int, int, int, int, bool]]:
 
 
 def bench_attention(op: str, cand: Any, fwd_cand: Any, args: argparse.Namespace, timer: Timer, ceil: dict[str, Any],
-                    emit: Callable[..., None], deadline: float) -> None:
+                    emit: Callable[..., None], deadline: float, variants: dict[str, Any] | None = None) -> None:
     spec = get_op(op)
     baselines = spec.baselines(DEV)  # built once per op: torch_compile's compiled function is kept in its closure
     dtname = "bfloat16" if HALF == torch.bfloat16 else "float16"
@@ -187,7 +226,7 @@ def bench_attention(op: str, cand: Any, fwd_cand: Any, args: argparse.Namespace,
             emit(op, shape, "—", "candidate", status="skipped", note="deadline reached before this shape")
             continue
         try:
-            _attention_shape(op, spec, baselines, cand, fwd_cand, args, timer, ceil, emit, shape)
+            _attention_shape(op, spec, baselines, cand, fwd_cand, args, timer, ceil, emit, shape, variants or {})
         except Exception as e:  # noqa: BLE001 - one shape's failure is its row; the other shapes still run
             emit(op, shape, "candidate", "candidate", status="error", note=f"{type(e).__name__}: {str(e)[:300]}")
         _empty_cache()
@@ -195,7 +234,7 @@ def bench_attention(op: str, cand: Any, fwd_cand: Any, args: argparse.Namespace,
 
 def _attention_shape(op: str, spec: Any, baselines: dict[str, Any], cand: Any, fwd_cand: Any,
                      args: argparse.Namespace, timer: Timer, ceil: dict[str, Any], emit: Callable[..., None],
-                     shape: dict[str, Any]) -> None:
+                     shape: dict[str, Any], variants: dict[str, Any]) -> None:
     """One shape: checked against fp64, every contestant timed interleaved, one row each."""
     b, h, n, d, causal, dtname = (shape[x] for x in ("B", "H", "N", "D", "causal", "dtype"))
     tol = spec.tolerance(dtname)
@@ -212,27 +251,36 @@ def _attention_shape(op: str, spec: Any, baselines: dict[str, Any], cand: Any, f
         ref = attention_fp64(q[sl], k[sl], v[sl], causal, None)[0]
         a = (q, k, v)
         fns = {"candidate": lambda a=a, c=causal: cand.run(*a, causal=c)}
+        for x, mod in variants.items():
+            fns[x] = (lambda m=mod, a=a, c=causal: m.run(*a, causal=c))
         for x in names:
             fns[x] = (lambda f=baselines[x], a=a, c=causal: f(*a, causal=c))
-        got = fns["candidate"]()[sl]
-        why = compare_tensor("out", got.cpu(), ref, tol)
-        errs = {"candidate": rel_err(got, ref)}
+        whys, errs = {}, {}
+        for x in ["candidate", *variants]:
+            got = fns[x]()[sl]
+            whys[x] = compare_tensor("out", got.cpu(), ref, tol)
+            errs[x] = rel_err(got, ref)
+            del got
     else:
         o, lse = fwd_cand.run_with_lse(q, k, v, causal=causal)
         ref = attention_bwd_fp64(q[sl], k[sl], v[sl], do[sl], causal, None)
         a = (q, k, v, o, do, lse)
         fns = {"candidate": lambda a=a, c=causal: cand.run(*a, causal=c)}
+        for x, mod in variants.items():
+            fns[x] = (lambda m=mod, a=a, c=causal: m.run(*a, causal=c))
         for x in names:
             fns[x] = (lambda f=baselines[x], a=a, c=causal: f(*a, causal=c))
-        res = fns["candidate"]()
-        whys = []
-        for name_i, got_i, ref_i in zip(("dq", "dk", "dv"), res, ref):
-            rms = float(ref_i.pow(2).mean().sqrt())
-            whys.append(compare_tensor(name_i, got_i[sl].cpu(), ref_i, Tolerance(tol.atol * rms, tol.rtol,
-                                                                                 tol.norm_rtol)))
-        why = "; ".join(w for w in whys if w)
-        errs = {"candidate": max(rel_err(gi[sl], ri) for gi, ri in zip(res, ref))}
-        del res
+        whys, errs = {}, {}
+        for x in ["candidate", *variants]:
+            res = fns[x]()
+            parts = []
+            for name_i, got_i, ref_i in zip(("dq", "dk", "dv"), res, ref):
+                rms = float(ref_i.pow(2).mean().sqrt())
+                parts.append(compare_tensor(name_i, got_i[sl].cpu(), ref_i, Tolerance(tol.atol * rms, tol.rtol,
+                                                                                      tol.norm_rtol)))
+            whys[x] = "; ".join(w for w in parts if w)
+            errs[x] = max(rel_err(gi[sl], ri) for gi, ri in zip(res, ref))
+            del res
     # baselines' errors on the same slice (recorded; a failure to run is recorded when timing)
     for x in names:
         try:
@@ -244,15 +292,14 @@ def _attention_shape(op: str, spec: Any, baselines: dict[str, Any], cand: Any, f
             del r
         except Exception:  # noqa: BLE001 - reported by the timer below
             pass
-    if why:
-        fns = {x: f for x, f in fns.items() if x != "candidate"}
+    fns = {x: f for x, f in fns.items() if not whys.get(x)}   # a wrong kernel is recorded, never timed
     times, failed = timer.run(fns)
     cand_p50 = quantiles(times["candidate"])[1] if "candidate" in times else None
     prim_p50 = quantiles(times[PRIMARY[op]])[1] if PRIMARY[op] in times else None
-    for x in ["candidate", *names]:
-        kind = "candidate" if x == "candidate" else "baseline"
-        if x == "candidate" and why:
-            emit(op, shape, x, kind, status="incorrect", rel_err=errs.get(x), note=why[:300])
+    for x in ["candidate", *variants, *names]:
+        kind = "candidate" if x == "candidate" else ("variant" if x in variants else "baseline")
+        if whys.get(x):
+            emit(op, shape, x, kind, status="incorrect", rel_err=errs.get(x), note=whys[x][:300])
             continue
         if x in failed or x not in times:
             emit(op, shape, x, kind, status="failed", note=failed.get(x, "did not run"))
@@ -335,9 +382,16 @@ def main() -> int:
     ap.add_argument("--compile-n", default="1024,4096", help="N values where torch_compile is timed")
     ap.add_argument("--only-n", default=None, help="comma-separated N values (default: all six)")
     ap.add_argument("--csv", default="issue8.csv")
+    ap.add_argument("--also", default=None, help="attention ops only: 'op:KNOB=V[,KNOB=V][;op:...]', the candidate "
+                    "at other knob values timed beside it (see the module doc)")
     ap.add_argument("--dry-run-cpu", action="store_true", help="check this script on a CPU: tiny shapes, fp16, "
                     "Triton's interpreter (set TRITON_INTERPRET=1); its timings mean nothing")
     args = ap.parse_args()
+    also = parse_also(args.also)
+    bad = sorted(set(also) - {"attention", "attention_backward"})
+    if bad:
+        print(f"bench_gpu: --also takes attention and attention_backward variants, not {bad}", file=sys.stderr)
+        return 2
     global DEV, HALF
     if args.dry_run_cpu:
         DEV, HALF = "cpu", torch.float16
@@ -390,6 +444,9 @@ def main() -> int:
         mods[op] = load_module(chosen[op][0], f"kt_bench_{op}")
         print(f"{op}: {chosen[op][1]} ({os.path.relpath(chosen[op][0], ROOT) if chosen[op][0].startswith(ROOT) else 'from the store'})"
               f" params {getattr(mods[op], 'KERNELTUNE', {}).get('params')}", flush=True)
+    variants = {op: load_variants(op, chosen[op][0], also[op]) for op in also if op in chosen}
+    for op, vs in variants.items():
+        print(f"{op}: variants timed beside it: {', '.join(vs)}", flush=True)
     left = max(args.deadline - (time.monotonic() - t0), 0)
     share = {"adamw": 0.1, "attention": 0.45, "attention_backward": 0.45}
     for op in ops:
@@ -399,7 +456,8 @@ def main() -> int:
             if op == "adamw":
                 bench_adamw(mods[op], args, timer, ceil, emit)
             else:
-                bench_attention(op, mods[op], mods["attention"], args, timer, ceil, emit, t_op + budget)
+                bench_attention(op, mods[op], mods["attention"], args, timer, ceil, emit, t_op + budget,
+                                variants.get(op))
         except Exception as e:  # noqa: BLE001 - one op's failure must not lose the others' numbers
             emit(op, {}, "candidate", "candidate", status="error", note=f"{type(e).__name__}: {str(e)[:300]}")
             _empty_cache()
@@ -409,7 +467,9 @@ def main() -> int:
         json.dump({"device": info, "versions": ver, "git": git, "ceilings": ceil, "timestamp": stamp,
                    "candidates": {k: {"name": v[1], "hash": v[2],
                                       "params": getattr(mods[k], "KERNELTUNE", {}).get("params")}
-                                  for k, v in chosen.items()}}, mf, indent=1, default=str)
+                                  for k, v in chosen.items()},
+                   "variants": {k: [m.KERNELTUNE["params"] for m in v.values()] for k, v in variants.items()}},
+                  mf, indent=1, default=str)
     print_summary(rows)
     print(f"bench_gpu: {len(rows)} rows in {path}, {time.monotonic() - t0:.0f} s")
     return 0
@@ -431,9 +491,11 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
             continue
         best = min(base, key=lambda r: r["p50_ms"]) if base else None
         pct = cand.get("pct_matmul_ceiling") or cand.get("pct_copy_ceiling")
+        var = "  ".join(f"{r['contestant']}: {r['candidate_speedup']:.2f}x" if r.get("status") == "ok"
+                        else f"{r['contestant']}: {r.get('status')}" for r in rs if r["kind"] == "variant")
         print(f"{op:<19}{tag:<24}{cand['p50_ms']:>9.3f}  {cand.get('speedup_vs_primary') or 0:>9.2f}x  "
               f"{(best or {}).get('contestant', '—'):<16}{(best['p50_ms'] / cand['p50_ms']) if best else 0:>7.2f}x  "
-              f"{pct or 0:>6.1f}%")
+              f"{pct or 0:>6.1f}%" + (f"  vs {var}" if var else ""))
 
 
 if __name__ == "__main__":

@@ -148,18 +148,20 @@ def markdown(rows: list[dict[str, str]]) -> str:
                                      int(by[k]["candidate"]["N"] or 0)))
         if not keys:
             continue
+        # variants (bench_gpu --also): the candidate at other knobs, timed in the same rounds
+        shown = cols[op] + sorted({x for k in keys for x, r in by[k].items() if r["kind"] == "variant"})
         lines += [f"### {title}", "",
-                  "| D | mask | N | B×H | kerneltune ms | " + " | ".join(f"vs {c}" for c in cols[op])
+                  "| D | mask | N | B×H | kerneltune ms | " + " | ".join(f"vs {c}" for c in shown)
                   + " | % matmul ceiling | rel. error |",
-                  "|---" * (len(cols[op]) + 7) + "|"]
+                  "|---" * (len(shown) + 7) + "|"]
         for k in keys:
             c = by[k]["candidate"]
             head = f"| {c['D']} | {'causal' if c['causal'] == 'True' else 'full'} | {c['N']} | {c['B']}×{c['H']} |"
             if c["status"] != "ok":
-                lines.append(f"{head} {c['status']}: {c['note'][:90]} |" + " |" * (len(cols[op]) + 2))
+                lines.append(f"{head} {c['status']}: {c['note'][:90]} |" + " |" * (len(shown) + 2))
                 continue
             vs = [_x(_f(by[k][b]["candidate_speedup"])) if b in by[k] and by[k][b]["status"] == "ok"
-                  else ("failed" if b in by[k] else "—") for b in cols[op]]
+                  else (by[k][b]["status"] if b in by[k] else "—") for b in shown]
             lines.append(f"{head} {_f(c['p50_ms']):.3f} | " + " | ".join(vs)
                          + f" | {_f(c['pct_matmul_ceiling']):.1f}% | {_f(c['rel_err']):.1e} |")
         lines.append("")

@@ -44,3 +44,40 @@ def test_a_shape_that_failed_is_taken_from_the_run_that_measured_it_and_the_rest
     c = "2026-01-03T00:00:00Z"
     m2 = plot_gpu.merged(rows + ceilings(c, 1200) + [row(c, "attention", 512, "candidate", "candidate", status="error")])
     assert {r["timestamp"] for r in m2 if r["kind"] == "candidate" and r["N"] == "512"} == {b}
+
+
+def test_a_variant_gets_its_own_column_and_an_incorrect_one_says_so():
+    a = "2026-01-01T00:00:00Z"
+    rows = ceilings(a, 1000) + [row(a, "attention", 512, "candidate", "candidate", p50="0.3"),
+                                row(a, "attention", 512, "baseline", "sdpa", speedup="0.7"),
+                                row(a, "attention", 512, "variant", "variant GROUP_BY_HEAD=0", speedup="1.8"),
+                                row(a, "attention", 1024, "candidate", "candidate", p50="0.5"),
+                                row(a, "attention", 1024, "variant", "variant GROUP_BY_HEAD=0", status="incorrect")]
+    md = plot_gpu.markdown(plot_gpu.merged(rows))
+    assert "| vs variant GROUP_BY_HEAD=0 |" in md
+    assert "| 64 | causal | 512 | 1×2 | 0.300 | 0.70× | — | — | — | — | — | 1.80× |" in md
+    assert "| 64 | causal | 1024 | 1×2 | 0.500 | — | — | — | — | — | — | incorrect |" in md
+
+
+bench_spec = importlib.util.spec_from_file_location("bench_gpu", os.path.join(ROOT, "benchmarks", "bench_gpu.py"))
+bench_gpu = importlib.util.module_from_spec(bench_spec)
+bench_spec.loader.exec_module(bench_gpu)
+
+
+def test_also_parses_points_and_refuses_malformed_or_unknown_knobs():
+    import pytest
+
+    assert bench_gpu.parse_also("attention:GROUP_BY_HEAD=0,BLOCK_N=128; attention:num_warps=4") == {
+        "attention": [{"GROUP_BY_HEAD": 0, "BLOCK_N": 128}, {"num_warps": 4}]}
+    assert bench_gpu.parse_also(None) == {}
+    for bad in ("attention", "attention:", "attention:BLOCK_N", "attention:=3"):
+        with pytest.raises(SystemExit, match="--also"):
+            bench_gpu.parse_also(bad)
+    pytest.importorskip("triton")
+    path = os.path.join(ROOT, "candidates", "attention", "triton_fa2.py")
+    mods = bench_gpu.load_variants("attention", path, [{"GROUP_BY_HEAD": 0}])
+    (name, mod), = mods.items()
+    assert name == "variant GROUP_BY_HEAD=0" and mod.KERNELTUNE["params"]["GROUP_BY_HEAD"] == 0
+    assert mod.KERNELTUNE["params"]["BLOCK_M"] == 128      # the other knobs stay the candidate's
+    with pytest.raises(SystemExit, match="BLOCK_Q"):
+        bench_gpu.load_variants("attention", path, [{"BLOCK_Q": 64}])
