@@ -17,7 +17,10 @@
 #   tests  the tests marked gpu (T_TESTS seconds, default 200: 136 s on an H200), the evaluator's slow seed test left out
 #          (the adamw phase runs the same evaluator at full size);
 #   attn   `kerneltune search attention` with the time left (Triton compiles every check case's
-#          specialisation: a candidate needs well over a minute).
+#          specialisation: a candidate needs well over a minute, so ATTN_BUDGET candidates, default 8, are
+#          evaluated at once: their compiles and checks run in parallel on the host's cores, their timings
+#          one at a time under the evaluator's device lock); ATTN_ONLY (default "triton_fa2"): the templates
+#          searched.
 # Each phase's files are packed into one tarball under $OUT as soon as it ends (the device returns 8 files):
 #   all.log, search.tgz (store, search JSON, scratch registry + promoted files), train.tgz, bench.tgz (CSV,
 #   meta, PNGs), search_attn.tgz
@@ -29,6 +32,7 @@ set -u
 OUT=${OUT:-/tmp/ktout}; mkdir -p "$OUT"
 TOTAL=${TOTAL:-520}; T_ADAM=${T_ADAM:-200}; T_ATTN=${T_ATTN:-150}; STEPS=${STEPS:-60}
 PHASES=${PHASES:-adamw train bench attn}; ADAM_ONLY=${ADAM_ONLY:-}; BENCH_S=${BENCH_S:-600}
+ATTN_ONLY=${ATTN_ONLY:-triton_fa2}; ATTN_BUDGET=${ATTN_BUDGET:-8}
 W=/tmp/ktw; rm -rf "$W"; mkdir -p "$W/search" "$W/train" "$W/bench" "$W/registry"
 export PYTHONUNBUFFERED=1 KERNELTUNE_CACHE_DIR=/tmp/ktcache KERNELTUNE_DB=$W/search/store.db
 exec > >(tee -a "$OUT/all.log") 2>&1
@@ -64,12 +68,15 @@ if top and (top[0].get("speedup") or 0) > 1.0:
 PY
 }
 
+only() {  # op, template names: a folder holding those templates only (a search over them alone)
+  local op=$1; shift; local d=$W/cands/$op; mkdir -p "$d"
+  for t in "$@"; do cp "candidates/$op/$t.py" "$d/"; done
+  echo "$d"
+}
+
 phase_adamw() {
   local cands=candidates/adamw
-  if [ -n "$ADAM_ONLY" ]; then  # a search over some templates only: copied into a folder of their own
-    cands=$W/cands/adamw; mkdir -p "$cands"
-    for t in $ADAM_ONLY; do cp "candidates/adamw/$t.py" "$cands/"; done
-  fi
+  [ -n "$ADAM_ONLY" ] && cands=$(only adamw $ADAM_ONLY)
   search adamw "$T_ADAM" 2 $((T_ADAM - 15)) --candidates "$cands"
   export KERNELTUNE_REGISTRY=$W/registry/registry.json
   if [ -s "$W/search/adamw.best" ]; then
@@ -124,8 +131,11 @@ phase_tests() {
 phase_attn() {
   local -x KERNELTUNE_REGISTRY=""
   T=$(( $(left) - 5 ))
+  local cands=candidates/attention
+  [ -n "$ATTN_ONLY" ] && cands=$(only attention $ATTN_ONLY)
   if [ "$T" -ge 90 ]; then  # one search at a time: timings never share the GPU
-    search attention "$T" 2 "$((T - 10))" --shapes 4,16,4096,128,causal --shapes 16,12,1024,64,causal --dtype bf16
+    search attention "$T" "$ATTN_BUDGET" "$((T - 10))" --candidates "$cands" \
+      --shapes 4,16,4096,128,causal --shapes 16,12,1024,64,causal --dtype bf16
   else
     echo "attention search: only $T s left, not started"
   fi
