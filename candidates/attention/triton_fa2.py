@@ -36,6 +36,10 @@ Template knobs (KERNELTUNE["space"], read at call time):
 - BLOCK_M, BLOCK_N: query rows per program, keys per inner step.
 - num_warps, num_stages: warps per program, software-pipelining depth of the k/v loads (GPU only).
 - GROUP_BY_HEAD: the program order above (1: a head's blocks together; 0: heads interleaved).
+- TMA: 1 loads k and v through host-made tensor descriptors of the (B*H, N, D) view, (1, BLOCK_N, BLOCK_D)
+  boxes (Hopper's tensor memory accelerator: one thread issues a whole tile's copy, no address registers,
+  out-of-bounds rows and columns read as zeros, so no load masks); Triton lowers it to pointer loads on
+  older GPUs and in the interpreter. Used only where rows and bases are 16-byte aligned (D·itemsize % 16 = 0).
 Restrictions: BLOCK_M >= BLOCK_N (the diagonal stage is one or two key blocks); BLOCK_M·BLOCK_N <=
 2048·num_warps (at most 64 fp32 scores per thread: no spills); (BLOCK_M + 2·BLOCK_N·num_stages)·256 <= 200 KiB (q plus the k/v ring at D=128, 2-byte inputs, in an H100's
 227 KiB of shared memory). At run time blocks are clamped to the padded N, and for D > 128 or fp32 inputs to
@@ -47,17 +51,19 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 KERNELTUNE = {
     "op": "attention",
     "backend": "triton",
-    "params": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "GROUP_BY_HEAD": 1},
+    "params": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "GROUP_BY_HEAD": 1, "TMA": 0},
     "space": {
         "BLOCK_M": [64, 128],
         "BLOCK_N": [32, 64, 128],
         "num_warps": [4, 8],
         "num_stages": [2, 3, 4, 5],
         "GROUP_BY_HEAD": [1, 0],
+        "TMA": [0, 1],
     },
     "restrictions": [
         "BLOCK_M >= BLOCK_N",
@@ -84,14 +90,17 @@ def _program(BH, n_blocks, GROUP_BY_HEAD: tl.constexpr):
 
 
 @triton.jit
-def _fa2_stage(acc, l_i, m_i, q, K, V, off_bh, stride_n, offs_m, offs_n, offs_d, N, D, qk_scale,
-               lo, hi, BLOCK_N: tl.constexpr,
+def _fa2_stage(acc, l_i, m_i, q, K, V, KD, VD, bh, off_bh, stride_n, offs_m, offs_n, offs_d, N, D, qk_scale,
+               lo, hi, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-               PREC: tl.constexpr):
+               PREC: tl.constexpr, TMA: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n                                     # (BLOCK_N,)
         kv_off = off_bh + cols[:, None] * stride_n + offs_d[None, :]
-        if MASKED and not EVEN_N:
+        if TMA:   # (1, BLOCK_N, BLOCK_D) boxes of the (B*H, N, D) view: rows past N and columns past D read 0
+            k = KD.load([bh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = VD.load([bh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        elif MASKED and not EVEN_N:
             if EVEN_D:
                 kv_mask = cols[:, None] < N
             else:
@@ -122,12 +131,12 @@ def _fa2_stage(acc, l_i, m_i, q, K, V, off_bh, stride_n, offs_m, offs_n, offs_d,
 
 @triton.jit
 def _fa2_fwd(
-    Q, K, V, Out, Lse,
+    Q, K, V, Out, Lse, KD, VD,
     stride_bh, stride_n,
     N, D, qk_scale, BH,
     CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr, GROUP_BY_HEAD: tl.constexpr,
+    PREC: tl.constexpr, GROUP_BY_HEAD: tl.constexpr, TMA: tl.constexpr,
 ):
     bh, blk = _program(BH, tl.cdiv(N, BLOCK_M), GROUP_BY_HEAD)
     start_m = tl.cdiv(N, BLOCK_M) - 1 - blk                         # heaviest causal blocks first
@@ -151,10 +160,10 @@ def _fa2_fwd(
     else:
         lo = N // BLOCK_N * BLOCK_N                                 # full key blocks: no mask
         hi = N
-    acc, l_i, m_i = _fa2_stage(acc, l_i, m_i, q, K, V, off_bh, stride_n, offs_m, offs_n, offs_d, N, D, qk_scale,
-                               0, lo, BLOCK_N, False, CAUSAL, EVEN_N, EVEN_D, PREC)
-    acc, l_i, m_i = _fa2_stage(acc, l_i, m_i, q, K, V, off_bh, stride_n, offs_m, offs_n, offs_d, N, D, qk_scale,
-                               lo, hi, BLOCK_N, True, CAUSAL, EVEN_N, EVEN_D, PREC)
+    acc, l_i, m_i = _fa2_stage(acc, l_i, m_i, q, K, V, KD, VD, bh, off_bh, stride_n, offs_m, offs_n, offs_d, N, D,
+                               qk_scale, 0, lo, BLOCK_N, BLOCK_D, False, CAUSAL, EVEN_N, EVEN_D, PREC, TMA)
+    acc, l_i, m_i = _fa2_stage(acc, l_i, m_i, q, K, V, KD, VD, bh, off_bh, stride_n, offs_m, offs_n, offs_d, N, D,
+                               qk_scale, lo, hi, BLOCK_N, BLOCK_D, True, CAUSAL, EVEN_N, EVEN_D, PREC, TMA)
 
     out = acc / l_i[:, None]
     o_off = off_bh + offs_m[:, None] * stride_n + offs_d[None, :]
@@ -202,18 +211,23 @@ def _forward(q, k, v, causal, scale, want_lse):
         num_stages = min(num_stages, 2)
     num_warps = max(1, min(num_warps, BLOCK_M // 16))
     group = int(p.get("GROUP_BY_HEAD", 1))
+    # TMA needs 16-byte aligned rows and bases; elsewhere the same kernel loads through pointers
+    tma = bool(int(p.get("TMA", 0))) and (D * q.element_size()) % 16 == 0 and \
+        k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0
     prec = "ieee" if q.dtype == torch.float32 else "tf32"          # "tf32" is ignored for fp16/bf16 operands
     while True:
         try:
             grid = (B * H * triton.cdiv(N, BLOCK_M),)
+            kd, vd = ((TensorDescriptor.from_tensor(t.view(B * H, N, D), [1, BLOCK_N, BLOCK_D]) for t in (k, v))
+                      if tma else (k, v))
             _fa2_fwd[grid](
-                q, k, v, out, lse,
+                q, k, v, out, lse, kd, vd,
                 N * D, D,
                 N, D, float(scale) * LOG2E, B * H,
                 CAUSAL=bool(causal), STORE_LSE=bool(want_lse),
                 EVEN_N=(N % BLOCK_M == 0 and N % BLOCK_N == 0), EVEN_D=(D == BLOCK_D),
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                PREC=prec, GROUP_BY_HEAD=group,
+                PREC=prec, GROUP_BY_HEAD=group, TMA=tma,
                 num_warps=num_warps, num_stages=num_stages,
             )
             return out, lse
