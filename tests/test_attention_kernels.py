@@ -1,6 +1,7 @@
 """The Triton FA2 forward (with lse) and backward templates against the fp64 references, through the Triton
 CPU interpreter (correctness only), over awkward shapes (N = 1, N and D off every block size, odd heads) in
-fp32 and fp16, at two knob points each (the two program orders among them); and the op specs' own contracts (lse checks, chunked references)."""
+fp32 and fp16, at two or three knob points each (every program order and load path among them); and the
+op specs' own contracts (lse checks, chunked references)."""
 
 from __future__ import annotations
 
@@ -47,9 +48,14 @@ def _case(b, h, n, d, causal, dtype, **extra):
 
 
 # the two program orders (GROUP_BY_HEAD) each meet several heads of several blocks (N = 160, 127)
-# (and TMA loads at one of them; the shipped defaults, GROUP_BY_HEAD = 1 without TMA, are test_seeds')
-FWD_POINTS = [{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "GROUP_BY_HEAD": 1, "TMA": 1},
-              {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "GROUP_BY_HEAD": 0, "TMA": 0}]
+# and the forward's TMA loads and PIPE lookahead, each on and off and both together (the shipped defaults,
+# GROUP_BY_HEAD = 1 with neither, are test_seeds')
+FWD_POINTS = [{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "GROUP_BY_HEAD": 1, "TMA": 1,
+               "PIPE": 0},
+              {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "GROUP_BY_HEAD": 0, "TMA": 0,
+               "PIPE": 1},
+              {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "GROUP_BY_HEAD": 1, "TMA": 1,
+               "PIPE": 1}]
 BWD_POINTS = [{"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32, "num_warps": 8, "num_stages": 3,
                "GROUP_BY_HEAD": 1},
               {"BLOCK_M1": 16, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 16, "num_warps": 4, "num_stages": 2,
@@ -84,7 +90,7 @@ def check_backward(dtype: str, point: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("point", [0, 1])
+@pytest.mark.parametrize("point", [0, 1, 2])
 def test_fa2_forward_and_lse_match_fp64(dtype, point):
     _in_interpreter("check_forward", dtype, point)
 

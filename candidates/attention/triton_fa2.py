@@ -40,6 +40,10 @@ Template knobs (KERNELTUNE["space"], read at call time):
   boxes (Hopper's tensor memory accelerator: one thread issues a whole tile's copy, no address registers,
   out-of-bounds rows and columns read as zeros, so no load masks); Triton lowers it to pointer loads on
   older GPUs and in the interpreter. Used only where rows and bases are 16-byte aligned (D·itemsize % 16 = 0).
+- PIPE: 1 computes the next key block's scores (q @ k^T) before this block's softmax, so that the
+  asynchronous tensor-core dot can overlap the exponentials (which, at D = 128, cost about half as long as
+  the block's two dots on an H100's special-function units); one more (BLOCK_M, BLOCK_N) fp32 tile lives in
+  registers.
 Restrictions: BLOCK_M >= BLOCK_N (the diagonal stage is one or two key blocks); BLOCK_M·BLOCK_N <=
 2048·num_warps (at most 64 fp32 scores per thread: no spills); (BLOCK_M + 2·BLOCK_N·num_stages)·256 <= 200 KiB (q plus the k/v ring at D=128, 2-byte inputs, in an H100's
 227 KiB of shared memory). At run time blocks are clamped to the padded N, and for D > 128 or fp32 inputs to
@@ -56,7 +60,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 KERNELTUNE = {
     "op": "attention",
     "backend": "triton",
-    "params": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "GROUP_BY_HEAD": 1, "TMA": 0},
+    "params": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "GROUP_BY_HEAD": 1, "TMA": 0,
+               "PIPE": 0},
     "space": {
         "BLOCK_M": [64, 128],
         "BLOCK_N": [32, 64, 128],
@@ -64,6 +69,7 @@ KERNELTUNE = {
         "num_stages": [2, 3, 4, 5],
         "GROUP_BY_HEAD": [1, 0],
         "TMA": [0, 1],
+        "PIPE": [0, 1],
     },
     "restrictions": [
         "BLOCK_M >= BLOCK_N",
@@ -90,42 +96,81 @@ def _program(BH, n_blocks, GROUP_BY_HEAD: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(X, XD, bh, off_bh, stride_n, start_n, offs_n, offs_d, N, D, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, MASKED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+               TMA: tl.constexpr):
+    """The (BLOCK_N, BLOCK_D) tile of k or v whose first row is start_n; rows past N, columns past D read 0."""
+    if TMA:   # a (1, BLOCK_N, BLOCK_D) box of the (B*H, N, D) view: out-of-bounds rows and columns read as 0
+        x = XD.load([bh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        cols = start_n + offs_n
+        off = off_bh + cols[:, None] * stride_n + offs_d[None, :]
+        if MASKED and not EVEN_N:
+            if EVEN_D:
+                x = tl.load(X + off, mask=cols[:, None] < N, other=0.0)
+            else:
+                x = tl.load(X + off, mask=(cols[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+        elif EVEN_D:
+            x = tl.load(X + off)
+        else:
+            x = tl.load(X + off, mask=offs_d[None, :] < D, other=0.0)
+    return x
+
+
+@triton.jit
+def _online_softmax_pv(acc, l_i, m_i, s, v, cols, offs_m, N, qk_scale,
+                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """One key block's scores s (BLOCK_M, BLOCK_N, unscaled) into the running max m, sum l and acc += p @ v."""
+    if MASKED:
+        valid = cols[None, :] < N
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= offs_m[:, None])
+        s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.math.exp2(m_i - m_new)                          # 0 on the first block (m_i = -inf)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])             # (BLOCK_M, BLOCK_N) fp32
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC, out_dtype=tl.float32)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fa2_stage(acc, l_i, m_i, q, K, V, KD, VD, bh, off_bh, stride_n, offs_m, offs_n, offs_d, N, D, qk_scale,
                lo, hi, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-               PREC: tl.constexpr, TMA: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n                                     # (BLOCK_N,)
-        kv_off = off_bh + cols[:, None] * stride_n + offs_d[None, :]
-        if TMA:   # (1, BLOCK_N, BLOCK_D) boxes of the (B*H, N, D) view: rows past N and columns past D read 0
-            k = KD.load([bh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-            v = VD.load([bh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        elif MASKED and not EVEN_N:
-            if EVEN_D:
-                kv_mask = cols[:, None] < N
-            else:
-                kv_mask = (cols[:, None] < N) & (offs_d[None, :] < D)
-            k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-            v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-        elif EVEN_D:
-            k = tl.load(K + kv_off)
-            v = tl.load(V + kv_off)
-        else:
-            k = tl.load(K + kv_off, mask=offs_d[None, :] < D, other=0.0)
-            v = tl.load(V + kv_off, mask=offs_d[None, :] < D, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=tl.float32)   # (BLOCK_M, BLOCK_N)
-        if MASKED:
-            valid = cols[None, :] < N
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= offs_m[:, None])
-            s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        alpha = tl.math.exp2(m_i - m_new)                          # 0 on the first block (m_i = -inf)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])             # (BLOCK_M, BLOCK_N) fp32
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC, out_dtype=tl.float32)
-        m_i = m_new
+               PREC: tl.constexpr, TMA: tl.constexpr, PIPE: tl.constexpr):
+    if PIPE:
+        # the next block's q @ k^T is issued before this block's softmax, so the tensor cores have work while
+        # the exponentials run (the first block's scores before the loop, the last block's softmax after it)
+        n_iter = tl.cdiv(hi - lo, BLOCK_N)
+        if n_iter > 0:
+            last = lo + (n_iter - 1) * BLOCK_N
+            k = _load_tile(K, KD, bh, off_bh, stride_n, lo, offs_n, offs_d, N, D, BLOCK_N, BLOCK_D, MASKED, EVEN_N,
+                           EVEN_D, TMA)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=tl.float32)
+            for start_n in range(lo, last, BLOCK_N):
+                k = _load_tile(K, KD, bh, off_bh, stride_n, start_n + BLOCK_N, offs_n, offs_d, N, D, BLOCK_N,
+                               BLOCK_D, MASKED, EVEN_N, EVEN_D, TMA)
+                s_next = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=tl.float32)
+                v = _load_tile(V, VD, bh, off_bh, stride_n, start_n, offs_n, offs_d, N, D, BLOCK_N, BLOCK_D,
+                               MASKED, EVEN_N, EVEN_D, TMA)
+                acc, l_i, m_i = _online_softmax_pv(acc, l_i, m_i, s, v, start_n + offs_n, offs_m, N, qk_scale,
+                                                   MASKED, CAUSAL, PREC)
+                s = s_next
+            v = _load_tile(V, VD, bh, off_bh, stride_n, last, offs_n, offs_d, N, D, BLOCK_N, BLOCK_D, MASKED,
+                           EVEN_N, EVEN_D, TMA)
+            acc, l_i, m_i = _online_softmax_pv(acc, l_i, m_i, s, v, last + offs_n, offs_m, N, qk_scale,
+                                               MASKED, CAUSAL, PREC)
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            k = _load_tile(K, KD, bh, off_bh, stride_n, start_n, offs_n, offs_d, N, D, BLOCK_N, BLOCK_D, MASKED,
+                           EVEN_N, EVEN_D, TMA)
+            v = _load_tile(V, VD, bh, off_bh, stride_n, start_n, offs_n, offs_d, N, D, BLOCK_N, BLOCK_D, MASKED,
+                           EVEN_N, EVEN_D, TMA)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=tl.float32)   # (BLOCK_M, BLOCK_N)
+            acc, l_i, m_i = _online_softmax_pv(acc, l_i, m_i, s, v, start_n + offs_n, offs_m, N, qk_scale,
+                                               MASKED, CAUSAL, PREC)
     return acc, l_i, m_i
 
 
@@ -136,7 +181,7 @@ def _fa2_fwd(
     N, D, qk_scale, BH,
     CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr, GROUP_BY_HEAD: tl.constexpr, TMA: tl.constexpr,
+    PREC: tl.constexpr, GROUP_BY_HEAD: tl.constexpr, TMA: tl.constexpr, PIPE: tl.constexpr,
 ):
     bh, blk = _program(BH, tl.cdiv(N, BLOCK_M), GROUP_BY_HEAD)
     start_m = tl.cdiv(N, BLOCK_M) - 1 - blk                         # heaviest causal blocks first
@@ -161,9 +206,9 @@ def _fa2_fwd(
         lo = N // BLOCK_N * BLOCK_N                                 # full key blocks: no mask
         hi = N
     acc, l_i, m_i = _fa2_stage(acc, l_i, m_i, q, K, V, KD, VD, bh, off_bh, stride_n, offs_m, offs_n, offs_d, N, D,
-                               qk_scale, 0, lo, BLOCK_N, BLOCK_D, False, CAUSAL, EVEN_N, EVEN_D, PREC, TMA)
+                               qk_scale, 0, lo, BLOCK_N, BLOCK_D, False, CAUSAL, EVEN_N, EVEN_D, PREC, TMA, PIPE)
     acc, l_i, m_i = _fa2_stage(acc, l_i, m_i, q, K, V, KD, VD, bh, off_bh, stride_n, offs_m, offs_n, offs_d, N, D,
-                               qk_scale, lo, hi, BLOCK_N, BLOCK_D, True, CAUSAL, EVEN_N, EVEN_D, PREC, TMA)
+                               qk_scale, lo, hi, BLOCK_N, BLOCK_D, True, CAUSAL, EVEN_N, EVEN_D, PREC, TMA, PIPE)
 
     out = acc / l_i[:, None]
     o_off = off_bh + offs_m[:, None] * stride_n + offs_d[None, :]
@@ -227,7 +272,7 @@ def _forward(q, k, v, causal, scale, want_lse):
                 CAUSAL=bool(causal), STORE_LSE=bool(want_lse),
                 EVEN_N=(N % BLOCK_M == 0 and N % BLOCK_N == 0), EVEN_D=(D == BLOCK_D),
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                PREC=prec, GROUP_BY_HEAD=group, TMA=tma,
+                PREC=prec, GROUP_BY_HEAD=group, TMA=tma, PIPE=bool(int(p.get("PIPE", 0))),
                 num_warps=num_warps, num_stages=num_stages,
             )
             return out, lse
