@@ -44,9 +44,13 @@ Template knobs (KERNELTUNE["space"], read at call time):
   asynchronous tensor-core dot can overlap the exponentials (which, at D = 128, cost about half as long as
   the block's two dots on an H100's special-function units); one more (BLOCK_M, BLOCK_N) fp32 tile lives in
   registers.
+- WS: 1 asks Triton to warp-specialise the key loop (tl.range(..., warp_specialize=True): producer warps
+  issue the loads, consumer warps the dots and the softmax). Ignored with PIPE (the two schedule the same
+  loop differently); whether Triton's Hopper backend takes it for this loop is for the GPU to say (a
+  compiler that refuses it is a compile_error verdict, in the search's own worker process).
 Restrictions: BLOCK_M >= BLOCK_N (the diagonal stage is one or two key blocks); BLOCK_M·BLOCK_N <=
 2048·num_warps (at most 64 fp32 scores per thread: no spills); (BLOCK_M + 2·BLOCK_N·num_stages)·256 <= 200 KiB (q plus the k/v ring at D=128, 2-byte inputs, in an H100's
-227 KiB of shared memory). At run time blocks are clamped to the padded N, and for D > 128 or fp32 inputs to
+227 KiB of shared memory); PIPE + WS <= 1. At run time blocks are clamped to the padded N, and for D > 128 or fp32 inputs to
 BLOCK_N <= 64 / BLOCK_M <= 64; an OutOfResources retries with fewer stages, then smaller blocks.
 """
 import math
@@ -61,7 +65,7 @@ KERNELTUNE = {
     "op": "attention",
     "backend": "triton",
     "params": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "GROUP_BY_HEAD": 1, "TMA": 0,
-               "PIPE": 0},
+               "PIPE": 0, "WS": 0},
     "space": {
         "BLOCK_M": [64, 128],
         "BLOCK_N": [32, 64, 128],
@@ -70,11 +74,13 @@ KERNELTUNE = {
         "GROUP_BY_HEAD": [1, 0],
         "TMA": [0, 1],
         "PIPE": [0, 1],
+        "WS": [0, 1],
     },
     "restrictions": [
         "BLOCK_M >= BLOCK_N",
         "BLOCK_M * BLOCK_N <= 2048 * num_warps",
         "(BLOCK_M + 2 * BLOCK_N * num_stages) * 256 <= 204800",
+        "PIPE + WS <= 1",
     ],
 }
 
@@ -139,7 +145,7 @@ def _online_softmax_pv(acc, l_i, m_i, s, v, cols, offs_m, N, qk_scale,
 def _fa2_stage(acc, l_i, m_i, q, K, V, KD, VD, bh, off_bh, stride_n, offs_m, offs_n, offs_d, N, D, qk_scale,
                lo, hi, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-               PREC: tl.constexpr, TMA: tl.constexpr, PIPE: tl.constexpr):
+               PREC: tl.constexpr, TMA: tl.constexpr, PIPE: tl.constexpr, WS: tl.constexpr):
     if PIPE:
         # the next block's q @ k^T is issued before this block's softmax, so the tensor cores have work while
         # the exponentials run (the first block's scores before the loop, the last block's softmax after it)
@@ -163,7 +169,7 @@ def _fa2_stage(acc, l_i, m_i, q, K, V, KD, VD, bh, off_bh, stride_n, offs_m, off
             acc, l_i, m_i = _online_softmax_pv(acc, l_i, m_i, s, v, last + offs_n, offs_m, N, qk_scale,
                                                MASKED, CAUSAL, PREC)
     else:
-        for start_n in range(lo, hi, BLOCK_N):
+        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
             k = _load_tile(K, KD, bh, off_bh, stride_n, start_n, offs_n, offs_d, N, D, BLOCK_N, BLOCK_D, MASKED,
                            EVEN_N, EVEN_D, TMA)
             v = _load_tile(V, VD, bh, off_bh, stride_n, start_n, offs_n, offs_d, N, D, BLOCK_N, BLOCK_D, MASKED,
@@ -181,7 +187,7 @@ def _fa2_fwd(
     N, D, qk_scale, BH,
     CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr, GROUP_BY_HEAD: tl.constexpr, TMA: tl.constexpr, PIPE: tl.constexpr,
+    PREC: tl.constexpr, GROUP_BY_HEAD: tl.constexpr, TMA: tl.constexpr, PIPE: tl.constexpr, WS: tl.constexpr,
 ):
     bh, blk = _program(BH, tl.cdiv(N, BLOCK_M), GROUP_BY_HEAD)
     start_m = tl.cdiv(N, BLOCK_M) - 1 - blk                         # heaviest causal blocks first
@@ -206,9 +212,9 @@ def _fa2_fwd(
         lo = N // BLOCK_N * BLOCK_N                                 # full key blocks: no mask
         hi = N
     acc, l_i, m_i = _fa2_stage(acc, l_i, m_i, q, K, V, KD, VD, bh, off_bh, stride_n, offs_m, offs_n, offs_d, N, D,
-                               qk_scale, 0, lo, BLOCK_N, BLOCK_D, False, CAUSAL, EVEN_N, EVEN_D, PREC, TMA, PIPE)
+                               qk_scale, 0, lo, BLOCK_N, BLOCK_D, False, CAUSAL, EVEN_N, EVEN_D, PREC, TMA, PIPE, WS)
     acc, l_i, m_i = _fa2_stage(acc, l_i, m_i, q, K, V, KD, VD, bh, off_bh, stride_n, offs_m, offs_n, offs_d, N, D,
-                               qk_scale, lo, hi, BLOCK_N, BLOCK_D, True, CAUSAL, EVEN_N, EVEN_D, PREC, TMA, PIPE)
+                               qk_scale, lo, hi, BLOCK_N, BLOCK_D, True, CAUSAL, EVEN_N, EVEN_D, PREC, TMA, PIPE, WS)
 
     out = acc / l_i[:, None]
     o_off = off_bh + offs_m[:, None] * stride_n + offs_d[None, :]
@@ -273,6 +279,7 @@ def _forward(q, k, v, causal, scale, want_lse):
                 EVEN_N=(N % BLOCK_M == 0 and N % BLOCK_N == 0), EVEN_D=(D == BLOCK_D),
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
                 PREC=prec, GROUP_BY_HEAD=group, TMA=tma, PIPE=bool(int(p.get("PIPE", 0))),
+                WS=bool(int(p.get("WS", 0))) and not int(p.get("PIPE", 0)),
                 num_warps=num_warps, num_stages=num_stages,
             )
             return out, lse
