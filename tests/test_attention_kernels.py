@@ -48,8 +48,8 @@ def _case(b, h, n, d, causal, dtype, **extra):
 
 
 # the two program orders (GROUP_BY_HEAD) each meet several heads of several blocks (N = 160, 127)
-# and the forward's TMA loads and PIPE lookahead, each on and off and both together (the shipped defaults,
-# GROUP_BY_HEAD = 1 with neither, are test_seeds')
+# and the TMA loads (both ops) and the forward's PIPE lookahead, each on and off, and together (the shipped
+# defaults, GROUP_BY_HEAD = 1 with neither, are test_seeds')
 FWD_POINTS = [{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "GROUP_BY_HEAD": 1, "TMA": 1,
                "PIPE": 0, "WS": 1},   # WS: the interpreter runs the loop as written (a GPU compiler decides)
               {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "GROUP_BY_HEAD": 0, "TMA": 0,
@@ -57,7 +57,7 @@ FWD_POINTS = [{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "
               {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "GROUP_BY_HEAD": 1, "TMA": 1,
                "PIPE": 1}]
 BWD_POINTS = [{"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32, "num_warps": 8, "num_stages": 3,
-               "GROUP_BY_HEAD": 1},
+               "GROUP_BY_HEAD": 1, "TMA": 1},
               {"BLOCK_M1": 16, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 16, "num_warps": 4, "num_stages": 2,
                "GROUP_BY_HEAD": 0}]
 

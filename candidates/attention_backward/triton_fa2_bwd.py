@@ -32,7 +32,10 @@ Defaults: dK/dV with 64 keys per program (the two fp32 accumulators, 2·64·D, f
 D = 128 without spills), dQ with 128 query rows and 64 keys per step.
 Template knobs (KERNELTUNE["space"]): BLOCK_M1/BLOCK_N1 (query/key block of the dK/dV kernel), BLOCK_M2/BLOCK_N2
 (of the dQ kernel), num_warps, num_stages (both kernels). Restrictions keep the fp32 tiles in registers:
-BLOCK_M1·BLOCK_N1 <= 2048·num_warps and BLOCK_M2·BLOCK_N2 <= 2048·num_warps. GROUP_BY_HEAD: the program order. At run time blocks are clamped to
+BLOCK_M1·BLOCK_N1 <= 2048·num_warps and BLOCK_M2·BLOCK_N2 <= 2048·num_warps. GROUP_BY_HEAD: the program order.
+TMA: 1 loads the inner loops' tiles (q and dO in dK/dV, k and v in dQ) through host-made tensor descriptors of
+the (B*H, N, D) views, as triton_fa2.py's TMA knob does (rows past N and columns past D read as 0; only
+where rows and bases are 16-byte aligned, else pointer loads). At run time blocks are clamped to
 the padded N and, for D > 128 or fp32 at D = 128, to 64; an OutOfResources retries with fewer stages, then
 smaller blocks.
 """
@@ -42,12 +45,13 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 KERNELTUNE = {
     "op": "attention_backward",
     "backend": "triton",
     "params": {"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 128, "BLOCK_N2": 64, "num_warps": 8, "num_stages": 2,
-               "GROUP_BY_HEAD": 1},
+               "GROUP_BY_HEAD": 1, "TMA": 0},
     "space": {
         "BLOCK_M1": [16, 32, 64],
         "BLOCK_N1": [64, 128],
@@ -56,6 +60,7 @@ KERNELTUNE = {
         "num_warps": [4, 8],
         "num_stages": [1, 2, 3, 4, 5],
         "GROUP_BY_HEAD": [1, 0],
+        "TMA": [0, 1],
     },
     "restrictions": [
         "BLOCK_M1 * BLOCK_N1 <= 2048 * num_warps",
@@ -89,18 +94,28 @@ def _program(BH, n_blocks, GROUP_BY_HEAD: tl.constexpr):
     else:
         bh = pid % BH
         blk = pid // BH
-    return bh.to(tl.int64), blk
+    return bh, blk
 
 
 @triton.jit
-def _dkdv_stage(dk, dv, k, v, Q, DO, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D, qk_scale,
-                lo, hi, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                EVEN_D: tl.constexpr, PREC: tl.constexpr):
+def _dkdv_stage(dk, dv, k, v, Q, DO, QD, DOD, bh, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D, qk_scale,
+                lo, hi, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                EVEN_D: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0                                    # (BLOCK_M,) query rows
         q_off = off_bh + offs_m[:, None] * D + offs_d[None, :]
-        if MASKED:
+        if TMA:   # (1, BLOCK_M, BLOCK_D) boxes of the (B*H, N, D) views: rows past N, columns past D read 0
+            q = QD.load([bh, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+            do = DOD.load([bh, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+            if MASKED:
+                row_ok = offs_m < N
+                lse2 = tl.load(Lse + off_row + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+                delta = tl.load(Delta + off_row + offs_m, mask=row_ok, other=0.0)
+            else:
+                lse2 = tl.load(Lse + off_row + offs_m) * 1.4426950408889634
+                delta = tl.load(Delta + off_row + offs_m)
+        elif MASKED:
             row_ok = offs_m < N
             qm = row_ok[:, None] & (offs_d[None, :] < D)
             q = tl.load(Q + q_off, mask=qm, other=0.0)
@@ -131,13 +146,13 @@ def _dkdv_stage(dk, dv, k, v, Q, DO, Lse, Delta, off_bh, off_row, offs_n, offs_d
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, N, D, qk_scale, scale, BH,
-              CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, GROUP_BY_HEAD: tl.constexpr,
+def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, QD, DOD, N, D, qk_scale, scale, BH,
+              CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, GROUP_BY_HEAD: tl.constexpr, TMA: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     bh, blk = _program(BH, tl.cdiv(N, BLOCK_N), GROUP_BY_HEAD)
     start_n = blk * BLOCK_N                                           # first key blocks: heaviest causal work
-    off_bh = bh * N * D
-    off_row = bh * N
+    off_bh = bh.to(tl.int64) * N * D
+    off_row = bh.to(tl.int64) * N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
@@ -155,25 +170,28 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, N, D, qk_scale, scale, BH,
         lo = 0
         diag_hi = 0
     # diagonal (masked), full blocks past it (no mask), the N tail (masked)
-    dk, dv = _dkdv_stage(dk, dv, k, v, Q, DO, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D, qk_scale,
-                         lo, diag_hi, BLOCK_M, True, CAUSAL, EVEN_D, PREC)
-    dk, dv = _dkdv_stage(dk, dv, k, v, Q, DO, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D, qk_scale,
-                         diag_hi, n_full, BLOCK_M, False, CAUSAL, EVEN_D, PREC)
-    dk, dv = _dkdv_stage(dk, dv, k, v, Q, DO, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D, qk_scale,
-                         tl.maximum(n_full, diag_hi), N, BLOCK_M, True, CAUSAL, EVEN_D, PREC)
+    dk, dv = _dkdv_stage(dk, dv, k, v, Q, DO, QD, DOD, bh, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D,
+                         qk_scale, lo, diag_hi, BLOCK_M, BLOCK_D, True, CAUSAL, EVEN_D, PREC, TMA)
+    dk, dv = _dkdv_stage(dk, dv, k, v, Q, DO, QD, DOD, bh, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D,
+                         qk_scale, diag_hi, n_full, BLOCK_M, BLOCK_D, False, CAUSAL, EVEN_D, PREC, TMA)
+    dk, dv = _dkdv_stage(dk, dv, k, v, Q, DO, QD, DOD, bh, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D,
+                         qk_scale, tl.maximum(n_full, diag_hi), N, BLOCK_M, BLOCK_D, True, CAUSAL, EVEN_D, PREC, TMA)
     tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
-def _dq_stage(dq, q, do, lse2, delta, K, V, off_bh, offs_m, offs_d, N, D, qk_scale,
-              lo, hi, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-              EVEN_D: tl.constexpr, PREC: tl.constexpr):
+def _dq_stage(dq, q, do, lse2, delta, K, V, KD, VD, bh, off_bh, offs_m, offs_d, N, D, qk_scale,
+              lo, hi, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+              EVEN_D: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n0
         kv_off = off_bh + cols[:, None] * D + offs_d[None, :]
-        if MASKED:
+        if TMA:
+            k = KD.load([bh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = VD.load([bh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        elif MASKED:
             kvm = (cols[:, None] < N) & (offs_d[None, :] < D)
             k = tl.load(K + kv_off, mask=kvm, other=0.0)
             v = tl.load(V + kv_off, mask=kvm, other=0.0)
@@ -197,12 +215,12 @@ def _dq_stage(dq, q, do, lse2, delta, K, V, off_bh, offs_m, offs_d, N, D, qk_sca
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, N, D, qk_scale, scale, BH,
-            CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, GROUP_BY_HEAD: tl.constexpr,
+def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, KD, VD, N, D, qk_scale, scale, BH,
+            CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, GROUP_BY_HEAD: tl.constexpr, TMA: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     bh, blk = _program(BH, tl.cdiv(N, BLOCK_M), GROUP_BY_HEAD)
     start_m = (tl.cdiv(N, BLOCK_M) - 1 - blk) * BLOCK_M              # last query blocks: heaviest causal work
-    off_bh = bh * N * D
+    off_bh = bh.to(tl.int64) * N * D
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
@@ -210,8 +228,8 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, N, D, qk_scale, scale, BH,
     q_off = off_bh + offs_m[:, None] * D + offs_d[None, :]
     q = tl.load(Q + q_off, mask=qm, other=0.0)
     do = tl.load(DO + q_off, mask=qm, other=0.0)
-    lse2 = tl.load(Lse + bh * N + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(Delta + bh * N + offs_m, mask=row_ok, other=0.0)
+    lse2 = tl.load(Lse + bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if CAUSAL:
         lo = start_m // BLOCK_N * BLOCK_N                             # keys left of every row: no mask
@@ -219,10 +237,10 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, N, D, qk_scale, scale, BH,
     else:
         lo = N // BLOCK_N * BLOCK_N
         hi = N
-    dq = _dq_stage(dq, q, do, lse2, delta, K, V, off_bh, offs_m, offs_d, N, D, qk_scale,
-                   0, lo, BLOCK_N, False, CAUSAL, EVEN_D, PREC)
-    dq = _dq_stage(dq, q, do, lse2, delta, K, V, off_bh, offs_m, offs_d, N, D, qk_scale,
-                   lo, hi, BLOCK_N, True, CAUSAL, EVEN_D, PREC)
+    dq = _dq_stage(dq, q, do, lse2, delta, K, V, KD, VD, bh, off_bh, offs_m, offs_d, N, D, qk_scale,
+                   0, lo, BLOCK_N, BLOCK_D, False, CAUSAL, EVEN_D, PREC, TMA)
+    dq = _dq_stage(dq, q, do, lse2, delta, K, V, KD, VD, bh, off_bh, offs_m, offs_d, N, D, qk_scale,
+                   lo, hi, BLOCK_N, BLOCK_D, True, CAUSAL, EVEN_D, PREC, TMA)
     tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=qm)
 
 
@@ -231,11 +249,12 @@ def _pow2_at_least(x, lo):
 
 
 def _launch(kernel, grid, args, kw, blocks, num_warps, num_stages):
-    """Launch; on OutOfResources retry with fewer stages, then halved blocks (never below 16)."""
+    """Launch; on OutOfResources retry with fewer stages, then halved blocks (never below 16).
+    grid and args are functions of the blocks (BLOCK_M, BLOCK_N): TMA descriptors carry the block shape."""
     bm, bn = blocks
     while True:
         try:
-            kernel[grid(bm, bn)](*args, **kw, BLOCK_M=bm, BLOCK_N=bn,
+            kernel[grid(bm, bn)](*args(bm, bn), **kw, BLOCK_M=bm, BLOCK_N=bn,
                                  num_warps=max(1, min(num_warps, max(bm, bn) // 16)), num_stages=num_stages)
             return
         except OutOfResources:
@@ -280,13 +299,23 @@ def run(q, k, v, o, do, lse, causal=True, scale=None):
 
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     _bwd_delta[(B * H, triton.cdiv(N, 64))](o, do, delta, N, D, BLOCK=64, BLOCK_D=BLOCK_D)
+    # TMA needs 16-byte aligned rows and bases; elsewhere the same kernels load through pointers
+    tma = bool(int(p.get("TMA", 0))) and (D * q.element_size()) % 16 == 0 and \
+        all(t.data_ptr() % 16 == 0 for t in (q, k, v, do))
     common = dict(CAUSAL=bool(causal), EVEN_D=even_d, BLOCK_D=BLOCK_D, PREC=prec,
-                  GROUP_BY_HEAD=int(p.get("GROUP_BY_HEAD", 1)))
+                  GROUP_BY_HEAD=int(p.get("GROUP_BY_HEAD", 1)), TMA=tma)
     qk_scale = float(scale) * LOG2E
+
+    def descs(x, y, rows):
+        """x and y as TMA descriptors of (1, rows, BLOCK_D) boxes of their (B*H, N, D) views (or as they are)."""
+        if not tma:
+            return x, y
+        return tuple(TensorDescriptor.from_tensor(t.view(B * H, N, D), [1, rows, BLOCK_D]) for t in (x, y))
+
     _launch(_bwd_dkdv, lambda bm, bn: (B * H * triton.cdiv(N, bn),),
-            (q, k, v, do, lse, delta, dk, dv, N, D, qk_scale, float(scale), B * H), common, (bm1, bn1),
-            num_warps, num_stages)
+            lambda bm, bn: (q, k, v, do, lse, delta, dk, dv, *descs(q, do, bm), N, D, qk_scale, float(scale), B * H),
+            common, (bm1, bn1), num_warps, num_stages)
     _launch(_bwd_dq, lambda bm, bn: (B * H * triton.cdiv(N, bm),),
-            (q, k, v, do, lse, delta, dq, N, D, qk_scale, float(scale), B * H), common, (bm2, bn2),
-            num_warps, num_stages)
+            lambda bm, bn: (q, k, v, do, lse, delta, dq, *descs(k, v, bn), N, D, qk_scale, float(scale), B * H),
+            common, (bm2, bn2), num_warps, num_stages)
     return dq, dk, dv
