@@ -14,7 +14,8 @@
 # shipped one); bench, tests and attn never see it.
 #   bench  issue 8: every shape benched against every baseline, ceilings in the same run (bench_gpu.py;
 #          BENCH_ARGS passes more arguments, e.g. --only-n 512,1024,2048; BENCH_S caps its deadline);
-#   tests  the tests marked gpu (T_TESTS seconds, default 200: 136 s on an H200), the evaluator's slow seed test left out
+#   tests  the tests marked gpu (T_TESTS seconds, default 300: 136 s on an H200 before the attention knob tests
+#          were added), the evaluator's slow seed test left out
 #          (the adamw phase runs the same evaluator at full size);
 #   attn   `kerneltune search attention` with the time left (Triton compiles every check case's
 #          specialisation: a candidate needs well over a minute, so ATTN_BUDGET candidates, default 8, are
@@ -123,8 +124,8 @@ phase_bench() {
 phase_tests() {
   local -x KERNELTUNE_REGISTRY=""
   T0=$SECONDS
-  timeout -k 5 "${T_TESTS:-200}" python3 -m pytest -m gpu -v --durations=0 -p no:cacheprovider -k "not seed_passes_and_is_timed" \
-    tests/test_gpu.py tests/library/test_gpu_library.py tests/train/test_gpu_train.py
+  timeout -k 5 "${T_TESTS:-300}" python3 -m pytest -m gpu -v --durations=0 -p no:cacheprovider -k "not seed_passes_and_is_timed" \
+    tests/test_gpu.py tests/test_attention_kernels.py tests/library/test_gpu_library.py tests/train/test_gpu_train.py
   echo "gpu tests rc=$? in $((SECONDS - T0)) s"
 }
 
