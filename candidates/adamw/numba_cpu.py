@@ -8,13 +8,13 @@ Algorithm (decoupled weight decay, bias correction, 1-based ``step``), per eleme
     p  <- p - (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)      bc1 = 1-b1**step, bc2 = 1-b2**step
 
 Each tensor is viewed as a flat contiguous float32 numpy array sharing the tensor's storage
-(``t.detach().view(-1).numpy()``), so the update lands in the caller's tensor objects.
+(``t.detach().numpy().reshape(-1)``), so the update lands in the caller's tensor objects.
 Memory traffic per element: read p, g, m, v (16 B) + write p, m, v (12 B) = 28 B; ~15 FLOP + 1 sqrt + 1 div.
 It is bandwidth bound. m and v are computed in float64 and rounded once (correctly rounded even under
 cancellation); the parameter step uses IEEE fp32 sqrt/division in torch's order, which keeps the loop
 8-wide SIMD (float64 sqrt/div made it ~1.6x slower) at an error of a few ulp of the step.
 
-Large tensors use a ``prange`` kernel split over the cores; small tensors (below ``PARALLEL_MIN``)
+Large tensors use a ``prange`` over their elements, split over the cores; small tensors (below ``PARALLEL_MIN``)
 use a serial kernel, because waking the thread pool costs more than the work.
 fastmath is off: no reassociation, no approximate sqrt/division.
 """
@@ -51,15 +51,11 @@ _body_jit = numba.njit(inline="always", fastmath=False)(_body)
 
 @numba.njit(parallel=True, fastmath=False, nogil=True, cache=False)
 def _adamw_parallel(p, g, m, v, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps):
-    # p, g, m, v: (n,) float32, contiguous; 28 B of traffic per element
-    n = p.shape[0]
-    nthreads = numba.get_num_threads()
-    chunk = (n + nthreads - 1) // nthreads
-    for t in numba.prange(nthreads):
-        lo = t * chunk
-        hi = min(lo + chunk, n)
-        for i in range(lo, hi):
-            _body_jit(p, g, m, v, i, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps)
+    # p, g, m, v: (n,) float32, contiguous; 28 B of traffic per element. prange over the elements themselves:
+    # numba splits the range across the threads and LLVM vectorises the body (a prange over threads with an
+    # inner range(lo, hi) loop stays scalar: 4x slower on a 2-core x86 machine, measured)
+    for i in numba.prange(p.shape[0]):
+        _body_jit(p, g, m, v, i, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps)
 
 
 @numba.njit(parallel=False, fastmath=False, nogil=True, cache=False)
@@ -71,7 +67,7 @@ def _adamw_serial(p, g, m, v, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, ep
 
 def _flat(t):
     # (any shape) contiguous fp32 CPU tensor -> (numel,) numpy view of the same storage
-    return t.detach().view(-1).numpy()
+    return t.detach().numpy().reshape(-1)
 
 
 def run(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decay):
