@@ -2,10 +2,11 @@
 
 Knobs (KERNELTUNE["space"]):
 - PARALLEL_MIN: tensors with fewer elements take a serial kernel (waking the thread pool costs more).
-- SCHEDULE: "elements" = prange over the elements themselves (numba splits the range across threads and
-  LLVM vectorises the loop body: on this repository's 2-core CI machine 4x the throughput of the other two);
-  "static" = one contiguous slice per thread; "blocks" = prange over blocks of BLOCK elements (both with an
-  inner range loop of computed bounds, which numba leaves scalar).
+- SCHEDULE: "elements" = prange over the elements themselves (numba splits the range across threads);
+  "static" = one contiguous slice per thread; "blocks" = prange over blocks of BLOCK elements. The last two
+  loop over array slices from index 0: written as range(lo, hi) over the whole arrays, the loop stayed
+  scalar (a possibly negative index), 4x slower on this repository's 2-core CI machine. Inside a prange
+  numba treats the arrays as not aliasing, so all three vectorise; the serial kernel (small tensors) does not.
 - BLOCK: elements per block for SCHEDULE="blocks" (a multiple of the SIMD width).
 - MOMENTS: "f64" = m, v computed in float64 and rounded once; "f32" = torch's own fp32 order
   (m += (g - m)·(1-β1); v = β2·v + (1-β2)·g²), twice the SIMD width.
@@ -59,6 +60,14 @@ def _elem(p, g, m, v, i, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps):
     p[i] = p[i] * np.float32(decay) - np.float32(step_size) * mf / denom
 
 
+@numba.njit(inline="always", fastmath=FAST)
+def _span(p, g, m, v, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps):
+    # one slice, indexed from 0: the index is provably non-negative, so no wraparound check stops LLVM's
+    # vectoriser (a range(lo, hi) loop over the whole arrays stays scalar)
+    for i in range(p.shape[0]):
+        _elem(p, g, m, v, i, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps)
+
+
 @numba.njit(parallel=True, nogil=True, fastmath=FAST)
 def _parallel(p, g, m, v, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps):
     # p, g, m, v: (n,) float32
@@ -69,14 +78,16 @@ def _parallel(p, g, m, v, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps):
     elif BLOCKS:
         nb = (n + BLOCK - 1) // BLOCK
         for b in numba.prange(nb):
-            for i in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
-                _elem(p, g, m, v, i, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps)
+            lo = b * BLOCK
+            hi = min(n, lo + BLOCK)
+            _span(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps)
     else:
         nt = numba.get_num_threads()
         chunk = (n + nt - 1) // nt
         for t in numba.prange(nt):
-            for i in range(t * chunk, min(n, (t + 1) * chunk)):
-                _elem(p, g, m, v, i, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps)
+            lo = t * chunk
+            hi = min(n, lo + chunk)
+            _span(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps)
 
 
 @numba.njit(nogil=True, fastmath=FAST)
