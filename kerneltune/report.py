@@ -37,13 +37,10 @@ def append_rows(path: str, rows: list[dict[str, Any]]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     old_header: list[str] = []
     old_rows: list[dict[str, str]] = []
-    if os.path.exists(path) and os.path.getsize(path) > 0:
+    exists = os.path.exists(path) and os.path.getsize(path) > 0
+    if exists:
         with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            old_header = list(reader.fieldnames or [])
-            keys = {k for r in rows for k in r}
-            if keys - set(old_header):
-                old_rows = list(reader)
+            old_header = list(csv.DictReader(f).fieldnames or [])
     keys_in_order = [k for r in rows for k in r]
     header = list(old_header) or [k for k in FIELDS]
     for k in FIELDS + keys_in_order:
@@ -53,6 +50,9 @@ def append_rows(path: str, rows: list[dict[str, Any]]) -> None:
         with open(path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=header, extrasaction="ignore").writerows(rows)
         return
+    if exists:  # the header widens (a new column in the rows or in FIELDS): every old row is carried over
+        with open(path, newline="") as f:
+            old_rows = list(csv.DictReader(f))
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")

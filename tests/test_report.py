@@ -41,6 +41,23 @@ def test_append_rows_widens_the_header_and_keeps_old_rows(tmp_path):
     assert "commit" in header and "p80_ms" in header
 
 
+def test_append_rows_keeps_old_rows_when_only_the_known_fields_widen_the_header(tmp_path):
+    """A file whose header lacks a column of FIELDS, and new rows that lack it too: the header still widens,
+    and the old rows must survive the rewrite (they were once dropped: the old rows were read only when the
+    new rows brought a column)."""
+    p = str(tmp_path / "r.csv")
+    narrow = [k for k in rp.FIELDS if k != "commit"]
+    with open(p, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=narrow)
+        w.writeheader()
+        w.writerow({"timestamp": "t0", "op": "attention", "candidate": "old", "kind": "candidate"})
+    new = {k: v for k, v in row().items() if k != "commit"}
+    rp.append_rows(p, [new])
+    rows = rp.read_rows([p])
+    assert [(r["op"], r["candidate"]) for r in rows] == [("attention", "old"), ("adamw", "numba_cpu")]
+    assert "commit" in open(p).readline()
+
+
 def _bars(png: str, rgb: tuple[int, int, int]) -> list[int]:
     """Heights in pixels of the bars drawn in colour ``rgb``, left to right (the middle column of each)."""
     import matplotlib.image as mpimg
