@@ -169,7 +169,7 @@ class Timer:
                 t = min(self._calls(fn, 2))
                 reps[name] = int(min(max(math.ceil(self.turn_ms / max(t, 1e-3)), 1), 200))
             except Exception as e:  # noqa: BLE001 - a baseline that cannot run this shape is recorded, not fatal
-                failed[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+                failed[name] = _one_line(e)
                 fns.pop(name)
                 _sync()
                 _empty_cache()
@@ -179,6 +179,12 @@ class Timer:
             for name in names[r % len(names):] + names[: r % len(names)]:
                 times[name] += self._calls(fns[name], reps[name])
         return times, failed
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line of at most ~200 characters: its type and the first line of its message."""
+    msg = str(e).strip()
+    return f"{type(e).__name__}: {msg.splitlines()[0][:200] if msg else ''}"
 
 
 def _sync() -> None:
@@ -250,20 +256,12 @@ def _attention_shape(op: str, spec: Any, baselines: dict[str, Any], cand: Any, f
     if op == "attention":
         ref = attention_fp64(q[sl], k[sl], v[sl], causal, None)[0]
         a = (q, k, v)
-        fns = {"candidate": lambda a=a, c=causal: cand.run(*a, causal=c)}
-        for x, mod in variants.items():
-            fns[x] = (lambda m=mod, a=a, c=causal: m.run(*a, causal=c))
-        for x in names:
-            fns[x] = (lambda f=baselines[x], a=a, c=causal: f(*a, causal=c))
     else:
         o, lse = fwd_cand.run_with_lse(q, k, v, causal=causal)
         ref = attention_bwd_fp64(q[sl], k[sl], v[sl], do[sl], causal, None)
         a = (q, k, v, o, do, lse)
-        fns = {"candidate": lambda a=a, c=causal: cand.run(*a, causal=c)}
-        for x, mod in variants.items():
-            fns[x] = (lambda m=mod, a=a, c=causal: m.run(*a, causal=c))
-        for x in names:
-            fns[x] = (lambda f=baselines[x], a=a, c=causal: f(*a, causal=c))
+    runs = {"candidate": cand.run, **{x: m.run for x, m in variants.items()}, **{x: baselines[x] for x in names}}
+    fns = {x: (lambda f=f, a=a, c=causal: f(*a, causal=c)) for x, f in runs.items()}
     whys, errs, broke = {}, {}, {}
     for x in ["candidate", *variants]:
         try:
@@ -271,18 +269,13 @@ def _attention_shape(op: str, spec: Any, baselines: dict[str, Any], cand: Any, f
         except Exception as e:  # noqa: BLE001 - a variant that cannot run is its row; the candidate's shape fails
             if x == "candidate":
                 raise
-            broke[x] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+            broke[x] = _one_line(e)
             fns.pop(x)
             _sync()
     # baselines' errors on the same slice (recorded; a failure to run is recorded when timing)
     for x in names:
         try:
-            r = fns[x]()
-            if op == "attention":
-                errs[x] = rel_err(r[sl], ref)
-            else:
-                errs[x] = max(rel_err(gi[sl], ri) for gi, ri in zip(r, ref))
-            del r
+            errs[x] = _check(op, fns[x](), ref, sl, tol)[1]
         except Exception:  # noqa: BLE001 - reported by the timer below
             pass
     fns = {x: f for x, f in fns.items() if not whys.get(x)}   # a wrong kernel is recorded, never timed

@@ -96,8 +96,7 @@ def _parallel(p, g, m, v, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps):
 
 @numba.njit(nogil=True, fastmath=FAST)
 def _serial(p, g, m, v, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps):
-    for i in range(p.shape[0]):
-        _elem(p, g, m, v, i, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps)
+    _span(p, g, m, v, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps)
 
 
 def _flat(t):

@@ -108,27 +108,21 @@ def _dkdv_stage(dk, dv, k, v, Q, DO, QD, DOD, bh, Lse, Delta, off_bh, off_row, o
         if TMA:   # (1, BLOCK_M, BLOCK_D) boxes of the (B*H, N, D) views: rows past N, columns past D read 0
             q = QD.load([bh, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
             do = DOD.load([bh, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
-            if MASKED:
-                row_ok = offs_m < N
-                lse2 = tl.load(Lse + off_row + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
-                delta = tl.load(Delta + off_row + offs_m, mask=row_ok, other=0.0)
-            else:
-                lse2 = tl.load(Lse + off_row + offs_m) * 1.4426950408889634
-                delta = tl.load(Delta + off_row + offs_m)
         elif MASKED:
-            row_ok = offs_m < N
-            qm = row_ok[:, None] & (offs_d[None, :] < D)
+            qm = (offs_m[:, None] < N) & (offs_d[None, :] < D)
             q = tl.load(Q + q_off, mask=qm, other=0.0)
             do = tl.load(DO + q_off, mask=qm, other=0.0)
+        elif EVEN_D:
+            q = tl.load(Q + q_off)
+            do = tl.load(DO + q_off)
+        else:
+            q = tl.load(Q + q_off, mask=offs_d[None, :] < D, other=0.0)
+            do = tl.load(DO + q_off, mask=offs_d[None, :] < D, other=0.0)
+        if MASKED:
+            row_ok = offs_m < N
             lse2 = tl.load(Lse + off_row + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(Delta + off_row + offs_m, mask=row_ok, other=0.0)
         else:
-            if EVEN_D:
-                q = tl.load(Q + q_off)
-                do = tl.load(DO + q_off)
-            else:
-                q = tl.load(Q + q_off, mask=offs_d[None, :] < D, other=0.0)
-                do = tl.load(DO + q_off, mask=offs_d[None, :] < D, other=0.0)
             lse2 = tl.load(Lse + off_row + offs_m) * 1.4426950408889634
             delta = tl.load(Delta + off_row + offs_m)
         st = tl.dot(k, tl.trans(q), input_precision=PREC, out_dtype=tl.float32)      # (BLOCK_N, BLOCK_M)
