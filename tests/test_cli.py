@@ -44,7 +44,9 @@ def test_usage_errors_exit_2_with_one_line(write_candidate):
                         (["eval", "nope.py"], "no such file"),
                         (["eval", good, "--device", "tpu"], "use cpu or cuda"),
                         (["bench", "conv"], "unknown op"),
-                        (["eval", good, "--shapes", "1,2,3"], "B,H,N,D")):
+                        (["eval", good, "--shapes", "1,2,3"], "B,H,N,D"),
+                        (["search", "adamw", "--proposer", "templates", "--option", "start=numba_tpl:BLOCK=3"],
+                         "BLOCK=3 is not in the space")):
         r = kt(*args)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -139,6 +139,33 @@ class Space:
                              f"{', '.join(folders)}: a template is a candidate whose KERNELTUNE has a 'space'")
         return cls(found)
 
+    def parse_points(self, text: str) -> list[Point]:
+        """'TEMPLATE:KNOB=V,KNOB=V;TEMPLATE:...' -> points (knobs not named: the template's defaults). Each value
+        must be one of the knob's values in the space, and the point must satisfy the restrictions."""
+        points = []
+        for part in (x.strip() for x in (text or "").split(";")):
+            if not part:
+                continue
+            name, sep, knobs = part.partition(":")
+            t = self.templates.get(name.strip())
+            if t is None:
+                raise SpaceError(f"point {part!r}: no template {name.strip()!r} here "
+                                 f"(templates: {', '.join(sorted(self.templates))}); write TEMPLATE:KNOB=V,KNOB=V")
+            params = {k: t.defaults[k] for k in t.space}
+            for kv in (x for x in knobs.split(",") if x.strip()) if sep else []:
+                k, eq, raw = (y.strip() for y in kv.partition("="))
+                if not eq or k not in t.space:
+                    raise SpaceError(f"point {part!r}: {kv.strip()!r} is not KNOB=VALUE with a knob of {t.name} "
+                                     f"({', '.join(sorted(t.space))})")
+                match = [v for v in t.space[k] if str(v) == raw]
+                if not match:
+                    raise SpaceError(f"point {part!r}: {k}={raw} is not in the space (values: {t.space[k]})")
+                params[k] = match[0]
+            if not t.valid(params):
+                raise SpaceError(f"point {part!r} breaks a restriction of {t.name}: {t.restrictions}")
+            points.append(Point.of(t.name, params))
+        return points
+
     def default_points(self) -> list[Point]:
         return [Point.of(t.name, t.defaults) for t in self.templates.values() if t.valid(t.defaults)]
 

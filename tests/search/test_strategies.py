@@ -77,3 +77,21 @@ def test_instantiate_rewrites_only_the_params(space):
     assert '"A": 3' in c.source.replace("'", '"') and "def run(" in c.source
     c2 = t.instantiate({"A": 3, "B": "z", "C": 1})
     assert c.hash == c2.hash and c.hash != t.instantiate({"A": 4, "B": "z", "C": 1}).hash
+
+
+@pytest.mark.parametrize("name", strategy_names())
+def test_start_points_come_first_in_every_strategy_and_are_never_repeated(space, name):
+    opts = parse_options(name, ["start=torch_tpl:A=5,B=z;torch_tpl:C=2"])
+    asked = drive(make_strategy(name, space, seed=1, options=opts), 12)
+    assert asked[:2] == [Point.of("torch_tpl", {"A": 5, "B": "z", "C": 0}), Point.of("torch_tpl", {"A": 1, "B": "x", "C": 2})]
+    assert len(set(asked)) == len(asked)
+    if name != "grid":  # then the templates' defaults
+        assert asked[2] == Point.of("torch_tpl", {"A": 1, "B": "x", "C": 0})
+
+
+@pytest.mark.parametrize("start, why", [("nope:A=1", "no template 'nope'"), ("torch_tpl:D=1", "'D=1' is not KNOB=VALUE"),
+                                        ("torch_tpl:A=7", "A=7 is not in the space"), ("torch_tpl:A", "'A' is not"),
+                                        ("torch_tpl:A=6,C=3", "breaks a restriction")])
+def test_a_malformed_start_point_is_refused_naming_what_is_wrong(space, start, why):
+    with pytest.raises(ValueError, match=why):
+        make_strategy("random", space, seed=0, options={"start": start})

@@ -22,8 +22,13 @@ def strategy_names() -> list[str]:
     return list(_REGISTRY)
 
 
+# options every strategy takes
+COMMON_OPTIONS = {"start": ("", "points evaluated before any other: 'TEMPLATE:KNOB=V,KNOB=V;TEMPLATE:...' (knobs "
+                               "not named keep the template's defaults)")}
+
+
 def options_of(name: str) -> dict[str, tuple[Any, str]]:
-    return dict(_module(name)._options)
+    return {**_module(name)._options, **COMMON_OPTIONS}
 
 
 def _module(name: str) -> Any:
@@ -49,10 +54,9 @@ def parse_options(name: str, pairs: list[str]) -> dict[str, Any]:
 
 
 def make_strategy(name: str, space: Space, seed: int, options: dict[str, Any] | None = None) -> "StrategyBase":
-    mod = _module(name)
-    opts = {k: v[0] for k, v in mod._options.items()}
+    opts = {k: v[0] for k, v in options_of(name).items()}
     opts.update(options or {})
-    return mod.Strategy(space, random.Random(seed), **opts)
+    return _module(name).Strategy(space, random.Random(seed), **opts)
 
 
 class StrategyBase:
@@ -62,6 +66,7 @@ class StrategyBase:
         self.space = space
         self.rng = rng
         self.options = options
+        self.starts = space.parse_points(options.get("start", ""))   # a malformed point: SpaceError, before any run
         self.seen: dict[Point, float | None] = {}
         self.pending: set[Point] = set()
 
@@ -76,6 +81,10 @@ class StrategyBase:
         if p is not None:
             self.pending.add(p)
         return p
+
+    def first_points(self, defaults: bool = True) -> list[Point]:
+        """The points every strategy proposes first: the start option's, then (if asked) the templates' defaults."""
+        return self.starts + (self.space.default_points() if defaults else [])
 
     def is_new(self, p: Point) -> bool:
         return p not in self.seen and p not in self.pending

@@ -36,7 +36,7 @@ class Strategy(StrategyBase):
         self.seeded: list[int] = [0] * n
 
     def ask(self) -> Point | None:
-        for p in self.space.default_points():  # the hand-written defaults are the first generation
+        for p in self.first_points():  # the start points and the hand-written defaults: the first generation
             if self.is_new(p):
                 self.home[p] = self._island()
                 return self._claim(p)

@@ -1,6 +1,9 @@
-"""grid: every valid point in order (templates by name, knobs lexicographically); stops when exhausted."""
+"""grid: the start points, then every valid point in order (templates by name, knobs lexicographically); stops
+when exhausted."""
 
 from __future__ import annotations
+
+import itertools
 
 from kerneltune.search.space import Point
 from kerneltune.search.strategies import StrategyBase
@@ -13,7 +16,7 @@ class Strategy(StrategyBase):
 
     def __init__(self, *a, **k) -> None:
         super().__init__(*a, **k)
-        self._it = self.space.all_points()
+        self._it = itertools.chain(self.starts, self.space.all_points())
 
     def ask(self) -> Point | None:
         for p in self._it:

@@ -12,10 +12,9 @@ class Strategy(StrategyBase):
     name = "random"
 
     def ask(self) -> Point | None:
-        if self.options["defaults_first"]:
-            for p in self.space.default_points():
-                if self.is_new(p):
-                    return self._claim(p)
+        for p in self.first_points(self.options["defaults_first"]):
+            if self.is_new(p):
+                return self._claim(p)
         for _ in range(500):
             p = self.space.random_point(self.rng)
             if p is None:
