@@ -24,7 +24,7 @@ attention_backward: the same, each timed without its forward (autograd over a re
 kerneltune/ops/attention_backward.py), plus sdpa_fwd_bwd (forward + backward); adamw: adamw_fused (primary),
 adamw_foreach. Ratios are `baseline p50 / candidate p50` from the same interleaved rounds.
 
-Variants (--also 'attention:GROUP_BY_HEAD=0;attention_backward:BLOCK_N1=128,num_stages=3'): the same candidate
+Variants (--also 'attention:GROUP_BY_HEAD=0;attention_backward:BLOCK_N1=128;adamw:CHUNK=16384'): the same candidate
 file at other knob values, checked and timed in the same rounds as one more contestant (kind "variant",
 named after the knobs it changes), so a knob's effect is a ratio measured side by side, not across runs.
 """
@@ -284,14 +284,9 @@ def _attention_shape(op: str, spec: Any, baselines: dict[str, Any], cand: Any, f
     prim_p50 = quantiles(times[PRIMARY[op]])[1] if PRIMARY[op] in times else None
     for x in ["candidate", *variants, *names]:
         kind = "candidate" if x == "candidate" else ("variant" if x in variants else "baseline")
-        if x in broke:
-            emit(op, shape, x, kind, status="failed", note=broke[x])
-            continue
-        if whys.get(x):
-            emit(op, shape, x, kind, status="incorrect", rel_err=errs.get(x), note=whys[x][:300])
-            continue
-        if x in failed or x not in times:
-            emit(op, shape, x, kind, status="failed", note=failed.get(x, "did not run"))
+        bad = _not_timed(x, broke, whys, times, failed)
+        if bad:
+            emit(op, shape, x, kind, rel_err=errs.get(x) if bad["status"] == "incorrect" else None, **bad)
             continue
         p20, p50, p80 = quantiles(times[x])
         tfl = flops / (p50 * 1e-3) / 1e12
@@ -300,6 +295,18 @@ def _attention_shape(op: str, spec: Any, baselines: dict[str, Any], cand: Any, f
              speedup_vs_primary=(prim_p50 / p50) if prim_p50 else None,
              candidate_speedup=(p50 / cand_p50) if cand_p50 else None, rel_err=errs.get(x))
     del q, k, v, do, fns, a
+
+
+def _not_timed(x: str, broke: dict[str, str], whys: dict[str, str], times: dict[str, list[float]],
+               failed: dict[str, str]) -> dict[str, str] | None:
+    """The row fields of a contestant that has no timing (it raised, was wrong, or failed in the timer)."""
+    if x in broke:
+        return {"status": "failed", "note": broke[x]}
+    if whys.get(x):
+        return {"status": "incorrect", "note": whys[x][:300]}
+    if x in failed or x not in times:
+        return {"status": "failed", "note": failed.get(x, "did not run")}
+    return None
 
 
 def _check(op: str, got: Any, ref: Any, sl: tuple[slice, slice], tol: Tolerance) -> tuple[str, float]:
@@ -318,15 +325,27 @@ def _mm_ceiling(ceil: dict[str, Any]) -> float:
     return m.get("bfloat16") or m["float32"]
 
 
-def bench_adamw(cand: Any, args: argparse.Namespace, timer: Timer, ceil: dict[str, Any], emit: Callable[..., None]) -> None:
+def bench_adamw(cand: Any, args: argparse.Namespace, timer: Timer, ceil: dict[str, Any], emit: Callable[..., None],
+                variants: dict[str, Any] | None = None) -> None:
     spec = get_op("adamw")
+    variants = variants or {}
+    kernels = {"candidate": cand, **variants}
     # correctness on the GPU at gpt-mini (the evaluator checked the rest): one step against the fp64 reference
     mini = Case("gpt-mini", {"shapes": gpt_param_shapes(*PRESETS["gpt-mini"])})
     inp = spec.make_inputs(mini, 1)
     expected = spec.reference(inp)
-    dev = {k_: [t.to(DEV).clone() for t in v_] for k_, v_ in inp.tensors.items()}
-    cand.run(dev["params"], dev["grads"], dev["exp_avgs"], dev["exp_avg_sqs"], **inp.args)
-    why = spec.compare(inp, expected, {k_: [t.cpu() for t in dev[k_]] for k_ in spec.outputs})
+    whys, broke = {}, {}
+    for x, mod in kernels.items():
+        dev = {k_: [t.to(DEV).clone() for t in v_] for k_, v_ in inp.tensors.items()}
+        try:
+            mod.run(dev["params"], dev["grads"], dev["exp_avgs"], dev["exp_avg_sqs"], **inp.args)
+        except Exception as e:  # noqa: BLE001 - a variant that cannot run is its row; the candidate's failure is the op's
+            if x == "candidate":
+                raise
+            broke[x] = _one_line(e)
+            _sync()
+            continue
+        whys[x] = spec.compare(inp, expected, {k_: [t.cpu() for t in dev[k_]] for k_ in spec.outputs})
     shapes = gpt_param_shapes(*PRESETS["gpt2-124m" if DEV == "cuda" else "gpt-tiny"])
     n = sum(math.prod(s) for s in shapes)
     shape = dict(B="", H="", N=n, D="", causal="", dtype="float32")
@@ -336,31 +355,25 @@ def bench_adamw(cand: Any, args: argparse.Namespace, timer: Timer, ceil: dict[st
     ms = [torch.randn(s, device=DEV, generator=g) * 0.05 for s in shapes]
     vs = [torch.rand(s, device=DEV, generator=g) * 0.01 for s in shapes]
     hp = dict(lr=6e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    runs = {**{x: m.run for x, m in kernels.items() if x in whys and not whys[x]}, **spec.baselines(DEV)}
     fns: dict[str, Callable[[], Any]] = {}
-    copies = {}
-    for name in ["candidate", *spec.baselines(DEV)]:
+    for name, f in runs.items():
         # each contestant its own buffers (a step changes them), the same starting values
         c = [[t.clone() for t in lst] for lst in (ps, gs, ms, vs)]
-        copies[name] = c
-        f = cand.run if name == "candidate" else spec.baselines(DEV)[name]
         step = [1000]
 
         def call(f=f, c=c, step=step):
             step[0] += 1
             f(c[0], c[1], c[2], c[3], step=step[0], **hp)
         fns[name] = call
-    if why:
-        fns.pop("candidate")
     times, failed = timer.run(fns)
     cand_p50 = quantiles(times["candidate"])[1] if "candidate" in times else None
     prim_p50 = quantiles(times["adamw_fused"])[1] if "adamw_fused" in times else None
-    for x in copies:
-        kind = "candidate" if x == "candidate" else "baseline"
-        if x == "candidate" and why:
-            emit("adamw", shape, x, kind, status="incorrect", note=why[:300])
-            continue
-        if x not in times:
-            emit("adamw", shape, x, kind, status="failed", note=failed.get(x, "did not run"))
+    for x in [*kernels, *spec.baselines(DEV)]:
+        kind = "candidate" if x == "candidate" else ("variant" if x in variants else "baseline")
+        bad = _not_timed(x, broke, whys, times, failed)
+        if bad:
+            emit("adamw", shape, x, kind, **bad)
             continue
         p20, p50, p80 = quantiles(times[x])
         gbps = 28.0 * n / (p50 * 1e-3) / 1e9
@@ -382,15 +395,15 @@ def main() -> int:
     ap.add_argument("--compile-n", default="1024,4096", help="N values where torch_compile is timed")
     ap.add_argument("--only-n", default=None, help="comma-separated N values (default: all six)")
     ap.add_argument("--csv", default="issue8.csv")
-    ap.add_argument("--also", default=None, help="attention ops only: 'op:KNOB=V[,KNOB=V][;op:...]', the candidate "
-                    "at other knob values timed beside it (see the module doc)")
+    ap.add_argument("--also", default=None, help="'op:KNOB=V[,KNOB=V][;op:...]', the candidate at other knob values "
+                    "timed beside it (see the module doc)")
     ap.add_argument("--dry-run-cpu", action="store_true", help="check this script on a CPU: tiny shapes, fp16, "
                     "Triton's interpreter (set TRITON_INTERPRET=1); its timings mean nothing")
     args = ap.parse_args()
     also = parse_also(args.also)
-    bad = sorted(set(also) - {"attention", "attention_backward"})
+    bad = sorted(set(also) - set(TEMPLATES))
     if bad:
-        print(f"bench_gpu: --also takes attention and attention_backward variants, not {bad}", file=sys.stderr)
+        print(f"bench_gpu: --also takes variants of {', '.join(TEMPLATES)}, not {bad}", file=sys.stderr)
         return 2
     global DEV, HALF
     if args.dry_run_cpu:
@@ -454,7 +467,7 @@ def main() -> int:
         budget = left * share.get(op, 0.3) / max(sum(share.get(o, 0.3) for o in ops), 1e-9)
         try:
             if op == "adamw":
-                bench_adamw(mods[op], args, timer, ceil, emit)
+                bench_adamw(mods[op], args, timer, ceil, emit, variants.get(op))
             else:
                 bench_attention(op, mods[op], mods["attention"], args, timer, ceil, emit, t_op + budget,
                                 variants.get(op))
@@ -468,7 +481,8 @@ def main() -> int:
                    "candidates": {k: {"name": v[1], "hash": v[2],
                                       "params": getattr(mods[k], "KERNELTUNE", {}).get("params")}
                                   for k, v in chosen.items()},
-                   "variants": {k: [m.KERNELTUNE["params"] for m in v.values()] for k, v in variants.items()}},
+                   "variants": {k: {name: m.KERNELTUNE["params"] for name, m in v.items()}
+                                for k, v in variants.items()}},
                   mf, indent=1, default=str)
     print_summary(rows)
     print(f"bench_gpu: {len(rows)} rows in {path}, {time.monotonic() - t0:.0f} s")

@@ -78,15 +78,17 @@ def plot_adamw(rows: list[dict[str, str]], out: str) -> str | None:
     rows = [r for r in rows if r["op"] == "adamw" and r.get("status") == "ok"]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4.2))
     names = [r["contestant"] for r in rows]
     p50 = [_f(r["p50_ms"]) for r in rows]
     lo = [p - _f(r["p20_ms"]) for p, r in zip(p50, rows)]
     hi = [_f(r["p80_ms"]) - p for p, r in zip(p50, rows)]
-    bars = ax.bar(names, p50, yerr=[lo, hi], capsize=4, color=["C0" if r["kind"] == "candidate" else "C7" for r in rows])
+    colour = {"candidate": "C0", "variant": "C9"}
+    bars = ax.bar(names, p50, yerr=[lo, hi], capsize=4, color=[colour.get(r["kind"], "C7") for r in rows])
     for b, r in zip(bars, rows):
         ax.annotate(f"{_f(r['pct_copy_ceiling']) or 0:.0f}% of copy BW", (b.get_x() + b.get_width() / 2, b.get_height()),
-                    ha="center", va="bottom", fontsize=8)
+                    ha="center", va="bottom", fontsize=7)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=7)
     ax.set_ylabel("ms per step (p50, p20–p80)")
     ax.set_title(f"AdamW step, GPT-2 124M fp32 · {rows[0].get('device', '')}", fontsize=9)
     fig.tight_layout()
@@ -165,16 +167,20 @@ def markdown(rows: list[dict[str, str]]) -> str:
             lines.append(f"{head} {_f(c['p50_ms']):.3f} | " + " | ".join(vs)
                          + f" | {_f(c['pct_matmul_ceiling']):.1f}% | {_f(c['rel_err']):.1e} |")
         lines.append("")
-    ad = [r for r in rows if r["op"] == "adamw" and r["status"] == "ok"]
+    ad = [r for r in rows if r["op"] == "adamw"]
     if ad:
         lines += ["### adamw, GPT-2 124M (fp32 params and state, 148 tensors)", "",
-                  "| contestant | p50 ms (p20–p80) | speedup of kerneltune | GB/s | % of copy bandwidth |",
-                  "|---|---|---|---|---|"]
+                  "| contestant | p50 ms (p20–p80) | speedup of kerneltune | fused p50 ÷ its p50 | GB/s "
+                  "| % of copy bandwidth |", "|---|---|---|---|---|---|"]
         for r in ad:
             name = f"kerneltune `{r['candidate']}`" if r["kind"] == "candidate" else f"`{r['contestant']}`"
+            if r["status"] != "ok":
+                lines.append(f"| {name} | {r['status']}: {r['note'][:90]} | | | | |")
+                continue
             lines.append(f"| {name} | {_f(r['p50_ms']):.3f} ({_f(r['p20_ms']):.3f}–{_f(r['p80_ms']):.3f}) | "
                          f"{_x(_f(r['candidate_speedup'])) if r['kind'] != 'candidate' else '—'} | "
-                         f"{_f(r['gbps']):.0f} | {_f(r['pct_copy_ceiling']):.1f}% |")
+                         f"{_x(_f(r.get('speedup_vs_primary', '')))} | {_f(r['gbps']):.0f} | "
+                         f"{_f(r['pct_copy_ceiling']):.1f}% |")
         lines.append("")
     return "\n".join(lines)
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ import kerneltune.ops.attention as attn_mod
 import kerneltune.ops.attention_backward as bwd_mod
 from kerneltune.ops import get_op
 from kerneltune.ops.base import Case
+from tests.interp import in_interpreter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [(1, 1, 1, 64, True), (2, 3, 17, 48, False), (1, 2, 127, 80, True), (1, 1, 33, 128, False),
@@ -32,14 +31,7 @@ def _load(rel: str):
 
 
 def _in_interpreter(fn_name: str, *args) -> None:
-    """Run ``fn_name(*args)`` of this module in a fresh process with TRITON_INTERPRET=1: the interpreter is
-    chosen when triton is imported, and this test process may have imported it already."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = (f"import sys; sys.path.insert(0, {ROOT!r}); from tests.test_attention_kernels import {fn_name}; "
-            f"{fn_name}(*{args!r})")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
+    in_interpreter("tests.test_attention_kernels", fn_name, *args)
 
 
 def _case(b, h, n, d, causal, dtype, **extra):

@@ -59,6 +59,24 @@ def test_a_variant_gets_its_own_column_and_an_incorrect_one_says_so():
     assert "| 64 | causal | 1024 | 1×2 | 0.500 | — | — | — | — | — | — | incorrect |" in md
 
 
+def test_adamw_variants_are_rows_with_the_fused_ratio_and_a_failed_one_says_why():
+    a = "2026-01-01T00:00:00Z"
+    n = 124_000_000
+    rows = ceilings(a, 3000) + [
+        {**row(a, "adamw", n, "candidate", "candidate", p50="1.3", speedup="", gbps="2670"),
+         "pct_copy_ceiling": "89.0", "speedup_vs_primary": "1.1"},
+        {**row(a, "adamw", n, "variant", "variant CACHE=stream", p50="1.2", speedup="0.92", gbps="2890"),
+         "pct_copy_ceiling": "96.3", "speedup_vs_primary": "1.19"},
+        {**row(a, "adamw", n, "variant", "variant CACHE=lru", status="failed"), "note": "ValueError: CACHE must be"},
+        {**row(a, "adamw", n, "baseline", "adamw_fused", p50="1.43", speedup="1.1", gbps="2430"),
+         "pct_copy_ceiling": "81.0", "speedup_vs_primary": "1.0"}]
+    md = plot_gpu.markdown(plot_gpu.merged(rows))
+    assert "| kerneltune `k` | 1.300 (1.300–1.300) | — | 1.10× | 2670 | 89.0% |" in md
+    assert "| `variant CACHE=stream` | 1.200 (1.200–1.200) | 0.92× | 1.19× | 2890 | 96.3% |" in md
+    assert "| `variant CACHE=lru` | failed: ValueError: CACHE must be |" in md
+    assert "| `adamw_fused` | 1.430 (1.430–1.430) | 1.10× | 1.00× | 2430 | 81.0% |" in md
+
+
 bench_spec = importlib.util.spec_from_file_location("bench_gpu", os.path.join(ROOT, "benchmarks", "bench_gpu.py"))
 bench_gpu = importlib.util.module_from_spec(bench_spec)
 bench_spec.loader.exec_module(bench_gpu)
@@ -81,3 +99,6 @@ def test_also_parses_points_and_refuses_malformed_or_unknown_knobs():
     assert mod.KERNELTUNE["params"]["BLOCK_M"] == 128      # the other knobs stay the candidate's
     with pytest.raises(SystemExit, match="BLOCK_Q"):
         bench_gpu.load_variants("attention", path, [{"BLOCK_Q": 64}])
+    (name, mod), = bench_gpu.load_variants("adamw", os.path.join(ROOT, bench_gpu.TEMPLATES["adamw"]),
+                                           [{"CACHE": "stream", "CHUNK": 16384}]).items()
+    assert name == "variant CACHE=stream,CHUNK=16384" and mod.KERNELTUNE["params"]["BLOCK"] == 2048

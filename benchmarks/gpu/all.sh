@@ -3,8 +3,10 @@
 # order PHASES names them (default "adamw train bench attn"), after `kerneltune doctor` (which sandbox
 # layers CUDA runs under on this host):
 #   adamw  `kerneltune search adamw` on GPT-2 small's parameters (each candidate through the full evaluator;
-#          two at once; ADAM_ONLY="triton_mt_table ...": those templates only), then its best candidate
-#          promoted into a scratch registry when it beats torch's fused AdamW;
+#          two at once; ADAM_ONLY="triton_mt_table ...": those templates only; after a bench phase that timed
+#          AdamW variants, the fastest one that beat the candidate is a third, evaluated first:
+#          benchmarks/gpu/bench_best.py), then its best candidate promoted into a scratch registry when it
+#          beats torch's fused AdamW;
 #   train  issue 7: `kerneltune train --compare --preset gpt2-124m`, the tuned run taking that registry
 #          through $KERNELTUNE_REGISTRY (reference vs tuned, same seed and batches); TRAIN_IF_PROMOTED=1
 #          skips it when the adamw phase promoted nothing (the fallback's cost is measured already);
@@ -21,7 +23,8 @@
 #          specialisation: a candidate needs well over a minute, so ATTN_BUDGET candidates, default 8, are
 #          evaluated at once: their compiles and checks run in parallel on the host's cores, their timings
 #          one at a time under the evaluator's device lock); ATTN_ONLY (default "triton_fa2"): the templates
-#          searched.
+#          searched; ATTN_START="triton_fa2:KNOB=V,...;...": points evaluated first (e.g. a recorded bench's
+#          best variants).
 # Each phase's files are packed into one tarball under $OUT as soon as it ends (the device returns 8 files):
 #   all.log, search.tgz (store, search JSON, scratch registry + promoted files), train.tgz, bench.tgz (CSV,
 #   meta, PNGs), search_attn.tgz
@@ -76,9 +79,16 @@ only() {  # op, template names: a folder holding those templates only (a search 
 }
 
 phase_adamw() {
-  local cands=candidates/adamw
+  local cands=candidates/adamw start=""
   [ -n "$ADAM_ONLY" ] && cands=$(only adamw $ADAM_ONLY)
-  search adamw "$T_ADAM" 2 $((T_ADAM - 15)) --candidates "$cands"
+  # after a bench phase: its fastest AdamW variant (--also) is the search's first point, through the evaluator
+  [ -s "$W/bench/issue8_meta.json" ] && start=$(python3 benchmarks/gpu/bench_best.py "$W/bench" adamw "$cands")
+  if [ -n "$start" ]; then
+    echo "adamw search starts at the bench's best variant: $start"
+    search adamw "$T_ADAM" 3 $((T_ADAM - 15)) --candidates "$cands" --option "start=$start"
+  else
+    search adamw "$T_ADAM" 2 $((T_ADAM - 15)) --candidates "$cands"
+  fi
   export KERNELTUNE_REGISTRY=$W/registry/registry.json
   if [ -s "$W/search/adamw.best" ]; then
     timeout 30 "${KT[@]}" promote "$(cat "$W/search/adamw.best")" --device cuda --registry "$KERNELTUNE_REGISTRY" || true
@@ -136,7 +146,7 @@ phase_attn() {
   [ -n "$ATTN_ONLY" ] && cands=$(only attention $ATTN_ONLY)
   if [ "$T" -ge 90 ]; then  # one search at a time: timings never share the GPU
     search attention "$T" "$ATTN_BUDGET" "$((T - 10))" --candidates "$cands" \
-      --shapes 4,16,4096,128,causal --shapes 16,12,1024,64,causal --dtype bf16
+      --shapes 4,16,4096,128,causal --shapes 16,12,1024,64,causal --dtype bf16 ${ATTN_START:+--option "start=$ATTN_START"}
   else
     echo "attention search: only $T s left, not started"
   fi

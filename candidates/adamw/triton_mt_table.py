@@ -23,7 +23,8 @@ The parameter step is fp32 with IEEE sqrt and division (tl.sqrt_rn, tl.div_rn) i
 Works on CUDA and under the Triton CPU interpreter (TRITON_INTERPRET=1, CPU tensors).
 
 Template knobs (KERNELTUNE["space"]): BLOCK (elements per vector step of a program), CHUNK (elements per
-program), num_warps, MOMENTS. Restrictions: BLOCK <= CHUNK <= 64*BLOCK; 128*num_warps <= BLOCK <=
+program), num_warps, MOMENTS, CACHE (the cache hints of the full blocks' accesses: "evict_first" loads;
+"stream": evict_first loads and streaming (.cs) stores, every line touched once; "none": no hints). Restrictions: BLOCK <= CHUNK <= 64*BLOCK; 128*num_warps <= BLOCK <=
 1024*num_warps (4 to 32 fp32 per thread and tensor: a 128-bit access at least, no spills).
 """
 import numpy as np
@@ -34,12 +35,13 @@ import triton.language as tl
 KERNELTUNE = {
     "op": "adamw",
     "backend": "triton",
-    "params": {"BLOCK": 2048, "CHUNK": 65536, "num_warps": 8, "MOMENTS": "f32"},
+    "params": {"BLOCK": 2048, "CHUNK": 65536, "num_warps": 8, "MOMENTS": "f32", "CACHE": "evict_first"},
     "space": {
         "BLOCK": [512, 1024, 2048, 4096],
         "CHUNK": [8192, 16384, 32768, 65536, 131072],
         "num_warps": [2, 4, 8, 16],
         "MOMENTS": ["f32", "f64"],
+        "CACHE": ["evict_first", "stream", "none"],
     },
     "restrictions": ["CHUNK >= BLOCK", "CHUNK <= 64 * BLOCK", "BLOCK >= 128 * num_warps", "BLOCK <= 1024 * num_warps"],
 }
@@ -47,17 +49,17 @@ KERNELTUNE = {
 
 @triton.jit
 def _adamw_step(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, b1, omb1, b2, omb2, decay, step_size, bc2_sqrt, eps,
-                MASKED: tl.constexpr, F64: tl.constexpr):
+                MASKED: tl.constexpr, F64: tl.constexpr, EVICT: tl.constexpr, STORE: tl.constexpr):
     if MASKED:
         p = tl.load(p_ptr + offs, mask=mask, other=0.0)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
     else:
-        p = tl.load(p_ptr + offs, eviction_policy="evict_first")
-        g = tl.load(g_ptr + offs, eviction_policy="evict_first")
-        m = tl.load(m_ptr + offs, eviction_policy="evict_first")
-        v = tl.load(v_ptr + offs, eviction_policy="evict_first")
+        p = tl.load(p_ptr + offs, eviction_policy=EVICT)
+        g = tl.load(g_ptr + offs, eviction_policy=EVICT)
+        m = tl.load(m_ptr + offs, eviction_policy=EVICT)
+        v = tl.load(v_ptr + offs, eviction_policy=EVICT)
     if F64:  # moments in fp64, rounded once
         gd = g.to(tl.float64)
         m = (b1 * m.to(tl.float64) + omb1 * gd).to(tl.float32)
@@ -72,9 +74,9 @@ def _adamw_step(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, b1, omb1, b2, omb2, deca
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
     else:
-        tl.store(p_ptr + offs, p)
-        tl.store(m_ptr + offs, m)
-        tl.store(v_ptr + offs, v)
+        tl.store(p_ptr + offs, p, cache_modifier=STORE)
+        tl.store(m_ptr + offs, m, cache_modifier=STORE)
+        tl.store(v_ptr + offs, v, cache_modifier=STORE)
 
 
 @triton.jit
@@ -84,6 +86,7 @@ def _adamw_aligned(
     T, C,
     decay, step_size, bc2_sqrt, eps,            # fp32 scalars
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, F64: tl.constexpr,
+    EVICT: tl.constexpr, STORE: tl.constexpr,   # cache hints of the full blocks (CACHE knob)
 ):
     c = tl.program_id(0)
     t = tl.load(table + T * 5 + c)                      # which tensor this chunk belongs to
@@ -113,13 +116,14 @@ def _adamw_aligned(
     for i in range(0, full, BLOCK):                     # full blocks: no mask
         offs = start + i + offs0
         _adamw_step(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, b1, omb1, b2, omb2, decay, step_size, bc2_sqrt, eps,
-                    False, F64)
+                    False, F64, EVICT, STORE)
     if full < hi:                                       # the tail: masked
         offs = start + full + offs0
         _adamw_step(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n, b1, omb1, b2, omb2, decay, step_size, bc2_sqrt,
-                    eps, True, F64)
+                    eps, True, F64, EVICT, STORE)
 
 
+_CACHE_HINTS = {"evict_first": ("evict_first", ""), "stream": ("evict_first", ".cs"), "none": ("", "")}
 _TABLES = {}  # (addresses, sizes, b1, b2, CHUNK, device) -> (device table, T, C, aligned): addresses only
 
 
@@ -164,6 +168,9 @@ def run(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, we
     pars = KERNELTUNE["params"]
     BLOCK, CHUNK, num_warps = int(pars["BLOCK"]), int(pars["CHUNK"]), int(pars["num_warps"])
     CHUNK = max(BLOCK, (CHUNK // BLOCK) * BLOCK)
+    if pars.get("CACHE", "evict_first") not in _CACHE_HINTS:
+        raise ValueError(f"CACHE must be one of {sorted(_CACHE_HINTS)}, not {pars.get('CACHE')!r}")
+    evict, store = _CACHE_HINTS[pars.get("CACHE", "evict_first")]
 
     # one pass per list and property (the host side of a step over 4 x 148 tensors is paid every step)
     lists = (params, grads, exp_avgs, exp_avg_sqs)
@@ -201,7 +208,8 @@ def run(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, we
         work[0][0], work[0][1], work[0][2], work[0][3],
         table, T, C,
         decay, lr / bc1, bc2 ** 0.5, eps,
-        CHUNK=CHUNK, BLOCK=BLOCK, ALIGNED=aligned, F64=pars["MOMENTS"] == "f64", num_warps=num_warps,
+        CHUNK=CHUNK, BLOCK=BLOCK, ALIGNED=aligned, F64=pars["MOMENTS"] == "f64", EVICT=evict, STORE=store,
+        num_warps=num_warps,
     )
     for dst, src in writeback:
         with torch.no_grad():
