@@ -4,7 +4,10 @@ Changes against triton_multitensor.py:
 - addressing: the table holds each tensor's element offset from the first tensor of its list (p, g, m, v), not
   a raw pointer; the bases are kernel pointer arguments, which Triton specialises as 16-byte aligned. When
   every tensor starts on a 16-byte boundary (any torch allocation does) the offsets are marked multiples of 4
-  (tl.multiple_of), so the compiler can use 128-bit loads and stores; otherwise ALIGNED=False drops the hint.
+  (tl.multiple_of), and each chunk's start (loaded from the table) a multiple of CHUNK, so the full blocks'
+  loads and stores are 128-bit ones; otherwise ALIGNED=False drops the offsets' hint. (Without the start's
+  hint every access was a 32-bit one: the PTX for sm90 from Triton 3.6, benchmarks/gpu/compile_check.py; the
+  H100 runs before it measured that kernel.)
 - the inner loop runs full BLOCKs without masks and one masked tail per chunk, so the mask never blocks
   vectorisation.
 - the device table (offsets, numels, chunk map, the fp64 bits of b1, 1-b1, b2, 1-b2) is cached per
@@ -90,7 +93,7 @@ def _adamw_aligned(
 ):
     c = tl.program_id(0)
     t = tl.load(table + T * 5 + c)                      # which tensor this chunk belongs to
-    start = tl.load(table + T * 5 + C + c)              # first element of the chunk (int64, a multiple of CHUNK)
+    start = tl.multiple_of(tl.load(table + T * 5 + C + c), CHUNK)   # first element of the chunk (a multiple of CHUNK)
     n = tl.load(table + T * 4 + t)                      # numel of tensor t
     op = tl.load(table + t * 4 + 0)                     # element offsets from the bases
     og = tl.load(table + t * 4 + 1)

@@ -1,0 +1,248 @@
+"""Compile the Triton templates for an NVIDIA GPU on a machine without one: errors, registers, spills, shared memory.
+
+    python benchmarks/gpu/compile_check.py [--arch 90] [--ops attention,attention_backward,adamw]
+        [--also 'attention:TMA=1;attention_backward:BLOCK_N1=128'] [--space 8] [--json]
+
+Device time is short; a compile error found on the GPU costs a call. This runs each template's own `run()` on
+small CPU tensors with Triton's launches turned into compiles for the target (Triton's `warmup` path with a
+target-only driver): the full pipeline down to a cubin through the wheel's ptxas, for the same kernels and
+specialisations that the bench's shapes take (bf16; head dims 64 and 128, causal and full, N a multiple of
+every block; AdamW on a GPT-like parameter list). Nothing runs, so nothing here says anything about speed or
+correctness (the interpreter tests and the GPU do that).
+
+Per point and kernel it reports: compiled or the compiler's error (one line); registers per thread; local
+memory (spills; > 0 is flagged); shared memory against the target's per-block limit (over it: the launch
+would fail and the template's run time fallback takes fewer stages or smaller blocks); wgmma instructions
+(Hopper's tensor-core MMA) and TMA copies in the PTX. Exit 1 when any point failed to compile.
+
+Points: each template's defaults, the --also variants (bench_gpu.py's syntax: the candidate at other knob
+values), and --space N random valid points of its space (seeded). Use the Triton of the machine that will run
+them (see the bench CSV's `triton` column) for a verdict that carries over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from typing import Any, Iterator
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+TEMPLATES = {"attention": "candidates/attention/triton_fa2.py",
+             "attention_backward": "candidates/attention_backward/triton_fa2_bwd.py",
+             "adamw": "candidates/adamw/triton_mt_table.py"}
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}  # bytes per block
+
+
+class CompileOnly:
+    """Triton's launches become compiles for ``arch`` while the context is open (no GPU, no launch)."""
+
+    def __init__(self, arch: int) -> None:
+        self.arch, self.kernels = arch, []
+
+    def __enter__(self) -> "CompileOnly":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise SystemExit("compile_check: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+        from triton.backends.compiler import GPUTarget
+        from triton.runtime import driver
+        from triton.runtime.jit import JITFunction
+
+        target = GPUTarget("cuda", self.arch, 32)
+
+        class TargetOnly:  # what a warm-up asks of the driver: a device, a stream, a target
+            def get_current_device(self) -> int:
+                return 0
+
+            def get_current_stream(self, device: Any = None) -> int:
+                return 0
+
+            def get_current_target(self) -> Any:
+                return target
+
+            def get_active_torch_device(self) -> torch.device:
+                return torch.device("cpu")
+
+        if not hasattr(driver, "set_active") or not hasattr(JITFunction, "run"):
+            raise SystemExit("compile_check: this Triton has no driver.set_active / JITFunction.run to compile through")
+        self._run, self._cls = JITFunction.run, JITFunction
+        driver.set_active(TargetOnly())
+        original, kernels = JITFunction.run, self.kernels
+
+        def compile_only(fn: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+            k = original(fn, *args, grid=grid, warmup=True, **kwargs)
+            kernels.append((fn.fn.__name__, k))
+            return k
+
+        JITFunction.run = compile_only
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cls.run = self._run   # the target-only driver stays: without a GPU there is no other to go back to
+
+
+def resources(kernel: Any, arch: int) -> dict[str, Any]:
+    """Registers, local memory and shared memory of a compiled kernel, and what its PTX uses."""
+    import tempfile
+
+    import triton
+
+    md = kernel.metadata
+    ptx = kernel.asm.get("ptx", "")
+    glob = re.findall(r"\b(ld|st)\.global\S*", ptx)
+    wide = re.findall(r"\b(ld|st)\.global\S*\.v4\.b32", ptx)
+    out = {"num_warps": md.num_warps, "num_stages": md.num_stages, "shared": md.shared,
+           "wgmma": ptx.count("wgmma.mma_async"), "tma": ptx.count("cp.async.bulk.tensor"),
+           "global_access": len(glob), "global_128bit": len(wide)}
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        try:
+            text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                                  timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            text = ""
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
+    if m:
+        out.update(regs=int(m.group(1)), stack=int(m.group(2)), local=int(m.group(3)))
+    flags = []
+    if out.get("local"):
+        flags.append(f"spills: {out['local']} B of local memory a thread")
+    limit = SHARED_LIMIT.get(arch)
+    if limit and md.shared > limit:
+        flags.append(f"shared {md.shared} B > {limit} B: the launch fails, the run time fallback shrinks it")
+    out["flags"] = flags
+    return out
+
+
+def load(op: str, params: dict[str, Any]) -> Any:
+    path = os.path.join(ROOT, TEMPLATES[op])
+    spec = importlib.util.spec_from_file_location(f"kt_cc_{op}_{abs(hash(str(params)))}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.KERNELTUNE["params"] = {**mod.KERNELTUNE["params"], **params}
+    return mod
+
+
+def cases(op: str) -> Iterator[tuple[str, Any]]:
+    """(label, call(mod)) per specialisation the bench's shapes take: small tensors, nothing runs."""
+    if op == "adamw":
+        from kerneltune.ops.adamw import PRESETS, gpt_param_shapes
+
+        shapes = gpt_param_shapes(*PRESETS["gpt-tiny"])
+        lists = [[torch.zeros(s) for s in shapes] for _ in range(4)]
+        yield "gpt-tiny fp32", lambda mod: mod.run(*lists, step=3, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,
+                                                   weight_decay=0.1)
+        return
+    for d in (128, 64):
+        for causal in (True, False):
+            q, k, v, o, do = (torch.zeros(1, 2, 1024, d, dtype=torch.bfloat16) for _ in range(5))
+            lse = torch.zeros(1, 2, 1024)
+            label = f"D{d} {'causal' if causal else 'full'} bf16"
+            if op == "attention":
+                yield label, (lambda mod, q=q, k=k, v=v, c=causal: mod.run_with_lse(q, k, v, causal=c))
+            else:
+                yield label, (lambda mod, a=(q, k, v, o, do, lse), c=causal: mod.run(*a, causal=c))
+
+
+def points(op: str, also: list[dict[str, Any]], n_space: int, seed: int) -> list[dict[str, Any]]:
+    from kerneltune.search.space import Space, load_template
+
+    t = load_template(os.path.join(ROOT, TEMPLATES[op]))
+    out: list[dict[str, Any]] = [{}] + also
+    if n_space and t is not None:
+        rng = random.Random(seed)
+        space = Space([t])
+        for _ in range(n_space):
+            p = space.random_point(rng)
+            if p is not None and p.as_dict() not in out:
+                out.append(p.as_dict())
+    return out
+
+
+def check(op: str, point: dict[str, Any], arch: int, n_cases: int = 0) -> list[dict[str, Any]]:
+    rows = []
+    for i, (label, call) in enumerate(cases(op)):
+        if n_cases and i >= n_cases:
+            break
+        row: dict[str, Any] = {"op": op, "point": point, "case": label}
+        with CompileOnly(arch) as cc:
+            try:
+                call(load(op, point))
+            except Exception as e:  # noqa: BLE001 - a compile error is this point's verdict, the others go on
+                msg = str(e).strip().splitlines()
+                row.update(status="error", error=f"{type(e).__name__}: {msg[-1][:300] if msg else ''}")
+        if "status" not in row:
+            row.update(status="ok", kernels={name: resources(k, arch) for name, k in cc.kernels})
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability as one number: 90 = H100/H200")
+    ap.add_argument("--ops", default="attention,attention_backward,adamw")
+    ap.add_argument("--also", default=None, help="'op:KNOB=V[,KNOB=V][;op:...]': more points (bench_gpu.py's syntax)")
+    ap.add_argument("--space", type=int, default=0, help="also N random valid points of each template's space")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cases", type=int, default=0, help="at most this many specialisations an op (0: all four)")
+    ap.add_argument("--template", action="append", default=[], help="OP=PATH: check this file for OP instead of "
+                    f"its bench template ({', '.join(f'{k}={v}' for k, v in TEMPLATES.items())})")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = ap.parse_args()
+    from bench_gpu import parse_also  # noqa: E402 - benchmarks/ is this script's parent's folder
+
+    also = parse_also(args.also)
+    for spec in args.template:
+        op, eq, path = spec.partition("=")
+        if not eq or op not in TEMPLATES or not os.path.exists(path):
+            print(f"compile_check: --template {spec!r}: write OP=PATH with OP one of {', '.join(TEMPLATES)} "
+                  "and an existing file", file=sys.stderr)
+            return 2
+        TEMPLATES[op] = os.path.abspath(path)
+    import triton
+
+    rows = []
+    for op in (o for o in args.ops.split(",") if o):
+        if op not in TEMPLATES:
+            print(f"compile_check: unknown op {op!r} (use {', '.join(TEMPLATES)})", file=sys.stderr)
+            return 2
+        for point in points(op, also.get(op, []), args.space, args.seed):
+            new = check(op, point, args.arch, args.cases)
+            rows += new
+            if not args.json:
+                _print(new)
+    bad = [r for r in rows if r["status"] != "ok"]
+    if args.json:
+        print(json.dumps({"triton": triton.__version__, "arch": args.arch, "rows": rows}, indent=1))
+    else:
+        print(f"triton {triton.__version__}, sm{args.arch}: {len(rows) - len(bad)} of {len(rows)} compiled"
+              + (f"; failed: {sorted({json.dumps(r['point']) + ' ' + r['op'] for r in bad})}" if bad else ""))
+    return 1 if bad else 0
+
+
+def _print(rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        head = f"{r['op']:<19} {json.dumps(r['point']) if r['point'] else 'defaults':<40} {r['case']:<18}"
+        if r["status"] != "ok":
+            print(f"{head} ERROR {r['error']}", flush=True)
+            continue
+        for name, k in r["kernels"].items():
+            print(f"{head} {name:<16} w{k['num_warps']} s{k['num_stages']} regs {k.get('regs', '?'):>3} "
+                  f"local {k.get('local', '?'):>4} shared {k['shared'] // 1024:>3} KiB wgmma {k['wgmma']:>3} "
+                  f"tma {k['tma']:>2} 128-bit ld/st {k['global_128bit']:>2} of {k['global_access']:>2}"
+                  + ("  " + "; ".join(k["flags"]) if k["flags"] else ""), flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main())
