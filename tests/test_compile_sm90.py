@@ -27,7 +27,7 @@ def test_the_bench_templates_compile_for_sm90_without_spills_and_with_wide_acces
     kernels = {name: k for x in rows for name, k in x["kernels"].items()}
     assert set(kernels) == {"_fa2_fwd", "_bwd_delta", "_bwd_dkdv", "_bwd_dq", "_adamw_aligned"}
     for name, k in kernels.items():
-        assert k["flags"] == [] and k.get("local") == 0, (name, k)
+        assert k["flags"] == [] and k.get("stack") == 0 and k.get("local") == 0, (name, k)
     for name in ("_fa2_fwd", "_bwd_dkdv", "_bwd_dq"):
         assert kernels[name]["wgmma"] > 0, name
     ad = kernels["_adamw_aligned"]

@@ -10,8 +10,8 @@ specialisations that the bench's shapes take (bf16; head dims 64 and 128, causal
 every block; AdamW on a GPT-like parameter list). Nothing runs, so nothing here says anything about speed or
 correctness (the interpreter tests and the GPU do that).
 
-Per point and kernel it reports: compiled or the compiler's error (one line); registers per thread; local
-memory (spills; > 0 is flagged); shared memory against the target's per-block limit (over it: the launch
+Per point and kernel it reports: compiled or the compiler's error (one line); registers per thread; the stack
+frame (where ptxas puts register spills; > 0 is flagged); shared memory against the target's per-block limit (over it: the launch
 would fail and the template's run time fallback takes fewer stages or smaller blocks); wgmma instructions
 (Hopper's tensor-core MMA) and TMA copies in the PTX. Exit 1 when any point failed to compile.
 
@@ -90,7 +90,7 @@ class CompileOnly:
 
 
 def resources(kernel: Any, arch: int) -> dict[str, Any]:
-    """Registers, local memory and shared memory of a compiled kernel, and what its PTX uses."""
+    """Registers, stack frame (spills), local and shared memory of a compiled kernel, and what its PTX uses."""
     import tempfile
 
     import triton
@@ -115,8 +115,8 @@ def resources(kernel: Any, arch: int) -> dict[str, Any]:
     if m:
         out.update(regs=int(m.group(1)), stack=int(m.group(2)), local=int(m.group(3)))
     flags = []
-    if out.get("local"):
-        flags.append(f"spills: {out['local']} B of local memory a thread")
+    if out.get("stack") or out.get("local"):   # a register spill shows as a stack frame (ptxas -v: spill stores)
+        flags.append(f"spills: a {out.get('stack', 0) + out.get('local', 0)} B stack frame a thread")
     limit = SHARED_LIMIT.get(arch)
     if limit and md.shared > limit:
         flags.append(f"shared {md.shared} B > {limit} B: the launch fails, the run time fallback shrinks it")
@@ -238,7 +238,7 @@ def _print(rows: list[dict[str, Any]]) -> None:
             continue
         for name, k in r["kernels"].items():
             print(f"{head} {name:<16} w{k['num_warps']} s{k['num_stages']} regs {k.get('regs', '?'):>3} "
-                  f"local {k.get('local', '?'):>4} shared {k['shared'] // 1024:>3} KiB wgmma {k['wgmma']:>3} "
+                  f"stack {k.get('stack', '?'):>4} shared {k['shared'] // 1024:>3} KiB wgmma {k['wgmma']:>3} "
                   f"tma {k['tma']:>2} 128-bit ld/st {k['global_128bit']:>2} of {k['global_access']:>2}"
                   + ("  " + "; ".join(k["flags"]) if k["flags"] else ""), flush=True)
 
