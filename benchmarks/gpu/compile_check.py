@@ -11,7 +11,7 @@ every block; AdamW on a GPT-like parameter list). Nothing runs, so nothing here 
 correctness (the interpreter tests and the GPU do that).
 
 Per point and kernel it reports: compiled or the compiler's error (one line); registers per thread; the stack
-frame (where ptxas puts register spills; > 0 is flagged); shared memory against the target's per-block limit (over it: the launch
+frame and the spill stores in the SASS (STL: a register spilled to it; any is flagged); shared memory against the target's per-block limit (over it: the launch
 would fail and the template's run time fallback takes fewer stages or smaller blocks); wgmma instructions
 (Hopper's tensor-core MMA) and TMA copies in the PTX. Exit 1 when any point failed to compile.
 
@@ -106,22 +106,27 @@ def resources(kernel: Any, arch: int) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        try:
-            text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                                  timeout=60).stdout
-        except (OSError, subprocess.SubprocessError):
-            text = ""
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
+        usage, sass = (_run([tool, flag, f.name]) for flag in ("--dump-resource-usage", "-sass"))
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     if m:
         out.update(regs=int(m.group(1)), stack=int(m.group(2)), local=int(m.group(3)))
+    if sass:   # a register spill is a store to the stack (STL) and a load back (LDL) in the SASS
+        out.update(spill_stores=len(re.findall(r"\bSTL\b", sass)), spill_loads=len(re.findall(r"\bLDL\b", sass)))
     flags = []
-    if out.get("stack") or out.get("local"):   # a register spill shows as a stack frame (ptxas -v: spill stores)
-        flags.append(f"spills: a {out.get('stack', 0) + out.get('local', 0)} B stack frame a thread")
+    if out.get("spill_stores") or out.get("local"):
+        flags.append(f"spills: {out.get('spill_stores', 0)} stores to a {out.get('stack', 0)} B stack frame a thread")
     limit = SHARED_LIMIT.get(arch)
     if limit and md.shared > limit:
         flags.append(f"shared {md.shared} B > {limit} B: the launch fails, the run time fallback shrinks it")
     out["flags"] = flags
     return out
+
+
+def _run(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def load(op: str, params: dict[str, Any]) -> Any:
@@ -238,7 +243,7 @@ def _print(rows: list[dict[str, Any]]) -> None:
             continue
         for name, k in r["kernels"].items():
             print(f"{head} {name:<16} w{k['num_warps']} s{k['num_stages']} regs {k.get('regs', '?'):>3} "
-                  f"stack {k.get('stack', '?'):>4} shared {k['shared'] // 1024:>3} KiB wgmma {k['wgmma']:>3} "
+                  f"stack {k.get('stack', '?'):>4} STL {k.get('spill_stores', '?'):>3} shared {k['shared'] // 1024:>3} KiB wgmma {k['wgmma']:>3} "
                   f"tma {k['tma']:>2} 128-bit ld/st {k['global_128bit']:>2} of {k['global_access']:>2}"
                   + ("  " + "; ".join(k["flags"]) if k["flags"] else ""), flush=True)
 
