@@ -55,3 +55,32 @@ def test_a_kernel_that_does_not_compile_is_a_failed_point_and_exit_1(tmp_path):
                         "--template", f"adamw={broken}"], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "ERROR" in r.stdout and "undefined_name" in r.stdout and "0 of 1 compiled" in r.stdout
+
+
+def test_no_point_of_the_attention_search_spaces_spilled_in_the_recorded_sweep():
+    """benchmarks/results/compile-sm90-triton3.6-sweep.csv (every block, warp, stage, TMA and PIPE value, D = 128,
+    Triton 3.6): each point that spilled registers or overflowed shared memory is outside its template's space,
+    and the defaults did not spill."""
+    import csv
+
+    from kerneltune.search.space import load_template
+
+    with open(os.path.join(ROOT, "benchmarks", "results", "compile-sm90-triton3.6-sweep.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    templates = {"attention": load_template(os.path.join(ROOT, "candidates", "attention", "triton_fa2.py")),
+                 "attention_backward": load_template(os.path.join(ROOT, "candidates", "attention_backward",
+                                                                  "triton_fa2_bwd.py"))}
+    bad: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        if r["status"] != "ok" or int(r["spill_stores"] or 0) > 0 or int(r["shared"]) > 227 * 1024:
+            bad.setdefault((r["op"], r["point"]), []).append(r["kernel"])
+    assert len(bad) > 50 and {op for op, _ in bad} == set(templates)   # the sweep found spilling points of both
+    for (op, point), kernels in bad.items():
+        t = templates[op]
+        assert point != "defaults", (op, kernels)
+        params = {**t.defaults}
+        for kv in point.split(","):
+            k, _, v = kv.partition("=")
+            params[k] = int(v) if v.lstrip("-").isdigit() else v
+        in_space = all(params[k] in vals for k, vals in t.space.items()) and t.valid(params)
+        assert not in_space, f"{op} {point}: {kernels} spilled in the sweep, yet the point is in the search space"

@@ -1,7 +1,8 @@
 """Compile the Triton templates for an NVIDIA GPU on a machine without one: errors, registers, spills, shared memory.
 
     python benchmarks/gpu/compile_check.py [--arch 90] [--ops attention,attention_backward,adamw]
-        [--also 'attention:TMA=1;attention_backward:BLOCK_N1=128'] [--space 8] [--json]
+        [--also 'attention:TMA=1;attention_backward:BLOCK_N1=128'] [--space 8]
+        [--grid 'attention:BLOCK_M=64|128,num_warps=4|8'] [--cases 1] [--csv FILE] [--json]
 
 Device time is short; a compile error found on the GPU costs a call. This runs each template's own `run()` on
 small CPU tensors with Triton's launches turned into compiles for the target (Triton's `warmup` path with a
@@ -11,19 +12,23 @@ every block; AdamW on a GPT-like parameter list). Nothing runs, so nothing here 
 correctness (the interpreter tests and the GPU do that).
 
 Per point and kernel it reports: compiled or the compiler's error (one line); registers per thread; the stack
-frame and the spill stores in the SASS (STL: a register spilled to it; any is flagged); shared memory against the target's per-block limit (over it: the launch
-would fail and the template's run time fallback takes fewer stages or smaller blocks); wgmma instructions
-(Hopper's tensor-core MMA) and TMA copies in the PTX. Exit 1 when any point failed to compile.
+frame and the spill stores in the SASS (STL: a register spilled to it; any is flagged); shared memory against
+the target's per-block limit (over it: the launch would fail and the template's run time fallback takes fewer
+stages or smaller blocks); wgmma instructions (Hopper's tensor-core MMA), TMA copies and 128-bit global
+accesses in the PTX. Exit 1 when any point failed to compile.
 
 Points: each template's defaults, the --also variants (bench_gpu.py's syntax: the candidate at other knob
-values), and --space N random valid points of its space (seeded). Use the Triton of the machine that will run
-them (see the bench CSV's `triton` column) for a verdict that carries over.
+values), --grid (every combination of the listed values, restrictions ignored: to find which points spill),
+and --space N random valid points of its space (seeded). --csv writes a row per kernel and point. Use the
+Triton of the machine that will run them (see the bench CSV's `triton` column) for a verdict that carries over.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -159,11 +164,21 @@ def cases(op: str) -> Iterator[tuple[str, Any]]:
                 yield label, (lambda mod, a=(q, k, v, o, do, lse), c=causal: mod.run(*a, causal=c))
 
 
-def points(op: str, also: list[dict[str, Any]], n_space: int, seed: int) -> list[dict[str, Any]]:
+def parse_grid(spec: str) -> list[dict[str, Any]]:
+    """'OP:KNOB=a|b,KNOB=c|d' -> every combination as a point (the other knobs at the template's defaults)."""
+    from bench_gpu import parse_also  # noqa: E402 - benchmarks/ is on the path (see __main__)
+
+    (_, (point,)), = parse_also(spec).items()
+    knobs = {k: [int(v) if v.lstrip("-").isdigit() else v for v in str(vals).split("|")] for k, vals in point.items()}
+    return [dict(zip(knobs, combo)) for combo in itertools.product(*knobs.values())]
+
+
+def points(op: str, also: list[dict[str, Any]], n_space: int, seed: int,
+           grids: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     from kerneltune.search.space import Space, load_template
 
     t = load_template(os.path.join(ROOT, TEMPLATES[op]))
-    out: list[dict[str, Any]] = [{}] + also
+    out: list[dict[str, Any]] = [{}] + also + [g for g in grids or [] if g not in also]
     if n_space and t is not None:
         rng = random.Random(seed)
         space = Space([t])
@@ -202,6 +217,9 @@ def main() -> int:
     ap.add_argument("--cases", type=int, default=0, help="at most this many specialisations an op (0: all four)")
     ap.add_argument("--template", action="append", default=[], help="OP=PATH: check this file for OP instead of "
                     f"its bench template ({', '.join(f'{k}={v}' for k, v in TEMPLATES.items())})")
+    ap.add_argument("--grid", action="append", default=[], help="'OP:KNOB=a|b,KNOB=c|d': every combination of "
+                    "these values, restrictions ignored (to find which points spill; repeatable)")
+    ap.add_argument("--csv", default=None, help="also write one row per kernel and point to this CSV")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args()
     from bench_gpu import parse_also  # noqa: E402 - benchmarks/ is this script's parent's folder
@@ -214,6 +232,9 @@ def main() -> int:
                   "and an existing file", file=sys.stderr)
             return 2
         TEMPLATES[op] = os.path.abspath(path)
+    grids: dict[str, list[dict[str, Any]]] = {}
+    for spec in args.grid:
+        grids.setdefault(spec.partition(":")[0].strip(), []).extend(parse_grid(spec))
     import triton
 
     rows = []
@@ -221,18 +242,37 @@ def main() -> int:
         if op not in TEMPLATES:
             print(f"compile_check: unknown op {op!r} (use {', '.join(TEMPLATES)})", file=sys.stderr)
             return 2
-        for point in points(op, also.get(op, []), args.space, args.seed):
+        for point in points(op, also.get(op, []), args.space, args.seed, grids.get(op)):
             new = check(op, point, args.arch, args.cases)
             rows += new
             if not args.json:
                 _print(new)
     bad = [r for r in rows if r["status"] != "ok"]
+    if args.csv:
+        write_csv(args.csv, rows, triton.__version__, args.arch)
     if args.json:
         print(json.dumps({"triton": triton.__version__, "arch": args.arch, "rows": rows}, indent=1))
     else:
         print(f"triton {triton.__version__}, sm{args.arch}: {len(rows) - len(bad)} of {len(rows)} compiled"
               + (f"; failed: {sorted({json.dumps(r['point']) + ' ' + r['op'] for r in bad})}" if bad else ""))
     return 1 if bad else 0
+
+
+CSV_FIELDS = ["triton", "arch", "op", "case", "point", "kernel", "status", "num_warps", "num_stages", "regs",
+              "stack", "spill_stores", "shared", "wgmma", "tma", "global_128bit", "global_access", "error"]
+
+
+def write_csv(path: str, rows: list[dict[str, Any]], version: str, arch: int) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            head = {"triton": version, "arch": arch, "op": r["op"], "case": r["case"], "status": r["status"],
+                    "point": ",".join(f"{k}={v}" for k, v in r["point"].items()) or "defaults"}
+            if r["status"] != "ok":
+                w.writerow({**head, "error": r["error"]})
+            for name, k in (r.get("kernels") or {}).items():
+                w.writerow({**head, "kernel": name, **k})
 
 
 def _print(rows: list[dict[str, Any]]) -> None:

@@ -50,7 +50,10 @@ Template knobs (KERNELTUNE["space"], read at call time):
   (benchmarks/gpu/compile_check.py), so on an H100 a WS point would only repeat a measurement; put it back
   in the space for a Triton or a GPU that takes it.
 Restrictions: BLOCK_M >= BLOCK_N (the diagonal stage is one or two key blocks); BLOCK_M·BLOCK_N <=
-2048·num_warps (at most 64 fp32 scores per thread: no spills); (BLOCK_M + 2·BLOCK_N·num_stages)·256 <= 200 KiB (q plus the k/v ring at D=128, 2-byte inputs, in an H100's
+2048·num_warps (at most 64 fp32 scores per thread); BLOCK_M <= 16·num_warps and, with PIPE, BLOCK_M·BLOCK_N <=
+1024·num_warps (compiled for sm90 at D = 128 with Triton 3.6, benchmarks/gpu/compile_check.py, every point:
+BLOCK_M = 128 on 4 warps spilled 8-2700 B a thread at every BLOCK_N, and PIPE's second score tile at 128x128
+on 8 warps 40-80 B; no other point spilled); (BLOCK_M + 2·BLOCK_N·num_stages)·256 <= 200 KiB (q plus the k/v ring at D=128, 2-byte inputs, in an H100's
 227 KiB of shared memory). At run time blocks are clamped to the padded N, and for D > 128 or fp32 inputs to
 BLOCK_N <= 64 / BLOCK_M <= 64; an OutOfResources retries with fewer stages, then smaller blocks.
 """
@@ -80,6 +83,8 @@ KERNELTUNE = {
         "BLOCK_M >= BLOCK_N",
         "BLOCK_M * BLOCK_N <= 2048 * num_warps",
         "(BLOCK_M + 2 * BLOCK_N * num_stages) * 256 <= 204800",
+        "BLOCK_M <= 16 * num_warps",
+        "PIPE == 0 or BLOCK_M * BLOCK_N <= 1024 * num_warps",
     ],
 }
 

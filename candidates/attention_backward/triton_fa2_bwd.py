@@ -32,7 +32,11 @@ Defaults: dK/dV with 64 keys per program (the two fp32 accumulators, 2·64·D, f
 D = 128 without spills), dQ with 128 query rows and 64 keys per step.
 Template knobs (KERNELTUNE["space"]): BLOCK_M1/BLOCK_N1 (query/key block of the dK/dV kernel), BLOCK_M2/BLOCK_N2
 (of the dQ kernel), num_warps, num_stages (both kernels). Restrictions keep the fp32 tiles in registers:
-BLOCK_M1·BLOCK_N1 <= 2048·num_warps and BLOCK_M2·BLOCK_N2 <= 2048·num_warps. GROUP_BY_HEAD: the program order.
+BLOCK_M1·BLOCK_N1 <= 2048·num_warps and BLOCK_M2·BLOCK_N2 <= 2048·num_warps, and (compiled for sm90 at D = 128
+with Triton 3.6, benchmarks/gpu/compile_check.py: every point of these kernels' knobs) no more than 16 key rows
+a warp for the dK/dV accumulators (BLOCK_N1 = 128 on 4 warps spilled 870-1670 B a thread at every stage count)
+and 16 query rows a warp for dQ's (BLOCK_M2 = 128 on 4 warps: 120-960 B); BLOCK_M1 = 64 left the space (it
+spilled in 20 of its other 30 compiles, 8-280 B). GROUP_BY_HEAD: the program order.
 TMA: 1 loads the inner loops' tiles (q and dO in dK/dV, k and v in dQ) through host-made tensor descriptors of
 the (B*H, N, D) views, as triton_fa2.py's TMA knob does (rows past N and columns past D read as 0; only
 where rows and bases are 16-byte aligned, else pointer loads). At run time blocks are clamped to
@@ -53,7 +57,7 @@ KERNELTUNE = {
     "params": {"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 128, "BLOCK_N2": 64, "num_warps": 8, "num_stages": 2,
                "GROUP_BY_HEAD": 1, "TMA": 0},
     "space": {
-        "BLOCK_M1": [16, 32, 64],
+        "BLOCK_M1": [16, 32],
         "BLOCK_N1": [64, 128],
         "BLOCK_M2": [64, 128],
         "BLOCK_N2": [16, 32, 64],
@@ -65,6 +69,8 @@ KERNELTUNE = {
     "restrictions": [
         "BLOCK_M1 * BLOCK_N1 <= 2048 * num_warps",
         "BLOCK_M2 * BLOCK_N2 <= 2048 * num_warps",
+        "BLOCK_N1 <= 16 * num_warps",
+        "BLOCK_M2 <= 16 * num_warps",
     ],
 }
 
