@@ -355,7 +355,8 @@ def bench_adamw(cand: Any, args: argparse.Namespace, timer: Timer, ceil: dict[st
     ms = [torch.randn(s, device=DEV, generator=g) * 0.05 for s in shapes]
     vs = [torch.rand(s, device=DEV, generator=g) * 0.01 for s in shapes]
     hp = dict(lr=6e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
-    runs = {**{x: m.run for x, m in kernels.items() if x in whys and not whys[x]}, **spec.baselines(DEV)}
+    baselines = spec.baselines(DEV)
+    runs = {**{x: m.run for x, m in kernels.items() if x in whys and not whys[x]}, **baselines}
     fns: dict[str, Callable[[], Any]] = {}
     for name, f in runs.items():
         # each contestant its own buffers (a step changes them), the same starting values
@@ -369,7 +370,7 @@ def bench_adamw(cand: Any, args: argparse.Namespace, timer: Timer, ceil: dict[st
     times, failed = timer.run(fns)
     cand_p50 = quantiles(times["candidate"])[1] if "candidate" in times else None
     prim_p50 = quantiles(times["adamw_fused"])[1] if "adamw_fused" in times else None
-    for x in [*kernels, *spec.baselines(DEV)]:
+    for x in [*kernels, *baselines]:
         kind = "candidate" if x == "candidate" else ("variant" if x in variants else "baseline")
         bad = _not_timed(x, broke, whys, times, failed)
         if bad:

@@ -5,17 +5,13 @@ test_seeds'."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
 from kerneltune.ops import get_op
 from kerneltune.ops.base import Case
-from tests.interp import in_interpreter
+from tests.interp import in_interpreter, load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [[], [1], [513], [3, 700], [4096], [2, 2, 1025], [7]]   # tails, chunks of 1024 and 4096, full blocks
 MT_TABLE_POINTS = [{"BLOCK": 512, "CHUNK": 1024, "num_warps": 4, "MOMENTS": "f32", "CACHE": "stream"},
                    {"BLOCK": 512, "CHUNK": 4096, "num_warps": 2, "MOMENTS": "f64", "CACHE": "none"},
@@ -23,10 +19,7 @@ MT_TABLE_POINTS = [{"BLOCK": 512, "CHUNK": 1024, "num_warps": 4, "MOMENTS": "f32
 
 
 def check_mt_table(point: int) -> None:
-    spec_ = importlib.util.spec_from_file_location("kt_test_mt_table",
-                                                   os.path.join(ROOT, "candidates", "adamw", "triton_mt_table.py"))
-    mod = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(mod)
+    mod = load_file("candidates/adamw/triton_mt_table.py")
     mod.KERNELTUNE["params"] = MT_TABLE_POINTS[point]
     spec = get_op("adamw")
     for seed in range(3):   # the seeds vary step, betas, eps and weight decay
@@ -43,10 +36,7 @@ def test_mt_table_matches_fp64_at_each_cache_hint(point):
 
 def test_mt_table_refuses_an_unknown_cache_hint():
     pytest.importorskip("triton")
-    spec_ = importlib.util.spec_from_file_location("kt_test_mt_table_bad",
-                                                   os.path.join(ROOT, "candidates", "adamw", "triton_mt_table.py"))
-    mod = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(mod)
+    mod = load_file("candidates/adamw/triton_mt_table.py")
     mod.KERNELTUNE["params"] = {**mod.KERNELTUNE["params"], "CACHE": "lru"}
     ps = [torch.zeros(3)]
     with pytest.raises(ValueError, match="CACHE must be one of"):

@@ -5,9 +5,6 @@ op specs' own contracts (lse checks, chunked references)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
@@ -15,19 +12,11 @@ import kerneltune.ops.attention as attn_mod
 import kerneltune.ops.attention_backward as bwd_mod
 from kerneltune.ops import get_op
 from kerneltune.ops.base import Case
-from tests.interp import in_interpreter
+from tests.interp import in_interpreter, load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [(1, 1, 1, 64, True), (2, 3, 17, 48, False), (1, 2, 127, 80, True), (1, 1, 33, 128, False),
           (3, 1, 64, 16, True), (1, 1, 1, 8, False), (2, 2, 160, 32, True),
           (1, 2, 40, 12, True)]   # D = 12: rows of 24 bytes in fp16, too ragged for TMA (pointer loads instead)
-
-
-def _load(rel: str):
-    spec = importlib.util.spec_from_file_location(f"kt_test_{os.path.basename(rel)[:-3]}", os.path.join(ROOT, rel))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _in_interpreter(fn_name: str, *args) -> None:
@@ -55,7 +44,7 @@ BWD_POINTS = [{"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32,
 
 
 def check_forward(dtype: str, point: int) -> None:
-    fa2 = _load("candidates/attention/triton_fa2.py")
+    fa2 = load_file("candidates/attention/triton_fa2.py")
     spec = get_op("attention")
     fa2.KERNELTUNE["params"] = FWD_POINTS[point]
     for i, shape in enumerate(SHAPES):
@@ -70,7 +59,7 @@ def check_forward(dtype: str, point: int) -> None:
 
 
 def check_backward(dtype: str, point: int) -> None:
-    bwd = _load("candidates/attention_backward/triton_fa2_bwd.py")
+    bwd = load_file("candidates/attention_backward/triton_fa2_bwd.py")
     spec = get_op("attention_backward")
     bwd.KERNELTUNE["params"] = BWD_POINTS[point]
     for i, shape in enumerate(SHAPES):
@@ -184,7 +173,7 @@ def test_gpu_fa2_forward_knobs_match_fp64(point):
     def run(mod, t, args):
         out, lse = mod.run_with_lse(t["q"], t["k"], t["v"], causal=args["causal"], scale=args["scale"])
         return {"out": out, "lse": lse}
-    _on_gpu("attention", _load("candidates/attention/triton_fa2.py"), GPU_FWD[point], run)
+    _on_gpu("attention", load_file("candidates/attention/triton_fa2.py"), GPU_FWD[point], run)
 
 
 @pytest.mark.gpu
@@ -193,7 +182,7 @@ def test_gpu_fa2_backward_knobs_match_fp64(point):
     def run(mod, t, args):
         dq, dk, dv = mod.run(t["q"], t["k"], t["v"], t["o"], t["do"], t["lse"], **args)
         return {"dq": dq, "dk": dk, "dv": dv}
-    _on_gpu("attention_backward", _load("candidates/attention_backward/triton_fa2_bwd.py"), GPU_BWD[point], run)
+    _on_gpu("attention_backward", load_file("candidates/attention_backward/triton_fa2_bwd.py"), GPU_BWD[point], run)
 
 
 @pytest.mark.gpu
@@ -202,7 +191,7 @@ def test_gpu_more_heads_than_a_grid_axis_holds(path):
     """B·H = 70000 > 65535, the limit of a CUDA grid's second axis: the 1-D grids take it."""
     import torch
 
-    mod = _load(path)
+    mod = load_file(path)
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(35000, 2, 16, 16, device="cuda", generator=g, dtype=torch.float16) for _ in range(3))
     out = mod.run(q, k, v, causal=True)

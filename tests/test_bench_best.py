@@ -4,15 +4,14 @@ variant that won at every shape where it ran, by the margin, inside the template
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import sys
 
+from tests.interp import load_file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("bench_best", os.path.join(ROOT, "benchmarks", "gpu", "bench_best.py"))
-bench_best = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_best)
+bench_best = load_file("benchmarks/gpu/bench_best.py", "bench_best")
 
 TS = "2026-01-02T00:00:00Z"
 DEFAULTS = {"BLOCK": 2048, "CHUNK": 65536, "num_warps": 8, "MOMENTS": "f32", "CACHE": "evict_first"}

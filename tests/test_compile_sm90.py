@@ -14,11 +14,16 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_the_bench_templates_compile_for_sm90_without_spills_and_with_wide_accesses():
+def _compile_env() -> dict[str, str]:
+    """The environment of a compile_check run (no interpreter); skips where Triton has no NVIDIA backend."""
     triton = pytest.importorskip("triton")
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.skip("this Triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def test_the_bench_templates_compile_for_sm90_without_spills_and_with_wide_accesses():
+    env = _compile_env()
     # and one point outside the forward's space (a 128x128 score tile on 4 warps), which must spill
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu", "compile_check.py"), "--cases", "1",
                         "--also", "attention:BLOCK_N=128,num_warps=4,num_stages=2", "--json"],
@@ -44,13 +49,10 @@ def test_the_bench_templates_compile_for_sm90_without_spills_and_with_wide_acces
 
 
 def test_a_kernel_that_does_not_compile_is_a_failed_point_and_exit_1(tmp_path):
-    triton = pytest.importorskip("triton")
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this Triton has no NVIDIA backend")
     src = open(os.path.join(ROOT, "candidates", "adamw", "triton_mt_table.py")).read()
     broken = tmp_path / "broken.py"
     broken.write_text(src.replace("    full = hi // BLOCK * BLOCK\n", "    full = hi // BLOCK * BLOCK + undefined_name\n"))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = _compile_env()
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu", "compile_check.py"), "--ops", "adamw",
                         "--template", f"adamw={broken}"], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 1, r.stdout + r.stderr

@@ -3,13 +3,12 @@ measured it, never a ratio mixed across runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
+from tests.interp import load_file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("plot_gpu", os.path.join(ROOT, "benchmarks", "plot_gpu.py"))
-plot_gpu = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(plot_gpu)
+plot_gpu = load_file("benchmarks/plot_gpu.py", "plot_gpu")
 
 
 def row(ts, op, n, kind, contestant, status="ok", p50="1.0", speedup="0.5", gbps="", tflops=""):
@@ -77,9 +76,7 @@ def test_adamw_variants_are_rows_with_the_fused_ratio_and_a_failed_one_says_why(
     assert "| `adamw_fused` | 1.430 (1.430–1.430) | 1.10× | 1.00× | 2430 | 81.0% |" in md
 
 
-bench_spec = importlib.util.spec_from_file_location("bench_gpu", os.path.join(ROOT, "benchmarks", "bench_gpu.py"))
-bench_gpu = importlib.util.module_from_spec(bench_spec)
-bench_spec.loader.exec_module(bench_gpu)
+bench_gpu = load_file("benchmarks/bench_gpu.py", "bench_gpu")
 
 
 def test_also_parses_points_and_refuses_malformed_or_unknown_knobs():

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import itertools
 import json
 import os
@@ -135,10 +134,10 @@ def _run(argv: list[str]) -> str:
 
 
 def load(op: str, params: dict[str, Any]) -> Any:
-    path = os.path.join(ROOT, TEMPLATES[op])
-    spec = importlib.util.spec_from_file_location(f"kt_cc_{op}_{abs(hash(str(params)))}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    """A fresh copy of the op's template module at ``params`` (over its defaults)."""
+    from bench_gpu import load_module  # noqa: E402 - benchmarks/ is on the path (see __main__)
+
+    mod = load_module(os.path.join(ROOT, TEMPLATES[op]), f"kt_cc_{op}_{abs(hash(str(params)))}")
     mod.KERNELTUNE["params"] = {**mod.KERNELTUNE["params"], **params}
     return mod
 

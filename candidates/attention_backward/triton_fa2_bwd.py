@@ -104,26 +104,38 @@ def _program(BH, n_blocks, GROUP_BY_HEAD: tl.constexpr):
 
 
 @triton.jit
+def _load_pair(X, Y, XD, YD, bh, off_bh, start, rows, offs_d, N, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASKED: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
+    """The (BLOCK, BLOCK_D) tiles at ``rows`` (= start + arange) of two (B*H, N, D) tensors of one head: through
+    the descriptors' (1, BLOCK, BLOCK_D) boxes with TMA (rows past N, columns past D read 0), else pointer loads
+    masked as the stage needs (rows and columns, columns only, or none)."""
+    if TMA:
+        x = XD.load([bh, start, 0]).reshape(BLOCK, BLOCK_D)
+        y = YD.load([bh, start, 0]).reshape(BLOCK, BLOCK_D)
+    else:
+        off = off_bh + rows[:, None] * D + offs_d[None, :]
+        if MASKED:
+            m = (rows[:, None] < N) & (offs_d[None, :] < D)
+            x = tl.load(X + off, mask=m, other=0.0)
+            y = tl.load(Y + off, mask=m, other=0.0)
+        elif EVEN_D:
+            x = tl.load(X + off)
+            y = tl.load(Y + off)
+        else:
+            x = tl.load(X + off, mask=offs_d[None, :] < D, other=0.0)
+            y = tl.load(Y + off, mask=offs_d[None, :] < D, other=0.0)
+    return x, y
+
+
+@triton.jit
 def _dkdv_stage(dk, dv, k, v, Q, DO, QD, DOD, bh, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D, qk_scale,
                 lo, hi, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                 EVEN_D: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0                                    # (BLOCK_M,) query rows
-        q_off = off_bh + offs_m[:, None] * D + offs_d[None, :]
-        if TMA:   # (1, BLOCK_M, BLOCK_D) boxes of the (B*H, N, D) views: rows past N, columns past D read 0
-            q = QD.load([bh, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
-            do = DOD.load([bh, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
-        elif MASKED:
-            qm = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-            q = tl.load(Q + q_off, mask=qm, other=0.0)
-            do = tl.load(DO + q_off, mask=qm, other=0.0)
-        elif EVEN_D:
-            q = tl.load(Q + q_off)
-            do = tl.load(DO + q_off)
-        else:
-            q = tl.load(Q + q_off, mask=offs_d[None, :] < D, other=0.0)
-            do = tl.load(DO + q_off, mask=offs_d[None, :] < D, other=0.0)
+        q, do = _load_pair(Q, DO, QD, DOD, bh, off_bh, start_m, offs_m, offs_d, N, D, BLOCK_M, BLOCK_D, MASKED,
+                           EVEN_D, TMA)
         if MASKED:
             row_ok = offs_m < N
             lse2 = tl.load(Lse + off_row + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -187,20 +199,8 @@ def _dq_stage(dq, q, do, lse2, delta, K, V, KD, VD, bh, off_bh, offs_m, offs_d, 
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n0
-        kv_off = off_bh + cols[:, None] * D + offs_d[None, :]
-        if TMA:
-            k = KD.load([bh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-            v = VD.load([bh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        elif MASKED:
-            kvm = (cols[:, None] < N) & (offs_d[None, :] < D)
-            k = tl.load(K + kv_off, mask=kvm, other=0.0)
-            v = tl.load(V + kv_off, mask=kvm, other=0.0)
-        elif EVEN_D:
-            k = tl.load(K + kv_off)
-            v = tl.load(V + kv_off)
-        else:
-            k = tl.load(K + kv_off, mask=offs_d[None, :] < D, other=0.0)
-            v = tl.load(V + kv_off, mask=offs_d[None, :] < D, other=0.0)
+        k, v = _load_pair(K, V, KD, VD, bh, off_bh, start_n, cols, offs_d, N, D, BLOCK_N, BLOCK_D, MASKED, EVEN_D,
+                          TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=tl.float32)       # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
         if MASKED:
