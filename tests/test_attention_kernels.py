@@ -40,7 +40,10 @@ FWD_POINTS = [{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "
 BWD_POINTS = [{"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32, "num_warps": 8, "num_stages": 3,
                "GROUP_BY_HEAD": 1, "TMA": 1},
               {"BLOCK_M1": 16, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 16, "num_warps": 4, "num_stages": 2,
-               "GROUP_BY_HEAD": 0}]
+               "GROUP_BY_HEAD": 0},
+              # dq added by the dK/dV kernel, its loop rotated per key block (N = 160, 127: several blocks each)
+              {"BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 64, "BLOCK_N2": 16, "num_warps": 4, "num_stages": 2,
+               "GROUP_BY_HEAD": 1, "TMA": 1, "ATOMIC_DQ": 1}]
 
 
 def check_forward(dtype: str, point: int) -> None:
@@ -77,7 +80,7 @@ def test_fa2_forward_and_lse_match_fp64(dtype, point):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("point", [0, 1])
+@pytest.mark.parametrize("point", [0, 1, 2])
 def test_fa2_backward_matches_fp64(dtype, point):
     _in_interpreter("check_backward", dtype, point)
 
@@ -142,7 +145,8 @@ GPU_SHAPES = [(1, 1, 1, 64, True), (2, 3, 127, 80, False), (1, 2, 300, 128, True
 GPU_FWD = {"defaults": {}, "order0-pipe": {"GROUP_BY_HEAD": 0, "PIPE": 1}, "tma": {"TMA": 1},
            "tma-pipe": {"TMA": 1, "PIPE": 1}, "tma-ws": {"TMA": 1, "WS": 1}, "ws": {"WS": 1}}
 GPU_BWD = {"defaults": {}, "order0": {"GROUP_BY_HEAD": 0}, "tma": {"TMA": 1},
-           "tma-wide": {"TMA": 1, "BLOCK_N1": 128, "BLOCK_N2": 32}}
+           "tma-wide": {"TMA": 1, "BLOCK_N1": 128, "BLOCK_N2": 32}, "atomic": {"ATOMIC_DQ": 1},
+           "tma-atomic-wide": {"TMA": 1, "ATOMIC_DQ": 1, "BLOCK_N1": 128}}
 
 
 def _on_gpu(op: str, mod, knobs: dict, run) -> None:

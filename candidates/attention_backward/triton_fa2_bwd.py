@@ -12,8 +12,9 @@ Given q, k, v, o, dO (B, H, N, D) and lse (B, H, N, fp32, natural log) from the 
            p = exp2(s·scale·log2e - lse·log2e);  dp = dO vᵀ;  ds = p ∘ (dp - delta);  dQ += ds k
        dQ *= scale
 
-No atomics: dK/dV and dQ each have one owner program. p and ds are rounded to the input dtype for the
-tensor-core dots (fp32 accumulate), as every fused backward does; fp32 inputs use input_precision="ieee".
+By default no atomics: dK/dV and dQ each have one owner program (ATOMIC_DQ below is the other way). p and ds
+are rounded to the input dtype for the tensor-core dots (fp32 accumulate), as every fused backward does; fp32
+inputs use input_precision="ieee".
 Masks only where a score can be masked: the causal diagonal blocks and the N tail are a masked stage of
 their own, the rest of each loop runs without masks (as in triton_fa2.py). Causal grids start with the
 heaviest blocks (dK/dV: the first key blocks; dQ: the last query blocks).
@@ -28,8 +29,9 @@ dots (s is computed twice, once in each). HBM: q, k, v, o, do, lse read, dq, dk,
 re-reads of q/do (dK/dV kernel) and k/v (dQ kernel) per block, mostly from L2.
 Runs on CUDA and under the Triton CPU interpreter (TRITON_INTERPRET=1; fp32/fp16 there).
 
-Defaults: dK/dV with 64 keys per program (the two fp32 accumulators, 2·64·D, fit 8 warps' registers at
-D = 128 without spills), dQ with 128 query rows and 64 keys per step.
+Defaults: dK/dV with 64 keys per program (the two fp32 accumulators, 2·64·D, fit 4 warps' registers at
+D = 128 without spills; a launch takes at most a warp per 16 rows of its larger block), dQ with 128 query rows
+and 64 keys per step on 8 warps.
 Template knobs (KERNELTUNE["space"]): BLOCK_M1/BLOCK_N1 (query/key block of the dK/dV kernel), BLOCK_M2/BLOCK_N2
 (of the dQ kernel), num_warps, num_stages (both kernels). Restrictions keep the fp32 tiles in registers:
 BLOCK_M1·BLOCK_N1 <= 2048·num_warps and BLOCK_M2·BLOCK_N2 <= 2048·num_warps, and (compiled for sm90 at D = 128
@@ -39,7 +41,19 @@ and 16 query rows a warp for dQ's (BLOCK_M2 = 128 on 4 warps: 120-960 B); BLOCK_
 spilled in 20 of its other 30 compiles, 8-280 B). GROUP_BY_HEAD: the program order.
 TMA: 1 loads the inner loops' tiles (q and dO in dK/dV, k and v in dQ) through host-made tensor descriptors of
 the (B*H, N, D) views, as triton_fa2.py's TMA knob does (rows past N and columns past D read as 0; only
-where rows and bases are 16-byte aligned, else pointer loads). At run time blocks are clamped to
+where rows and bases are 16-byte aligned, else pointer loads).
+ATOMIC_DQ: 1 drops the dQ kernel (step 3): the dK/dV kernel, which already has ds for every (query block, key
+block) pair, adds ds·k·scale into an fp32 dq with relaxed 128-bit atomics (then one cast to the input dtype).
+The scores are computed once instead of twice: 5 of the 7 tensor-core dots per pair (10·B·H·N²·D FLOPs in
+all, half causal), for N·D·4 bytes of atomics to L2 per key block of a head (half of it on average, causal).
+Each key block's unmasked loop starts at its own query block (rotated by its block index), so the programs of
+one head resident at once add to different dq rows rather than all to the same ones. The order of the fp32
+adds varies, so dq is not bitwise the same from run to run (as in every atomic-dq backward). BLOCK_M2/BLOCK_N2
+then mean nothing: one value each in the space. The fp32 dq tile costs registers: in a sweep of every dK/dV
+block, warp, stage and TMA value (sm90, D = 128, Triton 3.6) only 16 query rows by 128 keys on 8 warps never
+spilled (64 keys run on 4 warps: 2-55 spill stores at 34 of 40 points; 32x128 on 8 warps: 1-8 at 5 of 10), so
+the space takes ATOMIC_DQ with that block only.
+At run time blocks are clamped to
 the padded N and, for D > 128 or fp32 at D = 128, to 64; an OutOfResources retries with fewer stages, then
 smaller blocks.
 """
@@ -55,7 +69,7 @@ KERNELTUNE = {
     "op": "attention_backward",
     "backend": "triton",
     "params": {"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 128, "BLOCK_N2": 64, "num_warps": 8, "num_stages": 2,
-               "GROUP_BY_HEAD": 1, "TMA": 0},
+               "GROUP_BY_HEAD": 1, "TMA": 0, "ATOMIC_DQ": 0},
     "space": {
         "BLOCK_M1": [16, 32],
         "BLOCK_N1": [64, 128],
@@ -65,12 +79,16 @@ KERNELTUNE = {
         "num_stages": [1, 2, 3, 4, 5],
         "GROUP_BY_HEAD": [1, 0],
         "TMA": [0, 1],
+        "ATOMIC_DQ": [0, 1],
     },
     "restrictions": [
         "BLOCK_M1 * BLOCK_N1 <= 2048 * num_warps",
         "BLOCK_M2 * BLOCK_N2 <= 2048 * num_warps",
         "BLOCK_N1 <= 16 * num_warps",
         "BLOCK_M2 <= 16 * num_warps",
+        # atomic dq: the dQ kernel's knobs at one value; 16x128 dK/dV blocks on 8 warps, the only ones without
+        # spills at D = 128 (compile-sm90-triton3.6-sweep.csv)
+        "ATOMIC_DQ == 0 or (BLOCK_M2 == 64 and BLOCK_N2 == 16 and BLOCK_M1 == 16 and BLOCK_N1 == 128)",
     ],
 }
 
@@ -128,11 +146,19 @@ def _load_pair(X, Y, XD, YD, bh, off_bh, start, rows, offs_d, N, D, BLOCK: tl.co
 
 
 @triton.jit
-def _dkdv_stage(dk, dv, k, v, Q, DO, QD, DOD, bh, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D, qk_scale,
-                lo, hi, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                EVEN_D: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+def _dkdv_stage(dk, dv, k, v, Q, DO, QD, DOD, DQ, bh, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D, qk_scale,
+                scale, lo, hi, rot, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+                CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr):
     offs_m0 = tl.arange(0, BLOCK_M)
-    for start_m in range(lo, hi, BLOCK_M):
+    if ATOMIC_DQ:                                                     # the loop rotated by rot blocks: key blocks
+        span = tl.maximum(tl.cdiv(hi - lo, BLOCK_M), 1) * BLOCK_M     # add to different dq rows at a time
+        rot_off = rot * BLOCK_M % span
+    for start in range(lo, hi, BLOCK_M):
+        if ATOMIC_DQ:
+            start_m = lo + (start - lo + rot_off) % span
+        else:
+            start_m = start
         offs_m = start_m + offs_m0                                    # (BLOCK_M,) query rows
         q, do = _load_pair(Q, DO, QD, DOD, bh, off_bh, start_m, offs_m, offs_d, N, D, BLOCK_M, BLOCK_D, MASKED,
                            EVEN_D, TMA)
@@ -152,15 +178,25 @@ def _dkdv_stage(dk, dv, k, v, Q, DO, QD, DOD, bh, Lse, Delta, off_bh, off_row, o
             pt = tl.where(valid, pt, 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC, out_dtype=tl.float32)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC, out_dtype=tl.float32)    # (BLOCK_N, BLOCK_M)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PREC, out_dtype=tl.float32)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dst, q, dk, input_precision=PREC, out_dtype=tl.float32)
+        if ATOMIC_DQ:                                                 # this key block's share of dq, added in fp32
+            dq = tl.dot(tl.trans(dst), k, input_precision=PREC, out_dtype=tl.float32) * scale
+            dq_ptr = DQ + off_bh + offs_m[:, None] * D + offs_d[None, :]
+            if MASKED:
+                tl.atomic_add(dq_ptr, dq, mask=(offs_m[:, None] < N) & (offs_d[None, :] < D), sem="relaxed")
+            elif EVEN_D:
+                tl.atomic_add(dq_ptr, dq, sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptr, dq, mask=offs_d[None, :] < D, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, QD, DOD, N, D, qk_scale, scale, BH,
+def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, DQ, QD, DOD, N, D, qk_scale, scale, BH,
               CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, GROUP_BY_HEAD: tl.constexpr, TMA: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+              ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              PREC: tl.constexpr):
     bh, blk = _program(BH, tl.cdiv(N, BLOCK_N), GROUP_BY_HEAD)
     start_n = blk * BLOCK_N                                           # first key blocks: heaviest causal work
     off_bh = bh.to(tl.int64) * N * D
@@ -181,13 +217,17 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, QD, DOD, N, D, qk_scale, scale, B
     else:
         lo = 0
         diag_hi = 0
-    # diagonal (masked), full blocks past it (no mask), the N tail (masked)
-    dk, dv = _dkdv_stage(dk, dv, k, v, Q, DO, QD, DOD, bh, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D,
-                         qk_scale, lo, diag_hi, BLOCK_M, BLOCK_D, True, CAUSAL, EVEN_D, PREC, TMA)
-    dk, dv = _dkdv_stage(dk, dv, k, v, Q, DO, QD, DOD, bh, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D,
-                         qk_scale, diag_hi, n_full, BLOCK_M, BLOCK_D, False, CAUSAL, EVEN_D, PREC, TMA)
-    dk, dv = _dkdv_stage(dk, dv, k, v, Q, DO, QD, DOD, bh, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D,
-                         qk_scale, tl.maximum(n_full, diag_hi), N, BLOCK_M, BLOCK_D, True, CAUSAL, EVEN_D, PREC, TMA)
+    # diagonal (masked), full blocks past it (no mask; with ATOMIC_DQ each key block starts at its own query
+    # block), the N tail (masked)
+    dk, dv = _dkdv_stage(dk, dv, k, v, Q, DO, QD, DOD, DQ, bh, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D,
+                         qk_scale, scale, lo, diag_hi, 0, BLOCK_M, BLOCK_D, True, CAUSAL, EVEN_D, PREC, TMA,
+                         ATOMIC_DQ)
+    dk, dv = _dkdv_stage(dk, dv, k, v, Q, DO, QD, DOD, DQ, bh, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D,
+                         qk_scale, scale, diag_hi, n_full, blk, BLOCK_M, BLOCK_D, False, CAUSAL, EVEN_D, PREC, TMA,
+                         ATOMIC_DQ)
+    dk, dv = _dkdv_stage(dk, dv, k, v, Q, DO, QD, DOD, DQ, bh, Lse, Delta, off_bh, off_row, offs_n, offs_d, N, D,
+                         qk_scale, scale, tl.maximum(n_full, diag_hi), N, 0, BLOCK_M, BLOCK_D, True, CAUSAL, EVEN_D,
+                         PREC, TMA, ATOMIC_DQ)
     tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -312,9 +352,22 @@ def run(q, k, v, o, do, lse, causal=True, scale=None):
             return x, y
         return tuple(TensorDescriptor.from_tensor(t.view(B * H, N, D), [1, rows, BLOCK_D]) for t in (x, y))
 
-    _launch(_bwd_dkdv, lambda bm, bn: (B * H * triton.cdiv(N, bn),),
-            lambda bm, bn: (q, k, v, do, lse, delta, dk, dv, *descs(q, do, bm), N, D, qk_scale, float(scale), B * H),
-            common, (bm1, bn1), num_warps, num_stages)
+    atomic = bool(int(p.get("ATOMIC_DQ", 0)))
+    # ATOMIC_DQ: the dK/dV kernel adds each key block's share of dq into fp32 (zeroed: a retried launch starts over)
+    dq_acc = dq if q.dtype == torch.float32 or not atomic else torch.empty(q.shape, dtype=torch.float32,
+                                                                          device=q.device)
+
+    def dkdv_args(bm, bn):
+        if atomic:
+            dq_acc.zero_()
+        return (q, k, v, do, lse, delta, dk, dv, dq_acc, *descs(q, do, bm), N, D, qk_scale, float(scale), B * H)
+
+    _launch(_bwd_dkdv, lambda bm, bn: (B * H * triton.cdiv(N, bn),), dkdv_args, {**common, "ATOMIC_DQ": atomic},
+            (bm1, bn1), num_warps, num_stages)
+    if atomic:
+        if dq_acc is not dq:
+            dq.copy_(dq_acc)
+        return dq, dk, dv
     _launch(_bwd_dq, lambda bm, bn: (B * H * triton.cdiv(N, bm),),
             lambda bm, bn: (q, k, v, do, lse, delta, dq, *descs(k, v, bn), N, D, qk_scale, float(scale), B * H),
             common, (bm2, bn2), num_warps, num_stages)
