@@ -143,7 +143,8 @@ def markdown(rows: list[dict[str, str]]) -> str:
             order.append(key)
         by[key][r["contestant"] if r["kind"] != "candidate" else "candidate"] = r
     cols = {"attention": ["sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "torch_compile", "torch_math"],
-            "attention_backward": ["sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_fwd_bwd"]}
+            "attention_backward": ["sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "torch_compile", "torch_math",
+                                   "sdpa_fwd_bwd"]}
     for op, title in (("attention", "attention forward, bf16"), ("attention_backward", "attention backward, bf16")):
         keys = sorted((k for k in order if k[0] == op),
                       key=lambda k: (-int(by[k]["candidate"]["D"] or 0), by[k]["candidate"]["causal"] != "True",

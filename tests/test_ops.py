@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kerneltune.ops import get_op
-from kerneltune.ops.base import flatten, unflatten
+from kerneltune.ops.base import Case, flatten, unflatten
 
 ATT = get_op("attention")
 ADAMW = get_op("adamw")
@@ -209,3 +209,17 @@ def test_adamw_baselines_take_each_calls_step_in_the_same_buffers(impl):
                     dst.copy_(src)
         actual = ADAMW.invoke(fn, bufs, inputs.args)
         assert ADAMW.compare(inputs, ADAMW.reference(inputs), actual) == "", (seed, step)
+
+
+def test_attention_backward_compiled_baseline_matches_fp64():
+    """The bench's torch_compile baseline of attention_backward (built for CUDA, run here on the CPU): the math
+    version through torch.compile, its backward the compiled AOTAutograd graph, at a ragged causal shape."""
+    pytest.importorskip("torch._inductor")
+    spec = get_op("attention_backward")
+    compiled = spec.baselines("cuda")["torch_compile"]
+    inputs = spec.make_inputs(Case(name="compiled", dims={"B": 1, "H": 3, "N": 37, "D": 24}, dtype="float32",
+                                   args={"causal": True}), 11)
+    got = spec.invoke(compiled, inputs.tensors, inputs.args)
+    assert spec.compare(inputs, spec.reference(inputs), got) == ""
+    wrong = {k: v * 1.01 if k == "dk" else v for k, v in got.items()}
+    assert "dk" in spec.compare(inputs, spec.reference(inputs), wrong)

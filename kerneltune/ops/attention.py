@@ -256,14 +256,6 @@ class Attention(OpSpec):
         def sdpa(q, k, v, causal=True, scale=None):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
-        def torch_math(q, k, v, causal=True, scale=None):
-            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-            s = (q @ k.transpose(-1, -2)).float() * scale  # (B, H, N, N), fp32 softmax
-            if causal:
-                n = q.shape[-2]
-                s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-            return torch.softmax(s, dim=-1).to(q.dtype) @ v
-
         found: dict[str, Callable[..., Any]] = {"sdpa": sdpa, "torch_math": torch_math}
         if device == "cuda":
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -287,6 +279,16 @@ class Attention(OpSpec):
     def bytes_moved(self, case: Case) -> float:
         b, h, n, d = (case.dims[x] for x in "BHND")
         return 4.0 * b * h * n * d * DTYPES[case.dtype].itemsize
+
+
+def torch_math(q, k, v, causal=True, scale=None):
+    """Attention as plain torch ops (a baseline): the B·H·N² scores in fp32, softmax, back to the input dtype."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)).float() * scale  # (B, H, N, N), fp32 softmax
+    if causal:
+        n = q.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.softmax(s, dim=-1).to(q.dtype) @ v
 
 
 class _CompiledMath:

@@ -19,7 +19,8 @@ Bytes (the floor): read q, k, v, o, do and write dq, dk, dv once (8·B·H·N·D�
 Baselines (timed without their forward): ``sdpa`` is the backward of torch's default SDPA backend, i.e.
 ``torch.autograd.grad`` through a graph whose forward ran once per input values, outside the timed calls
 (the backend's own saved output and logsumexp, as in training); the pinned flash, cuDNN and efficient
-backends and ``torch_math`` the same way; ``sdpa_fwd_bwd`` includes the forward (labelled secondary).
+backends, ``torch_math`` and (on CUDA) ``torch_compile`` (the math version through ``torch.compile``, its
+compiled AOTAutograd backward) the same way; ``sdpa_fwd_bwd`` includes the forward (labelled secondary).
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ from typing import Any, Callable
 
 import torch
 
-from kerneltune.ops.attention import _REF_BYTES, ContractError, _overlaps, _reference_device, attention_fp64
+from kerneltune.ops.attention import (
+    _REF_BYTES,
+    ContractError,
+    _CompiledMath,
+    _overlaps,
+    _reference_device,
+    attention_fp64,
+    torch_math,
+)
 from kerneltune.ops.attention import SPEC as _ATTENTION
 from kerneltune.ops.base import DTYPES, Case, Inputs, OpSpec, Tolerance, compare_tensor, dtype_name, rel_seed
 
@@ -231,14 +240,6 @@ class AttentionBackward(OpSpec):
         def sdpa(q, k, v, causal=True, scale=None):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
-        def torch_math(q, k, v, causal=True, scale=None):
-            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-            s = (q @ k.transpose(-1, -2)).float() * scale  # (B, H, N, N), fp32 softmax
-            if causal:
-                n = q.shape[-2]
-                s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-            return torch.softmax(s, dim=-1).to(q.dtype) @ v
-
         found: dict[str, Callable[..., Any]] = {"sdpa": _Backward(sdpa), "torch_math": _Backward(torch_math),
                                                 "sdpa_fwd_bwd": _Backward(sdpa, with_forward=True)}
         if device == "cuda":
@@ -251,6 +252,7 @@ class AttentionBackward(OpSpec):
                     with sdpa_kernel(_b):
                         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
                 found[label] = _Backward(pinned)
+            found["torch_compile"] = _Backward(_CompiledMath(torch_math))   # AOTAutograd's compiled backward
         return found
 
     # -- work --------------------------------------------------------------------------------------------
