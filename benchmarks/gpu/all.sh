@@ -19,12 +19,12 @@
 #   tests  the tests marked gpu (T_TESTS seconds, default 300: 136 s on an H200 before the attention knob tests
 #          were added), the evaluator's slow seed test left out
 #          (the adamw phase runs the same evaluator at full size);
-#   attn   `kerneltune search attention` with the time left (Triton compiles every check case's
+#   attn   `kerneltune search $ATTN_OP` (attention, or attention_backward) with the time left (Triton compiles every check case's
 #          specialisation: a candidate needs well over a minute, so ATTN_BUDGET candidates, default 8, are
 #          evaluated at once: their compiles and checks run in parallel on the host's cores, their timings
-#          one at a time under the evaluator's device lock); ATTN_ONLY (default "triton_fa2"): the templates
-#          searched; ATTN_START="triton_fa2:KNOB=V,...;...": points evaluated first (e.g. a recorded bench's
-#          best variants).
+#          one at a time under the evaluator's device lock); ATTN_ONLY (default "triton_fa2", for the backward
+#          "triton_fa2_bwd"; empty: every candidate of the op): the templates searched;
+#          ATTN_START="triton_fa2:KNOB=V,...;...": points evaluated first (e.g. a recorded bench's best variants).
 # Each phase's files are packed into one tarball under $OUT as soon as it ends (the device returns 8 files):
 #   all.log, search.tgz (store, search JSON, scratch registry + promoted files), train.tgz, bench.tgz (CSV,
 #   meta, PNGs), search_attn.tgz
@@ -36,7 +36,8 @@ set -u
 OUT=${OUT:-/tmp/ktout}; mkdir -p "$OUT"
 TOTAL=${TOTAL:-520}; T_ADAM=${T_ADAM:-200}; T_ATTN=${T_ATTN:-150}; STEPS=${STEPS:-60}
 PHASES=${PHASES:-adamw train bench attn}; ADAM_ONLY=${ADAM_ONLY:-}; BENCH_S=${BENCH_S:-600}
-ATTN_ONLY=${ATTN_ONLY:-triton_fa2}; ATTN_BUDGET=${ATTN_BUDGET:-8}
+ATTN_OP=${ATTN_OP:-attention}; ATTN_BUDGET=${ATTN_BUDGET:-8}
+if [ "$ATTN_OP" = attention ]; then ATTN_ONLY=${ATTN_ONLY-triton_fa2}; else ATTN_ONLY=${ATTN_ONLY-triton_fa2_bwd}; fi
 W=/tmp/ktw; rm -rf "$W"; mkdir -p "$W/search" "$W/train" "$W/bench" "$W/registry"
 export PYTHONUNBUFFERED=1 KERNELTUNE_CACHE_DIR=/tmp/ktcache KERNELTUNE_DB=$W/search/store.db
 exec > >(tee -a "$OUT/all.log") 2>&1
@@ -142,13 +143,13 @@ phase_tests() {
 phase_attn() {
   local -x KERNELTUNE_REGISTRY=""
   T=$(( $(left) - 5 ))
-  local cands=candidates/attention
-  [ -n "$ATTN_ONLY" ] && cands=$(only attention $ATTN_ONLY)
+  local cands=candidates/$ATTN_OP
+  [ -n "$ATTN_ONLY" ] && cands=$(only "$ATTN_OP" $ATTN_ONLY)
   if [ "$T" -ge 90 ]; then  # one search at a time: timings never share the GPU
-    search attention "$T" "$ATTN_BUDGET" "$((T - 10))" --candidates "$cands" \
+    search "$ATTN_OP" "$T" "$ATTN_BUDGET" "$((T - 10))" --candidates "$cands" \
       --shapes 4,16,4096,128,causal --shapes 16,12,1024,64,causal --dtype bf16 ${ATTN_START:+--option "start=$ATTN_START"}
   else
-    echo "attention search: only $T s left, not started"
+    echo "$ATTN_OP search: only $T s left, not started"
   fi
   tar -czf "$OUT/search_attn.tgz" -C "$W" search
 }
