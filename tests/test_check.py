@@ -347,7 +347,10 @@ def test_unchanged_winner_passes(recorded, tmp_path):
     src, entry = recorded
     path = _registry_with(str(tmp_path), src, entry)
     csv_path = tmp_path / "results.csv"
-    r = kt("bench", "--check", "--registry", path, "--csv", str(csv_path))
+    # --tolerance 0.3: the fixture's floor comes from two runs a minute earlier, and on this 2-core machine the
+    # p10 ratio drifts by more than the default 10% between minutes (docs/ci.md: 0.155-0.274 over 45 minutes;
+    # here once 0.48 against a floor of 0.543, in all three measurements); the slowed copy above is ~2x
+    r = kt("bench", "--check", "--registry", path, "--csv", str(csv_path), "--tolerance", "0.3")
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert "numba_cpu (adamw P524288 float32)" in r.stdout and "REGRESSION" not in r.stderr
     from kerneltune.report import read_rows

@@ -211,9 +211,11 @@ def test_adamw_baselines_take_each_calls_step_in_the_same_buffers(impl):
         assert ADAMW.compare(inputs, ADAMW.reference(inputs), actual) == "", (seed, step)
 
 
+@pytest.mark.slow
 def test_attention_backward_compiled_baseline_matches_fp64():
     """The bench's torch_compile baseline of attention_backward (built for CUDA, run here on the CPU): the math
-    version through torch.compile, its backward the compiled AOTAutograd graph, at a ragged causal shape."""
+    version through torch.compile, its backward the compiled AOTAutograd graph, at a ragged causal shape.
+    Slow: 30 s of Inductor compiles on a 2-core machine with a cold cache."""
     pytest.importorskip("torch._inductor")
     spec = get_op("attention_backward")
     compiled = spec.baselines("cuda")["torch_compile"]
