@@ -19,7 +19,8 @@ at every shape it times and records the error):
 
 Baselines: attention: sdpa (default backend, primary), sdpa_flash, sdpa_cudnn, sdpa_efficient (pinned; a
 backend that refuses a shape is recorded as failed), torch_math (N <= 4096: it holds B·H·N² scores),
-torch_compile (torch.compile of the math version, N in --compile-n; its compile time is in the warm-up);
+torch_compile (torch.compile of the math version, N in --compile-n, ops in --compile-ops; its compile time is in
+the warm-up);
 attention_backward: the same, each timed without its forward (autograd over a retained graph, see
 kerneltune/ops/attention_backward.py), plus sdpa_fwd_bwd (forward + backward); adamw: adamw_fused (primary),
 adamw_foreach. Ratios are `baseline p50 / candidate p50` from the same interleaved rounds.
@@ -244,7 +245,7 @@ def _attention_shape(op: str, spec: Any, baselines: dict[str, Any], cand: Any, f
     """One shape: checked against fp64, every contestant timed interleaved, one row each."""
     b, h, n, d, causal, dtname = (shape[x] for x in ("B", "H", "N", "D", "causal", "dtype"))
     tol = spec.tolerance(dtname)
-    compile_n = {int(x) for x in args.compile_n.split(",") if x}
+    compile_n = {int(x) for x in args.compile_n.split(",") if x} if op in args.compile_ops.split(",") else set()
     g = torch.Generator(device=DEV).manual_seed(1234 + n + d + causal)
     q, k, v, do = (torch.randn(b, h, n, d, device=DEV, generator=g).to(HALF) for _ in range(4))
     case = Case(name=f"B{b} H{h} N{n} D{d}", dims={"B": b, "H": h, "N": n, "D": d}, dtype=dtname,
@@ -394,6 +395,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--turn-ms", type=float, default=15.0, help="target time of one contestant's turn")
     ap.add_argument("--compile-n", default="1024,4096", help="N values where torch_compile is timed")
+    ap.add_argument("--compile-ops", default="attention,attention_backward",
+                    help="ops where torch_compile is timed (each shape is a compile of its own: device time)")
     ap.add_argument("--only-n", default=None, help="comma-separated N values (default: all six)")
     ap.add_argument("--csv", default="issue8.csv")
     ap.add_argument("--also", default=None, help="'op:KNOB=V[,KNOB=V][;op:...]', the candidate at other knob values "
