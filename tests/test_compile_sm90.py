@@ -95,3 +95,32 @@ def test_no_point_of_the_attention_search_spaces_spilled_in_the_recorded_sweep()
             p = {**params, **dict(zip(free, combo))}
             in_space = all(p[k] in vals for k, vals in t.space.items()) and t.valid(p)
             assert not in_space, f"{op} {p}: {kernels} spilled in the sweep, yet the point is in the search space"
+
+
+def test_the_next_gpu_calls_variants_are_knobs_of_their_templates_and_compiled_in_the_record():
+    """benchmarks/gpu/next.sh (the prepared GPU call): every --also variant names knobs and values of its template's
+    search space (bench_gpu stops at an unknown knob: a wasted call), and the recorded sm90 compile
+    (compile-sm90-triton3.6.txt) compiled it at every specialisation without spills."""
+    import re
+    import shlex
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_gpu import parse_also
+
+    from kerneltune.search.space import load_template
+
+    script = open(os.path.join(ROOT, "benchmarks", "gpu", "next.sh")).read()
+    also = "".join(shlex.split(v)[0] for v in re.findall(r"^ALSO\+?=(.+)$", script, re.M))
+    points = parse_also(also)
+    assert set(points) == {"attention", "attention_backward", "adamw"} and sum(map(len, points.values())) >= 10
+    record = open(os.path.join(ROOT, "benchmarks", "results", "compile-sm90-triton3.6.txt")).read().splitlines()
+    paths = {"attention": "attention/triton_fa2.py", "attention_backward": "attention_backward/triton_fa2_bwd.py",
+             "adamw": "adamw/triton_mt_table.py"}
+    for op, pts in points.items():
+        t = load_template(os.path.join(ROOT, "candidates", paths[op]))
+        for p in pts:
+            assert all(k in t.space and v in t.space[k] for k, v in p.items()), (op, p, t.space)
+            lines = [ln for ln in record if ln.startswith(op + " ") and f" {json.dumps(p)} " in ln]
+            # a line per kernel and specialisation: the forward's 4 (D 64/128, causal/full), the backward's 4 x 2-3
+            assert len(lines) >= {"attention": 4, "attention_backward": 8, "adamw": 1}[op], (op, p)
+            assert not [ln for ln in lines if "ERROR" in ln or "spills" in ln], (op, p)
