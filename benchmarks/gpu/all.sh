@@ -24,7 +24,9 @@
 #          evaluated at once: their compiles and checks run in parallel on the host's cores, their timings
 #          one at a time under the evaluator's device lock); ATTN_ONLY (default "triton_fa2", for the backward
 #          "triton_fa2_bwd"; empty: every candidate of the op): the templates searched;
-#          ATTN_START="triton_fa2:KNOB=V,...;...": points evaluated first (e.g. a recorded bench's best variants).
+#          ATTN_START="triton_fa2:KNOB=V,...;...": points evaluated first; unset, the best variant of the bench
+#          run in ATTN_BENCH_DIR (default: this call's bench phase; a bench.tgz unpacked: its bench/ folder) that
+#          beat the candidate there (benchmarks/gpu/bench_best.py).
 # Each phase's files are packed into one tarball under $OUT as soon as it ends (the device returns 8 files):
 #   all.log, search.tgz (store, search JSON, scratch registry + promoted files), train.tgz, bench.tgz (CSV,
 #   meta, PNGs), search_attn.tgz
@@ -143,11 +145,14 @@ phase_tests() {
 phase_attn() {
   local -x KERNELTUNE_REGISTRY=""
   T=$(( $(left) - 5 ))
-  local cands=candidates/$ATTN_OP
+  local cands=candidates/$ATTN_OP start=${ATTN_START:-} bdir=${ATTN_BENCH_DIR:-$W/bench}
   [ -n "$ATTN_ONLY" ] && cands=$(only "$ATTN_OP" $ATTN_ONLY)
+  # no start point given: the best variant of a bench run (this call's, or ATTN_BENCH_DIR's) that beat the candidate
+  [ -z "$start" ] && [ -s "$bdir/issue8_meta.json" ] && start=$(python3 benchmarks/gpu/bench_best.py "$bdir" "$ATTN_OP" "$cands")
+  [ -n "$start" ] && echo "$ATTN_OP search starts at: $start"
   if [ "$T" -ge 90 ]; then  # one search at a time: timings never share the GPU
     search "$ATTN_OP" "$T" "$ATTN_BUDGET" "$((T - 10))" --candidates "$cands" \
-      --shapes 4,16,4096,128,causal --shapes 16,12,1024,64,causal --dtype bf16 ${ATTN_START:+--option "start=$ATTN_START"}
+      --shapes 4,16,4096,128,causal --shapes 16,12,1024,64,causal --dtype bf16 ${start:+--option "start=$start"}
   else
     echo "$ATTN_OP search: only $T s left, not started"
   fi
