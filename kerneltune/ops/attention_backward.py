@@ -33,11 +33,9 @@ import torch
 from kerneltune.ops.attention import (
     _REF_BYTES,
     ContractError,
-    _CompiledMath,
     _overlaps,
     _reference_device,
     attention_fp64,
-    torch_math,
 )
 from kerneltune.ops.attention import SPEC as _ATTENTION
 from kerneltune.ops.base import DTYPES, Case, Inputs, OpSpec, Tolerance, compare_tensor, dtype_name, rel_seed
@@ -235,24 +233,11 @@ class AttentionBackward(OpSpec):
         return out
 
     def baselines(self, device: str = "cpu") -> dict[str, Callable[..., Any]]:
-        import torch.nn.functional as F
-
-        def sdpa(q, k, v, causal=True, scale=None):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-
-        found: dict[str, Callable[..., Any]] = {"sdpa": _Backward(sdpa), "torch_math": _Backward(torch_math),
-                                                "sdpa_fwd_bwd": _Backward(sdpa, with_forward=True)}
-        if device == "cuda":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            for label, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
-                                   ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
-                                   ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
-                def pinned(q, k, v, causal=True, scale=None, _b=backend):
-                    with sdpa_kernel(_b):
-                        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-                found[label] = _Backward(pinned)
-            found["torch_compile"] = _Backward(_CompiledMath(torch_math))   # AOTAutograd's compiled backward
+        """attention's baselines (sdpa, torch_math; on CUDA the pinned backends and torch_compile), each timed as
+        its backward, and sdpa's forward + backward."""
+        forwards = _ATTENTION.baselines(device)
+        found: dict[str, Callable[..., Any]] = {name: _Backward(fwd) for name, fwd in forwards.items()}
+        found["sdpa_fwd_bwd"] = _Backward(forwards["sdpa"], with_forward=True)
         return found
 
     # -- work --------------------------------------------------------------------------------------------
