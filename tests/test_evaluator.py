@@ -179,3 +179,25 @@ def _write_rows(path: str, who: int, n: int) -> None:
         s.add_evaluation({"hash": h, "op": "attention", "status": "passed", "reason": "",
                           "provenance": {"device": {"key": "cpu:test", "name": "test"}}})
     s.close()
+
+
+def test_the_wall_clock_cross_check_rejects_a_slowed_clock_and_not_a_busy_machine():
+    """The parent's clock against the worker's report (defence in depth behind the identity checks): a clock
+    at 0.6x under-reports every turn and is rejected; overhead the baseline shows too, or a machine busy in some
+    turns but not in the best one, passes. Synthetic turns: (wall ms, reported ms, calls)."""
+    from kerneltune.evaluate.evaluator import Outcome, _Timing
+    from kerneltune.ops import Case
+
+    case = Case(name="B2 H8 N512 D64 causal float32", dims={})
+    base = _Timing(turns=[(41.0, 38.0, 3), (44.0, 39.0, 3), (40.5, 38.1, 3)])     # 0.8 ms a call untimed at best
+
+    def check(cand_turns):
+        Evaluator._check_timer(None, {"candidate": _Timing(turns=cand_turns), "sdpa": base}, ["sdpa"], case)
+
+    check([(42.0, 39.5, 2), (90.0, 40.0, 2), (43.0, 40.2, 2)])                     # one busy turn: the best decides
+    check([(31.0, 24.0, 2)] * 3)                     # 5.4 ms unexplained beyond the baseline: under the 10 ms floor
+    with pytest.raises(Outcome, match=r"timer tampering: .* reported 24\.0 ms of work for 1 calls that took "
+                                      r"40\.0 ms"):
+        check([(40.0, 24.0, 1), (41.0, 24.6, 1), (40.5, 24.3, 1)])                  # 0.6x in every turn
+    with pytest.raises(Outcome, match="timer tampering"):
+        check([(100.0, 60.0, 5)] * 3)

@@ -408,8 +408,14 @@ class Evaluator:
             order = contestants[r_i % len(contestants):] + contestants[: r_i % len(contestants)]
             for label_c, w, fn, s in order:
                 self.progress(f"{label}: timing {case.name} round {r_i + 1}/{rounds} ({label_c})")
+                # the turn's warm-up call (the other contestants' turns left the caches cold): a request of its
+                # own, so the cross-check below sees only timed calls. Estimating it at the candidate's pace
+                # misjudged a call whose time varies: an honest 20 ms candidate that reads /proc was rejected.
+                r, _ = w.request({"cmd": "time", "fn": fn, "slot": s, "reps": 0, "warmup": 1}, timeout=left())
+                if not r.get("ok"):
+                    raise Outcome(r["status"], f"{r['reason']} [{case.name}, while timing]", "time")
                 t_start = time.perf_counter()
-                r, _ = w.request({"cmd": "time", "fn": fn, "slot": s, "reps": reps[label_c], "warmup": 1},
+                r, _ = w.request({"cmd": "time", "fn": fn, "slot": s, "reps": reps[label_c], "warmup": 0},
                                  timeout=left())
                 wall = (time.perf_counter() - t_start) * 1e3
                 if not r.get("ok"):
@@ -417,8 +423,7 @@ class Evaluator:
                 tm = timing[label_c]
                 times = [float(x) for x in r["times_ms"]]
                 tm.per_turn.append(times)
-                # the turn's warm-up call is untimed: count it as a call of the candidate's own measured pace
-                tm.turns.append((wall, sum(times) * (len(times) + 1) / max(len(times), 1), len(times) + 1))
+                tm.turns.append((wall, sum(times), len(times)))
         self._check_timer(timing, names, case)
         cand = timing["candidate"].stats(self.opt.samples)
         out: dict[str, Any] = {"case": case.to_json(), "name": case.name, **cand, "baselines": {}}
