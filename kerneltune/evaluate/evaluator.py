@@ -404,6 +404,13 @@ class Evaluator:
             reps[label_c] = int(min(max(math.ceil(self.opt.round_ms / t), 1), 5000))
         rounds = max(self.opt.rounds, math.ceil(self.opt.min_reps / max(min(reps.values()), 1)))
         timing = {c[0]: _Timing() for c in contestants}
+
+        def timed_turn(w, fn, s, n, warmup):
+            r, _ = w.request({"cmd": "time", "fn": fn, "slot": s, "reps": n, "warmup": warmup}, timeout=left())
+            if not r.get("ok"):
+                raise Outcome(r["status"], f"{r['reason']} [{case.name}, while timing]", "time")
+            return r
+
         for r_i in range(rounds):
             order = contestants[r_i % len(contestants):] + contestants[: r_i % len(contestants)]
             for label_c, w, fn, s in order:
@@ -411,15 +418,10 @@ class Evaluator:
                 # the turn's warm-up call (the other contestants' turns left the caches cold): a request of its
                 # own, so the cross-check below sees only timed calls. Estimating it at the candidate's pace
                 # misjudged a call whose time varies: an honest 20 ms candidate that reads /proc was rejected.
-                r, _ = w.request({"cmd": "time", "fn": fn, "slot": s, "reps": 0, "warmup": 1}, timeout=left())
-                if not r.get("ok"):
-                    raise Outcome(r["status"], f"{r['reason']} [{case.name}, while timing]", "time")
+                timed_turn(w, fn, s, 0, 1)
                 t_start = time.perf_counter()
-                r, _ = w.request({"cmd": "time", "fn": fn, "slot": s, "reps": reps[label_c], "warmup": 0},
-                                 timeout=left())
+                r = timed_turn(w, fn, s, reps[label_c], 0)
                 wall = (time.perf_counter() - t_start) * 1e3
-                if not r.get("ok"):
-                    raise Outcome(r["status"], f"{r['reason']} [{case.name}, while timing]", "time")
                 tm = timing[label_c]
                 times = [float(x) for x in r["times_ms"]]
                 tm.per_turn.append(times)

@@ -31,6 +31,7 @@ import pytest
 from kerneltune.evaluate.evaluator import STATUSES, Evaluator, Options
 from kerneltune.evaluate.process import namespaces_available
 from kerneltune.evaluate.sandbox import landlock_abi
+from kerneltune.evaluate.static import guess_meta
 from kerneltune.ops import get_op
 from kerneltune.store import Store
 
@@ -150,8 +151,7 @@ def _timed_cases(path: Path) -> list | None:
     and re-verification of gpt-mini took 3-12 s a seed on 2 cores, about 18 s of each file that reaches timing,
     and no AdamW file here depends on the timed case's size (the attention files keep their default cases: a
     cheat there keys on a large N)."""
-    m = re.search(r'"op":\s*"(\w+)"', path.read_text())
-    if m and m.group(1) == "adamw":
+    if guess_meta(path.read_text()).get("op") == "adamw":
         return [get_op("adamw").parse_case("gpt-tiny", "float32")]
     return None
 

