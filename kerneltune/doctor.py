@@ -46,6 +46,7 @@ def diagnose(db: str | None = None) -> list[dict[str, str]]:
     rows.append(_row("sandbox: namespaces", "ok" if ns else "warn",
                      "user+PID namespaces: process limit applies, nothing outlives the worker" if ns else
                      "unshare unavailable: processes a candidate starts are killed by session id only"))
+    rows.append(_worker_start_row())
     if torch.cuda.is_available():
         from kerneltune.evaluate.process import cuda_confinement
 
@@ -75,6 +76,23 @@ def diagnose(db: str | None = None) -> list[dict[str, str]]:
     cc = shutil.which("cc") or shutil.which("gcc")
     rows.append(_row("c compiler", "ok" if cc else "missing", cc or "none: triton GPU builds need one"))
     return rows
+
+
+def _worker_start_row() -> dict[str, str]:
+    """How CPU workers start here: forked by the zygote (torch imported once), or exec'd, and why."""
+    from kerneltune.evaluate import zygote
+    from kerneltune.evaluate.process import ZYGOTE_ENV, child_env, namespaces_available
+
+    if not zygote.enabled():
+        return _row("workers", "ok", "CPU workers are exec'd (KERNELTUNE_WORKER_START=exec): each imports torch")
+    try:
+        z = zygote.get(child_env(ZYGOTE_ENV))
+    except zygote.Unavailable as e:
+        return _row("workers", "warn", f"CPU workers are exec'd, each importing torch: the zygote failed ({e})")
+    if namespaces_available() and not z.namespaces:
+        return _row("workers", "warn", "CPU workers are exec'd, each importing torch: the zygote's children cannot "
+                                       "enter namespaces here")
+    return _row("workers", "ok", "CPU workers are forked by a zygote that imported torch once; GPU workers are exec'd")
 
 
 def as_dict(rows: list[dict[str, str]]) -> dict[str, Any]:

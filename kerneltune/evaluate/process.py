@@ -22,13 +22,15 @@ from typing import Any
 
 import torch
 
-from kerneltune.evaluate import protocol
+from kerneltune.evaluate import protocol, zygote
 
 _SECRET = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.I)
 _ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "CUDA_PATH",
              "LD_LIBRARY_PATH", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
              "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "PYTHONPATH", "VIRTUAL_ENV", "TRITON_PTXAS_PATH",
              "PYTHONHASHSEED", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+# what every worker's environment has from interpreter start-up on (the zygote is started with it)
+ZYGOTE_ENV = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
 OUTPUT_CAP = 64 << 20  # bytes of stdout+stderr a candidate may write (its file-size limit)
 
 SIGNAL_WORDS = {signal.SIGSEGV: "segmentation fault", signal.SIGBUS: "bus error", signal.SIGABRT: "abort",
@@ -174,17 +176,28 @@ class WorkerProcess:
                "nproc": 1024 if (use_ns and conf.nproc) else None, "landlock": conf.landlock,
                "writable": list(conf.writable)}
         env_extra = {"HOME": self.workdir, "TMPDIR": self.workdir, "TRITON_CACHE_DIR": os.path.join(self.workdir, "triton"),
-                     "NUMBA_CACHE_DIR": os.path.join(self.workdir, "numba"), "PYTHONDONTWRITEBYTECODE": "1",
-                     "TORCHINDUCTOR_CACHE_DIR": os.path.join(self.workdir, "inductor"), "PYTHONUNBUFFERED": "1"}
+                     "NUMBA_CACHE_DIR": os.path.join(self.workdir, "numba"),
+                     "TORCHINDUCTOR_CACHE_DIR": os.path.join(self.workdir, "inductor"), **ZYGOTE_ENV}
         if backend == "triton" and device == "cpu":
             env_extra["TRITON_INTERPRET"] = "1"
-        argv = [sys.executable, "-m", "kerneltune.evaluate.worker", json.dumps(cfg)]
-        if use_ns:
-            argv = _wrap_namespaces(argv)
         self._out = open(self.out_path, "wb")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT,
-                                     cwd=self.workdir, env=child_env(env_extra), pass_fds=(r1, w2),
-                                     start_new_session=True)
+        self.proc: subprocess.Popen[bytes] | zygote.ForkedProcess | None = None
+        self.started_by, self.start_note = "exec", ""
+        if device == "cpu" and zygote.enabled():
+            # the zygote forks a worker that has imported torch already; it confines itself the same way
+            try:
+                self.proc = zygote.get(child_env(ZYGOTE_ENV)).spawn(
+                    cfg, child_env(env_extra), self.workdir, (r1, w2, self._out.fileno()), use_ns)
+                self.started_by = "fork"
+            except zygote.Unavailable as e:
+                self.start_note = str(e)
+        if self.proc is None:
+            argv = [sys.executable, "-m", "kerneltune.evaluate.worker", json.dumps(cfg)]
+            if use_ns:
+                argv = _wrap_namespaces(argv)
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT,
+                                         cwd=self.workdir, env=child_env(env_extra), pass_fds=(r1, w2),
+                                         start_new_session=True)
         os.close(r1)
         os.close(w2)
         self.fd_out, self.fd_in = w1, r2
@@ -199,7 +212,9 @@ class WorkerProcess:
     def start(self, timeout: float) -> None:
         """Wait for the worker's hello (raises WorkerDied/WorkerTimeout)."""
         header, _ = self.request(None, timeout=timeout)
-        self.sandbox_info = header.get("sandbox", {})
+        self.sandbox_info = {**header.get("sandbox", {}), "start": self.started_by}
+        if self.start_note:
+            self.sandbox_info["start_note"] = self.start_note
 
     def request(self, header: dict[str, Any] | None, tensors: dict[str, torch.Tensor] | None = None, *,
                 timeout: float) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -463,8 +463,10 @@ def _short_exc(e: BaseException, path: str) -> str:
     return f"{type(e).__name__}: {text[:300]}{where}"
 
 
-def main() -> None:
-    cfg = json.loads(sys.argv[1])
+def main(cfg: dict[str, Any] | None = None) -> None:
+    """Run as a program (config in argv[1]) or from the zygote's forked child (config given)."""
+    if cfg is None:
+        cfg = json.loads(sys.argv[1])
     fd_in, fd_out = cfg["fd_in"], cfg["fd_out"]
     # the candidate's stdin, stdout, stderr are not the wire: stdin is /dev/null, output goes to a file
     from kerneltune.evaluate import sandbox

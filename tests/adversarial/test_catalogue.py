@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from kerneltune.evaluate import zygote
 from kerneltune.evaluate.evaluator import STATUSES, Evaluator, Options
 from kerneltune.evaluate.process import namespaces_available
 from kerneltune.evaluate.sandbox import landlock_abi
@@ -94,6 +95,14 @@ def _ppid(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _sid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[3])
     except (OSError, IndexError, ValueError):
         return 0
 
@@ -187,6 +196,23 @@ FILES = _files()
 
 @pytest.mark.parametrize("path", FILES, ids=[f"{p.parent.name}/{p.stem}" for p in FILES])
 def test_candidate(path: Path, state: _State, monkeypatch) -> None:
+    _check_file(path, state, monkeypatch)
+
+
+# Workers are forked by the zygote by default (kerneltune/evaluate/zygote.py); these files also go through
+# workers exec'd as fresh interpreters, the fallback, where the worker runs as __main__ and /proc, the
+# descriptors and the environment come from exec instead of from the zygote's child.
+EXECD = ("attention/patch_worker_timer", "faults/inherited_fds", "faults/secrets_proc_environ", "faults/kill_parent",
+         "faults/fork_bomb")
+
+
+@pytest.mark.parametrize("name", EXECD)
+def test_candidate_in_an_execd_worker(name: str, state: _State, monkeypatch) -> None:
+    monkeypatch.setenv("KERNELTUNE_WORKER_START", "exec")
+    _check_file(HERE / f"{name}.py", state, monkeypatch, key=f"{name} (exec)")
+
+
+def _check_file(path: Path, state: _State, monkeypatch, key: str = "") -> None:
     hdr = _header(path)
     assert "EXPECT" in hdr, f"{path.name} has no '# EXPECT:' line"
     allowed = [s.strip() for s in hdr["EXPECT"].split("|")]
@@ -206,7 +232,7 @@ def test_candidate(path: Path, state: _State, monkeypatch) -> None:
     timeout = float(hdr.get("TIMEOUT", DEFAULT_TIMEOUT))
     t0 = time.monotonic()
     r = _evaluate(state, path, timeout)
-    state.results[f"{group}/{path.stem}"] = r
+    state.results[key or f"{group}/{path.stem}"] = r
     took = time.monotonic() - t0
 
     # the evaluator is still in charge: no stray workers of ours, baseline worker not killed by a candidate
@@ -231,8 +257,11 @@ def test_healthy_after_all(state: _State, monkeypatch) -> None:
     assert r["status"] == "passed", r["reason"]
     assert _integrity(state.db) == "ok"
     assert state.store.count("evaluations") == state.evaluations
-    # fork-bomb children and forked writers die with their worker (PID namespace, session kill)
+    # fork-bomb children and forked writers die with their worker (PID namespace, session kill). A worker the
+    # zygote forked has the zygote's command line: any such process but the zygote and the live baseline
+    # workers' sessions is a stray.
     time.sleep(0.5)
+    keep_sids = {w.proc.pid for w in state.ev._baseline_workers.values() if w.proc.poll() is None}
     strays = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -242,6 +271,9 @@ def test_healthy_after_all(state: _State, monkeypatch) -> None:
                 cmd = f.read()
         except OSError:
             continue
-        if b"kerneltune.evaluate.worker" in cmd and b'"role": "candidate"' in cmd and _ours(int(entry)):
-            strays.append(int(entry))
+        pid = int(entry)
+        execd = b"kerneltune.evaluate.worker" in cmd and b'"role": "candidate"' in cmd
+        forked = b"kerneltune.evaluate.zygote" in cmd and pid != zygote.current_pid() and _sid(pid) not in keep_sids
+        if (execd or forked) and _ours(pid):
+            strays.append(pid)
     assert not strays, f"candidate worker processes still alive: {strays}"

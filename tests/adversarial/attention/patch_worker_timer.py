@@ -1,7 +1,8 @@
-"""Evaluator tampering that also disables the tamper check: the worker runs as __main__, so the
-candidate replaces Worker._check_tamper with a no-op (the check that would notice is the one replaced) and
-swaps the worker's private clock _perf_ns for one that runs at 0.6x, so its timings read ~1.7x faster. The skew
-is kept under the parent's 'untimed > 50% of wall' cross-check."""
+"""Evaluator tampering that also disables the tamper check. The worker runs as __main__ (exec'd) or as
+kerneltune.evaluate.worker (forked by the zygote); in whichever it finds, the candidate replaces
+Worker._check_tamper with a no-op (the check that would notice is the one replaced) and swaps the worker's
+private clock _perf_ns for one that runs at 0.6x, so its timings read ~1.7x faster. The skew is kept under
+the parent's 'untimed > 50% of wall' cross-check."""
 import math
 
 import torch
@@ -22,12 +23,12 @@ def _attn(q, k, v, causal, scale):
 import sys
 import time
 
-_main = sys.modules["__main__"]
 _real = time.perf_counter_ns
 _t0 = _real()
-if hasattr(_main, "Worker") and hasattr(_main, "_perf_ns"):
-    _main.Worker._check_tamper = lambda self: None
-    _main._perf_ns = lambda: _t0 + int((_real() - _t0) * 0.6)
+for _mod in (sys.modules.get("__main__"), sys.modules.get("kerneltune.evaluate.worker")):
+    if hasattr(_mod, "Worker") and hasattr(_mod, "_perf_ns"):
+        _mod.Worker._check_tamper = lambda self: None
+        _mod._perf_ns = lambda: _t0 + int((_real() - _t0) * 0.6)
 
 
 def run(q, k, v, causal=True, scale=None):
