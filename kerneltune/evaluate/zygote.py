@@ -115,6 +115,7 @@ def _child(req: dict[str, Any], fds: list[int], zygote_pid: int) -> None:
             signal.signal(sig, signal.SIG_DFL)
         os.environ.clear()
         os.environ.update(req["env"])
+        tempfile.tempdir = None  # found again from the new TMPDIR, should anything have cached the zygote's
         os.chdir(req["cwd"])
         cfg = {**req["cfg"], "fd_in": fd_in, "fd_out": fd_out}
         if req["namespaces"]:
