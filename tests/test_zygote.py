@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -43,6 +45,8 @@ def test_a_forked_worker_is_confined_as_an_execd_one(monkeypatch):
         assert {k: forked.sandbox_info[k] for k in same} == {k: execd.sandbox_info[k] for k in same}
         assert forked.sandbox_info["landlock_abi"] == execd.sandbox_info["landlock_abi"]
         assert forked.namespaces == execd.namespaces == namespaces_available()
+        if namespaces_available():  # each is PID 1 of a namespace of its own
+            assert forked.worker_pid == execd.worker_pid == 1
         # a session of its own, which the evaluator's kill and memory watch rely on
         assert os.getsid(forked.proc.pid) == forked.proc.pid
         assert forked.proc.pid != zygote.current_pid()
@@ -64,9 +68,9 @@ def test_the_workers_of_a_zygote_that_dies_die_with_it_and_the_next_worker_gets_
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not any(_alive(p) for p in pids), "a worker outlived its zygote"
-        assert w.proc.poll() is not None
-        with pytest.raises(WorkerDied):
+        with pytest.raises(WorkerDied) as e:
             w.request({"cmd": "clear"}, timeout=5)
+        assert "lost with the zygote" in str(e.value), e.value
     finally:
         w.close()
     w2 = _worker(monkeypatch, "fork")
@@ -102,11 +106,12 @@ def test_exit_statuses_of_forked_workers_read_as_execd_ones(monkeypatch):
             with pytest.raises(WorkerDied) as e:
                 w.request({"cmd": "load", "source": "import ctypes\nctypes.string_at(0)\n", "filename": "seg.py",
                            "module": "kt_candidate_seg", "backend": "torch", "compile_cuda": False}, timeout=60)
-            deaths[start] = e.value.death.reason
+            assert w.started_by == start
+            deaths[start] = (e.value.death.reason, w.proc.returncode)
         finally:
             w.close()
     assert deaths["fork"] == deaths["exec"], deaths
-    assert "SIGSEGV" in deaths["fork"], deaths
+    assert "SIGSEGV" in deaths["fork"][0], deaths
 
 
 def test_a_zygote_started_by_a_thread_that_ends_outlives_it(monkeypatch):
@@ -130,3 +135,45 @@ def test_a_zygote_started_by_a_thread_that_ends_outlives_it(monkeypatch):
         assert w.started_by == "fork" and zygote.current_pid() == first["pid"]
     finally:
         w.close()
+
+
+def test_a_zygote_that_stops_answering_is_ended_and_the_worker_execd(monkeypatch):
+    """A request that times out ends the zygote (never an answer read as another request's) and the worker
+    is exec'd on a wire of its own; the next worker gets a new zygote."""
+    zygote.shutdown()
+    monkeypatch.setattr(zygote, "REQUEST_TIMEOUT", 1.0)
+    w = _worker(monkeypatch, "fork")
+    w.close()
+    stalled = zygote.current_pid()
+    assert stalled is not None
+    os.kill(stalled, signal.SIGSTOP)
+    try:
+        w = _worker(monkeypatch, "fork")
+        try:
+            assert w.started_by == "exec" and "stopped answering" in w.start_note, w.start_note
+            reply, _ = w.request({"cmd": "clear"}, timeout=30)
+            assert reply.get("ok"), reply
+        finally:
+            w.close()
+    finally:
+        try:
+            os.kill(stalled, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert not _alive(stalled)
+    w = _worker(monkeypatch, "fork")
+    try:
+        assert w.started_by == "fork" and zygote.current_pid() not in (None, stalled)
+    finally:
+        w.close()
+
+
+def test_the_zygote_refuses_to_fork_after_a_parallel_op():
+    """OpenMP's thread pool does not survive fork: a child of a process that ran a parallel op hangs in its
+    first one. The zygote's start-up probe tells the two apart (in a fresh process: this one has run ops)."""
+    code = ("import torch\nfrom kerneltune.evaluate import zygote\n"
+            "print(zygote._probe(zygote._parallel_op, 5))\n"
+            "torch.set_num_threads(2)\nx = torch.ones(1 << 22)\nfloat((x * 2).sum())\n"
+            "print(zygote._probe(zygote._parallel_op, 5))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["True", "False"], r.stdout + r.stderr

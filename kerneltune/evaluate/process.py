@@ -167,11 +167,10 @@ class WorkerProcess:
         self.memory_bytes = memory_bytes
         self.killed_for: str | None = None
         self.sandbox_info: dict[str, Any] = {}
-        r1, w1 = os.pipe()  # parent -> worker
-        r2, w2 = os.pipe()  # worker -> parent
+        self.worker_pid: int | None = None  # as the worker sees itself (1: PID 1 of its own namespace)
         self.confinement = conf = confinement_for(device, sandbox)
         use_ns = conf.namespaces
-        cfg = {"fd_in": r1, "fd_out": w2, "device": device, "role": role, "op": op, "workdir": self.workdir,
+        cfg = {"device": device, "role": role, "op": op, "workdir": self.workdir,
                "memory_bytes": memory_bytes if device == "cpu" else None, "file_bytes": OUTPUT_CAP,
                "nproc": 1024 if (use_ns and conf.nproc) else None, "landlock": conf.landlock,
                "writable": list(conf.writable)}
@@ -183,15 +182,23 @@ class WorkerProcess:
         self._out = open(self.out_path, "wb")
         self.proc: subprocess.Popen[bytes] | zygote.ForkedProcess | None = None
         self.started_by, self.start_note = "exec", ""
+        r1, w1 = os.pipe()  # parent -> worker
+        r2, w2 = os.pipe()  # worker -> parent
         if device == "cpu" and zygote.enabled():
             # the zygote forks a worker that has imported torch already; it confines itself the same way
             try:
                 self.proc = zygote.get(child_env(ZYGOTE_ENV)).spawn(
-                    cfg, child_env(env_extra), self.workdir, (r1, w2, self._out.fileno()), use_ns)
+                    {**cfg, "fd_in": r1, "fd_out": w2}, child_env(env_extra), self.workdir,
+                    (r1, w2, self._out.fileno()), use_ns)
                 self.started_by = "fork"
             except zygote.Unavailable as e:
                 self.start_note = str(e)
+                for fd in (r1, w1, r2, w2):  # a fork that did happen late must not share the new worker's wire
+                    os.close(fd)
+                r1, w1 = os.pipe()
+                r2, w2 = os.pipe()
         if self.proc is None:
+            cfg.update(fd_in=r1, fd_out=w2)
             argv = [sys.executable, "-m", "kerneltune.evaluate.worker", json.dumps(cfg)]
             if use_ns:
                 argv = _wrap_namespaces(argv)
@@ -212,6 +219,7 @@ class WorkerProcess:
     def start(self, timeout: float) -> None:
         """Wait for the worker's hello (raises WorkerDied/WorkerTimeout)."""
         header, _ = self.request(None, timeout=timeout)
+        self.worker_pid = header.get("pid")
         self.sandbox_info = {**header.get("sandbox", {}), "start": self.started_by}
         if self.start_note:
             self.sandbox_info["start_note"] = self.start_note
@@ -240,6 +248,10 @@ class WorkerProcess:
             code = self.proc.returncode
         if self.killed_for:
             return Death("crashed", self.killed_for)
+        lost = self.proc.zygote_lost() if isinstance(self.proc, zygote.ForkedProcess) else ""
+        if lost:
+            return Death("crashed", f"the worker was lost with the zygote process that forked it ({lost}); "
+                                    "not necessarily the candidate's doing: evaluate it again")
         tail = self.output_tail()
         sig = None
         if code is not None and code < 0:
@@ -290,6 +302,8 @@ class WorkerProcess:
         while not self._watch_stop.wait(0.2):
             rss = 0
             for pid in self._session_pids():
+                if self.namespaces and pid == self.proc.pid:
+                    continue  # unshare, or the zygote's in-between process: it waits, and allocates nothing
                 try:
                     with open(f"/proc/{pid}/statm") as f:
                         rss += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -83,10 +83,10 @@ def apply_landlock(writable: list[str], max_abi: int | None = None) -> int:
     return abi
 
 
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies (Linux)."""
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send this process ``sig`` (SIGKILL) when its parent dies (Linux)."""
     try:
-        _libc().prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        _libc().prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     except (OSError, AttributeError):
         pass
 

@@ -10,13 +10,15 @@ worker it forks is confined as before, in the child, before any candidate code e
   with that allowlist, so it holds no secret to leak);
 - where the parent asks for namespaces it enters fresh user, PID and mount namespaces and mounts its
   own /proc, as ``unshare --user --map-root-user --pid --fork --kill-child --mount-proc`` does: the
-  worker runs as PID 1 of a namespace of its own, and the process in between reports its exit status
-  the way ``unshare`` does (128 + N for a signal);
+  worker runs as PID 1 of a namespace of its own, and the process in between ends the way the worker
+  did, as ``unshare`` does (the same exit status, or killed by the same signal);
 - then ``worker.main`` applies the same resource limits and Landlock rules as an exec'd worker.
 
 The zygote imports torch, numpy and the op specs, never Triton or numba (they read their settings from
 the environment at import) and never CUDA (a CUDA context does not survive ``fork``): GPU workers are
-always exec'd. The zygote dies with the evaluator, and its workers die with it. Where anything about it
+always exec'd. Nor may it have run a parallel CPU op: OpenMP's thread pool does not survive ``fork``
+either (a child's first parallel op would hang), so before it says hello the zygote forks a probe that
+runs one, and one that enters the namespaces. The zygote dies with the evaluator, and its workers die with it. Where anything about it
 fails, the parent falls back to exec'ing the worker (``WorkerProcess`` does), and
 ``KERNELTUNE_WORKER_START=exec`` turns it off.
 """
@@ -38,6 +40,7 @@ import traceback
 from typing import Any
 
 _MSG = 1 << 20
+REQUEST_TIMEOUT = 30.0  # seconds for the zygote to answer a spawn or a poll
 _CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWPID = 0x00020000, 0x10000000, 0x20000000
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 2, 4, 8, 1 << 14, 1 << 18
 PRELOAD = ("torch", "numpy", "kerneltune.ops", "kerneltune.evaluate.protocol", "kerneltune.evaluate.sandbox",
@@ -69,13 +72,7 @@ def _enter_namespaces() -> None:
             f.write(text)
     pid = os.fork()
     if pid:
-        while True:
-            try:
-                _, status = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-        os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+        _end_as(pid)
     from kerneltune.evaluate import sandbox
 
     # (getppid() is 0 here: the parent is outside the new PID namespace. Should it die before this line,
@@ -83,6 +80,26 @@ def _enter_namespaces() -> None:
     sandbox.die_with_parent()
     _libc_call("mount", b"none", b"/", None, ctypes.c_ulong(_MS_REC | _MS_PRIVATE), None)
     _libc_call("mount", b"proc", b"/proc", b"proc", ctypes.c_ulong(_MS_NOSUID | _MS_NODEV | _MS_NOEXEC), None)
+
+
+def _end_as(pid: int) -> None:
+    """Wait for ``pid``, then end the way it ended: its exit status, or killed by its signal (no core)."""
+    import resource
+
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)  # a signal that does not end a process by default
+    os._exit(os.WEXITSTATUS(status))
 
 
 def _close_fds_except(keep: set[int]) -> None:
@@ -132,26 +149,56 @@ def _child(req: dict[str, Any], fds: list[int], zygote_pid: int) -> None:
             os._exit(code)
 
 
-def _namespaces_work() -> bool:
-    """Can a forked child enter fresh namespaces here (the same syscalls ``unshare`` makes)?"""
+def _probe(fn: Any, timeout: float = 20.0) -> bool:
+    """Does ``fn`` succeed in a forked child within ``timeout`` seconds (a hung child is killed)?"""
     pid = os.fork()
     if pid == 0:
         try:
-            _enter_namespaces()
-            os._exit(0 if os.getpid() == 1 and os.listdir("/proc") is not None else 3)
+            os._exit(0 if fn() else 3)
         except BaseException:  # noqa: BLE001
             os._exit(3)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) == 0
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) == 0
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return False
+        time.sleep(0.005)
 
 
-def serve(sock: socket.socket) -> None:
+def _in_namespaces() -> bool:
+    _enter_namespaces()
+    return os.getpid() == 1 and [p for p in os.listdir("/proc") if p.isdigit()] == ["1"]
+
+
+def _parallel_op() -> bool:
+    import torch
+
+    torch.set_num_threads(max(2, torch.get_num_threads()))
+    x = torch.ones(1 << 22)
+    return float((x * 2).sum()) == float(2 << 22)
+
+
+def serve(sock: socket.socket, parent: int) -> None:
     """The zygote's loop: spawn and poll requests from the parent until it goes away."""
     import importlib
+    import shutil
 
     from kerneltune.evaluate import sandbox
 
-    sandbox.die_with_parent()
+    here = os.getcwd()  # the zygote's own temporary folder, which it removes when its parent goes
+
+    def parent_gone(*_: Any) -> None:
+        shutil.rmtree(here, ignore_errors=True)
+        os._exit(0)  # its workers die with it (each asked the kernel to be killed when the zygote goes)
+
+    signal.signal(signal.SIGTERM, parent_gone)
+    sandbox.die_with_parent(signal.SIGTERM)
+    if os.getppid() != parent:
+        parent_gone()
     for name in PRELOAD:
         importlib.import_module(name)
     from kerneltune.ops import get_op, op_names
@@ -163,12 +210,14 @@ def serve(sock: socket.socket) -> None:
 
     if torch.cuda.is_initialized():
         leaked.append("a CUDA context")
-    hello = {"ok": not leaked, "pid": os.getpid(), "namespaces": _namespaces_work() if not leaked else False,
+    if not leaked and not _probe(_parallel_op):
+        leaked.append("a thread pool that a forked child cannot use (a parallel op hung or failed in it)")
+    hello = {"ok": not leaked, "pid": os.getpid(), "namespaces": _probe(_in_namespaces) if not leaked else False,
              "reason": f"the zygote's imports loaded {', '.join(leaked)}" if leaked else ""}
     sock.send(json.dumps(hello).encode())
     if leaked:
         return
-    statuses: dict[int, int | None] = {}
+    statuses: dict[int, int | None] = {}  # every child's exit status, kept: a few bytes a worker
     me = os.getpid()
     while True:
         try:
@@ -177,9 +226,10 @@ def serve(sock: socket.socket) -> None:
             continue
         if not msg:
             return
-        req = json.loads(msg)
         reply: dict[str, Any] = {}
         try:
+            req = json.loads(msg)
+            reply["id"] = req.get("id")
             if req["cmd"] == "spawn":
                 if len(fds) != 3:
                     raise ValueError(f"a spawn request carries 3 descriptors, not {len(fds)}")
@@ -190,17 +240,15 @@ def serve(sock: socket.socket) -> None:
                     sock.close()
                     _child(req, fds, me)
                 statuses[pid] = None
-                reply = {"pid": pid}
+                reply["pid"] = pid
             elif req["cmd"] == "poll":
                 _reap(statuses)
                 pid = int(req["pid"])
-                reply = {"returncode": statuses.get(pid), "known": pid in statuses}
-                if statuses.get(pid) is not None:
-                    del statuses[pid]
+                reply.update(returncode=statuses.get(pid), known=pid in statuses)
             else:
                 raise ValueError(f"unknown request {req['cmd']!r}")
-        except Exception as e:  # noqa: BLE001
-            reply = {"error": f"{type(e).__name__}: {e}"}
+        except Exception as e:  # noqa: BLE001 - a bad request is answered, never the end of the zygote
+            reply["error"] = f"{type(e).__name__}: {e}"
         finally:
             for fd in fds:
                 os.close(fd)
@@ -221,7 +269,7 @@ def _reap(statuses: dict[int, int | None]) -> None:
 
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
-    serve(sock)
+    serve(sock, int(sys.argv[2]))
     os._exit(0)
 
 
@@ -233,11 +281,13 @@ class ForkedProcess:
     def __init__(self, zygote: "Zygote", pid: int) -> None:
         self.zygote, self.pid = zygote, pid
         self.returncode: int | None = None
+        self._lock = threading.Lock()  # the memory watch and death() may ask at once
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            self.returncode = self.zygote.returncode(self.pid)
-        return self.returncode
+        with self._lock:
+            if self.returncode is None:
+                self.returncode = self.zygote.returncode(self.pid)
+            return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -249,35 +299,41 @@ class ForkedProcess:
             delay = min(delay * 2, 0.05)
         return self.returncode  # type: ignore[return-value]
 
+    def zygote_lost(self) -> str:
+        """Why the zygote that forked this worker is gone ('' while it runs): its workers went with it."""
+        return self.zygote.lost()
+
 
 class Zygote:
-    """The parent's handle on one zygote process."""
+    """The parent's handle on one zygote process. Any request that fails, times out or gets an answer out of
+    step ends this zygote (its workers die with it) rather than ever reading one worker's answer as another's."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.lock = threading.Lock()
+        self.broken = ""
+        self._next_id = 0
+        self.proc: subprocess.Popen[bytes] | None = None
         self.workdir = tempfile.mkdtemp(prefix="kerneltune-zygote-")
-        os.chmod(self.workdir, 0o700)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock = ours
-        self._log = open(os.path.join(self.workdir, "zygote.log"), "wb")
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "kerneltune.evaluate.zygote", str(theirs.fileno())],
-                                         stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                         cwd=self.workdir, env={**env, "HOME": self.workdir, "TMPDIR": self.workdir},
-                                         pass_fds=(theirs.fileno(),), start_new_session=True)
-        finally:
+            os.chmod(self.workdir, 0o700)
+            self._log = open(os.path.join(self.workdir, "zygote.log"), "wb")
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kerneltune.evaluate.zygote", str(theirs.fileno()), str(os.getpid())],
+                stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                env={**env, "HOME": self.workdir, "TMPDIR": self.workdir}, pass_fds=(theirs.fileno(),),
+                start_new_session=True)
             theirs.close()
-        self.sock.settimeout(120)
-        try:
+            self.sock.settimeout(120)
             hello = json.loads(self.sock.recv(_MSG) or b"{}")
-        except (OSError, ValueError) as e:
+            if not hello.get("ok"):
+                raise Unavailable(hello.get("reason") or f"the zygote did not start{self._log_tail()}")
+        except (OSError, ValueError, Unavailable) as e:
+            theirs.close()
             self.close()
-            raise Unavailable(f"the zygote did not start: {e}") from None
-        if not hello.get("ok"):
-            self.close()
-            raise Unavailable(hello.get("reason") or f"the zygote did not start{self._log_tail()}")
+            raise e if isinstance(e, Unavailable) else Unavailable(f"the zygote did not start: {e}") from None
         self.namespaces = bool(hello.get("namespaces"))
-        self.sock.settimeout(30)
+        self.sock.settimeout(REQUEST_TIMEOUT)
 
     def _log_tail(self) -> str:
         try:
@@ -287,21 +343,36 @@ class Zygote:
             return ""
         return f": {lines[-1][:200]}" if lines else ""
 
+    def lost(self) -> str:
+        if self.broken:
+            return self.broken
+        if self.proc is None or self.proc.poll() is not None:
+            return "the zygote process died"
+        return ""
+
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return not self.lost()
 
     def _ask(self, req: dict[str, Any], fds: tuple[int, ...] = ()) -> dict[str, Any]:
         with self.lock:
+            if self.broken:
+                raise Unavailable(self.broken)
+            self._next_id += 1
+            req = {**req, "id": self._next_id}
             try:
                 socket.send_fds(self.sock, [json.dumps(req).encode()], list(fds))
                 raw = self.sock.recv(_MSG)
-            except OSError as e:
-                raise Unavailable(f"the zygote stopped answering: {e}") from None
-        if not raw:
-            raise Unavailable("the zygote went away")
-        reply = json.loads(raw)
+                reply = json.loads(raw) if raw else None
+                if reply is None:
+                    raise OSError("the zygote went away")
+                if reply.get("id") != req["id"]:
+                    raise OSError(f"answer {reply.get('id')} to request {req['id']}")
+            except (OSError, ValueError) as e:  # socket.timeout is an OSError
+                self.broken = f"the zygote stopped answering ({e}); it was ended, with its workers"
+                self._end()
+                raise Unavailable(self.broken) from None
         if "error" in reply:
-            raise Unavailable(f"the zygote refused: {reply['error']}")
+            raise Unavailable(f"the zygote refused a request: {reply['error']}")
         return reply
 
     def spawn(self, cfg: dict[str, Any], env: dict[str, str], cwd: str, fds: tuple[int, int, int],
@@ -310,7 +381,10 @@ class Zygote:
         if namespaces and not self.namespaces:
             raise Unavailable("the zygote's children cannot enter namespaces here")
         reply = self._ask({"cmd": "spawn", "cfg": cfg, "env": env, "cwd": cwd, "namespaces": namespaces}, fds)
-        return ForkedProcess(self, int(reply["pid"]))
+        try:
+            return ForkedProcess(self, int(reply["pid"]))
+        except (KeyError, TypeError, ValueError):
+            raise Unavailable(f"the zygote answered a spawn without a pid: {reply}") from None
 
     def returncode(self, pid: int) -> int | None:
         try:
@@ -321,12 +395,9 @@ class Zygote:
             return -signal.SIGKILL
         return reply.get("returncode")
 
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-        if self.proc.poll() is None:
+    def _end(self) -> None:
+        """Kill the zygote (its workers die with it: each asked the kernel for that)."""
+        if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -335,7 +406,16 @@ class Zygote:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        self._log.close()
+
+    def close(self) -> None:
+        self.broken = self.broken or "the zygote was closed"
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self._end()
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
         import shutil
 
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -344,7 +424,9 @@ class Zygote:
 _lock = threading.Lock()
 _zygote: Zygote | None = None
 _failures: list[str] = []
-MAX_STARTS = 3
+MAX_FAILED_STARTS = 3  # then every worker of this process is exec'd
+MAX_STARTS = 20  # a zygote that keeps dying is not worth starting again
+_starts = 0
 
 
 def enabled() -> bool:
@@ -379,16 +461,20 @@ _forever = threading.Event()  # never set: the starting threads stay until the p
 
 
 def get(env: dict[str, str]) -> Zygote:
-    """This process's zygote, started on first use and again if it died (at most ``MAX_STARTS`` failed starts)."""
-    global _zygote
+    """This process's zygote, started on first use and again if it died (at most ``MAX_STARTS`` starts and
+    ``MAX_FAILED_STARTS`` failed ones)."""
+    global _zygote, _starts
     with _lock:
         if _zygote is not None and _zygote.alive():
             return _zygote
         if _zygote is not None:
             _zygote.close()
             _zygote = None
-        if len(_failures) >= MAX_STARTS:
-            raise Unavailable(f"the zygote failed {len(_failures)} times (last: {_failures[-1]})")
+        if len(_failures) >= MAX_FAILED_STARTS:
+            raise Unavailable(f"the zygote failed to start {len(_failures)} times (last: {_failures[-1]})")
+        if _starts >= MAX_STARTS:
+            raise Unavailable(f"the zygote was started {_starts} times in this process; no more")
+        _starts += 1
         try:
             _zygote = _start_in_a_lasting_thread(env)
         except (Unavailable, OSError) as e:

@@ -210,6 +210,8 @@ EXECD = ("attention/patch_worker_timer", "faults/inherited_fds", "faults/secrets
 def test_candidate_in_an_execd_worker(name: str, state: _State, monkeypatch) -> None:
     monkeypatch.setenv("KERNELTUNE_WORKER_START", "exec")
     _check_file(HERE / f"{name}.py", state, monkeypatch, key=f"{name} (exec)")
+    sandbox = state.results[f"{name} (exec)"]["provenance"]["sandbox"]
+    assert sandbox and sandbox["start"] == "exec", sandbox
 
 
 def _check_file(path: Path, state: _State, monkeypatch, key: str = "") -> None:
@@ -255,6 +257,12 @@ def test_healthy_after_all(state: _State, monkeypatch) -> None:
     _env(monkeypatch, state.db)
     r = _evaluate(state, HERE / "honest" / "attn_math_fp32.py", DEFAULT_TIMEOUT)
     assert r["status"] == "passed", r["reason"]
+    if zygote.enabled():  # the catalogue's workers were forked, not exec'd after a silent fallback
+        sandbox = r["provenance"]["sandbox"]
+        assert sandbox["start"] == "fork", sandbox
+        forked = [n for n, x in state.results.items() if ((x.get("provenance") or {}).get("sandbox") or {})
+                  .get("start") == "fork"]
+        assert len(forked) >= len(state.results) // 2, f"only {len(forked)} of {len(state.results)} files forked"
     assert _integrity(state.db) == "ok"
     assert state.store.count("evaluations") == state.evaluations
     # fork-bomb children and forked writers die with their worker (PID namespace, session kill). A worker the
