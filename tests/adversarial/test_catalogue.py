@@ -91,20 +91,21 @@ def _store_files_clean(db: Path) -> None:
     assert pages * page <= size
 
 
-def _ppid(pid: int) -> int:
+def _stat(pid: int, field: int) -> int:
+    """A numeric field of /proc/PID/stat, counted from the state (0) on: 1 the parent, 3 the session."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
+            return int(f.read().rsplit(")", 1)[1].split()[field])
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def _ppid(pid: int) -> int:
+    return _stat(pid, 1)
 
 
 def _sid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[3])
-    except (OSError, IndexError, ValueError):
-        return 0
+    return _stat(pid, 3)
 
 
 def _ours(pid: int) -> bool:
