@@ -193,6 +193,9 @@ class Evaluator:
             self.progress(f"{cand.name}: loading")
             with self.lock.shared():
                 worker.start(timeout=left())
+                # how the worker runs is provenance of every verdict from here on, a failed load's too
+                res["sandbox"] = {**worker.sandbox_info, "namespaces": worker.namespaces,
+                                  "given_up": worker.confinement.note}
                 reply, _ = worker.request({"cmd": "load", "source": cand.source, "filename": f"{cand.name}.py",
                                            "module": f"kt_candidate_{cand.name}", "backend": cand.backend,
                                            "compile_cuda": self.opt.compile_cuda},
@@ -200,8 +203,6 @@ class Evaluator:
             if not reply.get("ok"):
                 raise Outcome(reply["status"], reply["reason"], stage)
             res["threads"] = reply.get("threads")
-            res["sandbox"] = {**worker.sandbox_info, "namespaces": worker.namespaces,
-                              "given_up": worker.confinement.note}
             if not cap.runs:
                 note = reply.get("compile_note") or ""
                 raise Outcome("unsupported", f"{cap.note}; not run" + (f" ({note})" if note else ""), stage)

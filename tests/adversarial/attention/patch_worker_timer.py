@@ -1,5 +1,5 @@
-"""Evaluator tampering that also disables the tamper check. The worker runs as __main__ (exec'd) or as
-kerneltune.evaluate.worker (forked by the zygote); in whichever it finds, the candidate replaces
+"""Evaluator tampering that also disables the tamper check. The worker runs as __main__ (exec'd) or as its
+own module (forked by the zygote); in whichever module holds it, the candidate replaces
 Worker._check_tamper with a no-op (the check that would notice is the one replaced) and swaps the worker's
 private clock _perf_ns for one that runs at 0.6x, so its timings read ~1.7x faster. The skew is kept under
 the parent's 'untimed > 50% of wall' cross-check."""
@@ -9,6 +9,7 @@ import torch
 
 KERNELTUNE = {"op": "attention", "backend": "torch"}
 # EXPECT: rejected
+# REASON: _perf_ns
 
 
 def _attn(q, k, v, causal, scale):
@@ -25,7 +26,7 @@ import time
 
 _real = time.perf_counter_ns
 _t0 = _real()
-for _mod in (sys.modules.get("__main__"), sys.modules.get("kerneltune.evaluate.worker")):
+for _mod in list(sys.modules.values()):  # __main__ when exec'd, the worker's module when forked
     if hasattr(_mod, "Worker") and hasattr(_mod, "_perf_ns"):
         _mod.Worker._check_tamper = lambda self: None
         _mod._perf_ns = lambda: _t0 + int((_real() - _t0) * 0.6)
