@@ -165,6 +165,8 @@ def _print_eval_table(results: list[dict[str, Any]]) -> None:
         st = r["status"]
         spread = f"{r['p20_ms']:.3f}–{r['p80_ms']:.3f}" if r.get("p20_ms") is not None else "—"
         sp = f"{r['speedup']:.2f}× vs {r['baseline']}" if r.get("speedup") is not None else "—"
+        if r.get("noisy"):
+            sp += " [yellow](noisy)[/]"
         reason = r["reason"] or "; ".join(r.get("notes") or [])
         t.add_row(os.path.relpath(r["candidate"]) if os.path.exists(r["candidate"]) else r["candidate"],
                   f"[{STATUS_STYLE.get(st, '')}]{st}[/]", _fmt(r.get("median_ms")), spread, sp,
@@ -436,6 +438,10 @@ def search_cmd(
         if best:
             out.print(f"best: [green]{best['name']}[/] {best['speedup']:.3f}× vs {summary['baseline']} "
                       f"at {summary['shape']} (median {best['median_ms']:.3f} ms)", highlight=False)
+        if summary.get("noisy"):
+            out.print(f"[yellow]{summary['noisy']} passed result(s) were timed twice on a machine too busy to trust "
+                      f"the ratio: not ranked (kerneltune show NAME; evaluate them again when it is quiet)[/]",
+                      highlight=False)
     if summary["status"] == "interrupted":
         err.print(f"interrupted: every finished evaluation is stored; resume with: kerneltune search --resume "
                   f"{summary['run']}" + (f" --db {db}" if db else ""), highlight=False)
@@ -495,6 +501,7 @@ def leaderboard_cmd(
     rows = store.conn.execute(
         "SELECT e.*, c.name, c.origin, c.params, c.backend FROM evaluations e JOIN candidates c ON c.hash = e.candidate_hash"
         " WHERE e.op = ? AND e.device_key = ? AND e.status = 'passed' AND e.speedup IS NOT NULL"
+        " AND json_extract(e.result, '$.noisy') IS NULL"  # timed on a busy machine: not ranked
         " AND e.id = (SELECT MAX(id) FROM evaluations e2 WHERE e2.candidate_hash = e.candidate_hash"
         " AND e2.device_key = e.device_key AND e2.shape IS e.shape) ORDER BY e.speedup DESC LIMIT ?",
         (op, key, limit)).fetchall()

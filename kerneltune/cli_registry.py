@@ -104,11 +104,17 @@ def promote(store: Any, ref: str, registry_path: str, *, device: Optional[str] =
             msg += f"; evaluate it with kerneltune eval --device {device or 'cpu|cuda'}"
         raise PromoteError(msg)
     cases: dict[tuple[str, str], tuple[Any, dict[str, Any], dict[str, Any]]] = {}
-    for e in passed:  # the latest timing of each (device, shape) wins
+    noisy = 0
+    for e in passed:  # the latest timing of each (device, shape) wins; one timed on a busy machine never does
         result = json.loads(e["result"])
         for case in result.get("cases") or []:
-            if case.get("speedup") is not None:
+            if case.get("speedup") is not None and case.get("noisy"):
+                noisy += 1
+            elif case.get("speedup") is not None:
                 cases[(e["device_key"], case["name"])] = (e, result, case)
+    if not cases and noisy:
+        raise PromoteError(f"{row['name']} was timed only on a machine too busy to trust the ratio (noisy timing); "
+                           f"evaluate it again on a quieter machine: kerneltune eval --device {device or 'cpu|cuda'}")
     if not cases:
         raise PromoteError(f"{row['name']} passed on {', '.join(sorted({e['device_key'] for e in passed}))} but was "
                            "never timed there (e.g. Triton under the CPU interpreter): no speedup to promote")

@@ -68,6 +68,7 @@ class Progress:
     cost_usd: float = 0.0
     last: str = ""
     proposer: str = ""
+    noisy: int = 0  # passed, but timed on a machine too busy to trust the ratio (left off the board)
 
     @property
     def best(self) -> dict[str, Any] | None:
@@ -77,12 +78,15 @@ class Progress:
         self.done += 1
         self.cached += int(cached)
         self.by_status[result["status"]] = self.by_status.get(result["status"], 0) + 1
-        if result["status"] == "passed" and result.get("speedup") is not None:
+        if result.get("noisy"):  # timed twice on a busy machine: shown, never ranked
+            self.noisy += 1
+        elif result["status"] == "passed" and result.get("speedup") is not None:
             self.board.append({"name": result["name"], "hash": result["hash"], "speedup": result["speedup"],
                                "median_ms": result["median_ms"], "p20_ms": result["p20_ms"],
                                "p80_ms": result["p80_ms"], "params": result.get("params")})
             self.board.sort(key=lambda r: -r["speedup"])
-        self.last = f"{result['name']}: {result['status']}" + (f" {result['speedup']:.2f}×" if result.get("speedup") else "")
+        self.last = (f"{result['name']}: {result['status']}" + (f" {result['speedup']:.2f}×" if result.get("speedup") else "")
+                     + (" (noisy timing: not ranked)" if result.get("noisy") else ""))
 
 
 class SearchError(Exception):
@@ -264,7 +268,8 @@ class Search:
         if not cached:
             self.store.add_evaluation_for(result, run_id=self.run_id, proposal_id=pid)
         result = {**result, "params": proposal.info.get("params")}
-        self.proposer.tell(proposal, result)
+        # a ratio timed on a busy machine is no fitness: the proposer sees a pass without a speedup
+        self.proposer.tell(proposal, {**result, "speedup": None} if result.get("noisy") else result)
         self.progress.cost_usd = self.proposer.cost_usd
         self.progress.record(result, cached)
         self.on_update(self.progress)
@@ -278,7 +283,7 @@ class Search:
             "device_key": self.device_key, "status": status, "stop_reason": self.stop_reason or None,
             "proposer": self.cfg.proposer, "strategy": self.cfg.strategy, "budget": self.cfg.budget,
             "results": p.done, "evaluated": evaluated, "cached": p.cached, "by_status": p.by_status,
-            "best": p.best, "leaderboard": p.board[:10], "baseline": self.spec.primary_baseline, "shape": self.shape,
+            "best": p.best, "leaderboard": p.board[:10], "noisy": p.noisy, "baseline": self.spec.primary_baseline, "shape": self.shape,
             "elapsed_s": round(elapsed, 1),
             "evaluations_per_min": round(evaluated / (elapsed / 60), 2) if elapsed > 0 else None,
             "cost_usd": round(self.proposer.cost_usd, 4),

@@ -19,7 +19,7 @@ SEED = os.path.join(SEEDS, "adamw", "numba_cpu.py")
 
 
 def record(db: str, path: str, *, status: str = "passed", device_key: str | None = None, timed: bool = True,
-           speedups: tuple[float, ...] = (0.8,)) -> str:
+           speedups: tuple[float, ...] = (0.8,), noisy: str | None = None) -> str:
     """Store a candidate and one evaluation of it, shaped like the evaluator's result; return its hash."""
     cand = read_candidate(path)
     inspect_source(cand)
@@ -31,13 +31,13 @@ def record(db: str, path: str, *, status: str = "passed", device_key: str | None
         shapes = [[64, 32], [32]] if i == 0 else [[4096, 1024]] * 8
         cases.append({"case": {"name": f"case{i}", "dims": {"shapes": shapes}, "dtype": "float32", "args": {}},
                       "name": f"case{i}", "median_ms": 2.0 / sp, "p20_ms": 1.9 / sp, "p80_ms": 2.1 / sp, "speedup": sp,
-                      "baselines": {"adamw_fused": {"median_ms": 2.0}}})
+                      "baselines": {"adamw_fused": {"median_ms": 2.0}}, **({"noisy": noisy} if noisy else {})})
     key = device_key or reg.device_key("cpu")
     store.add_evaluation({
         "hash": cand.hash, "op": cand.op, "status": status, "reason": "" if status == "passed" else "params[0]: wrong",
         "stage": "time", "median_ms": cases[0]["median_ms"] if cases else None, "p20_ms": None, "p80_ms": None,
         "speedup": cases[0]["speedup"] if cases else None, "baseline": "adamw_fused" if cases else None,
-        "shape": cases[0]["name"] if cases else None, "dtype": "float32", "cases": cases,
+        "shape": cases[0]["name"] if cases else None, "dtype": "float32", "cases": cases, "noisy": noisy,
         "provenance": {"device": {"key": key, "name": "Test CPU"}, "versions": {"torch": "2.x", "kerneltune": "0.1.0"},
                        "threads": 2, "timestamp": "2026-01-01T00:00:00Z", "timing": {"clock": "perf_counter"}}})
     store.close()
@@ -128,6 +128,22 @@ def test_promote_refuses_untimed_unknown_and_bad_usage(cli, tmp_path):
     assert cli("promote", SEED, "--device", "tpu", "--db", db).exit_code == 2
     assert cli("explain", "attention", "--shape", "2,8", "--registry", registry).exit_code == 2
     assert cli("explain", "nosuchop", "--shape", "2,8,512,64").exit_code == 2
+
+
+def test_a_noisy_timing_is_neither_promoted_nor_ranked(cli, tmp_path):
+    """A ratio the evaluator marked noisy (timed twice on a busy machine) does not reach the registry or the
+    leaderboard; a later quiet timing of the same candidate does."""
+    db, registry = str(tmp_path / "kt.db"), str(tmp_path / "registry.json")
+    record(db, SEED, speedups=(1.64,), noisy="the baseline's own calls varied 12.1x [case0, timed twice]")
+    r = cli("promote", SEED, "--registry", registry, "--db", db)
+    assert r.exit_code == 1 and "too busy to trust" in r.output and not os.path.exists(registry)
+    r = cli("leaderboard", "adamw", "--device", "cpu", "--db", db, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["leaderboard"] == []
+    record(db, SEED, speedups=(0.9,))
+    board = json.loads(cli("leaderboard", "adamw", "--device", "cpu", "--db", db, "--json").stdout)["leaderboard"]
+    assert [b["speedup"] for b in board] == [0.9]
+    r = cli("promote", SEED, "--registry", registry, "--db", db, "--json")
+    assert r.exit_code == 0 and [a["speedup"] for a in json.loads(r.stdout)["added"]] == [0.9]
 
 
 def test_promote_keeps_a_faster_entry_unless_forced(cli, tmp_path):

@@ -113,3 +113,21 @@ def test_a_failing_primary_baseline_stops_the_search_with_one_line_and_nothing_l
     assert summary["results"] == 0 and store.count("evaluations") == 0
     assert summary["resume"] and store.proposals(summary["run"])  # proposed, stored, waiting for --resume
     store.close()
+
+
+def test_a_noisy_timing_is_shown_but_never_ranked():
+    """A pass whose timing the evaluator marked noisy (timed twice on a busy machine) is counted and shown with
+    its ratio, but stays off the board, so it can never be the search's best."""
+    from kerneltune.search.runner import Progress
+
+    p = Progress(run_id="r", op="adamw", device="cpu", budget=3)
+
+    def result(name, speedup, noisy=None):
+        return {"name": name, "hash": name * 8, "status": "passed", "speedup": speedup, "median_ms": 1.0,
+                "p20_ms": 0.9, "p80_ms": 1.1, "noisy": noisy}
+
+    p.record(result("steady", 0.95), cached=False)
+    p.record(result("stalled", 1.64, noisy="the baseline's own calls varied 12.1x [gpt-mini, timed twice]"), False)
+    assert p.best["name"] == "steady" and [r["name"] for r in p.board] == ["steady"]
+    assert p.noisy == 1 and p.by_status == {"passed": 2}
+    assert "1.64×" in p.last and "not ranked" in p.last
