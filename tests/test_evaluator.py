@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -241,3 +242,15 @@ def test_a_timing_under_foreign_load_is_timed_again_then_marked_noisy(evaluator,
     assert case["foreign_load"] is not None and case["foreign_load"] > ev_module.NOISY_LOAD, case["foreign_load"]
     assert r["noisy"] and "timed twice" in r["noisy"] and "other processes" in r["noisy"], r["noisy"]
     assert any(n.startswith("timing noisy") for n in r["notes"]), r["notes"]
+
+
+def test_a_candidate_that_dies_while_timed_leaves_no_load_meter_running(evaluator, write_candidate):
+    """The timing's load meter samples /proc from a thread; a timing that ends in a crash must stop it."""
+    body = ATTN_OK.format(tweak="pass").replace(
+        "def run(q, k, v, causal=True, scale=None):",
+        "CALLS = [0]\n\ndef run(q, k, v, causal=True, scale=None):\n    CALLS[0] += 1\n"
+        "    if CALLS[0] > 60:\n        import os\n        os._exit(5)")
+    r = evaluator.evaluate_path(write_candidate("dies_while_timed", body))
+    assert r["status"] == "crashed" and r["stage"] == "time", (r["status"], r["stage"], r["reason"])
+    meters = [t for t in threading.enumerate() if t.name == "kerneltune-loadmeter"]
+    assert not meters, f"{len(meters)} load meter thread(s) outlived the timing"

@@ -420,23 +420,25 @@ class Evaluator:
         for attempt in (1, 2):
             timing = {c[0]: _Timing() for c in contestants}
             meter = LoadMeter().start()
-            for r_i in range(rounds):
-                order = contestants[r_i % len(contestants):] + contestants[: r_i % len(contestants)]
-                for label_c, w, fn, s in order:
-                    self.progress(f"{label}: timing {case.name} round {r_i + 1}/{rounds} ({label_c})")
-                    # the turn's warm-up call (the other contestants' turns left the caches cold): a request of
-                    # its own, so the cross-check below sees only timed calls. Estimating it at the candidate's
-                    # pace misjudged a call whose time varies: an honest 20 ms candidate that reads /proc was
-                    # rejected.
-                    timed_turn(w, fn, s, 0, 1)
-                    t_start = time.perf_counter()
-                    r = timed_turn(w, fn, s, reps[label_c], 0)
-                    wall = (time.perf_counter() - t_start) * 1e3
-                    tm = timing[label_c]
-                    times = [float(x) for x in r["times_ms"]]
-                    tm.per_turn.append(times)
-                    tm.turns.append((wall, sum(times), len(times)))
-            load = meter.stop()
+            try:
+                for r_i in range(rounds):
+                    order = contestants[r_i % len(contestants):] + contestants[: r_i % len(contestants)]
+                    for label_c, w, fn, s in order:
+                        self.progress(f"{label}: timing {case.name} round {r_i + 1}/{rounds} ({label_c})")
+                        # the turn's warm-up call (the other contestants' turns left the caches cold): a request
+                        # of its own, so the cross-check below sees only timed calls. Estimating it at the
+                        # candidate's pace misjudged a call whose time varies: an honest 20 ms candidate that
+                        # reads /proc was rejected.
+                        timed_turn(w, fn, s, 0, 1)
+                        t_start = time.perf_counter()
+                        r = timed_turn(w, fn, s, reps[label_c], 0)
+                        wall = (time.perf_counter() - t_start) * 1e3
+                        tm = timing[label_c]
+                        times = [float(x) for x in r["times_ms"]]
+                        tm.per_turn.append(times)
+                        tm.turns.append((wall, sum(times), len(times)))
+            finally:  # its sampling thread ends with the timing, however the timing ends
+                load = meter.stop()
             noisy = timing_noise(timing[spec.primary_baseline].times, load)
             if not noisy or attempt == 2:
                 break

@@ -23,6 +23,7 @@ import hashlib
 import os
 import re
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -286,3 +287,6 @@ def test_healthy_after_all(state: _State, monkeypatch) -> None:
         if (execd or forked) and _ours(pid):
             strays.append(pid)
     assert not strays, f"candidate worker processes still alive: {strays}"
+    # and no timing left its load meter sampling (candidates here end timings by crashing or tampering)
+    meters = [t for t in threading.enumerate() if t.name == "kerneltune-loadmeter"]
+    assert not meters, f"{len(meters)} load meter thread(s) outlived their timing"
