@@ -209,7 +209,13 @@ def _result(cand_ms: float, base_ms: float = 1.0, status: str = "passed", seed: 
 def quiet(monkeypatch):
     """Pretend the machine is quiet (or busy) without waiting."""
     state = {"load": 0.0}
-    monkeypatch.setattr(ck.LoadMeter, "stop", lambda self: state["load"])
+    real_stop = ck.LoadMeter.stop
+
+    def stop(self):
+        real_stop(self)  # its sampling thread ends; the load it reads is the test's
+        return state["load"]
+
+    monkeypatch.setattr(ck.LoadMeter, "stop", stop)
     monkeypatch.setattr(ck, "wait_quiet", lambda *a, **k: state["load"])
     return state
 

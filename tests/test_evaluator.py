@@ -250,7 +250,8 @@ def test_a_candidate_that_dies_while_timed_leaves_no_load_meter_running(evaluato
         "def run(q, k, v, causal=True, scale=None):",
         "CALLS = [0]\n\ndef run(q, k, v, causal=True, scale=None):\n    CALLS[0] += 1\n"
         "    if CALLS[0] > 60:\n        import os\n        os._exit(5)")
+    before = {t for t in threading.enumerate() if t.name == "kerneltune-loadmeter"}
     r = evaluator.evaluate_path(write_candidate("dies_while_timed", body))
     assert r["status"] == "crashed" and r["stage"] == "time", (r["status"], r["stage"], r["reason"])
-    meters = [t for t in threading.enumerate() if t.name == "kerneltune-loadmeter"]
+    meters = [t for t in threading.enumerate() if t.name == "kerneltune-loadmeter" and t not in before]
     assert not meters, f"{len(meters)} load meter thread(s) outlived the timing"
