@@ -459,7 +459,8 @@ def runs_cmd(json_out: bool = JsonOpt, db: Optional[str] = DbOpt) -> None:
     rows = []
     for r in store.runs():
         stats = store.conn.execute(
-            "SELECT COUNT(p.id) AS n, COUNT(p.evaluation_id) AS finished, MAX(CASE WHEN e.status='passed' THEN e.speedup END)"
+            "SELECT COUNT(p.id) AS n, COUNT(p.evaluation_id) AS finished, MAX(CASE WHEN e.status='passed'"
+            " AND json_extract(e.result, '$.noisy') IS NULL THEN e.speedup END)"
             " AS best FROM proposals p LEFT JOIN evaluations e ON e.id = p.evaluation_id WHERE p.run_id = ?",
             (r["id"],)).fetchone()
         opts = json.loads(r["options"])
@@ -503,7 +504,8 @@ def leaderboard_cmd(
         " WHERE e.op = ? AND e.device_key = ? AND e.status = 'passed' AND e.speedup IS NOT NULL"
         " AND json_extract(e.result, '$.noisy') IS NULL"  # timed on a busy machine: not ranked
         " AND e.id = (SELECT MAX(id) FROM evaluations e2 WHERE e2.candidate_hash = e.candidate_hash"
-        " AND e2.device_key = e.device_key AND e2.shape IS e.shape) ORDER BY e.speedup DESC LIMIT ?",
+        " AND e2.device_key = e.device_key AND e2.shape IS e.shape AND json_extract(e2.result, '$.noisy') IS NULL)"
+        " ORDER BY e.speedup DESC LIMIT ?",
         (op, key, limit)).fetchall()
     board = [{"rank": i, "candidate": r["name"], "hash": r["candidate_hash"], "backend": r["backend"],
               "origin": r["origin"], "speedup": r["speedup"], "baseline": r["baseline"], "median_ms": r["median_ms"],

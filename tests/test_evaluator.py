@@ -223,12 +223,13 @@ def test_noise_is_judged_by_the_trusted_baselines_spread_and_by_foreign_load():
 
 
 def test_a_timing_under_foreign_load_is_timed_again_then_marked_noisy(evaluator, write_candidate, monkeypatch):
-    """Two busy processes that are not the evaluator's (orphans of a shell) keep the 2 CPUs busy: the case is
-    timed a second time, still noisy, and the result says so instead of passing its ratio off as a measurement."""
+    """Busy processes that are not the evaluator's (orphans of a shell), one per CPU: the case is timed a second
+    time, still noisy, and the result says so instead of passing its ratio off as a measurement."""
     monkeypatch.setattr(ev_module, "QUIET_WAIT_S", 1.0)
     pid_file = tempfile.mktemp()
     burn = f"{sys.executable} -c 'while True: pass'"
-    subprocess.run(["sh", "-c", f"({burn} & echo $! >> {pid_file}; {burn} & echo $! >> {pid_file}) &"], check=True)
+    burners = "; ".join([f"{burn} & echo $! >> {pid_file}"] * (os.cpu_count() or 2))
+    subprocess.run(["sh", "-c", f"({burners}) &"], check=True)
     time.sleep(0.5)
     try:
         r = evaluator.evaluate_path(write_candidate("under_load", ATTN_OK.format(tweak="pass")))
@@ -244,14 +245,17 @@ def test_a_timing_under_foreign_load_is_timed_again_then_marked_noisy(evaluator,
     assert any(n.startswith("timing noisy") for n in r["notes"]), r["notes"]
 
 
-def test_a_candidate_that_dies_while_timed_leaves_no_load_meter_running(evaluator, write_candidate):
+def test_a_candidate_that_dies_while_timed_leaves_no_load_meter_running(evaluator, write_candidate, monkeypatch):
     """The timing's load meter samples /proc from a thread; a timing that ends in a crash must stop it."""
     body = ATTN_OK.format(tweak="pass").replace(
         "def run(q, k, v, causal=True, scale=None):",
         "CALLS = [0]\n\ndef run(q, k, v, causal=True, scale=None):\n    CALLS[0] += 1\n"
         "    if CALLS[0] > 60:\n        import os\n        os._exit(5)")
     before = {t for t in threading.enumerate() if t.name == "kerneltune-loadmeter"}
+    said: list[str] = []
+    monkeypatch.setattr(evaluator, "progress", said.append)
     r = evaluator.evaluate_path(write_candidate("dies_while_timed", body))
     assert r["status"] == "crashed" and r["stage"] == "time", (r["status"], r["stage"], r["reason"])
+    assert any("round 1/" in m for m in said), "it died before the timed rounds (and their meter) began"
     meters = [t for t in threading.enumerate() if t.name == "kerneltune-loadmeter" and t not in before]
     assert not meters, f"{len(meters)} load meter thread(s) outlived the timing"

@@ -89,6 +89,14 @@ class Progress:
                      + (" (noisy timing: not ranked)" if result.get("noisy") else ""))
 
 
+def _as_fitness(result: dict[str, Any]) -> dict[str, Any]:
+    """What a proposer is told: a ratio timed on a busy machine is no fitness, so a noisy pass comes without a
+    speedup (and without the baseline timings that went with it)."""
+    if not result.get("noisy"):
+        return result
+    return {**result, "speedup": None, "cases": [], "median_ms": None}
+
+
 class SearchError(Exception):
     pass
 
@@ -146,7 +154,7 @@ class Search:
             if row["evaluation_id"] is not None:
                 ev = self.store.evaluation(row["evaluation_id"])
                 result = json.loads(ev["result"]) if ev else None
-                self.proposer.replay(key, result)
+                self.proposer.replay(key, _as_fitness(result) if result else result)
                 if result:
                     result.setdefault("params", info.get("params"))
                     self.progress.record(result, cached=False)
@@ -258,6 +266,8 @@ class Search:
         result = json.loads(row["result"])
         if result.get("provenance", {}).get("versions") != versions():
             return False  # measured with other software (kerneltune, torch, triton, numba): measure again
+        if result.get("noisy"):
+            return False  # timed on a busy machine: measure again
         self.store.link_proposal(pid, int(row["id"]))
         self._finish(proposal, pid, result, cached=True)
         return True
@@ -268,8 +278,7 @@ class Search:
         if not cached:
             self.store.add_evaluation_for(result, run_id=self.run_id, proposal_id=pid)
         result = {**result, "params": proposal.info.get("params")}
-        # a ratio timed on a busy machine is no fitness: the proposer sees a pass without a speedup
-        self.proposer.tell(proposal, {**result, "speedup": None} if result.get("noisy") else result)
+        self.proposer.tell(proposal, _as_fitness(result))
         self.progress.cost_usd = self.proposer.cost_usd
         self.progress.record(result, cached)
         self.on_update(self.progress)

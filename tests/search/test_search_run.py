@@ -131,3 +131,15 @@ def test_a_noisy_timing_is_shown_but_never_ranked():
     assert p.best["name"] == "steady" and [r["name"] for r in p.board] == ["steady"]
     assert p.noisy == 1 and p.by_status == {"passed": 2}
     assert "1.64×" in p.last and "not ranked" in p.last
+
+
+def test_a_proposer_never_takes_a_noisy_ratio_for_fitness():
+    """Live or replayed on resume, a noisy pass reaches the proposer without a speedup or timings."""
+    from kerneltune.propose.templates import fitness
+    from kerneltune.search.runner import _as_fitness
+
+    noisy = {"status": "passed", "speedup": 1.64, "median_ms": 52.8, "cases": [{"speedup": 1.64}],
+             "noisy": "the baseline's own calls varied 12.1x [gpt-mini, timed twice]"}
+    quiet = {**noisy, "noisy": None, "speedup": 0.95}
+    assert fitness(_as_fitness(noisy)) is None and _as_fitness(noisy)["cases"] == []
+    assert _as_fitness(quiet) is quiet and fitness(_as_fitness(quiet)) == 0.95
