@@ -452,6 +452,10 @@ def search_cmd(
     raise typer.Exit(0 if summary["best"] else 1)
 
 
+# an evaluation whose timing the evaluator marked noisy (timed twice on a busy machine) is never ranked
+_QUIET = "json_extract({}.result, '$.noisy') IS NULL"
+
+
 @app.command("runs")
 def runs_cmd(json_out: bool = JsonOpt, db: Optional[str] = DbOpt) -> None:
     """Searches in the store: status, progress, best speedup, cost."""
@@ -460,7 +464,7 @@ def runs_cmd(json_out: bool = JsonOpt, db: Optional[str] = DbOpt) -> None:
     for r in store.runs():
         stats = store.conn.execute(
             "SELECT COUNT(p.id) AS n, COUNT(p.evaluation_id) AS finished, MAX(CASE WHEN e.status='passed'"
-            " AND json_extract(e.result, '$.noisy') IS NULL THEN e.speedup END)"
+            f" AND {_QUIET.format('e')} THEN e.speedup END)"
             " AS best FROM proposals p LEFT JOIN evaluations e ON e.id = p.evaluation_id WHERE p.run_id = ?",
             (r["id"],)).fetchone()
         opts = json.loads(r["options"])
@@ -502,9 +506,8 @@ def leaderboard_cmd(
     rows = store.conn.execute(
         "SELECT e.*, c.name, c.origin, c.params, c.backend FROM evaluations e JOIN candidates c ON c.hash = e.candidate_hash"
         " WHERE e.op = ? AND e.device_key = ? AND e.status = 'passed' AND e.speedup IS NOT NULL"
-        " AND json_extract(e.result, '$.noisy') IS NULL"  # timed on a busy machine: not ranked
         " AND e.id = (SELECT MAX(id) FROM evaluations e2 WHERE e2.candidate_hash = e.candidate_hash"
-        " AND e2.device_key = e.device_key AND e2.shape IS e.shape AND json_extract(e2.result, '$.noisy') IS NULL)"
+        f" AND e2.device_key = e.device_key AND e2.shape IS e.shape AND {_QUIET.format('e2')})"
         " ORDER BY e.speedup DESC LIMIT ?",
         (op, key, limit)).fetchall()
     board = [{"rank": i, "candidate": r["name"], "hash": r["candidate_hash"], "backend": r["backend"],

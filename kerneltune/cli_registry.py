@@ -108,9 +108,11 @@ def promote(store: Any, ref: str, registry_path: str, *, device: Optional[str] =
     for e in passed:  # the latest timing of each (device, shape) wins; one timed on a busy machine never does
         result = json.loads(e["result"])
         for case in result.get("cases") or []:
-            if case.get("speedup") is not None and case.get("noisy"):
+            if case.get("speedup") is None:
+                continue
+            if case.get("noisy"):
                 noisy += 1
-            elif case.get("speedup") is not None:
+            else:
                 cases[(e["device_key"], case["name"])] = (e, result, case)
     if not cases and noisy:
         raise PromoteError(f"{row['name']} was timed only on a machine too busy to trust the ratio (noisy timing); "

@@ -248,7 +248,7 @@ class WorkerProcess:
             code = self.proc.returncode
         if self.killed_for:
             return Death("crashed", self.killed_for)
-        lost = self.proc.zygote_lost() if isinstance(self.proc, zygote.ForkedProcess) else ""
+        lost = self.proc.zygote.lost() if isinstance(self.proc, zygote.ForkedProcess) else ""
         if lost:
             return Death("crashed", f"the worker was lost with the zygote process that forked it ({lost}); "
                                     "not necessarily the candidate's doing: evaluate it again")

@@ -29,6 +29,8 @@ import atexit
 import ctypes
 import json
 import os
+import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -84,8 +86,6 @@ def _enter_namespaces() -> None:
 
 def _end_as(pid: int) -> None:
     """Wait for ``pid``, then end the way it ended: its exit status, or killed by its signal (no core)."""
-    import resource
-
     while True:
         try:
             _, status = os.waitpid(pid, 0)
@@ -185,7 +185,6 @@ def _parallel_op() -> bool:
 def serve(sock: socket.socket, parent: int) -> None:
     """The zygote's loop: spawn and poll requests from the parent until it goes away."""
     import importlib
-    import shutil
 
     from kerneltune.evaluate import sandbox
 
@@ -299,10 +298,6 @@ class ForkedProcess:
             delay = min(delay * 2, 0.05)
         return self.returncode  # type: ignore[return-value]
 
-    def zygote_lost(self) -> str:
-        """Why the zygote that forked this worker is gone ('' while it runs): its workers went with it."""
-        return self.zygote.lost()
-
 
 class Zygote:
     """The parent's handle on one zygote process. Any request that fails, times out or gets an answer out of
@@ -344,6 +339,7 @@ class Zygote:
         return f": {lines[-1][:200]}" if lines else ""
 
     def lost(self) -> str:
+        """Why this zygote is gone ('' while it runs): its workers went with it."""
         if self.broken:
             return self.broken
         if self.proc is None or self.proc.poll() is not None:
@@ -416,8 +412,6 @@ class Zygote:
         self._end()
         if getattr(self, "_log", None) is not None:
             self._log.close()
-        import shutil
-
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
