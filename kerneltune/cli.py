@@ -269,7 +269,10 @@ def bench_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                       "torch": prov["versions"]["torch"], "triton": prov["versions"].get("triton"),
                       "numba": prov["versions"].get("numba"), "kerneltune": prov["versions"]["kerneltune"],
                       "threads": prov.get("threads"), "op": r["op"], "shape": case["name"], "dtype": case["case"]["dtype"],
-                      "candidate": r["name"], "candidate_hash": r["hash"][:16]}
+                      "candidate": r["name"], "candidate_hash": r["hash"][:16],
+                      # how the run was timed: others' CPU load, the noise gate's word, whether turns ran alone
+                      "foreign_load": case.get("foreign_load"), "noisy": case.get("noisy") or "",
+                      "isolated": case.get("isolated")}
             rows.append({**common, "contestant": r["name"], "kind": "candidate", "p20_ms": case["p20_ms"],
                          "p50_ms": case["median_ms"], "p80_ms": case["p80_ms"], "speedup_vs_primary": case["speedup"],
                          "pct_of_roof": case["roofline"].get("pct_of_roof"), "gbps": case["roofline"]["gbps"],
@@ -307,8 +310,8 @@ def _print_bench(op: str, results: list[dict[str, Any]], skipped: list[str]) -> 
                       f"{s['roofline']['gbps']:.1f}", f"{s['roofline']['tflops']:.3f}")
         for r in passed:
             c = r["cases"][ci]
-            t.add_row(r["name"], f"{c['median_ms']:.3f}", f"{c['p20_ms']:.3f}–{c['p80_ms']:.3f}",
-                      *[f"{c['baselines'][b]['speedup']:.2f}×" for b in baselines],
+            t.add_row(r["name"] + (" [yellow](noisy)[/]" if c.get("noisy") else ""), f"{c['median_ms']:.3f}",
+                      f"{c['p20_ms']:.3f}–{c['p80_ms']:.3f}", *[f"{c['baselines'][b]['speedup']:.2f}×" for b in baselines],
                       _fmt(c["roofline"].get("pct_of_roof"), ".1f", "%"), f"{c['roofline']['gbps']:.1f}",
                       f"{c['roofline']['tflops']:.3f}")
         out.print(t)
@@ -452,6 +455,14 @@ def search_cmd(
     raise typer.Exit(0 if summary["best"] else 1)
 
 
+def _noisy(e: Any) -> str:
+    """The noise gate's word on a stored evaluation ('' when its timing was quiet or it was not timed)."""
+    try:
+        return str(json.loads(e["result"] or "{}").get("noisy") or "")
+    except (ValueError, TypeError, IndexError, KeyError):
+        return ""
+
+
 # an evaluation whose timing the evaluator marked noisy (timed twice on a busy machine) is never ranked
 _QUIET = "json_extract({}.result, '$.noisy') IS NULL"
 
@@ -552,7 +563,7 @@ def show_cmd(candidate: str = typer.Argument(..., help="hash, hash prefix or nam
     evals = [{"id": e["id"], "device": e["device_name"], "status": e["status"], "reason": e["reason"],
               "stage": e["stage"], "shape": e["shape"], "median_ms": e["median_ms"], "p20_ms": e["p20_ms"],
               "p80_ms": e["p80_ms"], "speedup": e["speedup"], "baseline": e["baseline"], "run": e["run_id"],
-              "when": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["created"]))}
+              "when": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["created"])), "noisy": _noisy(e)}
              for e in store.evaluations(candidate_hash=row["hash"])]
     msgs = [{**message_summary(m), "request": m["request"], "answer": m["text"]} for m in messages_for(store, row["hash"])]
     info = {"hash": row["hash"], "name": row["name"], "op": row["op"], "backend": row["backend"], "origin": row["origin"],
@@ -576,7 +587,7 @@ def show_cmd(candidate: str = typer.Argument(..., help="hash, hash prefix or nam
     for e in evals:
         spread = f"{e['p20_ms']:.3f}–{e['p80_ms']:.3f}" if e["p20_ms"] is not None else "—"
         t.add_row(e["when"], e["device"], e["status"], e["shape"] or "", _fmt(e["median_ms"]), spread,
-                  _fmt(e["speedup"], ".3f", "×"), e["reason"])
+                  _fmt(e["speedup"], ".3f", "×") + (" [yellow](noisy)[/]" if e["noisy"] else ""), e["reason"])
     out.print(t)
     if msgs:
         mt = Table(title="Claude requests behind it")

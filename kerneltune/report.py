@@ -90,11 +90,17 @@ def _series_key(r: dict[str, Any]) -> tuple[str, str, str, str]:
     return (r.get("op") or "?", r.get("shape") or "?", r.get("candidate") or "?", r.get("device_key") or "?")
 
 
+def _ratio(r: dict[str, Any]) -> bool:
+    """A candidate row with a ratio worth plotting: timed, and not marked noisy by the evaluator's noise gate
+    (timed twice on a machine too busy to trust it)."""
+    return r.get("kind") == "candidate" and r.get("speedup_vs_primary") is not None and not r.get("noisy")
+
+
 def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each candidate's latest measured speedup over its op's primary baseline, per (op, shape, device)."""
     best: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     for r in rows:
-        if r.get("kind") != "candidate" or r.get("speedup_vs_primary") is None:
+        if not _ratio(r):
             continue
         k = _series_key(r)
         if k not in best or (r.get("timestamp") or "") >= (best[k].get("timestamp") or ""):
@@ -108,7 +114,7 @@ def history(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], list[
     first_seen: dict[str, str] = {}
     by: dict[tuple[str, str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        if r.get("kind") != "candidate" or r.get("speedup_vs_primary") is None:
+        if not _ratio(r):
             continue
         c = r["commit"]
         ts = r.get("timestamp") or ""
@@ -251,6 +257,10 @@ def _markdown(csv_paths: list[str], rows: list[dict[str, Any]], now: list[dict[s
              f"{len(rows)} rows from {', '.join(f'`{p}`' for p in csv_paths)}. Speedup = the primary baseline's median "
              "over the candidate's, both measured in the same run (interleaved round by round by `kerneltune bench` "
              "and `bench --check`; one after the other in the pytest-benchmark suite), never across runs.", ""]
+    noisy = sum(1 for r in rows if r.get("kind") == "candidate" and r.get("noisy"))
+    if noisy:
+        lines += [f"{noisy} candidate row(s) left out: timed twice on a machine too busy to trust the ratio "
+                  "(`noisy`).", ""]
     if drops:
         lines += [f"**{len(drops)} series dropped by more than {drop_warn:.0%} at their latest commit:**", ""]
         lines += [f"- {d['op']} {d['candidate']} @ {d['shape']} ({d['device_key']}): {d['from']:.3g}× at "

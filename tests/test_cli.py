@@ -94,3 +94,28 @@ def test_doctor_json():
 def test_doctor_never_prints_the_key():
     r = kt("doctor", "--json", env_extra={"ANTHROPIC_API_KEY": "sk-ant-test-SECRETVALUE"})
     assert "SECRETVALUE" not in r.stdout + r.stderr
+
+
+def test_bench_rows_and_table_carry_the_noise_gates_word():
+    """`bench`'s CSV/JSON rows say how each case was timed (others' load, noisy, turns run alone), and its
+    table marks a noisy ratio instead of showing it like a measurement."""
+    from kerneltune import cli as cli_mod
+
+    roof = {"pct_of_roof": None, "gbps": 1.0, "tflops": 0.1}
+    noisy = "other processes kept 60% of the CPUs busy [c0, timed twice]"
+    case = {"name": "c0", "case": {"dtype": "float32"}, "median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1,
+            "speedup": 2.0, "roofline": roof, "foreign_load": 0.6, "isolated": True, "noisy": noisy,
+            "baselines": {"adamw_fused": {"median_ms": 2.0, "p20_ms": 1.9, "p80_ms": 2.1, "speedup": 2.0,
+                                          "roofline": roof}}}
+    res = {"name": "k1", "hash": "ab" * 32, "op": "adamw", "status": "passed", "reason": "", "cases": [case],
+           "provenance": {"timestamp": "t", "device": {"name": "X", "key": "cpu:x"}, "threads": 2,
+                          "versions": {"torch": "2", "kerneltune": "0"}}}
+    quiet = {**res, "name": "k2", "cases": [{**case, "noisy": None, "foreign_load": 0.0}]}
+    rows = cli_mod.bench_rows([res, quiet])
+    assert [(r["contestant"], r["noisy"], r["foreign_load"], r["isolated"]) for r in rows] == [
+        ("k1", noisy, 0.6, True), ("adamw_fused", noisy, 0.6, True), ("k2", "", 0.0, True),
+        ("adamw_fused", "", 0.0, True)]
+    with cli_mod.out.capture() as cap:
+        cli_mod._print_bench("adamw", [res, quiet], [])
+    lines = cap.get().splitlines()
+    assert any("k1 (noisy)" in ln for ln in lines) and not any("k2 (noisy)" in ln for ln in lines)

@@ -118,6 +118,19 @@ def test_history_over_commits_and_the_markdown(tmp_path):
     assert json.loads(Image.open(os.path.join(out, "history.png")).info["Description"]) == h
 
 
+def test_a_noisy_row_is_left_out_of_the_plots_and_the_history(tmp_path):
+    """A ratio the evaluator marked noisy (timed twice on a busy machine) neither becomes the latest speedup
+    nor starts a drop warning; the markdown says how many rows were left out."""
+    p = str(tmp_path / "r.csv")
+    rp.append_rows(p, [row(commit="aaa", speedup=1.2, ts="2026-01-01T00:00:00Z"),
+                       row(commit="bbb", speedup=0.4, ts="2026-01-02T00:00:00Z") | {"noisy": "the baseline's own calls "
+                                                                                    "varied 2.8x"}])
+    info = rp.build_report([p], str(tmp_path / "out"))
+    assert [r["speedup_vs_primary"] for r in info["latest"]] == [1.2] and info["drops"] == []
+    assert info["plotted"]["history.png"]["commits"] == ["aaa"]
+    assert "1 candidate row(s) left out" in open(tmp_path / "out" / "report.md").read()
+
+
 def test_report_command(tmp_path):
     p = str(tmp_path / "r.csv")
     rp.append_rows(p, [row()])

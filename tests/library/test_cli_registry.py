@@ -134,7 +134,7 @@ def test_a_noisy_timing_is_neither_promoted_nor_ranked(cli, tmp_path):
     """A ratio the evaluator marked noisy (timed twice on a busy machine) does not reach the registry or the
     leaderboard; a later quiet timing of the same candidate does."""
     db, registry = str(tmp_path / "kt.db"), str(tmp_path / "registry.json")
-    record(db, SEED, speedups=(1.64,), noisy="the baseline's own calls varied 12.1x [case0, timed twice]")
+    h = record(db, SEED, speedups=(1.64,), noisy="the baseline's own calls varied 12.1x [case0, timed twice]")
     r = cli("promote", SEED, "--registry", registry, "--db", db)
     assert r.exit_code == 1 and "too busy to trust" in r.output and not os.path.exists(registry)
     r = cli("leaderboard", "adamw", "--device", "cpu", "--db", db, "--json")
@@ -147,6 +147,12 @@ def test_a_noisy_timing_is_neither_promoted_nor_ranked(cli, tmp_path):
     assert [b["speedup"] for b in board] == [0.9]  # a later noisy timing neither ranks nor hides the quiet one
     r = cli("promote", SEED, "--registry", registry, "--db", db, "--json")
     assert r.exit_code == 0 and [a["speedup"] for a in json.loads(r.stdout)["added"]] == [0.9]
+    # `show` lists all three, the noisy ones marked
+    shown = json.loads(cli("show", h, "--db", db, "--json").stdout)["evaluations"]
+    assert [(e["speedup"], bool(e["noisy"])) for e in shown] == [(1.64, True), (0.9, False), (1.7, True)]
+    assert "other processes kept 60%" in shown[2]["noisy"]
+    text = cli("show", h, "--db", db).stdout
+    assert text.count("(noisy)") == 2 and "1.640×" in text
 
 
 def test_promote_keeps_a_faster_entry_unless_forced(cli, tmp_path):
