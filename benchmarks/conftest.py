@@ -171,7 +171,7 @@ def kt_bench(request, benchmark, kt_case, kt_contestant):
     one = max(time.perf_counter() - t0, 1e-6)
     rounds = int(min(max(request.config.getoption("kt_seconds") / one, 5), 200))
     benchmark.group = f"{op} · {kt_case.name}"
-    from kerneltune.check import LoadMeter
+    from kerneltune.evaluate.procfs import LoadMeter
 
     meter = LoadMeter().start()  # CPU share other processes took meanwhile: a busy row is not a clean row
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=min(3, rounds))

@@ -35,6 +35,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
+from kerneltune.evaluate.procfs import LoadMeter, wait_quiet
+
 STATUS_OK, STATUS_REGRESSION, STATUS_FAILED, STATUS_INCONCLUSIVE = "ok", "regression", "failed", "inconclusive"
 FAILING = (STATUS_REGRESSION, STATUS_FAILED)
 
@@ -112,147 +114,6 @@ def bootstrap_ci(base_turns: Sequence[Sequence[float]], cand_turns: Sequence[Seq
 def judge(recorded: float, lo: float, hi: float, tolerance: float) -> str:
     """'regression' when the recorded speedup is above the CI's upper end by more than the tolerance."""
     return STATUS_REGRESSION if recorded > hi * (1.0 + tolerance) else STATUS_OK
-
-
-# -- foreign load ----------------------------------------------------------------------------------------
-def _read_proc_stat() -> tuple[int, int] | None:
-    """(busy ticks of all CPUs, number of CPUs) from /proc/stat; None where there is none."""
-    try:
-        with open("/proc/stat") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    head = lines[0].split()
-    if head[0] != "cpu":
-        return None
-    v = [int(x) for x in head[1:]]
-    # user nice system idle iowait irq softirq steal (guest is inside user): all but idle and iowait count
-    busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
-    ncpu = sum(1 for ln in lines if ln.startswith("cpu") and ln[3:4].isdigit())
-    return busy, ncpu
-
-
-def _descendants(root: int) -> dict[tuple[int, int], int]:
-    """{(pid, start time): CPU ticks (utime + stime)} of ``root`` and every process below it."""
-    procs: dict[int, tuple[int, int, int]] = {}
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return {}
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        rest = raw[raw.rfind(")") + 2:].split()  # the fields after "pid (comm)"
-        try:
-            procs[int(name)] = (int(rest[1]), int(rest[11]) + int(rest[12]), int(rest[19]))  # ppid, ticks, start
-        except (IndexError, ValueError):
-            continue
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in procs.items():
-        children.setdefault(ppid, []).append(pid)
-    out, todo = {}, [root]
-    while todo:
-        pid = todo.pop()
-        if pid in procs:
-            out[(pid, procs[pid][2])] = procs[pid][1]
-        todo += children.get(pid, [])
-    return out
-
-
-def _own_ticks(root: int) -> int:
-    """CPU ticks of ``root`` and all its descendants, their reaped children included (a snapshot)."""
-    total = 0
-    for (pid, _), ticks in _descendants(root).items():
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                rest = f.read().rsplit(")", 1)[1].split()
-            total += ticks + int(rest[13]) + int(rest[14])  # + cutime + cstime
-        except (OSError, IndexError, ValueError):
-            total += ticks
-    return total
-
-
-class LoadMeter:
-    """CPU time used by processes other than this one and its descendants, between start() and stop(),
-    as a share of all CPUs (0.5 = half the cores busy all along). None where /proc is missing (not Linux).
-
-    All CPU time comes from /proc/stat (steal time included); this process tree's own share is followed
-    process by process, sampled every ``interval`` seconds, so a worker that is killed and reaped by init
-    (sandbox teardown) still counts as ours up to its last sample."""
-
-    def __init__(self, interval: float = 0.25) -> None:
-        self.interval = interval
-        self._t0 = 0.0
-        self._busy0: tuple[int, int] | None = None
-        self._seen: dict[tuple[int, int], list[int]] = {}  # (pid, start) -> [ticks at first sight, latest]
-        self._stop: Any = None
-        self._thread: Any = None
-        self.cores: float | None = None  # the same, in cores
-
-    def _sample(self, first: bool = False) -> None:
-        now = _descendants(os.getpid())
-        for k, ticks in now.items():
-            if k in self._seen:
-                self._seen[k][1] = ticks
-            else:  # there at start: count from now; born since: count all of it
-                self._seen[k] = [ticks if first else 0, ticks]
-        for k, v in self._seen.items():  # seen as ours once, ours for good (a killed parent's orphan lives on)
-            if k not in now:
-                try:
-                    with open(f"/proc/{k[0]}/stat") as f:
-                        rest = f.read().rsplit(")", 1)[1].split()
-                    if int(rest[19]) == k[1]:
-                        v[1] = max(v[1], int(rest[11]) + int(rest[12]))
-                except (OSError, IndexError, ValueError):
-                    pass
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def start(self) -> "LoadMeter":
-        import threading
-
-        self._t0 = time.monotonic()
-        self._busy0 = _read_proc_stat()
-        if self._busy0 is not None:
-            self._sample(first=True)
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._run, name="kerneltune-loadmeter", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self) -> float | None:
-        wall = time.monotonic() - self._t0
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._sample()
-        busy1 = _read_proc_stat()
-        if self._busy0 is None or busy1 is None or wall <= 0:
-            return None
-        own = sum(last - first for first, last in self._seen.values())
-        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        ncpu = max(busy1[1], 1)
-        self.cores = round(min(max(busy1[0] - self._busy0[0] - own, 0) / hz / wall, ncpu), 3)  # ticks are coarse
-        return round(self.cores / ncpu, 3)
-
-
-def wait_quiet(limit: float, max_wait_s: float, window_s: float = 1.0) -> float | None:
-    """Sample the foreign load over short windows until it is at most ``limit`` or ``max_wait_s`` passed;
-    return the last sample."""
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        m = LoadMeter().start()
-        time.sleep(window_s)
-        load = m.stop()
-        if load is None or load <= limit or time.monotonic() >= deadline:
-            return load
 
 
 # -- registry entries -> cases -----------------------------------------------------------------------------

@@ -87,6 +87,7 @@ def test_honest_kernel_passes_with_timing_and_provenance(evaluator, write_candid
     assert prov["device"]["kind"] == "cpu" and prov["versions"]["torch"] and prov["threads"] >= 1
     assert prov["candidate_hash"] == r["hash"] and prov["timestamp"]
     assert "gbps" in case["roofline"] and "pct_of_roof" in case["roofline"]
+    assert case["isolated"] is True and case["foreign_load"] is not None
 
 
 def test_a_large_timed_case_is_checked_once_before_timing_and_twice_after(evaluator, write_candidate, monkeypatch):
@@ -259,3 +260,97 @@ def test_a_candidate_that_dies_while_timed_leaves_no_load_meter_running(evaluato
     assert any("round 1/" in m for m in said), "it died before the timed rounds (and their meter) began"
     meters = [t for t in threading.enumerate() if t.name == "kerneltune-loadmeter" and t not in before]
     assert not meters, f"{len(meters)} load meter thread(s) outlived the timing"
+    # nor leave the baselines stopped: its turn came while they were (the next evaluation would hang on them)
+    assert all(not w.stopped for w in evaluator._baseline_workers.values())
+
+
+SPINNER = ATTN_OK.format(tweak="pass").replace("import torch\n", """import torch
+import threading
+
+
+def _spin():  # started at import, so no check after a call sees it as the call's leftover
+    a = torch.randn(128, 128, dtype=torch.float64)
+    while True:
+        a @ a  # without the GIL: the candidate's own calls are not held up
+
+
+threading.Thread(target=_spin, daemon=True).start()
+""", 1)
+
+
+def _ticks(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+            total += int(rest[11]) + int(rest[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def _session(sid):
+    out = []
+    for e in os.listdir("/proc"):
+        if e.isdigit():
+            try:
+                with open(f"/proc/{e}/stat") as f:
+                    rest = f.read().rsplit(")", 1)[1].split()
+                if int(rest[3]) == sid:
+                    out.append((int(e), rest[0]))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _cpu_during_baseline_turns(ev, path, monkeypatch):
+    """(candidate CPU ms while the baselines were timed, wall ms of those turns), seen from outside."""
+    from kerneltune.evaluate.process import WorkerProcess
+
+    real = WorkerProcess.request
+    seen = {"cpu": 0, "wall": 0.0}
+
+    def request(self, header, tensors=None, *, timeout):
+        timing = self.role == "baseline" and header is not None and header.get("cmd") == "time"
+        cands = [w for w in ev._active if w.role == "candidate"] if timing else []
+        pids = [p for w in cands for p, _ in _session(w.proc.pid)]
+        t0, c0 = time.perf_counter(), _ticks(pids)
+        try:
+            return real(self, header, tensors, timeout=timeout)
+        finally:
+            if cands:
+                seen["cpu"] += _ticks(pids) - c0
+                seen["wall"] += (time.perf_counter() - t0) * 1e3
+
+    monkeypatch.setattr(WorkerProcess, "request", request)
+    r = ev.evaluate_path(path)
+    monkeypatch.setattr(WorkerProcess, "request", real)
+    assert r["status"] == "passed", r["reason"]
+    return seen["cpu"] * 1000 / os.sysconf("SC_CLK_TCK"), seen["wall"], r
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_a_thread_left_spinning_by_the_candidate_is_stopped_while_the_baselines_are_timed(
+        store, write_candidate, monkeypatch, isolate):
+    """A thread started at import burns a core between calls, where it would slow the baselines (on 2 cores,
+    a 0.5x kernel measured 0.82x so). With isolation the candidate's processes use no CPU during the baselines'
+    turns; without it (the control, proving the probe sees the spinner) they use most of a core."""
+    from kerneltune.ops import get_op
+
+    case = get_op("attention").parse_case("1,2,256,32,causal", "float32")
+    opts = Options(device="cpu", rounds=5, round_ms=40, timeout=60, seeds=1, shapes=[case], isolate=isolate)
+    with Evaluator(opts, store=store) as ev:
+        cpu_ms, wall_ms, r = _cpu_during_baseline_turns(ev, write_candidate(f"spinner_{isolate}", SPINNER),
+                                                        monkeypatch)
+        assert r["cases"][0]["isolated"] is isolate
+        assert wall_ms > 150, wall_ms  # enough 10 ms ticks to tell
+        if isolate:
+            assert cpu_ms <= 30 + 0.05 * wall_ms, (cpu_ms, wall_ms)
+            # and every worker runs again once the timing is over
+            for w in ev._baseline_workers.values():
+                states = [s for _, s in _session(w.proc.pid)]
+                assert states and "T" not in states, states
+                assert not w.stopped
+        else:
+            assert cpu_ms >= 0.4 * wall_ms, (cpu_ms, wall_ms)

@@ -61,7 +61,7 @@ def test_the_workers_of_a_zygote_that_dies_die_with_it_and_the_next_worker_gets_
     try:
         old = zygote.current_pid()
         assert old is not None
-        pids = w._session_pids()
+        pids = w.pids()
         assert pids, "the worker's session is empty"
         os.kill(old, signal.SIGKILL)
         deadline = time.monotonic() + 10

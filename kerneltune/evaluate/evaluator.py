@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import statistics
 import threading
 import time
@@ -29,6 +30,7 @@ from kerneltune.backends import capability
 from kerneltune.evaluate import roofline as roof
 from kerneltune.evaluate.device import device_info, versions
 from kerneltune.evaluate.process import WorkerDied, WorkerProcess, WorkerTimeout
+from kerneltune.evaluate.procfs import LoadMeter, proc_table, wait_quiet
 from kerneltune.evaluate.static import (
     CandidateFile,
     StaticReject,
@@ -59,6 +61,8 @@ class Options:
     baselines: list[str] | None = None  # None: all the op has on the device
     compile_cuda: bool = True         # without a GPU: compile-check CUDA candidates with nvcc (minutes each)
     samples: bool = False             # keep every timed call, per round, in each case's "samples_ms"
+    # while one contestant takes its turn, every other worker is stopped (SIGSTOP); KERNELTUNE_ISOLATE=0: not
+    isolate: bool = field(default_factory=lambda: os.environ.get("KERNELTUNE_ISOLATE", "1") != "0")
 
 
 class BaselineError(RuntimeError):
@@ -153,7 +157,8 @@ class Evaluator:
         self._ids = itertools.count(1)
         self.lock = DeviceLock()
         self._active: set[WorkerProcess] = set()
-        self._active_lock = threading.Lock()
+        self._active_lock = threading.Lock()  # guards _active, _isolating and every worker's stop/resume
+        self._isolating = False
 
     # -- public ------------------------------------------------------------------------------------------
     def evaluate_path(self, path: str, *, origin: str = "user", parent: str | None = None,
@@ -188,6 +193,8 @@ class Evaluator:
                                    label=cand.name)
             with self._active_lock:
                 self._active.add(worker)
+                if self._isolating:  # born during another candidate's timing: it waits, stopped, until the end
+                    worker.stop()
             deadline = t0 + self.opt.timeout
             left = lambda: max(deadline - time.monotonic(), 0.01)  # noqa: E731
             self.progress(f"{cand.name}: loading")
@@ -398,64 +405,66 @@ class Evaluator:
                 names.remove(name)
         contestants: list[tuple[str, WorkerProcess, str, str]] = [("candidate", worker, "run", slot)]
         contestants += [(n, bw, n, f"{bslot}:{n}") for n in names]
-        # calibrate: how many calls fill one turn of a round
-        reps: dict[str, int] = {}
-        for label_c, w, fn, s in contestants:
-            self.progress(f"{label}: calibrating {label_c} on {case.name}")
-            r, _ = w.request({"cmd": "time", "fn": fn, "slot": s, "reps": 1, "warmup": 2}, timeout=left())
-            if not r.get("ok"):
-                raise Outcome(r["status"], r["reason"], "time")
-            t = max(min(r["times_ms"]), 1e-4)
-            reps[label_c] = int(min(max(math.ceil(self.opt.round_ms / t), 1), 5000))
-        rounds = max(self.opt.rounds, math.ceil(self.opt.min_reps / max(min(reps.values()), 1)))
+        with self._isolated_turns() as turn:
+            # calibrate: how many calls fill one turn of a round
+            reps: dict[str, int] = {}
+            for label_c, w, fn, s in contestants:
+                self.progress(f"{label}: calibrating {label_c} on {case.name}")
+                turn(w)
+                r, _ = w.request({"cmd": "time", "fn": fn, "slot": s, "reps": 1, "warmup": 2}, timeout=left())
+                if not r.get("ok"):
+                    raise Outcome(r["status"], r["reason"], "time")
+                t = max(min(r["times_ms"]), 1e-4)
+                reps[label_c] = int(min(max(math.ceil(self.opt.round_ms / t), 1), 5000))
+            rounds = max(self.opt.rounds, math.ceil(self.opt.min_reps / max(min(reps.values()), 1)))
 
-        def timed_turn(w, fn, s, n, warmup):
-            r, _ = w.request({"cmd": "time", "fn": fn, "slot": s, "reps": n, "warmup": warmup}, timeout=left())
-            if not r.get("ok"):
-                raise Outcome(r["status"], f"{r['reason']} [{case.name}, while timing]", "time")
-            return r
+            def timed_turn(w, fn, s, n, warmup):
+                r, _ = w.request({"cmd": "time", "fn": fn, "slot": s, "reps": n, "warmup": warmup}, timeout=left())
+                if not r.get("ok"):
+                    raise Outcome(r["status"], f"{r['reason']} [{case.name}, while timing]", "time")
+                return r
 
-        from kerneltune.check import LoadMeter, wait_quiet
-
-        timed = "timed twice"
-        for attempt in (1, 2):
-            timing = {c[0]: _Timing() for c in contestants}
-            t_attempt = time.monotonic()
-            meter = LoadMeter().start()
-            try:
-                for r_i in range(rounds):
-                    order = contestants[r_i % len(contestants):] + contestants[: r_i % len(contestants)]
-                    for label_c, w, fn, s in order:
-                        self.progress(f"{label}: timing {case.name} round {r_i + 1}/{rounds} ({label_c})")
-                        # the turn's warm-up call (the other contestants' turns left the caches cold): a request
-                        # of its own, so the cross-check below sees only timed calls. Estimating it at the
-                        # candidate's pace misjudged a call whose time varies: an honest 20 ms candidate that
-                        # reads /proc was rejected.
-                        timed_turn(w, fn, s, 0, 1)
-                        t_start = time.perf_counter()
-                        r = timed_turn(w, fn, s, reps[label_c], 0)
-                        wall = (time.perf_counter() - t_start) * 1e3
-                        tm = timing[label_c]
-                        times = [float(x) for x in r["times_ms"]]
-                        tm.per_turn.append(times)
-                        tm.turns.append((wall, sum(times), len(times)))
-            finally:  # its sampling thread ends with the timing, however the timing ends
-                load = meter.stop()
-            # foreign CPU load judges CPU timings; a GPU's own timing is judged by the baseline's spread alone
-            noisy = timing_noise(timing[spec.primary_baseline].times, load if self.device == "cpu" else None)
-            if not noisy or attempt == 2:
-                break
-            wait = min(QUIET_WAIT_S, left() - 2 * (time.monotonic() - t_attempt))  # never at the verdict's cost
-            if wait < 0:
-                timed = "timed once: too little of its time limit left to time it again"
-                break
-            self.progress(f"{label}: timing of {case.name} was noisy ({noisy}); waiting for a quieter machine "
-                          f"(up to {wait:.0f} s) and timing it again")
-            wait_quiet(NOISY_LOAD / 2, wait)
+            timed = "timed twice"
+            for attempt in (1, 2):
+                timing = {c[0]: _Timing() for c in contestants}
+                t_attempt = time.monotonic()
+                meter = LoadMeter().start()
+                try:
+                    for r_i in range(rounds):
+                        order = contestants[r_i % len(contestants):] + contestants[: r_i % len(contestants)]
+                        for label_c, w, fn, s in order:
+                            self.progress(f"{label}: timing {case.name} round {r_i + 1}/{rounds} ({label_c})")
+                            turn(w)
+                            # the turn's warm-up call (the other contestants' turns left the caches cold): a request
+                            # of its own, so the cross-check below sees only timed calls. Estimating it at the
+                            # candidate's pace misjudged a call whose time varies: an honest 20 ms candidate that
+                            # reads /proc was rejected.
+                            timed_turn(w, fn, s, 0, 1)
+                            t_start = time.perf_counter()
+                            r = timed_turn(w, fn, s, reps[label_c], 0)
+                            wall = (time.perf_counter() - t_start) * 1e3
+                            tm = timing[label_c]
+                            times = [float(x) for x in r["times_ms"]]
+                            tm.per_turn.append(times)
+                            tm.turns.append((wall, sum(times), len(times)))
+                finally:  # its sampling thread ends with the timing, however the timing ends
+                    load = meter.stop()
+                # foreign CPU load judges CPU timings; a GPU's own timing is judged by the baseline's spread alone
+                noisy = timing_noise(timing[spec.primary_baseline].times, load if self.device == "cpu" else None)
+                if not noisy or attempt == 2:
+                    break
+                wait = min(QUIET_WAIT_S, left() - 2 * (time.monotonic() - t_attempt))  # never at the verdict's cost
+                if wait < 0:
+                    timed = "timed once: too little of its time limit left to time it again"
+                    break
+                self.progress(f"{label}: timing of {case.name} was noisy ({noisy}); waiting for a quieter machine "
+                              f"(up to {wait:.0f} s) and timing it again")
+                wait_quiet(NOISY_LOAD / 2, wait)
         self._check_timer(timing, names, case)
         cand = timing["candidate"].stats(self.opt.samples)
         out: dict[str, Any] = {"case": case.to_json(), "name": case.name, **cand, "baselines": {}}
         out["foreign_load"] = load
+        out["isolated"] = self.opt.isolate
         if noisy:  # timed twice, noisy both times: the ratio stands, marked, and a search does not rank it
             out["noisy"] = f"{noisy} [{case.name}, {timed}]"
         if dropped:
@@ -472,6 +481,37 @@ class Evaluator:
                                                             out["baselines"][n]["median_ms"], self._ceilings,
                                                             case.dtype)
         return out
+
+    @contextlib.contextmanager
+    def _isolated_turns(self) -> Iterator[Callable[[WorkerProcess], None]]:
+        """Yield ``turn(w)``: from the calibration to the last timed round, call it before each request of a
+        contestant; every other worker of this evaluator (the other contestants, idle candidates of a parallel
+        search) is then stopped with SIGSTOP until the timing ends or its own turn comes. A thread a candidate
+        leaves running between calls (started at import, or native, where no check sees it) cannot slow the
+        baselines it is compared with, and an idle thread pool of one contestant cannot slow another."""
+        def workers() -> list[WorkerProcess]:
+            return list(self._active) + [w for w in self._baseline_workers.values() if w not in self._active]
+
+        def turn(w: WorkerProcess) -> None:
+            with self._active_lock:
+                table = proc_table()
+                for other in workers():
+                    if other is not w:
+                        other.stop(table)
+                w.resume()
+
+        if not self.opt.isolate:
+            yield lambda _w: None
+            return
+        with self._active_lock:
+            self._isolating = True
+        try:
+            yield turn
+        finally:
+            with self._active_lock:
+                self._isolating = False
+                for w in workers():
+                    w.resume()
 
     def _check_timer(self, timing: dict[str, _Timing], baselines: list[str], case: Case) -> None:
         """The candidate's clock against the evaluator's: in every one of its turns, the time it reported must

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from kerneltune.evaluate import protocol, zygote
+from kerneltune.evaluate.procfs import Proc, private_dir, proc_table, tree_pids
 
 _SECRET = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.I)
 _ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "CUDA_PATH",
@@ -116,7 +116,7 @@ def probe_confinement(code: str, what: str) -> Confinement:
     for conf in _CUDA_TRIES:
         if conf.namespaces and not ns_ok:
             continue
-        workdir = tempfile.mkdtemp(prefix="kerneltune-probe-")
+        workdir = private_dir("probe")
         cfg = {"workdir": workdir, "memory_bytes": None, "file_bytes": OUTPUT_CAP,
                "nproc": 1024 if (conf.namespaces and conf.nproc) else None, "landlock": conf.landlock,
                "writable": list(conf.writable)}
@@ -161,13 +161,13 @@ class WorkerProcess:
                  memory_bytes: int | None = None, sandbox: bool = True, label: str = "") -> None:
         self.op, self.device, self.role, self.backend = op, device, role, backend
         self.label = label or role
-        self.workdir = tempfile.mkdtemp(prefix=f"kerneltune-{role}-")
-        os.chmod(self.workdir, 0o700)
+        self.workdir = private_dir(role)
         self.out_path = os.path.join(self.workdir, "output.txt")
         self.memory_bytes = memory_bytes
         self.killed_for: str | None = None
         self.sandbox_info: dict[str, Any] = {}
         self.worker_pid: int | None = None  # as the worker sees itself (1: PID 1 of its own namespace)
+        self.stopped: set[int] = set()  # its processes this evaluator has SIGSTOPped (while another is timed)
         self.confinement = conf = confinement_for(device, sandbox)
         use_ns = conf.namespaces
         cfg = {"device": device, "role": role, "op": op, "workdir": self.workdir,
@@ -281,27 +281,39 @@ class WorkerProcess:
         lines = [ln for ln in text.splitlines() if ln.strip()]
         return f"; last output: {lines[-1][:200]}" if lines else ""
 
-    def _session_pids(self) -> list[int]:
-        """Every process in the worker's session (it is the session leader)."""
-        sid = self.proc.pid
-        pids = []
-        for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-            if not entry.isdigit():
-                continue
+    def pids(self, table: dict[int, Proc] | None = None) -> list[int]:
+        """Every process of the worker: its session (it leads one) and every descendant (procfs.tree_pids)."""
+        return tree_pids(self.proc.pid, proc_table() if table is None else table)
+
+    def stop(self, table: dict[int, Proc] | None = None) -> None:
+        """SIGSTOP every process of the worker, until a fresh look finds none left running (a fork racing the
+        first signal is caught by the next look)."""
+        for _ in range(5):
+            new = [p for p in self.pids(table) if p not in self.stopped]
+            if not new:
+                return
+            for pid in new:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except (ProcessLookupError, PermissionError):
+                    continue
+                self.stopped.add(pid)
+            table = None
+
+    def resume(self) -> None:
+        """SIGCONT what ``stop`` stopped (nothing else of it can have started meanwhile)."""
+        for pid in self.stopped:
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                if int(fields[3]) == sid:  # field 6 of stat: session id
-                    pids.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-        return pids
+                os.kill(pid, signal.SIGCONT)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.stopped.clear()
 
     def _watch_memory(self) -> None:
         limit = self.memory_bytes or 0
         while not self._watch_stop.wait(0.2):
             rss = 0
-            for pid in self._session_pids():
+            for pid in self.pids():
                 if self.namespaces and pid == self.proc.pid:
                     continue  # unshare, or the zygote's in-between process: it waits, and allocates nothing
                 try:
@@ -322,7 +334,7 @@ class WorkerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-            for pid in self._session_pids():
+            for pid in self.pids():
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):

@@ -41,6 +41,8 @@ import time
 import traceback
 from typing import Any
 
+from kerneltune.evaluate import procfs
+
 _MSG = 1 << 20
 REQUEST_TIMEOUT = 30.0  # seconds for the zygote to answer a spawn or a poll
 _CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWPID = 0x00020000, 0x10000000, 0x20000000
@@ -308,10 +310,9 @@ class Zygote:
         self.broken = ""
         self._next_id = 0
         self.proc: subprocess.Popen[bytes] | None = None
-        self.workdir = tempfile.mkdtemp(prefix="kerneltune-zygote-")
+        self.workdir = procfs.private_dir("zygote")
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            os.chmod(self.workdir, 0o700)
             self._log = open(os.path.join(self.workdir, "zygote.log"), "wb")
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "kerneltune.evaluate.zygote", str(theirs.fileno()), str(os.getpid())],

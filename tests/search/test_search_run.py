@@ -45,7 +45,10 @@ def test_kill_9_then_resume_loses_nothing_and_repeats_nothing(template_dir, tmp_
     db = str(tmp_path / "kt.db")
     args = ["search", "adamw", "--device", "cpu", "--candidates", template_dir, "--shapes", "gpt-tiny",
             "--budget", "4", "--jobs", "1", "--strategy", "grid", "--db", db, "--json"]
-    proc = _kt(args)
+    tmp = tmp_path / "tmp"  # the workers' folders, where this test can see what a kill -9 leaves behind
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    proc = _kt(args, env=env)
     deadline = time.monotonic() + 240
     done = 0
     while time.monotonic() < deadline:
@@ -60,6 +63,9 @@ def test_kill_9_then_resume_loses_nothing_and_repeats_nothing(template_dir, tmp_
         assert proc.poll() is None, proc.communicate()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    time.sleep(1)  # its workers die with it (they follow their parent), their folders stay
+    leaked = [n for n in os.listdir(tmp) if n.startswith("kerneltune-") and f"-{proc.pid}-" in n]
+    assert leaked, os.listdir(tmp)
     con = sqlite3.connect(db)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finished_before = con.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
@@ -68,8 +74,9 @@ def test_kill_9_then_resume_loses_nothing_and_repeats_nothing(template_dir, tmp_
     assert status == "running"  # killed: it never got to say otherwise
     con.close()
     r = subprocess.run([sys.executable, "-m", "kerneltune.cli", "search", "--resume", run_id, "--db", db, "--json"],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr
+    assert not [n for n in os.listdir(tmp) if n.startswith("kerneltune-")], os.listdir(tmp)  # swept, and its own removed
     summary = json.loads(r.stdout)
     assert summary["status"] == "done" and summary["results"] == 4
     con = sqlite3.connect(db)

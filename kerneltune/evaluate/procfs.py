@@ -1,0 +1,248 @@
+"""What /proc says about processes and CPUs: the process table the evaluator stops and kills workers by,
+and the meter that tells a quiet machine from a busy one.
+
+One reading of /proc/<pid>/stat serves all of it: a worker's processes (its session and every descendant),
+the CPU its own process tree used, and the CPU everything else used on the CPUs this process may run on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import tempfile
+import threading
+import time
+from typing import NamedTuple
+
+
+class Proc(NamedTuple):
+    ppid: int
+    sid: int
+    ticks: int  # utime + stime
+    start: int  # start time in ticks since boot: with the pid, names one process for good
+
+
+def proc_table() -> dict[int, Proc]:
+    """pid -> Proc of every process /proc shows (empty where there is no /proc)."""
+    table: dict[int, Proc] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return table
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                raw = f.read()
+            rest = raw[raw.rfind(")") + 2:].split()  # the fields after "pid (comm)"
+            table[int(entry)] = Proc(int(rest[1]), int(rest[3]), int(rest[11]) + int(rest[12]), int(rest[19]))
+        except (OSError, IndexError, ValueError):
+            continue
+    return table
+
+
+def descendants(roots: set[int], table: dict[int, Proc]) -> set[int]:
+    """``roots`` (those alive) and every process below them."""
+    children: dict[int, list[int]] = {}
+    for pid, p in table.items():
+        children.setdefault(p.ppid, []).append(pid)
+    found = {r for r in roots if r in table}
+    todo = list(found)
+    while todo:
+        for kid in children.get(todo.pop(), ()):
+            if kid not in found:
+                found.add(kid)
+                todo.append(kid)
+    return found
+
+
+def tree_pids(leader: int, table: dict[int, Proc]) -> list[int]:
+    """The processes of the session ``leader`` leads and all their descendants: a process that left the
+    session with setsid() is still found (in a PID namespace, orphans are re-parented to the worker)."""
+    return sorted(descendants({pid for pid, p in table.items() if p.sid == leader} | {leader}, table))
+
+
+def own_ticks(root: int) -> int:
+    """CPU ticks of ``root`` and all its descendants, their reaped children included (a snapshot)."""
+    table = proc_table()
+    total = 0
+    for pid in descendants({root}, table):
+        total += table[pid].ticks
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+            total += int(rest[13]) + int(rest[14])  # + cutime + cstime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def allowed_cpus() -> set[int] | None:
+    """The CPUs this process may run on (its affinity, which its workers inherit); None: all of them."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def cpu_busy(cpus: set[int] | None = None) -> tuple[int, int] | None:
+    """(busy ticks, number of CPUs) from /proc/stat, over ``cpus`` (None: all); None where there is none.
+    Busy: user, nice, system, irq, softirq and steal (guest time is inside user); not idle or iowait."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    busy = n = 0
+    for ln in lines:
+        if not (ln.startswith("cpu") and ln[3:4].isdigit()):
+            continue
+        head = ln.split()
+        if cpus is not None and int(head[0][3:]) not in cpus:
+            continue
+        v = [int(x) for x in head[1:]]
+        busy += v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
+        n += 1
+    return (busy, n) if n else None
+
+
+class LoadMeter:
+    """CPU time used by processes other than this one and its descendants, between start() and stop(),
+    as a share of the CPUs this process may run on (0.5 = half of them busy all along). None where /proc is
+    missing (not Linux).
+
+    The CPUs' time comes from /proc/stat (steal time included), only for the CPUs in this process's
+    affinity: on a host shared by pinned containers, load on another container's cores is not ours to
+    judge. This process tree's own share is followed process by process, sampled every ``interval``
+    seconds, so a worker that is killed and reaped by init (sandbox teardown) still counts as ours up to
+    its last sample."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self._t0 = 0.0
+        self._cpus = allowed_cpus()
+        self._busy0: tuple[int, int] | None = None
+        self._seen: dict[tuple[int, int], list[int]] = {}  # (pid, start) -> [ticks at first sight, latest]
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+        self.cores: float | None = None  # the same, in cores
+
+    def _sample(self, first: bool = False) -> None:
+        table = proc_table()
+        now = {(pid, table[pid].start): table[pid].ticks for pid in descendants({os.getpid()}, table)}
+        for k, ticks in now.items():
+            if k in self._seen:
+                self._seen[k][1] = ticks
+            else:  # there at start: count from now; born since: count all of it
+                self._seen[k] = [ticks if first else 0, ticks]
+        for k, v in self._seen.items():  # seen as ours once, ours for good (a killed parent's orphan lives on)
+            p = table.get(k[0]) if k not in now else None
+            if p is not None and p.start == k[1]:
+                v[1] = max(v[1], p.ticks)
+
+    def _run(self) -> None:
+        assert self._stop is not None
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def start(self) -> "LoadMeter":
+        self._t0 = time.monotonic()
+        self._busy0 = cpu_busy(self._cpus)
+        if self._busy0 is not None:
+            self._sample(first=True)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, name="kerneltune-loadmeter", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> float | None:
+        wall = time.monotonic() - self._t0
+        if self._thread is not None and self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+        busy1 = cpu_busy(self._cpus)
+        if self._busy0 is None or busy1 is None or wall <= 0:
+            return None
+        own = sum(last - first for first, last in self._seen.values())
+        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        ncpu = max(busy1[1], 1)
+        self.cores = round(min(max(busy1[0] - self._busy0[0] - own, 0) / hz / wall, ncpu), 3)  # ticks are coarse
+        return round(self.cores / ncpu, 3)
+
+
+def wait_quiet(limit: float, max_wait_s: float, window_s: float = 1.0) -> float | None:
+    """Sample the foreign load over short windows until it is at most ``limit`` or ``max_wait_s`` passed;
+    return the last sample."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        m = LoadMeter().start()
+        time.sleep(window_s)
+        load = m.stop()
+        if load is None or load <= limit or time.monotonic() >= deadline:
+            return load
+
+
+# -- the evaluator's temp folders ---------------------------------------------------------------------------
+_DIR = re.compile(r"kerneltune-(candidate|baseline|probe|zygote)-(\d+)-[^/]+")
+_swept = threading.Lock()
+_sweep_done = False
+
+
+def started_at(pid: int) -> float | None:
+    """When ``pid`` started (seconds since the epoch), None when it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(ln.split()[1]) for ln in f if ln.startswith("btime "))
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+    return btime + start / os.sysconf("SC_CLK_TCK")
+
+
+def sweep_stale_dirs(tmp: str | None = None) -> list[str]:
+    """Remove the temp folders an evaluator that no longer runs left behind (kill -9 gives it no chance to
+    clean up): this user's ``kerneltune-<role>-<pid>-*`` folders whose pid is gone, or is a younger process
+    that reused the number. Folders of a live evaluator, and any not named so, are left alone."""
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return removed
+    for name in names:
+        m = _DIR.fullmatch(name)
+        if not m:
+            continue
+        path = os.path.join(tmp, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        born = started_at(int(m.group(2)))
+        if born is not None and born <= st.st_mtime + 1:  # its owner still runs
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            removed.append(path)
+    return removed
+
+
+def private_dir(role: str) -> str:
+    """A new folder only this user can enter, for a worker, a probe or the zygote, named after this process
+    so a later evaluator can tell whether its owner still runs. The first call in a process also removes the
+    folders dead evaluators left (sweep_stale_dirs)."""
+    global _sweep_done
+    with _swept:
+        if not _sweep_done:
+            _sweep_done = True
+            sweep_stale_dirs()
+    path = tempfile.mkdtemp(prefix=f"kerneltune-{role}-{os.getpid()}-")
+    os.chmod(path, 0o700)
+    return path
