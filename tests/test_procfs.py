@@ -77,29 +77,102 @@ def test_cpu_busy_counts_only_the_cpus_asked_for():
                                                           and ln[3:4].isdigit()])
     one = procfs.cpu_busy({0})
     assert one is not None and one[1] == 1 and 0 <= one[0] <= procfs.cpu_busy()[0]
-    assert procfs.cpu_busy({10**6}) is None  # no such CPU: nothing to judge, not a zero load
+    # a CPU /proc/stat does not list (a container's own numbering): judged over all it lists, never over none
+    assert procfs.cpu_busy({10**6})[1] == all_cpus[1]
     assert procfs.allowed_cpus() == set(os.sched_getaffinity(0))
 
 
 def test_folders_of_a_dead_evaluator_are_swept_and_a_live_ones_kept(tmp_path):
     """kill -9 gives an evaluator no chance to remove its workers' folders: the next one removes those whose
-    owner is gone or whose pid now names a younger process, and keeps its own, a live one's, and any other."""
+    owner is gone or whose pid now names another process (another start time), and keeps its own, a live
+    one's, and any other; a folder's times, which a candidate can change, do not matter."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        time.sleep(0.2)
-        names = {"dead": f"kerneltune-candidate-{gone.pid}-abc", "mine": f"kerneltune-baseline-{os.getpid()}-x1",
-                 "live": f"kerneltune-zygote-{live.pid}-y2", "reused": f"kerneltune-probe-{live.pid}-z3",
-                 "other": "kerneltune-candidate-notapid", "unrelated": f"pytest-{gone.pid}-q"}
+        me, it = procfs.start_ticks(os.getpid()), procfs.start_ticks(live.pid)
+        names = {"dead": f"kerneltune-candidate-{gone.pid}-5-abc", "mine": f"kerneltune-baseline-{os.getpid()}-{me}-x1",
+                 "live": f"kerneltune-zygote-{live.pid}-{it}-y2", "reused": f"kerneltune-probe-{live.pid}-{it - 1}-z3",
+                 "old": f"kerneltune-candidate-{gone.pid}-q", "unrelated": f"pytest-{gone.pid}-5-q"}
         for key, name in names.items():
             (tmp_path / name).mkdir()
             (tmp_path / name / "output.txt").write_text(key)
-        old = procfs.started_at(live.pid) - 3600  # made an hour before the live process started: not its folder
-        os.utime(tmp_path / names["reused"], (old, old))
+        os.utime(tmp_path / names["live"], (0, 0))  # what a candidate could do to another worker's folder
         removed = procfs.sweep_stale_dirs(str(tmp_path))
         assert sorted(os.path.basename(p) for p in removed) == sorted([names["dead"], names["reused"]])
         assert sorted(os.listdir(tmp_path)) == sorted(n for k, n in names.items() if k not in ("dead", "reused"))
+        made = procfs.private_dir("candidate")
+        try:
+            assert os.path.basename(made).startswith(f"kerneltune-candidate-{os.getpid()}-{me}-")
+            assert procfs.sweep_stale_dirs(os.path.dirname(made)) == [] or made not in procfs.sweep_stale_dirs()
+            assert os.path.isdir(made) and os.stat(made).st_mode & 0o777 == 0o700
+        finally:
+            os.rmdir(made)
     finally:
         live.kill()
         live.wait()
+
+
+TRACED_SPINNER = r"""
+import ctypes, os, signal, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+spinner = os.fork()
+if spinner == 0:  # the work left running; any process of the tree may trace it (Yama's scope 1 allows that)
+    libc.prctl(0x59616d61, ctypes.c_ulong(-1 & (2**64 - 1)), 0, 0, 0)
+    while True:
+        pass
+for _ in range(300):  # idle processes between the two: the tracer is signalled well after the spinner
+    if os.fork() == 0:
+        time.sleep(60)
+        os._exit(0)
+if os.fork() == 0:  # its tracer, a later pid: stopped after it, it lets every SIGSTOP of the spinner go
+    if libc.ptrace(0x4206, spinner, None, None) != 0:  # PTRACE_SEIZE
+        print("seize failed", ctypes.get_errno(), flush=True)
+        os._exit(1)
+    print("traced", flush=True)
+    while True:
+        _, st = os.waitpid(spinner, 0x40000000)  # __WALL
+        sig = os.WSTOPSIG(st) if os.WIFSTOPPED(st) else 0
+        libc.ptrace(7, spinner, None, ctypes.c_void_p(0 if sig == signal.SIGSTOP else sig))  # PTRACE_CONT
+time.sleep(60)
+"""
+
+
+def test_a_process_its_own_tracer_lets_go_is_stopped_all_the_same():
+    """A candidate's process that another of its processes traces: the tracer swallows the SIGSTOP meant for it.
+    The evaluator looks again until every thread of the tree is seen stopped, so the spinner is held once its
+    tracer is; before that look, it ran on through the baselines' turns."""
+    from kerneltune.evaluate.process import WorkerProcess
+
+    class Tree:  # the parts of a WorkerProcess that stopping uses, around a plain process tree
+        pids, stop, resume = WorkerProcess.pids, WorkerProcess.stop, WorkerProcess.resume
+
+        def __init__(self):
+            self.proc = subprocess.Popen([sys.executable, "-c", TRACED_SPINNER], start_new_session=True,
+                                         stdout=subprocess.PIPE, text=True)
+            self.stopped, self.killed_for = set(), None
+
+        def kill(self):
+            for pid in self.pids():
+                os.kill(pid, 9)
+
+    t = Tree()
+    try:
+        said = t.proc.stdout.readline()
+        if "traced" not in said:
+            pytest.skip(f"this kernel does not let a process trace its sibling ({said.strip()})")
+        spinner = min(p for p in t.pids() if p != t.proc.pid)
+        time.sleep(0.2)
+        t.stop()
+        assert t.killed_for is None, t.killed_for
+        before = procfs.proc_table()[spinner].ticks
+        time.sleep(0.5)
+        after = procfs.proc_table()[spinner].ticks
+        assert after - before <= 2, f"the traced spinner ran {(after - before) * 10} ms while stopped"
+        assert all(procfs.all_threads_stopped(p) for p in t.pids())
+        t.resume()
+        assert not t.stopped
+    finally:
+        t.kill()
+        t.proc.wait()

@@ -464,7 +464,9 @@ class Evaluator:
         cand = timing["candidate"].stats(self.opt.samples)
         out: dict[str, Any] = {"case": case.to_json(), "name": case.name, **cand, "baselines": {}}
         out["foreign_load"] = load
-        out["isolated"] = self.opt.isolate
+        # without PID namespaces a process that left a worker's session and tree (double fork, setsid) is not
+        # found, so not stopped: the turns ran alone only as far as the evaluator could see
+        out["isolated"] = self.opt.isolate and worker.namespaces and bw.namespaces
         if noisy:  # timed twice, noisy both times: the ratio stands, marked, and a search does not rank it
             out["noisy"] = f"{noisy} [{case.name}, {timed}]"
         if dropped:
@@ -489,8 +491,9 @@ class Evaluator:
         search) is then stopped with SIGSTOP until the timing ends or its own turn comes. A thread a candidate
         leaves running between calls (started at import, or native, where no check sees it) cannot slow the
         baselines it is compared with, and an idle thread pool of one contestant cannot slow another."""
-        def workers() -> list[WorkerProcess]:
-            return list(self._active) + [w for w in self._baseline_workers.values() if w not in self._active]
+        def workers() -> list[WorkerProcess]:  # the live ones: a dead worker's pid may name another process now
+            ws = list(self._active) + [w for w in self._baseline_workers.values() if w not in self._active]
+            return [w for w in ws if w.proc.poll() is None]
 
         def turn(w: WorkerProcess) -> None:
             with self._active_lock:

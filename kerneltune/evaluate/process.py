@@ -22,7 +22,14 @@ from typing import Any
 import torch
 
 from kerneltune.evaluate import protocol, zygote
-from kerneltune.evaluate.procfs import Proc, private_dir, proc_table, tree_pids
+from kerneltune.evaluate.procfs import (
+    STOPPED_STATES,
+    Proc,
+    all_threads_stopped,
+    private_dir,
+    proc_table,
+    tree_pids,
+)
 
 _SECRET = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.I)
 _ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "CUDA_PATH",
@@ -32,6 +39,7 @@ _ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "CUDA_VISIBLE_DEVICES",
 # what every worker's environment has from interpreter start-up on (the zygote is started with it)
 ZYGOTE_ENV = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
 OUTPUT_CAP = 64 << 20  # bytes of stdout+stderr a candidate may write (its file-size limit)
+STOP_WAIT_S = 1.0  # how long a worker's processes may take to be seen stopped (WorkerProcess.stop)
 
 SIGNAL_WORDS = {signal.SIGSEGV: "segmentation fault", signal.SIGBUS: "bus error", signal.SIGABRT: "abort",
                 signal.SIGFPE: "floating-point exception", signal.SIGILL: "illegal instruction",
@@ -164,7 +172,7 @@ class WorkerProcess:
         self.workdir = private_dir(role)
         self.out_path = os.path.join(self.workdir, "output.txt")
         self.memory_bytes = memory_bytes
-        self.killed_for: str | None = None
+        self.killed_for: tuple[str, str] | None = None  # (status, reason) when the evaluator ended it
         self.sandbox_info: dict[str, Any] = {}
         self.worker_pid: int | None = None  # as the worker sees itself (1: PID 1 of its own namespace)
         self.stopped: set[int] = set()  # its processes this evaluator has SIGSTOPped (while another is timed)
@@ -247,7 +255,7 @@ class WorkerProcess:
             self.kill()
             code = self.proc.returncode
         if self.killed_for:
-            return Death("crashed", self.killed_for)
+            return Death(*self.killed_for)
         lost = self.proc.zygote.lost() if isinstance(self.proc, zygote.ForkedProcess) else ""
         if lost:
             return Death("crashed", f"the worker was lost with the zygote process that forked it ({lost}); "
@@ -286,22 +294,36 @@ class WorkerProcess:
         return tree_pids(self.proc.pid, proc_table() if table is None else table)
 
     def stop(self, table: dict[int, Proc] | None = None) -> None:
-        """SIGSTOP every process of the worker, until a fresh look finds none left running (a fork racing the
-        first signal is caught by the next look)."""
-        for _ in range(5):
-            new = [p for p in self.pids(table) if p not in self.stopped]
-            if not new:
+        """SIGSTOP every process of the worker, and look again until each one is seen stopped: a fork racing
+        the signal is caught by the next look, and a process whose tracer (another of its processes) swallowed
+        the signal gets it again once the tracer is stopped too. One still running after STOP_WAIT_S ends
+        the worker, and its candidate is rejected: the others' timings must not share the CPUs with it."""
+        deadline = time.monotonic() + STOP_WAIT_S
+        while True:
+            table = proc_table() if table is None else table
+            running = [p for p in self.pids(table)
+                       if table[p].state not in STOPPED_STATES or not all_threads_stopped(p)]
+            if not running:
                 return
-            for pid in new:
+            if time.monotonic() > deadline:
+                self.killed_for = ("rejected", "a process of the candidate kept running after SIGSTOP (a tracer of "
+                                               "its own resuming it?): nothing of it may run while the others "
+                                               "are timed")
+                self.kill()
+                return
+            for pid in running:
                 try:
                     os.kill(pid, signal.SIGSTOP)
                 except (ProcessLookupError, PermissionError):
                     continue
                 self.stopped.add(pid)
             table = None
+            time.sleep(0.001)  # the signal lands on a process running on another CPU in microseconds
 
     def resume(self) -> None:
         """SIGCONT what ``stop`` stopped (nothing else of it can have started meanwhile)."""
+        if not self.stopped:
+            return
         for pid in self.stopped:
             try:
                 os.kill(pid, signal.SIGCONT)
@@ -322,7 +344,7 @@ class WorkerProcess:
                 except (OSError, ValueError, IndexError):
                     continue
             if rss > limit * 1.1:
-                self.killed_for = (f"the candidate's processes used {rss / 2**30:.1f} GiB, over the memory limit of "
+                self.killed_for = ("crashed", f"the candidate's processes used {rss / 2**30:.1f} GiB, over the memory limit of "
                                    f"{limit / 2**30:.1f} GiB (raise it with --memory-limit)")
                 self.kill()
                 return
@@ -346,7 +368,7 @@ class WorkerProcess:
                 continue
 
     def close(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc.poll() is None and not self.stopped:  # a stopped worker cannot answer: it is killed below
             try:
                 protocol.send(self.fd_out, {"cmd": "exit"})
                 protocol.recv(self.fd_in, time.monotonic() + 2)

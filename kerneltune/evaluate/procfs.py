@@ -22,6 +22,7 @@ class Proc(NamedTuple):
     sid: int
     ticks: int  # utime + stime
     start: int  # start time in ticks since boot: with the pid, names one process for good
+    state: str  # R running, S/D sleeping, T stopped, t stopped by its tracer, Z zombie, ...
 
 
 def proc_table() -> dict[int, Proc]:
@@ -38,10 +39,31 @@ def proc_table() -> dict[int, Proc]:
             with open(f"/proc/{entry}/stat") as f:
                 raw = f.read()
             rest = raw[raw.rfind(")") + 2:].split()  # the fields after "pid (comm)"
-            table[int(entry)] = Proc(int(rest[1]), int(rest[3]), int(rest[11]) + int(rest[12]), int(rest[19]))
+            table[int(entry)] = Proc(int(rest[1]), int(rest[3]), int(rest[11]) + int(rest[12]), int(rest[19]),
+                                     rest[0])
         except (OSError, IndexError, ValueError):
             continue
     return table
+
+
+STOPPED_STATES = frozenset("TtZXx")  # a thread in one of these runs no more: stopped, stopped by its tracer, dead
+
+
+def all_threads_stopped(pid: int) -> bool:
+    """Is every thread of ``pid`` stopped (or gone)? A group stop stops them all, but a thread another process
+    traces can be let go by its tracer on its own; /proc/<pid>/stat shows the first thread only."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in STOPPED_STATES:
+                    return False
+        except (OSError, IndexError):
+            continue
+    return True
 
 
 def descendants(roots: set[int], table: dict[int, Proc]) -> set[int]:
@@ -90,23 +112,22 @@ def allowed_cpus() -> set[int] | None:
 
 def cpu_busy(cpus: set[int] | None = None) -> tuple[int, int] | None:
     """(busy ticks, number of CPUs) from /proc/stat, over ``cpus`` (None: all); None where there is none.
-    Busy: user, nice, system, irq, softirq and steal (guest time is inside user); not idle or iowait."""
+    Busy: user, nice, system, irq, softirq and steal (guest time is inside user); not idle or iowait. Where
+    /proc/stat does not list every CPU asked for (a container's view numbered its own way), all of them."""
     try:
         with open("/proc/stat") as f:
             lines = f.read().splitlines()
     except OSError:
         return None
-    busy = n = 0
+    per: dict[int, int] = {}
     for ln in lines:
-        if not (ln.startswith("cpu") and ln[3:4].isdigit()):
-            continue
-        head = ln.split()
-        if cpus is not None and int(head[0][3:]) not in cpus:
-            continue
-        v = [int(x) for x in head[1:]]
-        busy += v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
-        n += 1
-    return (busy, n) if n else None
+        if ln.startswith("cpu") and ln[3:4].isdigit():
+            head = ln.split()
+            v = [int(x) for x in head[1:]]
+            per[int(head[0][3:])] = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
+    if cpus is not None and cpus <= per.keys():
+        per = {c: t for c, t in per.items() if c in cpus}
+    return (sum(per.values()), len(per)) if per else None
 
 
 class LoadMeter:
@@ -165,8 +186,8 @@ class LoadMeter:
             self._thread.join()
             self._sample()
         busy1 = cpu_busy(self._cpus)
-        if self._busy0 is None or busy1 is None or wall <= 0:
-            return None
+        if self._busy0 is None or busy1 is None or wall <= 0 or busy1[1] != self._busy0[1]:
+            return None  # no /proc, or the CPUs counted changed meanwhile (hotplug): no load to judge
         own = sum(last - first for first, last in self._seen.values())
         hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         ncpu = max(busy1[1], 1)
@@ -187,27 +208,26 @@ def wait_quiet(limit: float, max_wait_s: float, window_s: float = 1.0) -> float 
 
 
 # -- the evaluator's temp folders ---------------------------------------------------------------------------
-_DIR = re.compile(r"kerneltune-(candidate|baseline|probe|zygote)-(\d+)-[^/]+")
+_DIR = re.compile(r"kerneltune-(candidate|baseline|probe|zygote)-(\d+)-(\d+)-[^/]+")
 _swept = threading.Lock()
 _sweep_done = False
 
 
-def started_at(pid: int) -> float | None:
-    """When ``pid`` started (seconds since the epoch), None when it does not exist."""
+def start_ticks(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (with the pid, it names one process for good); None when
+    there is no such process."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            start = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            btime = next(int(ln.split()[1]) for ln in f if ln.startswith("btime "))
-    except (OSError, IndexError, ValueError, StopIteration):
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
         return None
-    return btime + start / os.sysconf("SC_CLK_TCK")
 
 
 def sweep_stale_dirs(tmp: str | None = None) -> list[str]:
     """Remove the temp folders an evaluator that no longer runs left behind (kill -9 gives it no chance to
-    clean up): this user's ``kerneltune-<role>-<pid>-*`` folders whose pid is gone, or is a younger process
-    that reused the number. Folders of a live evaluator, and any not named so, are left alone."""
+    clean up): this user's ``kerneltune-<role>-<pid>-<start>-*`` folders whose process (that pid, started at
+    that tick) is gone. The name is the only thing trusted: a sandboxed candidate can change a folder's times,
+    not rename it. Folders of a live evaluator, and any not named so, are left alone."""
     tmp = tmp or tempfile.gettempdir()
     removed = []
     try:
@@ -216,7 +236,7 @@ def sweep_stale_dirs(tmp: str | None = None) -> list[str]:
         return removed
     for name in names:
         m = _DIR.fullmatch(name)
-        if not m:
+        if not m or start_ticks(int(m.group(2))) == int(m.group(3)):
             continue
         path = os.path.join(tmp, name)
         try:
@@ -224,9 +244,6 @@ def sweep_stale_dirs(tmp: str | None = None) -> list[str]:
         except OSError:
             continue
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-            continue
-        born = started_at(int(m.group(2)))
-        if born is not None and born <= st.st_mtime + 1:  # its owner still runs
             continue
         shutil.rmtree(path, ignore_errors=True)
         if not os.path.exists(path):
@@ -243,6 +260,6 @@ def private_dir(role: str) -> str:
         if not _sweep_done:
             _sweep_done = True
             sweep_stale_dirs()
-    path = tempfile.mkdtemp(prefix=f"kerneltune-{role}-{os.getpid()}-")
+    path = tempfile.mkdtemp(prefix=f"kerneltune-{role}-{os.getpid()}-{start_ticks(os.getpid()) or 0}-")
     os.chmod(path, 0o700)
     return path
