@@ -23,7 +23,6 @@ import torch
 
 from kerneltune.evaluate import protocol, zygote
 from kerneltune.evaluate.procfs import (
-    STOPPED_STATES,
     Proc,
     all_threads_stopped,
     private_dir,
@@ -301,8 +300,7 @@ class WorkerProcess:
         deadline = time.monotonic() + STOP_WAIT_S
         while True:
             table = proc_table() if table is None else table
-            running = [p for p in self.pids(table)
-                       if table[p].state not in STOPPED_STATES or not all_threads_stopped(p)]
+            running = [p for p in self.pids(table) if not all_threads_stopped(p, p in self.stopped)]
             if not running:
                 return
             if time.monotonic() > deadline:

@@ -49,9 +49,12 @@ def proc_table() -> dict[int, Proc]:
 STOPPED_STATES = frozenset("TtZXx")  # a thread in one of these runs no more: stopped, stopped by its tracer, dead
 
 
-def all_threads_stopped(pid: int) -> bool:
+def all_threads_stopped(pid: int, signalled: bool = False) -> bool:
     """Is every thread of ``pid`` stopped (or gone)? A group stop stops them all, but a thread another process
-    traces can be let go by its tracer on its own; /proc/<pid>/stat shows the first thread only."""
+    traces can be let go by its tracer on its own; /proc/<pid>/stat shows the first thread only. Once the
+    process has been sent SIGSTOP, a thread in uninterruptible sleep (D: a driver call, on a GPU) counts as
+    stopped: it uses no CPU, and it stops before it returns to its own code."""
+    ok = STOPPED_STATES | {"D"} if signalled else STOPPED_STATES
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -59,7 +62,7 @@ def all_threads_stopped(pid: int) -> bool:
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] not in STOPPED_STATES:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ok:
                     return False
         except (OSError, IndexError):
             continue
