@@ -355,3 +355,65 @@ def test_a_thread_left_spinning_by_the_candidate_is_stopped_while_the_baselines_
                 assert not w.stopped
         else:
             assert cpu_ms >= 0.4 * wall_ms, (cpu_ms, wall_ms)
+
+
+def test_other_candidates_of_a_parallel_search_are_stopped_while_one_is_timed(store, write_candidate, monkeypatch):
+    """A search evaluates several candidates at once; while one is timed, the others wait for the device. A
+    loaded spinner waiting so uses no CPU during the timed candidate's turns, and a worker started during the
+    timing is stopped as soon as it joins; both run again once the timing ends."""
+    from kerneltune.evaluate.process import WorkerProcess
+    from kerneltune.evaluate.procfs import all_threads_stopped, proc_table, tree_pids
+    from kerneltune.ops import get_op
+
+    case = get_op("attention").parse_case("1,2,256,32,causal", "float32")
+    opts = Options(device="cpu", rounds=5, round_ms=40, timeout=60, seeds=1, shapes=[case])
+    with Evaluator(opts, store=store) as ev:
+        idle = WorkerProcess(op="attention", device="cpu", role="candidate", backend="torch", label="idle")
+        late: list[WorkerProcess] = []
+        try:
+            idle.start(timeout=60)
+            with open(write_candidate("idle_spinner", SPINNER)) as f:
+                source = f.read()
+            reply, _ = idle.request({"cmd": "load", "source": source, "filename": "idle_spinner.py",
+                                     "module": "kt_idle_spinner", "backend": "torch", "compile_cuda": False},
+                                    timeout=60)
+            assert reply.get("ok"), reply
+            ev._register(idle)  # as a search's second evaluation registers its worker
+            real = WorkerProcess.request
+            seen = {"cpu": 0, "wall": 0.0, "late_stopped": None}
+
+            def request(self, header, tensors=None, *, timeout):
+                timing = self is not idle and header is not None and header.get("cmd") == "time"
+                pids = [p for p, _ in _session(idle.proc.pid)] if timing else []
+                t0, c0 = time.perf_counter(), _ticks(pids)
+                try:
+                    return real(self, header, tensors, timeout=timeout)
+                finally:
+                    if timing:
+                        seen["cpu"] += _ticks(pids) - c0
+                        seen["wall"] += (time.perf_counter() - t0) * 1e3
+
+            def progress(msg):
+                if "round 2/" in msg and not late:  # a worker born mid-timing
+                    w = WorkerProcess(op="attention", device="cpu", role="candidate", label="late")
+                    late.append(w)
+                    ev._register(w)
+                    seen["late_stopped"] = all(all_threads_stopped(p) for p in tree_pids(w.proc.pid, proc_table()))
+
+            monkeypatch.setattr(WorkerProcess, "request", request)
+            monkeypatch.setattr(ev, "progress", progress)
+            r = ev.evaluate_path(write_candidate("timed_honest", ATTN_OK.format(tweak="pass")))
+            monkeypatch.setattr(WorkerProcess, "request", real)
+            assert r["status"] == "passed", r["reason"]
+            cpu_ms = seen["cpu"] * 1000 / os.sysconf("SC_CLK_TCK")
+            assert seen["wall"] > 150 and cpu_ms <= 30 + 0.05 * seen["wall"], (cpu_ms, seen["wall"])
+            assert late and seen["late_stopped"] is True
+            # both run again: the late one answers its hello, the idle one a call
+            late[0].start(timeout=60)
+            assert not idle.stopped and not late[0].stopped
+            reply, _ = idle.request({"cmd": "clear", "prefix": "none:"}, timeout=30)
+            assert reply.get("ok"), reply
+        finally:
+            for w in [idle, *late]:
+                ev._active.discard(w)
+                w.close()

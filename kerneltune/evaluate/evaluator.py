@@ -191,10 +191,7 @@ class Evaluator:
             worker = WorkerProcess(op=spec.name, device=self.device, role="candidate", backend=cand.backend,
                                    memory_bytes=int(self.opt.memory_gb * 2**30), sandbox=self.opt.sandbox,
                                    label=cand.name)
-            with self._active_lock:
-                self._active.add(worker)
-                if self._isolating:  # born during another candidate's timing: it waits, stopped, until the end
-                    worker.stop()
+            self._register(worker)
             deadline = t0 + self.opt.timeout
             left = lambda: max(deadline - time.monotonic(), 0.01)  # noqa: E731
             self.progress(f"{cand.name}: loading")
@@ -290,6 +287,13 @@ class Evaluator:
                             w.request({"cmd": "clear", "prefix": f"{eval_id}:"}, timeout=60)
                         except (WorkerDied, WorkerTimeout):
                             w.close()
+
+    def _register(self, worker: WorkerProcess) -> None:
+        """A new candidate worker joins the evaluator's (killed by abort, stopped during others' timed turns)."""
+        with self._active_lock:
+            self._active.add(worker)
+            if self._isolating:  # born during another candidate's timing: it waits, stopped, until the end
+                worker.stop()
 
     def abort(self) -> None:
         """Kill every worker now (Ctrl-C): evaluations in flight end without a verdict worth keeping."""
