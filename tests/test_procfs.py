@@ -176,3 +176,20 @@ def test_a_process_its_own_tracer_lets_go_is_stopped_all_the_same():
     finally:
         t.kill()
         t.proc.wait()
+
+
+def test_turns_run_alone_only_where_a_stopped_process_is_seen_stopped(monkeypatch):
+    """The probe passes on this Linux; where it fails (a kernel whose /proc does not show a SIGSTOPped process
+    stopped), the evaluator does not stop workers at all (every candidate would be rejected as unstoppable),
+    its cases say `isolated: false`, and doctor says why."""
+    from kerneltune.doctor import diagnose
+    from kerneltune.evaluate import evaluator as ev_mod
+
+    assert procfs.stopping_fails() == ""
+    assert ev_mod.Evaluator(ev_mod.Options()).isolating()
+    assert not ev_mod.Evaluator(ev_mod.Options(isolate=False)).isolating()
+    monkeypatch.setattr(ev_mod, "stopping_fails", lambda: "a SIGSTOPped process was not seen stopped")
+    assert not ev_mod.Evaluator(ev_mod.Options()).isolating()
+    monkeypatch.setattr(procfs, "stopping_fails", lambda: "a SIGSTOPped process was not seen stopped")
+    row = next(r for r in diagnose(None) if r["name"] == "timing: turns alone")
+    assert row["status"] == "warn" and "not seen stopped" in row["detail"], row

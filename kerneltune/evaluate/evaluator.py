@@ -30,7 +30,7 @@ from kerneltune.backends import capability
 from kerneltune.evaluate import roofline as roof
 from kerneltune.evaluate.device import device_info, versions
 from kerneltune.evaluate.process import WorkerDied, WorkerProcess, WorkerTimeout
-from kerneltune.evaluate.procfs import LoadMeter, proc_table, wait_quiet
+from kerneltune.evaluate.procfs import LoadMeter, proc_table, stopping_fails, wait_quiet
 from kerneltune.evaluate.static import (
     CandidateFile,
     StaticReject,
@@ -470,7 +470,7 @@ class Evaluator:
         out["foreign_load"] = load
         # without PID namespaces a process that left a worker's session and tree (double fork, setsid) is not
         # found, so not stopped: the turns ran alone only as far as the evaluator could see
-        out["isolated"] = self.opt.isolate and worker.namespaces and bw.namespaces
+        out["isolated"] = self.isolating() and worker.namespaces and bw.namespaces
         if noisy:  # timed twice, noisy both times: the ratio stands, marked, and a search does not rank it
             out["noisy"] = f"{noisy} [{case.name}, {timed}]"
         if dropped:
@@ -487,6 +487,11 @@ class Evaluator:
                                                             out["baselines"][n]["median_ms"], self._ceilings,
                                                             case.dtype)
         return out
+
+    def isolating(self) -> bool:
+        """Do timed turns run alone here: asked for (Options.isolate), and this machine can stop a process and
+        see it stopped (kerneltune doctor says why not)?"""
+        return self.opt.isolate and not stopping_fails()
 
     @contextlib.contextmanager
     def _isolated_turns(self) -> Iterator[Callable[[WorkerProcess], None]]:
@@ -507,7 +512,7 @@ class Evaluator:
                         other.stop(table)
                 w.resume()
 
-        if not self.opt.isolate:
+        if not self.isolating():
             yield lambda _w: None
             return
         with self._active_lock:

@@ -7,10 +7,14 @@ the CPU its own process tree used, and the CPU everything else used on the CPUs 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
+import signal
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -67,6 +71,31 @@ def all_threads_stopped(pid: int, signalled: bool = False) -> bool:
         except (OSError, IndexError):
             continue
     return True
+
+
+@functools.lru_cache(maxsize=1)
+def stopping_fails() -> str:
+    """Why this machine cannot stop a process and see it stopped ('' when it can): the evaluator's timed turns
+    run alone only where a SIGSTOPped process shows as stopped in /proc (a sandboxed kernel may not)."""
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError as e:
+        return f"no process to stop could start ({e})"
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 2
+        while not all_threads_stopped(proc.pid):
+            if time.monotonic() > deadline:
+                return "a SIGSTOPped process was not seen stopped in /proc within 2 s"
+            time.sleep(0.005)
+        if not os.path.isdir(f"/proc/{proc.pid}/task"):
+            return "/proc shows no threads of a running process"
+        os.kill(proc.pid, signal.SIGCONT)
+        return ""
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def descendants(roots: set[int], table: dict[int, Proc]) -> set[int]:
