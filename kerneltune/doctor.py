@@ -54,7 +54,9 @@ def diagnose(db: str | None = None) -> list[dict[str, str]]:
     rows.append(_row("timing: turns alone", "warn" if why or off else "ok",
                      "off (KERNELTUNE_ISOLATE=0): other workers run during each timed turn" if off else
                      f"other workers cannot be stopped during timed turns: {why}" if why else
-                     "every other worker is stopped (SIGSTOP) during each timed turn"))
+                     "every other worker is stopped (SIGSTOP) during each timed turn" +
+                     ("" if ns else "; without PID namespaces a process that leaves a worker's tree is not "
+                      "found, so cases record isolated: false")))
     if torch.cuda.is_available():
         from kerneltune.evaluate.process import cuda_confinement
 

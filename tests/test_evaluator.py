@@ -408,12 +408,33 @@ def test_other_candidates_of_a_parallel_search_are_stopped_while_one_is_timed(st
             cpu_ms = seen["cpu"] * 1000 / os.sysconf("SC_CLK_TCK")
             assert seen["wall"] > 150 and cpu_ms <= 30 + 0.05 * seen["wall"], (cpu_ms, seen["wall"])
             assert late and seen["late_stopped"] is True
-            # both run again: the late one answers its hello, the idle one a call
+            # both run again: the late one answers its hello, the idle one a call, and its spinner spins again
+            # (so it was spinning to be stopped: the figures above are not those of a dead thread)
             late[0].start(timeout=60)
             assert not idle.stopped and not late[0].stopped
+            pids = [p for p, _ in _session(idle.proc.pid)]
+            c0 = _ticks(pids)
+            time.sleep(0.5)
+            assert (_ticks(pids) - c0) * 1000 / os.sysconf("SC_CLK_TCK") >= 200
             reply, _ = idle.request({"cmd": "clear", "prefix": "none:"}, timeout=30)
             assert reply.get("ok"), reply
         finally:
             for w in [idle, *late]:
                 ev._active.discard(w)
                 w.close()
+
+
+def test_a_baseline_worker_that_cannot_be_stopped_costs_the_candidate_nothing(evaluator, write_candidate, monkeypatch):
+    """The trusted baseline worker is never killed for not stopping (the candidate would pay for it): the
+    timing goes on, and the case says its turns did not run alone."""
+    from kerneltune.evaluate.process import WorkerProcess
+
+    real = WorkerProcess.stop
+    monkeypatch.setattr(WorkerProcess, "stop", lambda self, table=None: False if self.role == "baseline"
+                        else real(self, table))
+    r = evaluator.evaluate_path(write_candidate("baseline_unstoppable", ATTN_OK.format(tweak="pass")))
+    assert r["status"] == "passed", r["reason"]
+    assert r["cases"][0]["isolated"] is False
+    monkeypatch.setattr(WorkerProcess, "stop", real)
+    r = evaluator.evaluate_path(write_candidate("baseline_stoppable", ATTN_OK.format(tweak="pass")))
+    assert r["cases"][0]["isolated"] is namespaces_available()  # the next timing starts afresh

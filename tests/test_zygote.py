@@ -177,3 +177,50 @@ def test_the_zygote_refuses_to_fork_after_a_parallel_op():
             "print(zygote._probe(zygote._parallel_op, 5))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.split() == ["True", "False"], r.stdout + r.stderr
+
+
+STOPPED_ORPHAN = r"""
+import os, sys, threading, time
+os.environ["KERNELTUNE_WORKER_START"] = sys.argv[1]
+from kerneltune.evaluate.process import WorkerProcess
+box = {}
+def make():  # started by a thread that ends at once: the worker must outlive it, and not this process
+    box["w"] = WorkerProcess(op="adamw", device="cpu", role="candidate")
+t = threading.Thread(target=make)
+t.start()
+t.join()
+w = box["w"]
+w.start(timeout=120)
+time.sleep(0.5)
+alive = w.proc.poll() is None
+w.stop()  # as while another contestant is timed: a stopped worker never sees its wire close
+print(" ".join(map(str, w.pids())), "alive" if alive else "dead", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("start", ["exec", "fork"])
+def test_a_stopped_worker_dies_with_its_evaluator(start):
+    """An evaluator killed with -9 while a worker is stopped for another's turn: the worker must not live on,
+    stopped, holding its memory (or a GPU's). Exec'd workers die by setpriv's parent-death signal, set from a
+    thread that lasts as long as the evaluator; forked ones with their zygote."""
+    p = subprocess.Popen([sys.executable, "-c", STOPPED_ORPHAN, start], stdout=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline().split()
+        assert line and line[-1] == "alive", line  # the worker outlived the thread that started it
+        pids = [int(x) for x in line[:-1]]
+        assert pids
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            left = [pid for pid in pids if os.path.exists(f"/proc/{pid}") and
+                    open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in "ZX"]
+            if not left:
+                break
+            time.sleep(0.1)
+        assert not left, f"{len(left)} process(es) of the stopped worker outlived its evaluator"
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

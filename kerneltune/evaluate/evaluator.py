@@ -159,6 +159,7 @@ class Evaluator:
         self._active: set[WorkerProcess] = set()
         self._active_lock = threading.Lock()  # guards _active, _isolating and every worker's stop/resume
         self._isolating = False
+        self._alone = True  # every other worker was seen stopped in every turn of the last timing
 
     # -- public ------------------------------------------------------------------------------------------
     def evaluate_path(self, path: str, *, origin: str = "user", parent: str | None = None,
@@ -251,7 +252,8 @@ class Evaluator:
                 self.progress(f"{cand.name}: re-verify {case.name}")
                 try:
                     # the values timed, with ~1% of the elements changed (a fingerprint cache misses it) ...
-                    near = spec.perturb(spec.make_inputs(case, self.opt.seeds), 2000 + i)
+                    with self.lock.shared():  # CPU work: never during another's timed turn
+                        near = spec.perturb(spec.make_inputs(case, self.opt.seeds), 2000 + i)
                     self._check(worker, spec, case, 2000 + i, left, stage, slot=f"t{i}", last=last, inputs=near)
                     # ... and entirely new values, in the same buffers
                     self._check(worker, spec, case, 1000 + i, left, stage, slot=f"t{i}", last=last)
@@ -327,15 +329,17 @@ class Evaluator:
         if not reply.get("ok"):
             raise Outcome(reply["status"], f"{reply['reason']} {where}", stage)
         try:
-            actual = unflatten(flat)
-            for name in spec.unchanged:
-                got, sent = actual[name], inputs.tensors[name]
-                pairs = zip(got, sent) if isinstance(sent, list) else [(got, sent)]
-                if isinstance(sent, list) and len(got) != len(sent):
-                    raise Outcome("rejected", f"modified its input list {name} {where}", stage)
-                for g, s in pairs:
-                    if g.shape != s.shape or not torch.equal(g, s):
-                        raise Outcome("rejected", f"modified its input {name} (inputs are read-only) {where}", stage)
+            with self.lock.shared():  # comparing GBs of inputs is CPU work: never during another's timed turn
+                actual = unflatten(flat)
+                for name in spec.unchanged:
+                    got, sent = actual[name], inputs.tensors[name]
+                    pairs = zip(got, sent) if isinstance(sent, list) else [(got, sent)]
+                    if isinstance(sent, list) and len(got) != len(sent):
+                        raise Outcome("rejected", f"modified its input list {name} {where}", stage)
+                    for g, s in pairs:
+                        if g.shape != s.shape or not torch.equal(g, s):
+                            raise Outcome("rejected", f"modified its input {name} (inputs are read-only) {where}",
+                                          stage)
             missing = [o for o in spec.outputs if o not in actual]
             if missing:
                 raise Outcome("crashed", f"the worker returned no {missing[0]} {where}", stage)
@@ -470,7 +474,7 @@ class Evaluator:
         out["foreign_load"] = load
         # without PID namespaces a process that left a worker's session and tree (double fork, setsid) is not
         # found, so not stopped: the turns ran alone only as far as the evaluator could see
-        out["isolated"] = self.isolating() and worker.namespaces and bw.namespaces
+        out["isolated"] = self.isolating() and self._alone and worker.namespaces and bw.namespaces
         if noisy:  # timed twice, noisy both times: the ratio stands, marked, and a search does not rank it
             out["noisy"] = f"{noisy} [{case.name}, {timed}]"
         if dropped:
@@ -508,15 +512,15 @@ class Evaluator:
             with self._active_lock:
                 table = proc_table()
                 for other in workers():
-                    if other is not w:
-                        other.stop(table)
+                    if other is not w and not other.stop(table):
+                        self._alone = False
                 w.resume()
 
         if not self.isolating():
             yield lambda _w: None
             return
         with self._active_lock:
-            self._isolating = True
+            self._isolating, self._alone = True, True
         try:
             yield turn
         finally:

@@ -101,6 +101,20 @@ _CUDA_PROBE = ("import json, sys; from kerneltune.evaluate import sandbox; sandb
                "assert float((x + x).sum()) == 2048.0; torch.cuda.synchronize(); print('probe-ok')")
 
 
+@functools.lru_cache(maxsize=1)
+def _die_with_us() -> list[str]:
+    """``setpriv --pdeathsig KILL``, where util-linux has it: the exec'd process (unshare, or the worker) gets
+    SIGKILL when the thread that started it ends (and unshare --kill-child takes the worker with it)."""
+    exe = shutil.which("setpriv")
+    if not exe:
+        return []
+    try:
+        ok = subprocess.run([exe, "--pdeathsig", "KILL", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ok = False
+    return [exe, "--pdeathsig", "KILL"] if ok else []
+
+
 def _wrap_namespaces(argv: list[str]) -> list[str]:
     return [shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child",
             "--mount-proc", *argv]
@@ -209,9 +223,13 @@ class WorkerProcess:
             argv = [sys.executable, "-m", "kerneltune.evaluate.worker", json.dumps(cfg)]
             if use_ns:
                 argv = _wrap_namespaces(argv)
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT,
-                                         cwd=self.workdir, env=child_env(env_extra), pass_fds=(r1, w2),
-                                         start_new_session=True)
+            # killed when this process dies (setpriv's parent-death signal, from a thread that lasts as long as
+            # the process): a worker stopped while another is timed would never see its wire close
+            argv = _die_with_us() + argv
+            out, env = self._out, child_env(env_extra)
+            self.proc = zygote.in_lasting_thread(lambda: subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir, env=env,
+                pass_fds=(r1, w2), start_new_session=True))
         os.close(r1)
         os.close(w2)
         self.fd_out, self.fd_in = w1, r2
@@ -292,23 +310,26 @@ class WorkerProcess:
         """Every process of the worker: its session (it leads one) and every descendant (procfs.tree_pids)."""
         return tree_pids(self.proc.pid, proc_table() if table is None else table)
 
-    def stop(self, table: dict[int, Proc] | None = None) -> None:
+    def stop(self, table: dict[int, Proc] | None = None) -> bool:
         """SIGSTOP every process of the worker, and look again until each one is seen stopped: a fork racing
         the signal is caught by the next look, and a process whose tracer (another of its processes) swallowed
-        the signal gets it again once the tracer is stopped too. One still running after STOP_WAIT_S ends
-        the worker, and its candidate is rejected: the others' timings must not share the CPUs with it."""
+        the signal gets it again once the tracer is stopped too. A candidate's process still running after
+        STOP_WAIT_S ends its worker, and the candidate is rejected: the others' timings must not share the CPUs
+        with it. A trusted baseline worker is left as it is instead. False: not every process was stopped."""
         deadline = time.monotonic() + STOP_WAIT_S
         while True:
             table = proc_table() if table is None else table
             running = [p for p in self.pids(table) if not all_threads_stopped(p, p in self.stopped)]
             if not running:
-                return
+                return True
+            if time.monotonic() > deadline and self.role == "baseline":
+                return False
             if time.monotonic() > deadline:
                 self.killed_for = ("rejected", "a process of the candidate kept running after SIGSTOP (a tracer of "
                                                "its own resuming it?): nothing of it may run while the others "
                                                "are timed")
                 self.kill()
-                return
+                return False
             for pid in running:
                 try:
                     os.kill(pid, signal.SIGSTOP)
@@ -332,6 +353,8 @@ class WorkerProcess:
     def _watch_memory(self) -> None:
         limit = self.memory_bytes or 0
         while not self._watch_stop.wait(0.2):
+            if self.stopped:  # stopped for another's timed turn: it grows no more, and the scan would cost CPU
+                continue
             rss = 0
             for pid in self.pids():
                 if self.namespaces and pid == self.proc.pid:

@@ -58,7 +58,7 @@ def all_threads_stopped(pid: int, signalled: bool = False) -> bool:
     traces can be let go by its tracer on its own; /proc/<pid>/stat shows the first thread only. Once the
     process has been sent SIGSTOP, a thread in uninterruptible sleep (D: a driver call, on a GPU) counts as
     stopped: it uses no CPU, and it stops before it returns to its own code."""
-    ok = STOPPED_STATES | {"D"} if signalled else STOPPED_STATES
+    ok = STOPPED_STATES | {"D", "I"} if signalled else STOPPED_STATES
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -68,8 +68,10 @@ def all_threads_stopped(pid: int, signalled: bool = False) -> bool:
             with open(f"/proc/{pid}/task/{tid}/stat") as f:
                 if f.read().rsplit(")", 1)[1].split()[0] not in ok:
                     return False
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended
         except (OSError, IndexError):
-            continue
+            return False  # unreadable: never taken for stopped
     return True
 
 
@@ -83,6 +85,9 @@ def stopping_fails() -> str:
     except OSError as e:
         return f"no process to stop could start ({e})"
     try:
+        time.sleep(0.05)
+        if all_threads_stopped(proc.pid):  # a reading that cannot tell running from stopped proves nothing
+            return "a running process reads as stopped in /proc"
         os.kill(proc.pid, signal.SIGSTOP)
         deadline = time.monotonic() + 2
         while not all_threads_stopped(proc.pid):
@@ -288,10 +293,11 @@ def private_dir(role: str) -> str:
     so a later evaluator can tell whether its owner still runs. The first call in a process also removes the
     folders dead evaluators left (sweep_stale_dirs)."""
     global _sweep_done
+    me = start_ticks(os.getpid())
     with _swept:
-        if not _sweep_done:
+        if not _sweep_done and me is not None:  # no /proc here: no owner can be told alive, so nothing is swept
             _sweep_done = True
             sweep_stale_dirs()
-    path = tempfile.mkdtemp(prefix=f"kerneltune-{role}-{os.getpid()}-{start_ticks(os.getpid()) or 0}-")
+    path = tempfile.mkdtemp(prefix=f"kerneltune-{role}-{os.getpid()}-{me or 0}-")
     os.chmod(path, 0o700)
     return path

@@ -29,6 +29,7 @@ import atexit
 import ctypes
 import json
 import os
+import queue
 import resource
 import shutil
 import signal
@@ -39,7 +40,7 @@ import tempfile
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 from kerneltune.evaluate import procfs
 
@@ -428,31 +429,38 @@ def enabled() -> bool:
     return os.environ.get("KERNELTUNE_WORKER_START", "fork").strip().lower() != "exec" and sys.platform == "linux"
 
 
-def _start_in_a_lasting_thread(env: dict[str, str]) -> Zygote:
-    """Start a zygote from a daemon thread that lives as long as this process.
-
-    The zygote asks the kernel to kill it when its parent goes (PR_SET_PDEATHSIG), and for the kernel the
-    parent is the *thread* that started it: started from a search's evaluation thread, it would die with that
-    thread, taking workers of other threads with it."""
+def in_lasting_thread(fn: Callable[[], Any]) -> Any:
+    """Run ``fn()`` in a daemon thread that lives as long as this process, and return what it returns (or raise
+    what it raised). For the kernel, the parent of a child is the *thread* that started it, and a child's
+    PR_SET_PDEATHSIG fires when that thread ends: a child started from a search's evaluation thread would die
+    with that thread. Started here, the zygote and exec'd workers die with the process, and only then."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = queue.Queue()
+            threading.Thread(target=_serve, args=(_spawner,), name="kerneltune-spawner", daemon=True).start()
+        q = _spawner
     box: dict[str, Any] = {}
     done = threading.Event()
-
-    def start() -> None:
-        try:
-            box["zygote"] = Zygote(env)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            box["error"] = e
-        done.set()
-        _forever.wait()
-
-    threading.Thread(target=start, name="kerneltune-zygote", daemon=True).start()
+    q.put((fn, box, done))
     done.wait()
     if "error" in box:
         raise box["error"]
-    return box["zygote"]
+    return box["value"]
 
 
-_forever = threading.Event()  # never set: the starting threads stay until the process exits
+def _serve(q: "queue.Queue[tuple[Callable[[], Any], dict[str, Any], threading.Event]]") -> None:
+    while True:
+        fn, box, done = q.get()
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+        done.set()
+
+
+_spawner: "queue.Queue[Any] | None" = None
+_spawner_lock = threading.Lock()  # not _lock: get() holds that while it starts a zygote here
 
 
 def get(env: dict[str, str]) -> Zygote:
@@ -471,7 +479,7 @@ def get(env: dict[str, str]) -> Zygote:
             raise Unavailable(f"the zygote was started {_starts} times in this process; no more")
         _starts += 1
         try:
-            _zygote = _start_in_a_lasting_thread(env)
+            _zygote = in_lasting_thread(lambda: Zygote(env))
         except (Unavailable, OSError) as e:
             _failures.append(str(e))
             raise Unavailable(str(e)) from None
