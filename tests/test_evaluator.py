@@ -305,28 +305,35 @@ def _session(sid):
     return out
 
 
-def _cpu_during_baseline_turns(ev, path, monkeypatch):
-    """(candidate CPU ms while the baselines were timed, wall ms of those turns), seen from outside."""
+def _cpu_probe(monkeypatch, watched):
+    """Wrap WorkerProcess.request: around every "time" request sent to a worker ``w`` for which ``watched(w)``
+    names pids, add those processes' CPU ticks and the request's wall ms to the dict returned (seen from
+    outside, as /proc counts them). Its "restore" puts the real request back."""
     from kerneltune.evaluate.process import WorkerProcess
 
     real = WorkerProcess.request
-    seen = {"cpu": 0, "wall": 0.0}
+    seen = {"cpu": 0, "wall": 0.0, "restore": lambda: monkeypatch.setattr(WorkerProcess, "request", real)}
 
     def request(self, header, tensors=None, *, timeout):
-        timing = self.role == "baseline" and header is not None and header.get("cmd") == "time"
-        cands = [w for w in ev._active if w.role == "candidate"] if timing else []
-        pids = [p for w in cands for p, _ in _session(w.proc.pid)]
-        t0, c0 = time.perf_counter(), _ticks(pids)
+        pids = watched(self) if header is not None and header.get("cmd") == "time" else None
+        t0, c0 = time.perf_counter(), _ticks(pids or [])
         try:
             return real(self, header, tensors, timeout=timeout)
         finally:
-            if cands:
+            if pids:
                 seen["cpu"] += _ticks(pids) - c0
                 seen["wall"] += (time.perf_counter() - t0) * 1e3
 
     monkeypatch.setattr(WorkerProcess, "request", request)
+    return seen
+
+
+def _cpu_during_baseline_turns(ev, path, monkeypatch):
+    """(candidate CPU ms while the baselines were timed, wall ms of those turns, the result)."""
+    seen = _cpu_probe(monkeypatch, lambda w: [p for c in list(ev._active) if c.role == "candidate"
+                                             for p, _ in _session(c.proc.pid)] if w.role == "baseline" else None)
     r = ev.evaluate_path(path)
-    monkeypatch.setattr(WorkerProcess, "request", real)
+    seen["restore"]()
     assert r["status"] == "passed", r["reason"]
     return seen["cpu"] * 1000 / os.sysconf("SC_CLK_TCK"), seen["wall"], r
 
@@ -379,19 +386,9 @@ def test_other_candidates_of_a_parallel_search_are_stopped_while_one_is_timed(st
                                     timeout=60)
             assert reply.get("ok"), reply
             ev._register(idle)  # as a search's second evaluation registers its worker
-            real = WorkerProcess.request
-            seen = {"cpu": 0, "wall": 0.0, "late_stopped": None}
-
-            def request(self, header, tensors=None, *, timeout):
-                timing = self is not idle and header is not None and header.get("cmd") == "time"
-                pids = [p for p, _ in _session(idle.proc.pid)] if timing else []
-                t0, c0 = time.perf_counter(), _ticks(pids)
-                try:
-                    return real(self, header, tensors, timeout=timeout)
-                finally:
-                    if timing:
-                        seen["cpu"] += _ticks(pids) - c0
-                        seen["wall"] += (time.perf_counter() - t0) * 1e3
+            seen = _cpu_probe(monkeypatch, lambda w: [p for p, _ in _session(idle.proc.pid)] if w is not idle
+                              else None)
+            seen["late_stopped"] = None
 
             def progress(msg):
                 if "round 2/" in msg and not late:  # a worker born mid-timing
@@ -400,10 +397,9 @@ def test_other_candidates_of_a_parallel_search_are_stopped_while_one_is_timed(st
                     ev._register(w)
                     seen["late_stopped"] = all(all_threads_stopped(p) for p in tree_pids(w.proc.pid, proc_table()))
 
-            monkeypatch.setattr(WorkerProcess, "request", request)
             monkeypatch.setattr(ev, "progress", progress)
             r = ev.evaluate_path(write_candidate("timed_honest", ATTN_OK.format(tweak="pass")))
-            monkeypatch.setattr(WorkerProcess, "request", real)
+            seen["restore"]()
             assert r["status"] == "passed", r["reason"]
             cpu_ms = seen["cpu"] * 1000 / os.sysconf("SC_CLK_TCK")
             assert seen["wall"] > 150 and cpu_ms <= 30 + 0.05 * seen["wall"], (cpu_ms, seen["wall"])
