@@ -84,6 +84,7 @@ def _fmt(x: Optional[float], spec: str = ".3f", suffix: str = "") -> str:
     return "—" if x is None else f"{x:{spec}}{suffix}"
 
 
+NOISY_MARK = " [yellow](noisy)[/]"  # after a ratio the noise gate did not trust (timed twice on a busy machine)
 STATUS_STYLE = {"passed": "green", "incorrect": "red", "rejected": "magenta", "compile_error": "yellow",
                 "crashed": "red", "timeout": "yellow", "unsupported": "dim"}
 
@@ -166,7 +167,7 @@ def _print_eval_table(results: list[dict[str, Any]]) -> None:
         spread = f"{r['p20_ms']:.3f}–{r['p80_ms']:.3f}" if r.get("p20_ms") is not None else "—"
         sp = f"{r['speedup']:.2f}× vs {r['baseline']}" if r.get("speedup") is not None else "—"
         if r.get("noisy"):
-            sp += " [yellow](noisy)[/]"
+            sp += NOISY_MARK
         reason = r["reason"] or "; ".join(r.get("notes") or [])
         t.add_row(os.path.relpath(r["candidate"]) if os.path.exists(r["candidate"]) else r["candidate"],
                   f"[{STATUS_STYLE.get(st, '')}]{st}[/]", _fmt(r.get("median_ms")), spread, sp,
@@ -310,7 +311,7 @@ def _print_bench(op: str, results: list[dict[str, Any]], skipped: list[str]) -> 
                       f"{s['roofline']['gbps']:.1f}", f"{s['roofline']['tflops']:.3f}")
         for r in passed:
             c = r["cases"][ci]
-            t.add_row(r["name"] + (" [yellow](noisy)[/]" if c.get("noisy") else ""), f"{c['median_ms']:.3f}",
+            t.add_row(r["name"] + (NOISY_MARK if c.get("noisy") else ""), f"{c['median_ms']:.3f}",
                       f"{c['p20_ms']:.3f}–{c['p80_ms']:.3f}", *[f"{c['baselines'][b]['speedup']:.2f}×" for b in baselines],
                       _fmt(c["roofline"].get("pct_of_roof"), ".1f", "%"), f"{c['roofline']['gbps']:.1f}",
                       f"{c['roofline']['tflops']:.3f}")
@@ -587,7 +588,7 @@ def show_cmd(candidate: str = typer.Argument(..., help="hash, hash prefix or nam
     for e in evals:
         spread = f"{e['p20_ms']:.3f}–{e['p80_ms']:.3f}" if e["p20_ms"] is not None else "—"
         t.add_row(e["when"], e["device"], e["status"], e["shape"] or "", _fmt(e["median_ms"]), spread,
-                  _fmt(e["speedup"], ".3f", "×") + (" [yellow](noisy)[/]" if e["noisy"] else ""), e["reason"])
+                  _fmt(e["speedup"], ".3f", "×") + (NOISY_MARK if e["noisy"] else ""), e["reason"])
     out.print(t)
     if msgs:
         mt = Table(title="Claude requests behind it")

@@ -47,10 +47,11 @@ def diagnose(db: str | None = None) -> list[dict[str, str]]:
                      "user+PID namespaces: process limit applies, nothing outlives the worker" if ns else
                      "unshare unavailable: processes a candidate starts are killed by session id only"))
     rows.append(_worker_start_row())
+    from kerneltune.evaluate.evaluator import Options
     from kerneltune.evaluate.procfs import stopping_fails
 
     why = stopping_fails()
-    off = os.environ.get("KERNELTUNE_ISOLATE", "1") == "0"
+    off = not Options().isolate
     rows.append(_row("timing: turns alone", "warn" if why or off else "ok",
                      "off (KERNELTUNE_ISOLATE=0): other workers run during each timed turn" if off else
                      f"other workers cannot be stopped during timed turns: {why}" if why else

@@ -279,30 +279,23 @@ threading.Thread(target=_spin, daemon=True).start()
 """, 1)
 
 
+def _stat(pid):
+    """The fields of /proc/PID/stat after its name (read here, not through the evaluator's own reader), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def _ticks(pids):
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                rest = f.read().rsplit(")", 1)[1].split()
-            total += int(rest[11]) + int(rest[12])
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
+    return sum(int(f[11]) + int(f[12]) for f in map(_stat, pids) if f)
 
 
 def _session(sid):
-    out = []
-    for e in os.listdir("/proc"):
-        if e.isdigit():
-            try:
-                with open(f"/proc/{e}/stat") as f:
-                    rest = f.read().rsplit(")", 1)[1].split()
-                if int(rest[3]) == sid:
-                    out.append((int(e), rest[0]))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
+    """[(pid, state)] of the processes in session ``sid``."""
+    fields = {int(e): _stat(e) for e in os.listdir("/proc") if e.isdigit()}
+    return [(pid, f[0]) for pid, f in fields.items() if f and int(f[3]) == sid]
 
 
 def _cpu_probe(monkeypatch, watched):

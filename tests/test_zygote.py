@@ -214,8 +214,7 @@ def test_a_stopped_worker_dies_with_its_evaluator(start):
         p.wait()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            left = [pid for pid in pids if os.path.exists(f"/proc/{pid}") and
-                    open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in "ZX"]
+            left = [pid for pid in pids if _alive(pid)]
             if not left:
                 break
             time.sleep(0.1)

@@ -159,7 +159,6 @@ class Evaluator:
         self._active: set[WorkerProcess] = set()
         self._active_lock = threading.Lock()  # guards _active, _isolating and every worker's stop/resume
         self._isolating = False
-        self._alone = True  # every other worker was seen stopped in every turn of the last timing
 
     # -- public ------------------------------------------------------------------------------------------
     def evaluate_path(self, path: str, *, origin: str = "user", parent: str | None = None,
@@ -474,7 +473,7 @@ class Evaluator:
         out["foreign_load"] = load
         # without PID namespaces a process that left a worker's session and tree (double fork, setsid) is not
         # found, so not stopped: the turns ran alone only as far as the evaluator could see
-        out["isolated"] = self.isolating() and self._alone and worker.namespaces and bw.namespaces
+        out["isolated"] = turn.alone and worker.namespaces and bw.namespaces
         if noisy:  # timed twice, noisy both times: the ratio stands, marked, and a search does not rank it
             out["noisy"] = f"{noisy} [{case.name}, {timed}]"
         if dropped:
@@ -498,29 +497,33 @@ class Evaluator:
         return self.opt.isolate and not stopping_fails()
 
     @contextlib.contextmanager
-    def _isolated_turns(self) -> Iterator[Callable[[WorkerProcess], None]]:
-        """Yield ``turn(w)``: from the calibration to the last timed round, call it before each request of a
-        contestant; every other worker of this evaluator (the other contestants, idle candidates of a parallel
+    def _isolated_turns(self) -> Iterator["_Turns"]:
+        """Yield ``turn``: from the calibration to the last timed round, call ``turn(w)`` before each request of
+        a contestant; every other worker of this evaluator (the other contestants, idle candidates of a parallel
         search) is then stopped with SIGSTOP until the timing ends or its own turn comes. A thread a candidate
         leaves running between calls (started at import, or native, where no check sees it) cannot slow the
-        baselines it is compared with, and an idle thread pool of one contestant cannot slow another."""
+        baselines it is compared with, and an idle thread pool of one contestant cannot slow another.
+        ``turn.alone`` says afterwards whether every other worker was seen stopped in every turn."""
         def workers() -> list[WorkerProcess]:  # the live ones: a dead worker's pid may name another process now
             ws = list(self._active) + [w for w in self._baseline_workers.values() if w not in self._active]
             return [w for w in ws if w.proc.poll() is None]
 
-        def turn(w: WorkerProcess) -> None:
+        turn = _Turns(self.isolating())
+        if not turn.alone:
+            yield turn
+            return
+
+        def stop_others(w: WorkerProcess) -> None:
             with self._active_lock:
                 table = proc_table()
                 for other in workers():
                     if other is not w and not other.stop(table):
-                        self._alone = False
+                        turn.alone = False
                 w.resume()
 
-        if not self.isolating():
-            yield lambda _w: None
-            return
+        turn.stop_others = stop_others
         with self._active_lock:
-            self._isolating, self._alone = True, True
+            self._isolating = True
         try:
             yield turn
         finally:
@@ -600,6 +603,17 @@ class Evaluator:
             res["op"] = res["op"] or "unknown"
             self.store.add_evaluation(res, run_id=run_id)
         return res
+
+
+class _Turns:
+    """What ``Evaluator._isolated_turns`` yields: called before a contestant's request, it stops the others."""
+
+    def __init__(self, alone: bool) -> None:
+        self.alone = alone  # the turns ran alone: asked for, possible here, every other worker seen stopped
+        self.stop_others: Callable[[WorkerProcess], None] = lambda _w: None
+
+    def __call__(self, w: WorkerProcess) -> None:
+        self.stop_others(w)
 
 
 NOISY_SPREAD = 2.0  # the trusted baseline's p80/p20 above this: the machine, not the kernel, set the times

@@ -29,6 +29,15 @@ class Proc(NamedTuple):
     state: str  # R running, S/D sleeping, T stopped, t stopped by its tracer, Z zombie, ...
 
 
+def stat_fields(path: str) -> list[str]:
+    """The fields of a /proc/<pid>/stat (or /proc/<pid>/task/<tid>/stat) file after "pid (comm)": [0] the
+    state, [1] the parent, [3] the session, [11] + [12] CPU ticks, [13] + [14] reaped children's, [19] the
+    start. Raises OSError when it cannot be read (FileNotFoundError: the process or thread is gone)."""
+    with open(path) as f:
+        raw = f.read()
+    return raw[raw.rfind(")") + 2:].split()
+
+
 def proc_table() -> dict[int, Proc]:
     """pid -> Proc of every process /proc shows (empty where there is no /proc)."""
     table: dict[int, Proc] = {}
@@ -40,9 +49,7 @@ def proc_table() -> dict[int, Proc]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                raw = f.read()
-            rest = raw[raw.rfind(")") + 2:].split()  # the fields after "pid (comm)"
+            rest = stat_fields(f"/proc/{entry}/stat")
             table[int(entry)] = Proc(int(rest[1]), int(rest[3]), int(rest[11]) + int(rest[12]), int(rest[19]),
                                      rest[0])
         except (OSError, IndexError, ValueError):
@@ -65,9 +72,8 @@ def all_threads_stopped(pid: int, signalled: bool = False) -> bool:
         return True
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] not in ok:
-                    return False
+            if stat_fields(f"/proc/{pid}/task/{tid}/stat")[0] not in ok:
+                return False
         except (FileNotFoundError, ProcessLookupError):
             continue  # the thread ended
         except (OSError, IndexError):
@@ -131,8 +137,7 @@ def own_ticks(root: int) -> int:
     for pid in descendants({root}, table):
         total += table[pid].ticks
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                rest = f.read().rsplit(")", 1)[1].split()
+            rest = stat_fields(f"/proc/{pid}/stat")
             total += int(rest[13]) + int(rest[14])  # + cutime + cstime
         except (OSError, IndexError, ValueError):
             pass
@@ -254,8 +259,7 @@ def start_ticks(pid: int) -> int | None:
     """When ``pid`` started, in clock ticks since boot (with the pid, it names one process for good); None when
     there is no such process."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
+        return int(stat_fields(f"/proc/{pid}/stat")[19])
     except (OSError, IndexError, ValueError):
         return None
 
