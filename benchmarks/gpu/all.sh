@@ -53,7 +53,7 @@ else
   echo "pip install -e . failed: running from the tree"; export PYTHONPATH=$PWD; KT=(python3 -m kerneltune.cli)
 fi
 echo "install: $((SECONDS - T_ALL)) s"
-timeout 60 "${KT[@]}" doctor 2>&1 | grep -i -E "sandbox|landlock" || true
+timeout 60 "${KT[@]}" doctor 2>&1 | grep -i -E "sandbox|landlock|turns alone" || true
 
 search() {  # op, seconds (whole search), budget, seconds per candidate, extra args...
   local op=$1 t=$2 budget=$3 tc=$4; shift 4; local t0=$SECONDS
