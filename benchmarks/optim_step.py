@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from kerneltune.train.kernels import adamw_options
 
     if a.device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(a.device))  # events, the sleep and synchronize() act on the current one
+        torch.cuda.set_device(torch.device(a.device).index or 0)  # events, the sleep and synchronize() act on the current one
     kw = dict(lr=6e-4, betas=(0.9, 0.95), eps=1e-8, **adamw_options(a.device))
     contestants = {}
     for name, cls in (("torch.optim.AdamW", torch.optim.AdamW), ("kerneltune.optim.AdamW", optim.AdamW)):
