@@ -12,6 +12,7 @@ fused step, sparse or complex gradients, non-fp32 or non-contiguous tensors — 
 from __future__ import annotations
 
 import inspect
+import operator
 import weakref
 from typing import Any, Callable, Optional
 
@@ -23,6 +24,9 @@ from kerneltune.library import serve
 OP = "adamw"
 
 __all__ = ["AdamW"]
+
+_version = operator.attrgetter("_version")  # a tensor's autograd version counter
+_shape = operator.attrgetter("shape")
 
 
 def _raw_torch_step() -> Callable[..., Any]:
@@ -76,47 +80,72 @@ class AdamW(torch.optim.AdamW):
         return True
 
     # -- the tuned path ------------------------------------------------------------------------------------
+    # The host side is paid on every step, for each of GPT-2 small's 148 tensors: every per-tensor test below
+    # is one cheap attribute (a dtype is a singleton, compared by identity; float32 excludes complex), the
+    # device is tested once per bucket, and the list-wide tests run through map() in C.
     def _tuned_group(self, group: dict[str, Any]) -> list[Tensor]:
         """Update what a registry kernel serves; return the params left for torch's step."""
         leftover: list[Tensor] = []
-        buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        buckets: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
+        f32, strided = torch.float32, torch.strided
         for p in group["params"]:
             g = p.grad
             if g is None:
                 continue
-            if (g.is_sparse or torch.is_complex(p) or p.dtype != torch.float32 or g.dtype != torch.float32
-                    or not p.is_contiguous() or not g.is_contiguous() or p.device.type not in ("cpu", "cuda")):
+            if (p.dtype is not f32 or g.dtype is not f32 or g.layout is not strided or not p.is_contiguous()
+                    or not g.is_contiguous()):
                 leftover.append(p)
                 continue
-            buckets.setdefault((p.device, p.dtype), []).append(p)
-        for params in buckets.values():
+            b = buckets.get(p.device)
+            if b is None:
+                b = buckets[p.device] = ([], [])
+            b[0].append(p)
+            b[1].append(g)
+        for device, (params, grads) in buckets.items():
+            if device.type not in ("cpu", "cuda") or any(g.device != device for g in grads):
+                leftover += params
+                continue
             choice = _choose(params)
             if choice.run is None:
                 leftover += params
                 continue
-            states = [self._state(p, group) for p in params]
-            if any(not s["exp_avg"].is_contiguous() or not s["exp_avg_sq"].is_contiguous() for s in states):
+            exp_avgs, exp_avg_sqs, steps = self._states(params, group)
+            if not (all(map(Tensor.is_contiguous, exp_avgs)) and all(map(Tensor.is_contiguous, exp_avg_sqs))):
                 leftover += params
                 continue
-            steps = [s["step"] for s in states]
             by_step: dict[float, list[int]] = {}
             for i, t in enumerate(self._step_values(steps)):
                 by_step.setdefault(t, []).append(i)
             for t, idx in by_step.items():
-                sel = [params[i] for i in idx]
-                # the bucket's decision holds for all of it; a part split off by its step count is its own size
-                part = choice if len(sel) == len(params) else _choose(sel)
-                ok = _step_with(part, sel, [p.grad for p in sel], [states[i]["exp_avg"] for i in idx],
-                                [states[i]["exp_avg_sq"] for i in idx], step=int(t) + 1, lr=float(group["lr"]),
+                if len(idx) == len(params):  # the usual case: one count for the whole bucket
+                    part, sel, sg, sm, sv, ss = choice, params, grads, exp_avgs, exp_avg_sqs, steps
+                else:  # a part split off by its step count is its own size
+                    sel = [params[i] for i in idx]
+                    part, sg = _choose(sel), [grads[i] for i in idx]
+                    sm, sv, ss = [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx], [steps[i] for i in idx]
+                ok = _step_with(part, sel, sg, sm, sv, step=int(t) + 1, lr=float(group["lr"]),
                                 beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
                                 eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))
                 if not ok:  # the kernel failed or was dropped: torch's step takes these (nothing was changed)
                     leftover += sel
                     continue
-                done = list({id(steps[i]): steps[i] for i in idx}.values())  # a count shared by params: once
+                done = list({id(s): s for s in ss}.values())  # a count shared by params: once
                 torch._foreach_add_(done, 1.0)  # one launch for the lot, where torch's step makes one per tensor
-                self._remember_steps(done, t + 1)
+                self._remember_steps(ss, t + 1, ss is steps)
         return leftover
+
+    def _states(self, params: list[Tensor], group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """exp_avg, exp_avg_sq and step of each param, the state created as torch creates it where missing."""
+        ms, vs, steps = [], [], []
+        state = self.state
+        for p in params:
+            s = state.get(p)
+            if not s:
+                s = self._state(p, group)
+            ms.append(s["exp_avg"])
+            vs.append(s["exp_avg_sq"])
+            steps.append(s["step"])
+        return ms, vs, steps
 
     # -- step counts without a device sync ---------------------------------------------------------------
     def _step_values(self, steps: list[Tensor]) -> list[float]:
@@ -125,7 +154,12 @@ class AdamW(torch.optim.AdamW):
         each tensor's version counter, which any later write (torch's step, load_state_dict, fill_) bumps:
         only a tensor changed behind our back is read, all of those in one transfer. (A write that bypasses
         autograd's counter — through ``.data`` or a numpy view — is not seen: set counts with ``fill_``,
-        ``copy_`` or ``load_state_dict``.)"""
+        ``copy_`` or ``load_state_dict``.) The usual step asks for the list of tensors it wrote last, all at
+        one count: that is one record, checked list-wide; parts at other counts are remembered per tensor."""
+        last = self.__dict__.get("_kt_last", {}).get(id(steps[0]) if steps else None)
+        if (last is not None and len(last[0]) == len(steps) and all(map(operator.is_, last[0], steps))
+                and list(map(_version, steps)) == last[1]):
+            return [last[2]] * len(steps)
         seen = self.__dict__.setdefault("_kt_steps", {})
         out: list[Optional[float]] = []
         unknown: list[int] = []
@@ -145,7 +179,15 @@ class AdamW(torch.optim.AdamW):
                 out[i] = v
         return out  # type: ignore[return-value]
 
-    def _remember_steps(self, steps: list[Tensor], value: float) -> None:
+    def _remember_steps(self, steps: list[Tensor], value: float, whole: bool) -> None:
+        """Record the counts just written: a bucket's whole list as one record (the list held, so no other
+        tensor can take an id of it), a part split off by its count tensor by tensor."""
+        if whole:
+            last = self.__dict__.setdefault("_kt_last", {})
+            if len(last) > 64:  # lists of an optimizer whose groups were rebuilt
+                last.clear()
+            last[id(steps[0])] = (list(steps), list(map(_version, steps)), value)
+            return
         seen = self.__dict__.setdefault("_kt_steps", {})
         for s in steps:
             seen[id(s)] = (weakref.ref(s), s._version, value)
@@ -181,7 +223,9 @@ def adamw_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
 
 
 def _choose(params: list[Tensor]) -> serve.Choice:
-    return serve.choose(OP, params[0].device, {"shapes": [list(p.shape) for p in params]}, "float32", {})
+    # the dims a registry entry records for adamw (registry.norm_dims), without a list of every shape
+    return serve.choose(OP, params[0].device, {"numel": sum(map(Tensor.numel, params)), "tensors": len(params)},
+                        "float32", {})
 
 
 def _step_with(choice: serve.Choice, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -224,7 +268,7 @@ def _adamw_impl(choice: serve.Choice, params: list[Tensor], grads: list[Tensor],
     # compile its parallel loop at the first large tensor, after updating smaller ones). Cloning 3 x 4 B x
     # 124M on every step would cost more than the kernel saves; later calls run code that already ran (a
     # fault on the device ends the process's CUDA context, which no copy would survive)
-    first = (serve.entry_id(e), tuple(tuple(p.shape) for p in params))
+    first = (serve.entry_id(e), tuple(map(_shape, params)))
     backup = ([[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs)]
               if verify or first not in _ran else None)
     try:
