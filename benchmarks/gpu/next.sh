@@ -9,7 +9,7 @@
 ALSO="attention:GROUP_BY_HEAD=0;attention:TMA=1;attention:PIPE=1"
 ALSO+=";attention_backward:GROUP_BY_HEAD=0;attention_backward:TMA=1;attention_backward:BLOCK_N1=128,BLOCK_N2=32"
 ALSO+=";attention_backward:ATOMIC_DQ=1,BLOCK_M1=16,BLOCK_N1=128"
-ALSO+=";adamw:CACHE=stream;adamw:CACHE=none;adamw:CHUNK=16384;adamw:CHUNK=131072;adamw:BLOCK=4096"
+ALSO+=";adamw:CACHE=stream;adamw:CACHE=none;adamw:CHUNK=131072;adamw:BLOCK=4096"
 ALSO+=";adamw:BLOCK=1024,num_warps=4"
 export TOTAL=${TOTAL:-560} PHASES=${PHASES:-bench optim adamw optim train} BENCH_S=${BENCH_S:-290}
 export T_ADAM=${T_ADAM:-170} TRAIN_IF_PROMOTED=${TRAIN_IF_PROMOTED-1}

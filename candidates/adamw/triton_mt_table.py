@@ -38,7 +38,7 @@ import triton.language as tl
 KERNELTUNE = {
     "op": "adamw",
     "backend": "triton",
-    "params": {"BLOCK": 2048, "CHUNK": 65536, "num_warps": 8, "MOMENTS": "f32", "CACHE": "evict_first"},
+    "params": {"BLOCK": 2048, "CHUNK": 16384, "num_warps": 8, "MOMENTS": "f32", "CACHE": "evict_first"},
     "space": {
         "BLOCK": [512, 1024, 2048, 4096],
         "CHUNK": [8192, 16384, 32768, 65536, 131072],
