@@ -156,9 +156,8 @@ class AdamW(torch.optim.AdamW):
         autograd's counter — through ``.data`` or a numpy view — is not seen: set counts with ``fill_``,
         ``copy_`` or ``load_state_dict``.) The usual step asks for the list of tensors it wrote last, all at
         one count: that is one record, checked list-wide; parts at other counts are remembered per tensor."""
-        last = self.__dict__.get("_kt_last", {}).get(id(steps[0]) if steps else None)
-        if (last is not None and len(last[0]) == len(steps) and all(map(operator.is_, last[0], steps))
-                and list(map(_version, steps)) == last[1]):
+        last = self.__dict__.get("_kt_last", {}).get(tuple(map(id, steps)))  # ids of held tensors: sound
+        if last is not None and list(map(_version, steps)) == last[1]:
             return [last[2]] * len(steps)
         seen = self.__dict__.setdefault("_kt_steps", {})
         out: list[Optional[float]] = []
@@ -170,23 +169,47 @@ class AdamW(torch.optim.AdamW):
             else:
                 out.append(None)
                 unknown.append(i)
+        if unknown:  # a list other than the one recorded (a param without a grad this step): its tensors' counts
+            unknown = self._from_records(steps, unknown, out)  # are in the whole lists' records, most of them
         if unknown:
-            try:
-                read = torch.stack([steps[i].detach().reshape(()).to(torch.float64) for i in unknown]).cpu().tolist()
-            except RuntimeError:  # counts on several devices (state loaded by hand): one read each
-                read = [float(steps[i]) for i in unknown]
-            for i, v in zip(unknown, read):
+            for i, v in zip(unknown, self._read_counts([steps[i] for i in unknown])):
                 out[i] = v
         return out  # type: ignore[return-value]
 
+    @staticmethod
+    def _read_counts(steps: list[Tensor]) -> list[float]:
+        """The counts' values, in one transfer (a device sync where they live on a GPU)."""
+        try:
+            return torch.stack([s.detach().reshape(()).to(torch.float64) for s in steps]).cpu().tolist()
+        except RuntimeError:  # counts on several devices (state loaded by hand): one read each
+            return [float(s) for s in steps]
+
+    def _from_records(self, steps: list[Tensor], unknown: list[int], out: list[Optional[float]]) -> list[int]:
+        """Fill ``out`` for the tensors of ``unknown`` that a whole list's record holds at their current
+        version; return the indices still unknown."""
+        held: dict[int, float] = {}
+        for lst, versions, value in self.__dict__.get("_kt_last", {}).values():
+            for s, v in zip(lst, versions):
+                if s._version == v:  # the record is this tensor's latest write (a tensor in two records: once)
+                    held[id(s)] = value
+        rest = []
+        for i in unknown:
+            v = held.get(id(steps[i]))  # ids are sound: a record holds its tensors
+            if v is None:
+                rest.append(i)
+            else:
+                out[i] = v
+        return rest
+
     def _remember_steps(self, steps: list[Tensor], value: float, whole: bool) -> None:
-        """Record the counts just written: a bucket's whole list as one record (the list held, so no other
-        tensor can take an id of it), a part split off by its count tensor by tensor."""
+        """Record the counts just written: a bucket's whole list as one record, keyed by its tensors' ids (the
+        record holds them, so no other tensor can take one of those ids), a part split off by its count
+        tensor by tensor."""
         if whole:
             last = self.__dict__.setdefault("_kt_last", {})
-            if len(last) > 64:  # lists of an optimizer whose groups were rebuilt
+            if len(last) > 16:  # lists of steps whose params with grads changed, of rebuilt groups
                 last.clear()
-            last[id(steps[0])] = (list(steps), list(map(_version, steps)), value)
+            last[tuple(map(id, steps))] = (list(steps), list(map(_version, steps)), value)
             return
         seen = self.__dict__.setdefault("_kt_steps", {})
         for s in steps:

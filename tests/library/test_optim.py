@@ -287,3 +287,27 @@ def test_without_kerneltune_verify_no_call_is_checked_not_even_the_first(user_re
     (p ** 2).sum().backward()
     o.step()
     assert checked == [1]
+
+
+def test_a_param_whose_grad_comes_and_goes_costs_no_read_of_the_step_counts(user_registry, monkeypatch):
+    """The counts this optimizer wrote are known without a device read, also when the params with grads
+    change from step to step (one of them used every other step), and they are the right ones."""
+    user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
+    torch.manual_seed(5)
+    ps1 = [torch.nn.Parameter(torch.randn(n)) for n in (4, 3, 5, 2)]
+    ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps1]
+    o1, o2 = torch.optim.AdamW(ps1, lr=0.05), AdamW(ps2, lr=0.05)
+    reads: list[int] = []
+    real = AdamW._read_counts
+    monkeypatch.setattr(AdamW, "_read_counts", staticmethod(lambda steps: reads.append(len(steps)) or real(steps)))
+    for step in range(9):
+        for ps, o in ((ps1, o1), (ps2, o2)):
+            o.zero_grad(set_to_none=True)
+            used = [p for i, p in enumerate(ps) if i != 1 or step % 2 == 0]  # ps[1]: even steps only
+            sum(((p * (step + 1)).sin()).sum() for p in used).backward()
+            o.step()
+    assert reads == [4]  # the first step's fresh counts, once
+    assert [float(o2.state[p]["step"]) for p in ps2] == [9.0, 5.0, 9.0, 9.0]
+    for a, b in zip(ps1, ps2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert_same_state(o1, o2, atol=1e-6, rtol=1e-5)
