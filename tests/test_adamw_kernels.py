@@ -42,3 +42,50 @@ def test_mt_table_refuses_an_unknown_cache_hint():
     with pytest.raises(ValueError, match="CACHE must be one of"):
         mod.run(ps, [torch.zeros(3)], [torch.zeros(3)], [torch.zeros(3)], step=1, lr=1e-3, beta1=0.9, beta2=0.99,
                 eps=1e-8, weight_decay=0.0)
+
+
+def check_mt_table_strided() -> None:
+    """Non-contiguous params, moments and grads (views into larger buffers, a transpose) take the copy path:
+    the caller's tensors hold the update afterwards, as the fp64 reference has it."""
+    mod = load_file("candidates/adamw/triton_mt_table.py")
+    spec = get_op("adamw")
+    inputs = spec.make_inputs(Case("t", {"shapes": [[37, 9], [300], [5, 64]]}, dtype="float32"), 1)
+    expected = spec.reference(inputs)
+    views = {}
+    for k, ts in inputs.tensors.items():
+        vs = []
+        for i, t in enumerate(ts):
+            if t.dim() == 2 and i == 0:
+                v = torch.empty(t.shape[1], t.shape[0]).t()       # a transpose: non-contiguous, same shape
+            else:
+                v = torch.empty(*t.shape[:-1], t.shape[-1] * 2)[..., ::2]  # every other element of a buffer
+            v.copy_(t)
+            assert not v.is_contiguous()
+            vs.append(v)
+        views[k] = vs
+    grads_before = [g.clone() for g in views["grads"]]
+    got = spec.invoke(mod.run, views, inputs.args)
+    assert spec.compare(inputs, expected, got) == ""
+    assert all(torch.equal(a, b) for a, b in zip(views["grads"], grads_before))  # read, never written
+
+
+def test_mt_table_updates_non_contiguous_tensors_through_a_copy():
+    in_interpreter("tests.test_adamw_kernels", "check_mt_table_strided")
+
+
+def test_mt_table_refuses_what_breaks_the_contract_with_a_clear_error():
+    pytest.importorskip("triton")
+    mod = load_file("candidates/adamw/triton_mt_table.py")
+    z = lambda *s, **k: [torch.zeros(*s, **k)]  # noqa: E731
+    hyper = dict(step=1, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
+    cases = [((z(3), z(3), z(3), z(3, dtype=torch.float64)), TypeError, "float32 on one device"),
+             ((z(3, dtype=torch.float16), z(3), z(3), z(3)), TypeError, "float32 on one device"),
+             ((z(3), z(3, device="meta"), z(3), z(3)), TypeError, "float32 on one device"),
+             ((z(3), z(1, 3), z(3), z(3)), ValueError, "one shape"),
+             ((z(3), z(3), z(4), z(3)), ValueError, "one shape"),
+             ((z(3) * 2, z(3), z(3), z(3)), ValueError, "equal length")]
+    for lists, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            mod.run(*lists, **hyper)
+    with pytest.raises(ValueError, match="1-based"):
+        mod.run(z(3), z(3), z(3), z(3), **{**hyper, "step": 0})
