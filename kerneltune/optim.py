@@ -56,6 +56,11 @@ class AdamW(torch.optim.AdamW):
             self._torch_step(rest)
         return loss
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for k in ("_kt_last", "_kt_index", "_kt_steps"):  # records of step tensors the load replaced
+            self.__dict__.pop(k, None)
+
     # -- torch's step, for what no kernel takes ------------------------------------------------------------
     def _torch_step(self, groups: list[dict[str, Any]]) -> None:
         saved = self.param_groups
@@ -68,6 +73,8 @@ class AdamW(torch.optim.AdamW):
         serve.count(OP, serve.REFERENCE)
 
     def _tunable(self, group: dict[str, Any]) -> bool:
+        if torch.is_inference_mode_enabled():  # its tensors keep no version counter, which the counts rely on
+            return False
         if group.get("amsgrad") or group.get("maximize") or group.get("capturable") or group.get("differentiable"):
             return False
         if not group.get("decoupled_weight_decay", True):
@@ -153,12 +160,12 @@ class AdamW(torch.optim.AdamW):
         state) waits for the whole backward pass; so the counts this optimizer wrote last are remembered with
         each tensor's version counter, which any later write (torch's step, load_state_dict, fill_) bumps:
         only a tensor changed behind our back is read, all of those in one transfer. (A write that bypasses
-        autograd's counter — through ``.data`` or a numpy view — is not seen: set counts with ``fill_``,
-        ``copy_`` or ``load_state_dict``.) The usual step asks for the list of tensors it wrote last, all at
+        autograd's counter — through ``.data``, a numpy view, or an in-place collective such as
+        ``dist.broadcast`` — is not seen: set counts with ``fill_``, ``copy_`` or ``load_state_dict``.) The usual step asks for the list of tensors it wrote last, all at
         one count: that is one record, checked list-wide; parts at other counts are remembered per tensor."""
         last = self.__dict__.get("_kt_last", {}).get(tuple(map(id, steps)))  # ids of held tensors: sound
         if last is not None and list(map(_version, steps)) == last[1]:
-            return [last[2]] * len(steps)
+            return [last[3]] * len(steps)
         seen = self.__dict__.setdefault("_kt_steps", {})
         out: list[Optional[float]] = []
         unknown: list[int] = []
@@ -185,31 +192,33 @@ class AdamW(torch.optim.AdamW):
             return [float(s) for s in steps]
 
     def _from_records(self, steps: list[Tensor], unknown: list[int], out: list[Optional[float]]) -> list[int]:
-        """Fill ``out`` for the tensors of ``unknown`` that a whole list's record holds at their current
-        version; return the indices still unknown."""
-        held: dict[int, float] = {}
-        for lst, versions, value in self.__dict__.get("_kt_last", {}).values():
-            for s, v in zip(lst, versions):
-                if s._version == v:  # the record is this tensor's latest write (a tensor in two records: once)
-                    held[id(s)] = value
+        """Fill ``out`` for the tensors of ``unknown`` that the latest whole-list record holding them has at
+        their current version; return the indices still unknown."""
+        last, index = self.__dict__.get("_kt_last", {}), self.__dict__.get("_kt_index", {})
         rest = []
         for i in unknown:
-            v = held.get(id(steps[i]))  # ids are sound: a record holds its tensors
-            if v is None:
-                rest.append(i)
+            s = steps[i]
+            rec = last.get(index.get(id(s)))  # ids are sound: a record holds its tensors
+            if rec is not None and rec[2].get(id(s)) == s._version:
+                out[i] = rec[3]
             else:
-                out[i] = v
+                rest.append(i)
         return rest
 
     def _remember_steps(self, steps: list[Tensor], value: float, whole: bool) -> None:
         """Record the counts just written: a bucket's whole list as one record, keyed by its tensors' ids (the
-        record holds them, so no other tensor can take one of those ids), a part split off by its count
-        tensor by tensor."""
+        record holds them, so no other tensor can take one of those ids; an index maps each id to the latest
+        record holding it), a part split off by its count tensor by tensor."""
         if whole:
             last = self.__dict__.setdefault("_kt_last", {})
+            index = self.__dict__.setdefault("_kt_index", {})
             if len(last) > 16:  # lists of steps whose params with grads changed, of rebuilt groups
                 last.clear()
-            last[tuple(map(id, steps))] = (list(steps), list(map(_version, steps)), value)
+                index.clear()
+            key = tuple(map(id, steps))
+            versions = list(map(_version, steps))
+            last[key] = (list(steps), versions, dict(zip(key, versions)), value)
+            index.update(dict.fromkeys(key, key))
             return
         seen = self.__dict__.setdefault("_kt_steps", {})
         for s in steps:

@@ -11,8 +11,8 @@ Changes against triton_multitensor.py:
 - the inner loop runs full BLOCKs without masks and one masked tail per chunk, so the mask never blocks
   vectorisation.
 - the device table (offsets, numels, chunk map, the fp64 bits of b1, 1-b1, b2, 1-b2) is cached per
-  (tensor addresses, sizes, b1, b2, CHUNK); a new one (new gradient buffers, say) goes up from pinned memory
-  without waiting for the device. The cache holds addresses, never values: new values in the same buffers
+  (tensor addresses, sizes, b1, b2, CHUNK, CUDA stream); a new one (new gradient buffers, say) goes up from
+  pinned memory without waiting for the device, queued on the stream that uses it. The cache holds addresses, never values: new values in the same buffers
   are read fresh on every call. The host's work per call is the contract's checks and the addresses of the
   4 lists, one C-level pass (map) per list and property, and the launch.
 - MOMENTS knob: "f64" (moments updated in fp64 and rounded once, correctly rounded) or "f32" (fp32 FMAs, as
@@ -132,15 +132,18 @@ def _adamw_aligned(
 
 
 _CACHE_HINTS = {"evict_first": ("evict_first", ""), "stream": ("evict_first", ".cs"), "none": ("", "")}
-_TABLES = {}  # (addresses, sizes, b1, b2, CHUNK, device) -> (device table, T, C, aligned): addresses only
+_TABLES = {}  # (addresses, sizes, b1, b2, CHUNK, device, stream) -> (device table, T, C, aligned): addresses only
 _DTYPE, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("shape")
 _T = torch.Tensor
 
 
 def _table(ptrs, numels, beta1, beta2, CHUNK, dev):
-    """The device table for these buffers: built once per (addresses, sizes, b1, b2, CHUNK, device).
-    ptrs: the data pointers of params, then grads, then exp_avgs, then exp_avg_sqs (T each)."""
-    key = (ptrs, numels, beta1, beta2, CHUNK, str(dev))
+    """The device table for these buffers: built once per (addresses, sizes, b1, b2, CHUNK, device, stream).
+    ptrs: the data pointers of params, then grads, then exp_avgs, then exp_avg_sqs (T each). A table is
+    uploaded on, and used by, one stream only: its copy is queued on that stream, and the memory of one
+    dropped from the cache is reused in that stream's order."""
+    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+    key = (ptrs, numels, beta1, beta2, CHUNK, str(dev), stream)
     hit = _TABLES.get(key)
     if hit is not None:
         return hit

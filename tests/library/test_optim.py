@@ -311,3 +311,26 @@ def test_a_param_whose_grad_comes_and_goes_costs_no_read_of_the_step_counts(user
     for a, b in zip(ps1, ps2):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert_same_state(o1, o2, atol=1e-6, rtol=1e-5)
+
+
+def test_a_step_under_inference_mode_takes_torchs_step_and_agrees(user_registry, monkeypatch):
+    """Inference tensors keep no version counter, which the remembered step counts need: torch's step
+    takes such a call, with the result torch's AdamW gives."""
+    user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
+    torch.manual_seed(7)
+    ps1 = [torch.nn.Parameter(torch.randn(n)) for n in (4, 6)]
+    ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps1]
+    o1, o2 = torch.optim.AdamW(ps1, lr=0.05), AdamW(ps2, lr=0.05)
+    for step in range(4):
+        for ps, o in ((ps1, o1), (ps2, o2)):
+            o.zero_grad()
+            sum((p * (step + 1)).sin().sum() for p in ps).backward()
+            if step % 2:
+                with torch.inference_mode():
+                    o.step()
+            else:
+                o.step()
+    served = kerneltune.served()["adamw"]
+    assert served == {"numba_cpu": 2, "reference": 2}
+    for a, b in zip(ps1, ps2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
