@@ -6,7 +6,8 @@ On each step, the parameters of a group are split into buckets of one (device, d
 a bucket is updated by the registry kernel for its device and size when one serves (through the
 ``kerneltune::adamw_`` custom op), and by torch's own AdamW step otherwise. Options a kernel cannot
 honour — amsgrad, maximize, capturable, differentiable, a tensor lr or betas, gradient scaling of a
-fused step, sparse or complex gradients, non-fp32 or non-contiguous tensors — always take torch's step.
+fused step, sparse or complex gradients, non-fp32 or non-contiguous tensors, a step under inference_mode —
+always take torch's step.
 """
 
 from __future__ import annotations
