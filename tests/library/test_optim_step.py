@@ -1,0 +1,37 @@
+"""benchmarks/optim_step.py on the CPU: both optimizers stepped side by side, and the host time inside the
+served kernel's calls reported apart from the optimizer's own (what the GPU runs read to see where a tuned
+step's host time goes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import kerneltune.optim as ko
+from tests.interp import load_file
+
+
+def _run(capsys, *extra):
+    script = load_file("benchmarks/optim_step.py", "optim_step")
+    assert script.main(["--device", "cpu", "--preset", "smoke", "--steps", "3", "--rounds", "2", "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_a_served_kernels_host_time_is_part_of_the_steps_and_reported_apart(user_registry, monkeypatch, capsys):
+    pytest.importorskip("numba")
+    user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
+    impl = ko._adamw_impl
+    out = _run(capsys)
+    assert ko._adamw_impl is impl  # put back
+    k = out["results"]["kerneltune.optim.AdamW"]
+    assert out["served"] == {"numba_cpu": 2 * 2 * 3}  # 2 groups a step, 2 rounds of 3 steps (no device-time rounds on a CPU)
+    assert 0 < k["kernel_host_ms"] < k["host_ms"]
+    assert set(out["results"]["torch.optim.AdamW"]) == {"step_ms", "host_ms"}  # no device time on a CPU
+
+
+def test_with_nothing_served_no_host_time_is_the_kernels(monkeypatch, capsys):
+    monkeypatch.setenv("KERNELTUNE_DISABLE", "1")
+    out = _run(capsys)
+    assert out["served"] == {"reference": 2 * 3}  # torch's one step a call
+    assert out["results"]["kerneltune.optim.AdamW"]["kernel_host_ms"] == 0.0
