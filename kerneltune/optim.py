@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import operator
-import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -59,7 +58,7 @@ class AdamW(torch.optim.AdamW):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        for k in ("_kt_last", "_kt_index", "_kt_steps"):  # records of step tensors the load replaced
+        for k in ("_kt_last", "_kt_index"):  # records of step tensors the load replaced
             self.__dict__.pop(k, None)
 
     # -- torch's step, for what no kernel takes ------------------------------------------------------------
@@ -139,7 +138,7 @@ class AdamW(torch.optim.AdamW):
                     continue
                 done = list({id(s): s for s in ss}.values())  # a count shared by params: once
                 torch._foreach_add_(done, 1.0)  # one launch for the lot, where torch's step makes one per tensor
-                self._remember_steps(ss, t + 1, ss is steps)
+                self._remember_steps(ss, t + 1)
         return leftover
 
     def _states(self, params: list[Tensor], group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -158,27 +157,19 @@ class AdamW(torch.optim.AdamW):
     # -- step counts without a device sync ---------------------------------------------------------------
     def _step_values(self, steps: list[Tensor]) -> list[float]:
         """The step counts as host numbers. Reading a step tensor that lives on the GPU (fused/capturable
-        state) waits for the whole backward pass; so the counts this optimizer wrote last are remembered with
-        each tensor's version counter, which any later write (torch's step, load_state_dict, fill_) bumps:
-        only a tensor changed behind our back is read, all of those in one transfer. (A write that bypasses
+        state) waits for the whole backward pass; so the counts this optimizer wrote are remembered with each
+        tensor's version counter, which any later write (torch's step, load_state_dict, fill_) bumps: only a
+        tensor changed behind our back is read, all of those in one transfer. (A write that bypasses
         autograd's counter — through ``.data``, a numpy view, or an in-place collective such as
-        ``dist.broadcast`` — is not seen: set counts with ``fill_``, ``copy_`` or ``load_state_dict``.) The usual step asks for the list of tensors it wrote last, all at
-        one count: that is one record, checked list-wide; parts at other counts are remembered per tensor."""
+        ``dist.broadcast`` — is not seen: set counts with ``fill_``, ``copy_`` or ``load_state_dict``.) Each
+        write is one record of its list of count tensors; the usual step asks for the list it wrote last,
+        checked list-wide, and any other list (a param without a grad this step, a part at another count)
+        finds its tensors through the index of the latest record holding each."""
         last = self.__dict__.get("_kt_last", {}).get(tuple(map(id, steps)))  # ids of held tensors: sound
         if last is not None and list(map(_version, steps)) == last[1]:
             return [last[3]] * len(steps)
-        seen = self.__dict__.setdefault("_kt_steps", {})
-        out: list[Optional[float]] = []
-        unknown: list[int] = []
-        for i, s in enumerate(steps):
-            hit = seen.get(id(s))
-            if hit is not None and hit[0]() is s and hit[1] == s._version:
-                out.append(hit[2])
-            else:
-                out.append(None)
-                unknown.append(i)
-        if unknown:  # a list other than the one recorded (a param without a grad this step): its tensors' counts
-            unknown = self._from_records(steps, unknown, out)  # are in the whole lists' records, most of them
+        out: list[Optional[float]] = [None] * len(steps)
+        unknown = self._from_records(steps, out)
         if unknown:
             for i, v in zip(unknown, self._read_counts([steps[i] for i in unknown])):
                 out[i] = v
@@ -192,13 +183,12 @@ class AdamW(torch.optim.AdamW):
         except RuntimeError:  # counts on several devices (state loaded by hand): one read each
             return [float(s) for s in steps]
 
-    def _from_records(self, steps: list[Tensor], unknown: list[int], out: list[Optional[float]]) -> list[int]:
-        """Fill ``out`` for the tensors of ``unknown`` that the latest whole-list record holding them has at
-        their current version; return the indices still unknown."""
+    def _from_records(self, steps: list[Tensor], out: list[Optional[float]]) -> list[int]:
+        """Fill ``out`` for the tensors that the latest record holding them has at their current version;
+        return the indices still unknown."""
         last, index = self.__dict__.get("_kt_last", {}), self.__dict__.get("_kt_index", {})
         rest = []
-        for i in unknown:
-            s = steps[i]
+        for i, s in enumerate(steps):
             rec = last.get(index.get(id(s)))  # ids are sound: a record holds its tensors
             if rec is not None and rec[2].get(id(s)) == s._version:
                 out[i] = rec[3]
@@ -206,27 +196,20 @@ class AdamW(torch.optim.AdamW):
                 rest.append(i)
         return rest
 
-    def _remember_steps(self, steps: list[Tensor], value: float, whole: bool) -> None:
-        """Record the counts just written: a bucket's whole list as one record, keyed by its tensors' ids (the
-        record holds them, so no other tensor can take one of those ids; an index maps each id to the latest
-        record holding it), a part split off by its count tensor by tensor."""
-        if whole:
-            last = self.__dict__.setdefault("_kt_last", {})
-            index = self.__dict__.setdefault("_kt_index", {})
-            if len(last) > 16:  # lists of steps whose params with grads changed, of rebuilt groups
-                last.clear()
-                index.clear()
-            key = tuple(map(id, steps))
-            versions = list(map(_version, steps))
-            last[key] = (list(steps), versions, dict(zip(key, versions)), value)
-            index.update(dict.fromkeys(key, key))
-            return
-        seen = self.__dict__.setdefault("_kt_steps", {})
-        for s in steps:
-            seen[id(s)] = (weakref.ref(s), s._version, value)
-        if len(seen) > 4 * len(steps) + 256:  # counts of tensors gone (replaced by load_state_dict)
-            for k in [k for k, v in seen.items() if v[0]() is None]:
-                del seen[k]
+    def _remember_steps(self, steps: list[Tensor], value: float) -> None:
+        """Record the counts just written: one record of the list, keyed by its tensors' ids (the record
+        holds them, so no other tensor can take one of those ids), and an index from each id to it. The
+        versions are kept as a list for the list-wide check (a count tensor shared by params appears twice)
+        and by id for the lookups."""
+        last = self.__dict__.setdefault("_kt_last", {})
+        index = self.__dict__.setdefault("_kt_index", {})
+        if len(last) > 64:  # lists whose params with grads changed, parts split by count, rebuilt groups
+            last.clear()
+            index.clear()
+        key = tuple(map(id, steps))
+        versions = list(map(_version, steps))
+        last[key] = (list(steps), versions, dict(zip(key, versions)), value)
+        index.update(dict.fromkeys(key, key))
 
     def _state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """The parameter's state, created exactly as torch.optim.AdamW creates it."""
