@@ -322,13 +322,12 @@ class WorkerProcess:
             running = [p for p in self.pids(table) if not all_threads_stopped(p, p in self.stopped)]
             if not running:
                 return True
-            if time.monotonic() > deadline and self.role == "baseline":
-                return False
             if time.monotonic() > deadline:
-                self.killed_for = ("rejected", "a process of the candidate kept running after SIGSTOP (a tracer of "
-                                               "its own resuming it?): nothing of it may run while the others "
-                                               "are timed")
-                self.kill()
+                if self.role != "baseline":  # a trusted baseline is left running
+                    self.killed_for = ("rejected", "a process of the candidate kept running after SIGSTOP (a tracer "
+                                                   "of its own resuming it?): nothing of it may run while the "
+                                                   "others are timed")
+                    self.kill()
                 return False
             for pid in running:
                 try:
