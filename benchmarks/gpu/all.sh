@@ -5,7 +5,8 @@
 #   adamw  `kerneltune search adamw` on GPT-2 small's parameters (each candidate through the full evaluator;
 #          two at once; ADAM_ONLY="triton_mt_table ...": those templates only; after a bench phase that timed
 #          AdamW variants, the fastest one that beat the candidate is a third, evaluated first:
-#          benchmarks/gpu/bench_best.py), then its best candidate promoted into a scratch registry when it
+#          benchmarks/gpu/bench_best.py; ADAM_START="triton_mt_table:CHUNK=32768;...": these points first
+#          instead, ADAM_BUDGET of them at once, default 3), then its best candidate promoted into a scratch registry when it
 #          beats torch's fused AdamW;
 #   train  issue 7: `kerneltune train --compare --preset gpt2-124m`, the tuned run taking that registry
 #          through $KERNELTUNE_REGISTRY (reference vs tuned, same seed and batches); TRAIN_IF_PROMOTED=1
@@ -85,10 +86,12 @@ phase_adamw() {
   local cands=candidates/adamw start=""
   [ -n "$ADAM_ONLY" ] && cands=$(only adamw $ADAM_ONLY)
   # after a bench phase: its fastest AdamW variant (--also) is the search's first point, through the evaluator
-  [ -s "$W/bench/issue8_meta.json" ] && start=$(python3 benchmarks/gpu/bench_best.py "$W/bench" adamw "$cands")
+  # ADAM_START="TEMPLATE:KNOB=V,...;...": points evaluated first, given
+  start=${ADAM_START:-}
+  [ -z "$start" ] && [ -s "$W/bench/issue8_meta.json" ] && start=$(python3 benchmarks/gpu/bench_best.py "$W/bench" adamw "$cands")
   if [ -n "$start" ]; then
-    echo "adamw search starts at the bench's best variant: $start"
-    search adamw "$T_ADAM" 3 $((T_ADAM - 15)) --candidates "$cands" --option "start=$start"
+    echo "adamw search starts at: $start"
+    search adamw "$T_ADAM" "${ADAM_BUDGET:-3}" $((T_ADAM - 15)) --candidates "$cands" --option "start=$start"
   else
     search adamw "$T_ADAM" 2 $((T_ADAM - 15)) --candidates "$cands"
   fi
