@@ -1,6 +1,6 @@
 # --- kerneltune promote: provenance ---
-# triton_mt_table-786029d7: adamw kernel (triton), promoted by kerneltune promote on 2026-11-27T12:58:29Z
-# candidate hash b7c05854f046282397239135a6db58b6b12332af2ffc36d27cf643a7022e35fe (origin templates, parent -)
+# triton_mt_table-5083c73e: adamw kernel (triton), promoted by kerneltune promote on 2026-11-27T15:05:29Z
+# candidate hash 272af03af55f89345c4cd212667347061706b7e99436fa490821c2965fd9019f (origin templates, parent -)
 # Where it passed and how fast it was: the registry entries that name this file.
 # These lines are not part of the evaluated source; what follows them must hash to the candidate hash.
 # --- end of provenance: the evaluated source follows, unchanged ---
@@ -17,8 +17,10 @@ Changes against triton_multitensor.py:
 - the inner loop runs full BLOCKs without masks and one masked tail per chunk, so the mask never blocks
   vectorisation.
 - the device table (offsets, numels, chunk map, the fp64 bits of b1, 1-b1, b2, 1-b2) is cached per
-  (tensor addresses, sizes, b1, b2, CHUNK): in a training loop no host work but the launch per step. The
-  cache holds addresses, never values: new values in the same buffers are read fresh on every call.
+  (tensor addresses, sizes, b1, b2, CHUNK, CUDA stream); a new one (new gradient buffers, say) goes up from
+  pinned memory without waiting for the device, queued on the stream that uses it. The cache holds addresses, never values: new values in the same buffers
+  are read fresh on every call. The host's work per call is the contract's checks and the addresses of the
+  4 lists, one C-level pass (map) per list and property, and the launch.
 - MOMENTS knob: "f64" (moments updated in fp64 and rounded once, correctly rounded) or "f32" (fp32 FMAs, as
   torch's fused kernel; within the state tolerance).
 
@@ -36,6 +38,9 @@ program), num_warps, MOMENTS, CACHE (the cache hints of the full blocks' accesse
 "stream": evict_first loads and streaming (.cs) stores, every line touched once; "none": no hints). Restrictions: BLOCK <= CHUNK <= 64*BLOCK; 128*num_warps <= BLOCK <=
 1024*num_warps (4 to 32 fp32 per thread and tensor: a 128-bit access at least, no spills).
 """
+import itertools
+import operator
+
 import numpy as np
 import torch
 import triton
@@ -43,7 +48,7 @@ import triton.language as tl
 
 KERNELTUNE = {'op': 'adamw',
  'backend': 'triton',
- 'params': {'BLOCK': 2048, 'CHUNK': 16384, 'num_warps': 8, 'MOMENTS': 'f32', 'CACHE': 'evict_first'},
+ 'params': {'BLOCK': 4096, 'CHUNK': 16384, 'num_warps': 16, 'MOMENTS': 'f32', 'CACHE': 'evict_first'},
  'space': {'BLOCK': [512, 1024, 2048, 4096],
            'CHUNK': [8192, 16384, 32768, 65536, 131072],
            'num_warps': [2, 4, 8, 16],
@@ -134,35 +139,55 @@ def _adamw_aligned(
 
 
 _CACHE_HINTS = {"evict_first": ("evict_first", ""), "stream": ("evict_first", ".cs"), "none": ("", "")}
-_TABLES = {}  # (addresses, sizes, b1, b2, CHUNK, device) -> (device table, T, C, aligned): addresses only
+_TABLES = {}  # (addresses, sizes, b1, b2, CHUNK, device, stream) -> (device table, T, C, aligned): addresses only
+_DTYPE, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("shape")
+_T = torch.Tensor
 
 
-def _table(work, beta1, beta2, CHUNK, dev):
-    key = (tuple(x.data_ptr() for r in work for x in r), tuple(r[0].numel() for r in work), beta1, beta2, CHUNK,
-           str(dev))
+def _table(ptrs, numels, beta1, beta2, CHUNK, dev):
+    """The device table for these buffers: built once per (addresses, sizes, b1, b2, CHUNK, device, stream).
+    ptrs: the data pointers of params, then grads, then exp_avgs, then exp_avg_sqs (T each). A table is
+    uploaded on, and used by, one stream only: its copy is queued on that stream, and the memory of one
+    dropped from the cache is reused in that stream's order."""
+    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+    key = (ptrs, numels, beta1, beta2, CHUNK, str(dev), stream)
     hit = _TABLES.get(key)
     if hit is not None:
         return hit
-    T = len(work)
-    numels = np.array([r[0].numel() for r in work], dtype=np.int64)
-    nchunks = (numels + CHUNK - 1) // CHUNK
+    T = len(numels)
+    sizes = np.array(numels, dtype=np.int64)
+    nchunks = (sizes + CHUNK - 1) // CHUNK
     C = int(nchunks.sum())
-    ptrs = np.array([[x.data_ptr() for x in r] for r in work], dtype=np.uint64).view(np.int64)   # (T, 4)
-    byte_offs = ptrs - ptrs[0:1, :]                                                               # from the bases
-    aligned = bool((ptrs % 16 == 0).all())
+    ptr = np.array(ptrs, dtype=np.uint64).view(np.int64).reshape(4, T).T                         # (T, 4)
+    byte_offs = ptr - ptr[0:1, :]                                                                 # from the bases
+    aligned = bool((ptr % 16 == 0).all())
     offs = byte_offs // 4                                                                         # fp32 elements
     chunk_tensor = np.repeat(np.arange(T, dtype=np.int64), nchunks)                               # (C,)
     first_chunk = np.concatenate(([0], np.cumsum(nchunks)[:-1])).astype(np.int64)                  # (T,)
     chunk_start = (np.arange(C, dtype=np.int64) - np.repeat(first_chunk, nchunks)) * CHUNK         # (C,)
     f64 = np.array([beta1, 1.0 - beta1, beta2, 1.0 - beta2], dtype=np.float64).view(np.int64)
-    host = np.concatenate((offs.reshape(-1), numels, chunk_tensor, chunk_start, f64))
-    table = torch.from_numpy(host)
-    if dev.type != "cpu":
-        table = table.to(dev)
+    table = torch.from_numpy(np.concatenate((offs.reshape(-1), sizes, chunk_tensor, chunk_start, f64)))
+    if dev.type != "cpu":  # from pinned memory, queued: a new set of buffers never waits for the device
+        table = table.pin_memory().to(dev, non_blocking=True)
     if len(_TABLES) > 16:
         _TABLES.clear()
     _TABLES[key] = hit = (table, T, C, aligned)
     return hit
+
+
+def _checked(lists, dev):
+    """Raise on what breaks the contract; True when every tensor is contiguous. One C-level pass per list
+    and property (map): the host side of a step over 4 x 148 tensors is paid on every step."""
+    kind = operator.attrgetter("is_cuda" if dev.type == "cuda" else "is_cpu")
+    index = dev.index if dev.type == "cuda" else -1
+    shapes = list(map(_SHAPE, lists[0]))
+    for j, lst in enumerate(lists):
+        if (set(map(_DTYPE, lst)) != {torch.float32} or not all(map(kind, lst))
+                or set(map(_T.get_device, lst)) != {index}):
+            raise TypeError("all tensors must be float32 on one device")
+        if j and list(map(_SHAPE, lst)) != shapes:
+            raise ValueError("tensor i of every list must have one shape")
+    return all(all(map(_T.is_contiguous, lst)) for lst in lists)
 
 
 def run(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decay):
@@ -175,6 +200,8 @@ def run(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, we
     if T == 0:
         return None
     dev = params[0].device
+    if dev.type not in ("cuda", "cpu"):
+        raise TypeError(f"tensors on {dev.type} are not supported (cuda, or cpu under TRITON_INTERPRET=1)")
     pars = KERNELTUNE["params"]
     BLOCK, CHUNK, num_warps = int(pars["BLOCK"]), int(pars["CHUNK"]), int(pars["num_warps"])
     CHUNK = max(BLOCK, (CHUNK // BLOCK) * BLOCK)
@@ -182,40 +209,30 @@ def run(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, we
         raise ValueError(f"CACHE must be one of {sorted(_CACHE_HINTS)}, not {pars.get('CACHE')!r}")
     evict, store = _CACHE_HINTS[pars.get("CACHE", "evict_first")]
 
-    # one pass per list and property (the host side of a step over 4 x 148 tensors is paid every step)
-    lists = (params, grads, exp_avgs, exp_avg_sqs)
-    shapes = [p.shape for p in params]
-    for j, lst in enumerate(lists):
-        if any(x.dtype != torch.float32 or x.device != dev for x in lst):
-            raise TypeError("all tensors must be float32 on one device")
-        if j and [x.shape for x in lst] != shapes:
-            raise ValueError("tensor i of every list must have one shape")
-    # contiguous is the contract; anything else goes through a copy, written back after the kernel
+    lists = [params, grads, exp_avgs, exp_avg_sqs]
     writeback = []
-    cols = []
-    for j, lst in enumerate(lists):
-        if all(x.is_contiguous() for x in lst):
-            cols.append(lst)
-            continue
-        col = []
-        for x in lst:
-            y = x if x.is_contiguous() else x.detach().contiguous()
-            if y is not x and j != 1:
-                writeback.append((x, y))
-            col.append(y)
-        cols.append(col)
-    work = list(zip(*cols))  # rows (p, g, m, v)
-    if sum(r[0].numel() for r in work) == 0:
+    if not _checked(lists, dev):  # contiguous is the contract; anything else goes through a copy, written back
+        for j, lst in enumerate(lists):
+            col = []
+            for x in lst:
+                y = x if x.is_contiguous() else x.detach().contiguous()
+                if y is not x and j != 1:
+                    writeback.append((x, y))
+                col.append(y)
+            lists[j] = col
+    numels = tuple(map(_T.numel, lists[0]))
+    if sum(numels) == 0:
         return None
     lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
     eps, weight_decay = float(eps), float(weight_decay)
-    table, T, C, aligned = _table(work, beta1, beta2, CHUNK, dev)
+    ptrs = tuple(map(_T.data_ptr, itertools.chain(*lists)))
+    table, T, C, aligned = _table(ptrs, numels, beta1, beta2, CHUNK, dev)
 
     decay = 1.0 - lr * weight_decay                     # host scalars in float64, handed over as fp32
     bc1 = 1.0 - beta1 ** step
     bc2 = 1.0 - beta2 ** step
     _adamw_aligned[(C,)](
-        work[0][0], work[0][1], work[0][2], work[0][3],
+        lists[0][0], lists[1][0], lists[2][0], lists[3][0],
         table, T, C,
         decay, lr / bc1, bc2 ** 0.5, eps,
         CHUNK=CHUNK, BLOCK=BLOCK, ALIGNED=aligned, F64=pars["MOMENTS"] == "f64", EVICT=evict, STORE=store,
