@@ -13,18 +13,23 @@ CUDA). Measured side by side, interleaved in rounds:
 - ``device_ms`` (CUDA): device time per step alone: the stream is first held by a sleep kernel long enough
   for the host to queue all N steps, so CUDA events around them time the GPU's work only (``host_ahead``
   says whether the host did get ahead; where it did not, the figure is not reported);
-- the kernel that served each kerneltune step (``kerneltune.served()``).
+- the kernel that served each kerneltune step (``kerneltune.served()``);
+- with ``--profile N``: N more kerneltune steps under cProfile, the functions that take the most host time
+  (own time and with what they call, per step): where the host side goes, the kernel's launch included.
 
 A tuned step that is quick on the device but slow on the host, or that waits for the device, shows here
 before it shows as a slower training step.
 
-Usage: python benchmarks/optim_step.py [--device cuda] [--preset gpt2-124m] [--steps 50] [--rounds 5] [--json]
+Usage: python benchmarks/optim_step.py [--device cuda] [--preset gpt2-124m] [--steps 50] [--rounds 5] [--profile N]
+                                      [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -48,12 +53,33 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def profile(opt, steps: int, device: str, top: int = 25) -> list[dict]:
+    """The functions that take the most host time over ``steps`` steps of ``opt``, per step: own time, time
+    with callees, calls (cProfile: its own cost inflates every figure alike; read them as shares)."""
+    sync(device)
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(steps):
+        opt.step()
+    pr.disable()
+    sync(device)
+    st = pstats.Stats(pr)
+    rows = []
+    for (file, line, fn), (_cc, calls, own, cum, _callers) in st.stats.items():  # type: ignore[attr-defined]
+        where = f"{file.split('site-packages/')[-1]}:{line}({fn})" if line else fn
+        rows.append({"function": where, "calls": calls / steps, "own_us": own / steps * 1e6, "cum_us": cum / steps * 1e6})
+    rows.sort(key=lambda r: r["own_us"], reverse=True)
+    return rows[:top]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", default="gpt2-124m")
     ap.add_argument("--steps", type=int, default=50, help="steps per turn")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="then N kerneltune steps under cProfile: the top functions by host time")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     import kerneltune
@@ -129,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         out["host_ahead"] = ahead if cuda else None
         for name, s in samples.items():
             out["results"][name] = {k: statistics.median(v) for k, v in s.items() if v and (k != "device_ms" or ahead)}
+        if a.profile > 0:
+            out["profile"] = profile(contestants["kerneltune.optim.AdamW"], a.profile, a.device)
         t, k = out["results"]["torch.optim.AdamW"], out["results"]["kerneltune.optim.AdamW"]
         out["speedup"] = t["step_ms"] / k["step_ms"]
         if "device_ms" in t and "device_ms" in k:
@@ -144,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name:24s} step {r['step_ms']:8.3f} ms   host {r['host_ms']:8.3f} ms{inner}{dev}")
             extra = f", device alone {out['device_speedup']:.3f}x" if "device_speedup" in out else ""
             print(f"  speedup {out['speedup']:.3f}x{extra} (torch / kerneltune); kerneltune steps served by {out['served']}")
+            for row in out.get("profile", []):
+                print(f"    {row['own_us']:8.1f} us own {row['cum_us']:8.1f} us with callees  {row['calls']:6.1f} calls  "
+                      f"{row['function']}")
             if out["host_ahead"] is False:
                 print("  device-alone times left out: the host did not queue every step within the sleep")
     finally:  # main() may run inside another process (tests)

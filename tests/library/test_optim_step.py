@@ -35,3 +35,13 @@ def test_with_nothing_served_no_host_time_is_the_kernels(monkeypatch, capsys):
     out = _run(capsys)
     assert out["served"] == {"reference": 2 * 3}  # torch's one step a call
     assert out["results"]["kerneltune.optim.AdamW"]["kernel_host_ms"] == 0.0
+
+
+def test_profile_lists_where_the_host_time_of_a_step_goes(monkeypatch, capsys):
+    monkeypatch.setenv("KERNELTUNE_DISABLE", "1")
+    out = _run(capsys, "--profile", "2")
+    rows = out["profile"]
+    assert 0 < len(rows) <= 25
+    assert [r["own_us"] for r in rows] == sorted((r["own_us"] for r in rows), reverse=True)
+    assert all(r["function"] for r in rows)
+    assert all(r["cum_us"] >= r["own_us"] >= 0 and r["calls"] > 0 for r in rows)
