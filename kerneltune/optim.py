@@ -13,6 +13,7 @@ always take torch's step.
 from __future__ import annotations
 
 import inspect
+import itertools
 import operator
 from typing import Any, Callable, Optional
 
@@ -27,6 +28,27 @@ __all__ = ["AdamW"]
 
 _version = operator.attrgetter("_version")  # a tensor's autograd version counter
 _shape = operator.attrgetter("shape")
+_grad = operator.attrgetter("grad")
+_States = tuple[list[Tensor], list[Tensor], list[Tensor]]  # exp_avg, exp_avg_sq, step of each param
+_Bucket = tuple[torch.device, list[Tensor], list[Tensor], Optional[_States]]  # states None: still to look up
+
+try:  # torch's C++ tensor-metadata check (what torch.compile's guards run)
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # a torch without it: the tests per tensor on every step
+    _TensorGuards = None
+
+
+def _metadata_guard(tensors: list[Tensor]) -> Any:
+    """A C++ check, ``.check(*tensors)``, that tensors have these tensors' dtypes, devices, sizes and strides
+    (and types, requires_grad, dispatch keys); None where this torch has none. Sizes and strides are given:
+    each is checked exactly (None would leave that dimension unchecked). It keeps no reference to them."""
+    if _TensorGuards is None:
+        return None
+    try:
+        return _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                             dynamic_dims_strides=[list(t.stride()) for t in tensors])
+    except Exception:  # noqa: BLE001 - another torch's signature: no shortcut
+        return None
 
 
 def _raw_torch_step() -> Callable[..., Any]:
@@ -58,7 +80,7 @@ class AdamW(torch.optim.AdamW):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        for k in ("_kt_last", "_kt_index"):  # records of step tensors the load replaced
+        for k in ("_kt_last", "_kt_index", "_kt_guards"):  # records of the tensors the load replaced
             self.__dict__.pop(k, None)
 
     # -- torch's step, for what no kernel takes ------------------------------------------------------------
@@ -87,39 +109,34 @@ class AdamW(torch.optim.AdamW):
         return True
 
     # -- the tuned path ------------------------------------------------------------------------------------
-    # The host side is paid on every step, for each of GPT-2 small's 148 tensors: every per-tensor test below
-    # is one cheap attribute (a dtype is a singleton, compared by identity; float32 excludes complex), the
-    # device is tested once per bucket, and the list-wide tests run through map() in C.
+    # The host side is paid on every step, for each of GPT-2 small's 148 tensors. A group whose params all went
+    # to the kernel is remembered with a C++ check of its tensors' metadata (_metadata_guard): the next step's
+    # params, gradients and moments pass it in one call when their dtypes, devices, sizes and strides are those
+    # that passed the tests below. Otherwise every per-tensor test is one cheap attribute (a dtype is a
+    # singleton, compared by identity; float32 excludes complex), the device is tested once per bucket, and
+    # the list-wide tests run through map() in C.
     def _tuned_group(self, group: dict[str, Any]) -> list[Tensor]:
         """Update what a registry kernel serves; return the params left for torch's step."""
         leftover: list[Tensor] = []
-        buckets: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
-        f32, strided = torch.float32, torch.strided
-        for p in group["params"]:
-            g = p.grad
-            if g is None:
-                continue
-            if (p.dtype is not f32 or g.dtype is not f32 or g.layout is not strided or not p.is_contiguous()
-                    or not g.is_contiguous()):
-                leftover.append(p)
-                continue
-            b = buckets.get(p.device)
-            if b is None:
-                b = buckets[p.device] = ([], [])
-            b[0].append(p)
-            b[1].append(g)
-        for device, (params, grads) in buckets.items():
-            if device.type not in ("cpu", "cuda") or any(g.device != device for g in grads):
+        buckets = self._guarded(group)
+        if buckets is None:
+            buckets = self._bucketed(group["params"], leftover)
+        for device, params, grads, states in buckets:
+            if states is None and (device.type not in ("cpu", "cuda") or any(g.device != device for g in grads)):
                 leftover += params
                 continue
             choice = _choose(params)
             if choice.run is None:
                 leftover += params
                 continue
-            exp_avgs, exp_avg_sqs, steps = self._states(params, group)
-            if not (all(map(Tensor.is_contiguous, exp_avgs)) and all(map(Tensor.is_contiguous, exp_avg_sqs))):
-                leftover += params
-                continue
+            if states is None:
+                states = self._states(params, group)
+                if not (all(map(Tensor.is_contiguous, states[0])) and all(map(Tensor.is_contiguous, states[1]))):
+                    leftover += params
+                    continue
+                if len(params) == len(group["params"]):  # the whole group: the next step's check is one call
+                    self._remember_group(group, device, params, grads, states)
+            exp_avgs, exp_avg_sqs, steps = states
             by_step: dict[float, list[int]] = {}
             for i, t in enumerate(self._step_values(steps)):
                 by_step.setdefault(t, []).append(i)
@@ -140,6 +157,54 @@ class AdamW(torch.optim.AdamW):
                 torch._foreach_add_(done, 1.0)  # one launch for the lot, where torch's step makes one per tensor
                 self._remember_steps(ss, t + 1)
         return leftover
+
+    @staticmethod
+    def _bucketed(group_params: list[Tensor], leftover: list[Tensor]) -> list[_Bucket]:
+        """The params with an fp32, dense, contiguous gradient, by device (states still to look up); the
+        others go to ``leftover`` (a param without a gradient is skipped, as torch skips it)."""
+        buckets: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
+        f32, strided = torch.float32, torch.strided
+        for p in group_params:
+            g = p.grad
+            if g is None:
+                continue
+            if (p.dtype is not f32 or g.dtype is not f32 or g.layout is not strided or not p.is_contiguous()
+                    or not g.is_contiguous()):
+                leftover.append(p)
+                continue
+            b = buckets.get(p.device)
+            if b is None:
+                b = buckets[p.device] = ([], [])
+            b[0].append(p)
+            b[1].append(g)
+        return [(device, params, grads, None) for device, (params, grads) in buckets.items()]
+
+    def _guarded(self, group: dict[str, Any]) -> Optional[list[_Bucket]]:
+        """The group as one bucket, states included, when its params, gradients and moments pass the metadata
+        check remembered from a step that sent the whole group to the kernel; else None (the tests per tensor)."""
+        gp = group["params"]
+        hit = self.__dict__.get("_kt_guards", {}).get(id(gp))  # keyed by the list; the check is of metadata
+        if hit is None or hit[2] != len(gp):
+            return None
+        guard, device = hit[0], hit[1]
+        grads = list(map(_grad, gp))
+        if not all(map(operator.is_not, grads, itertools.repeat(None))):
+            return None
+        states = self._states(gp, group)  # the guard was made once these existed
+        if not guard.check(*gp, *grads, *states[0], *states[1]):
+            return None
+        return [(device, list(gp), grads, states)]
+
+    def _remember_group(self, group: dict[str, Any], device: torch.device, params: list[Tensor], grads: list[Tensor],
+                        states: _States) -> None:
+        guard = _metadata_guard([*params, *grads, *states[0], *states[1]])
+        guards = self.__dict__.setdefault("_kt_guards", {})
+        if guard is None:
+            guards.pop(id(group["params"]), None)
+            return
+        if len(guards) > 64:
+            guards.clear()
+        guards[id(group["params"])] = (guard, device, len(group["params"]))
 
     def _states(self, params: list[Tensor], group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """exp_avg, exp_avg_sq and step of each param, the state created as torch creates it where missing."""

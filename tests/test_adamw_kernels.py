@@ -89,3 +89,54 @@ def test_mt_table_refuses_what_breaks_the_contract_with_a_clear_error():
             mod.run(*lists, **hyper)
     with pytest.raises(ValueError, match="1-based"):
         mod.run(z(3), z(3), z(3), z(3), **{**hyper, "step": 0})
+
+
+def check_mt_table_guard(guard: bool) -> None:
+    """Lists with the metadata of lists that passed before skip the checks in one C++ call; lists that differ
+    from them in any property take the checks again: a bad one is refused, a strided one goes through the copy
+    path, and every update matches the fp64 reference. (guard False: a torch without the C++ check.)"""
+    mod = load_file("candidates/adamw/triton_mt_table.py")
+    if not guard:
+        mod._TensorGuards = None
+    spec = get_op("adamw")
+    shapes = [[37, 9], [300], [5, 64]]
+    calls = []
+    real = mod._checked_each
+    mod._checked_each = lambda lists, dev: calls.append(1) or real(lists, dev)
+    skips = mod._TensorGuards is not None
+    assert skips or not guard  # the torch CI installs has it
+
+    def step(seed, change=None):
+        inputs = spec.make_inputs(Case("t", {"shapes": shapes}, dtype="float32"), seed)
+        tensors = {k: [t.clone() for t in v] for k, v in inputs.tensors.items()}
+        if change:
+            change(tensors)
+        got = spec.invoke(mod.run, tensors, inputs.args)
+        assert spec.compare(inputs, spec.reference(inputs), got) == "", seed
+
+    step(0)
+    assert len(calls) == 1 and len(mod._GUARDS) == int(skips)
+    step(1)  # new tensors, the same metadata
+    assert len(calls) == 1 + (not skips)
+    before = len(calls)
+
+    def strided(ts):  # a transposed moment: the same shape, other strides
+        v = torch.empty(9, 37).t()
+        v.copy_(ts["exp_avgs"][0])
+        ts["exp_avgs"][0] = v
+    step(2, strided)
+    assert len(calls) == before + 1
+    for bad, exc in (((lambda ts: ts["grads"].__setitem__(1, ts["grads"][1].double())), TypeError),
+                     ((lambda ts: ts["exp_avg_sqs"].__setitem__(2, ts["exp_avg_sqs"][2].reshape(64, 5))), ValueError)):
+        inputs = spec.make_inputs(Case("t", {"shapes": shapes}, dtype="float32"), 3)
+        tensors = {k: [t.clone() for t in v] for k, v in inputs.tensors.items()}
+        bad(tensors)
+        with pytest.raises(exc):
+            spec.invoke(mod.run, tensors, inputs.args)
+    step(4)  # the remembered lists' metadata still passes in one call
+    assert len(calls) == before + 3 + (not skips)
+
+
+@pytest.mark.parametrize("guard", [True, False], ids=["torch-check", "no-torch-check"])
+def test_mt_table_checks_again_what_differs_from_lists_that_passed(guard):
+    in_interpreter("tests.test_adamw_kernels", "check_mt_table_guard", guard)

@@ -334,3 +334,59 @@ def test_a_step_under_inference_mode_takes_torchs_step_and_agrees(user_registry,
     assert served == {"numba_cpu": 2, "reference": 2}
     for a, b in zip(ps1, ps2):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("guard", [True, False], ids=["torch-check", "no-torch-check"])
+def test_a_group_checked_in_one_call_is_checked_per_tensor_again_when_a_tensor_changes(user_registry, monkeypatch,
+                                                                                        guard):
+    """A group sent whole to the kernel is remembered with a C++ check of its tensors' metadata: later steps
+    pass it in one call; a step where a gradient, a moment or a param differs from what passed (strides, no
+    gradient) takes the tests per tensor again, and every step agrees with torch's AdamW."""
+    import kerneltune.optim as ko
+    if not guard:
+        monkeypatch.setattr(ko, "_TensorGuards", None)
+    user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
+    torch.manual_seed(11)
+    shapes = [(6, 5), (7,), (3, 4), (2,)]
+    ps1 = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps1]
+    o1, o2 = torch.optim.AdamW(ps1, lr=0.05), AdamW(ps2, lr=0.05)
+    per_tensor = []
+    real = AdamW._bucketed
+    monkeypatch.setattr(AdamW, "_bucketed", staticmethod(lambda ps, left: per_tensor.append(1) or real(ps, left)))
+
+    def strided_grad(ps, o):  # the same values, transposed strides
+        ps[0].grad = ps[0].grad.t().contiguous().t()
+
+    def moment(ps, o, strided):
+        m = o.state[ps[2]]["exp_avg"]
+        o.state[ps[2]]["exp_avg"] = m.t().contiguous().t() if strided else m.contiguous()
+
+    def no_grad(ps, o):
+        ps[1].grad = None
+
+    def strided_param(ps, o):  # the same values in every other element of a buffer
+        p = ps[3]
+        p.data = torch.empty(2 * p.numel())[::2].copy_(p.data)
+
+    changes = {2: strided_grad, 4: lambda ps, o: moment(ps, o, True), 5: lambda ps, o: moment(ps, o, False),
+               6: no_grad, 8: strided_param}
+    tuned = []
+    for step in range(9):
+        for ps, o in ((ps1, o1), (ps2, o2)):
+            o.zero_grad()
+            sum(((p * (step + 1)).sin()).sum() for p in ps).backward()
+            if step in changes:
+                changes[step](ps, o)
+            kerneltune.reset_served()
+            o.step()
+        tuned.append(kerneltune.served()["adamw"].get("numba_cpu", 0))
+        for a, b in zip(ps1, ps2):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert_same_state(o1, o2, atol=1e-6, rtol=1e-5)
+    # per tensor: the first step, and the steps whose tensors differ from the remembered group (2, 4, 6, 8);
+    # step 5 puts the moment back as it was, and step 7 has every gradient again: both pass in one call
+    assert len(per_tensor) == (5 if guard else 9)
+    # a strided moment sends its whole bucket to torch (step 4); ps[1], a step behind from step 6 on, is a
+    # call of its own (steps 7 and 8)
+    assert tuned == [1, 1, 1, 1, 0, 1, 1, 2, 2]
