@@ -124,3 +124,18 @@ def test_the_next_gpu_calls_variants_are_knobs_of_their_templates_and_compiled_i
             # a line per kernel and specialisation: the forward's 4 (D 64/128, causal/full), the backward's 4 x 2-3
             assert len(lines) >= {"attention": 4, "attention_backward": 8, "adamw": 1}[op], (op, p)
             assert not [ln for ln in lines if "ERROR" in ln or "spills" in ln], (op, p)
+
+
+def test_the_next_gpu_calls_adamw_start_points_are_points_of_the_template():
+    """next.sh's ADAM_START: each point parses in triton_mt_table's space and keeps its restrictions (a bad point
+    stops the search before its first run: a wasted call)."""
+    import re
+
+    from kerneltune.search.space import Space, load_template
+
+    script = open(os.path.join(ROOT, "benchmarks", "gpu", "next.sh")).read()
+    m = re.search(r"ADAM_START=\$\{ADAM_START-([^}]+)\}", script)
+    assert m, "next.sh sets no ADAM_START"
+    space = Space([load_template(os.path.join(ROOT, "candidates", "adamw", "triton_mt_table.py"))])
+    points = space.parse_points(m.group(1))
+    assert len(points) == len(m.group(1).split(";")) >= 1

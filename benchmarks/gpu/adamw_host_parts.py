@@ -4,12 +4,14 @@ The template's ``run()`` is timed whole, then its parts alone, each as the mean 
 ``checked_us`` (the contract's checks), ``ptrs_us`` (the 4 lists' addresses), ``table_us`` (the cached device
 table's lookup), ``stream_us`` (the current stream), ``launch_us`` (Triton's JIT launch of the kernel alone),
 ``compiled_runner_us`` (the compiled kernel's own launcher, without the JIT's binding: what a cheaper launch
-could save; ``compiled_runner_args`` says which arguments it took). The kernels queue on the device
+could save; ``compiled_runner_args`` says which arguments it took). Where the template remembers lists that
+passed its checks (``_checked_each`` beside ``_checked``), ``checked_each_us`` is the per-tensor checks alone
+(what a call whose lists differ from those pays) and ``checked_us`` the usual call's. The kernels queue on the device
 meanwhile; the device is synchronised before and after each figure. Output: JSON on stdout.
 
 Run from the repository root (GPU host):  python3 benchmarks/gpu/adamw_host_parts.py [candidates/adamw/FILE.py]
-Environment: PRESET (default gpt2-124m), DEV (default cuda; cpu runs under TRITON_INTERPRET=1, for a check
-only), N (calls per figure, default 200).
+Environment: PRESET (default gpt2-124m), DEV (default cuda; cpu runs under TRITON_INTERPRET=1), N (calls per
+figure, default 200), NO_LAUNCH=1 (the host parts only, nothing launched: on a CPU, the checks at full size).
 """
 
 from __future__ import annotations
@@ -53,9 +55,13 @@ def group_parts(tmt, ps: list[torch.Tensor], n: int) -> dict:
     lists = [ps, [torch.randn_like(p) * 1e-2 for p in ps], [torch.zeros_like(p) for p in ps],
              [torch.zeros_like(p) for p in ps]]
     hyper = dict(step=5, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
-    tmt.run(*lists, **hyper)  # compiles; builds the table
-    sync()
     dev = ps[0].device
+    no_launch = os.environ.get("NO_LAUNCH", "") not in ("", "0")
+    if no_launch:
+        tmt._checked(lists, dev)  # what the first call remembers
+    else:
+        tmt.run(*lists, **hyper)  # compiles; builds the table
+    sync()
     ptrs = tuple(map(torch.Tensor.data_ptr, itertools.chain(*lists)))
     numels = tuple(map(torch.Tensor.numel, ps))
     table, t, c, aligned = tmt._table(ptrs, numels, 0.9, 0.95, chunk, dev)
@@ -66,14 +72,20 @@ def group_parts(tmt, ps: list[torch.Tensor], n: int) -> dict:
                                         ALIGNED=aligned, F64=knobs["MOMENTS"] == "f64", EVICT=evict,
                                         STORE=store, num_warps=warps)
 
-    r = {"tensors": len(ps),
-         "run_us": timed_us(lambda: tmt.run(*lists, **hyper), n),
-         "launch_us": timed_us(launch, n),
+    r = {"tensors": len(ps)}
+    if not no_launch:
+        r["run_us"] = timed_us(lambda: tmt.run(*lists, **hyper), n)
+        r["launch_us"] = timed_us(launch, n)
+    if hasattr(tmt, "_checked_each"):
+        r["checked_each_us"] = timed_us(lambda: tmt._checked_each(lists, dev), 5 * n)
+    r.update({
          "checked_us": timed_us(lambda: tmt._checked(lists, dev), 5 * n),
          "ptrs_us": timed_us(lambda: tuple(map(torch.Tensor.data_ptr, itertools.chain(*lists))), 5 * n),
          "table_us": timed_us(lambda: tmt._table(ptrs, numels, 0.9, 0.95, chunk, dev), 5 * n),
          "stream_us": (timed_us(lambda: torch.cuda.current_stream(dev).cuda_stream, 5 * n)
-                       if dev.type == "cuda" else None)}
+                       if dev.type == "cuda" else None)})
+    if no_launch:
+        return r
     try:  # the compiled kernel's own launcher (Triton 3.x): runtime arguments, else constexprs too
         runner = launch()[(c, 1, 1)]
         args = (*firsts, table, t, c, 0.999, 1e-3, 0.5, 1e-8)

@@ -12,7 +12,8 @@
 #          through $KERNELTUNE_REGISTRY (reference vs tuned, same seed and batches); TRAIN_IF_PROMOTED=1
 #          skips it when the adamw phase promoted nothing (the fallback's cost is measured already);
 #   optim  one optimizer step of GPT-2 small, torch's fused AdamW vs kerneltune.optim.AdamW (benchmarks/
-#          optim_step.py: device and host time per step; into train.tgz);
+#          optim_step.py: device and host time per step; into train.tgz as optim_step[-scratch]-N.json, N
+#          counting the optim phases of the call: name it several times for several processes);
 # train and optim serve from the scratch registry when an earlier adamw phase promoted into it (else the
 # shipped one); bench, tests and attn never see it.
 #   bench  issue 8: every shape benched against every baseline, ceilings in the same run (bench_gpu.py;
@@ -117,9 +118,10 @@ phase_train() {
   tar -czf "$OUT/train.tgz" -C "$W" train
 }
 
-phase_optim() {
-  mkdir -p "$W/train"
-  local f="$W/train/optim_step${KERNELTUNE_REGISTRY:+-scratch}.json"  # after a promotion: its own file
+OPTIM_N=0
+phase_optim() {  # each run its own process and file: the host's speed varies between processes
+  mkdir -p "$W/train"; OPTIM_N=$((OPTIM_N + 1))
+  local f="$W/train/optim_step${KERNELTUNE_REGISTRY:+-scratch}-$OPTIM_N.json"  # after a promotion: -scratch
   timeout 120 python3 benchmarks/optim_step.py --device cuda --json > "$f"
   echo "optim step rc=$?"; cat "$f"
   tar -czf "$OUT/train.tgz" -C "$W" train
