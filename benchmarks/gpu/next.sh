@@ -7,7 +7,7 @@
 # processes), and the 124M compare with it. Afterwards, here: promote the winner from the returned
 # search.tgz (see all.sh) when its optimizer step beats the shipped entry's.
 # The bench of every attention shape with variants (the previous next.sh) is PHASES="bench" with the
-# BENCH_ARGS below; the tests marked gpu: PHASES="tests" T_TESTS=540 (a call of their own).
+# BENCH_ARGS below (TOTAL=560 PHASES="bench"); the tests marked gpu: PHASES="tests" T_TESTS=540 (a call of their own).
 # Run from the repository root: bash benchmarks/gpu/next.sh   (any variable below can be overridden)
 ALSO="attention:TMA=1;attention_backward:TMA=1"
 ALSO+=";adamw:CACHE=none;adamw:BLOCK=4096"
