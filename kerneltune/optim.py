@@ -38,6 +38,7 @@ except ImportError:  # a torch without it: the tests per tensor on every step
     _TensorGuards = None
 
 
+@torch.compiler.disable  # a C++ object: nothing for a traced step to trace (the tuned path skips it there)
 def _metadata_guard(tensors: list[Tensor]) -> Any:
     """A C++ check, ``.check(*tensors)``, that tensors have these tensors' dtypes, devices, sizes and strides
     (and types, requires_grad, dispatch keys); None where this torch has none. Sizes and strides are given:
@@ -118,7 +119,8 @@ class AdamW(torch.optim.AdamW):
     def _tuned_group(self, group: dict[str, Any]) -> list[Tensor]:
         """Update what a registry kernel serves; return the params left for torch's step."""
         leftover: list[Tensor] = []
-        buckets = self._guarded(group)
+        compiling = torch.compiler.is_compiling()  # a traced step: the C++ check is not something to trace
+        buckets = None if compiling else self._guarded(group)
         if buckets is None:
             buckets = self._bucketed(group["params"], leftover)
         for device, params, grads, states in buckets:
@@ -134,7 +136,7 @@ class AdamW(torch.optim.AdamW):
                 if not (all(map(Tensor.is_contiguous, states[0])) and all(map(Tensor.is_contiguous, states[1]))):
                     leftover += params
                     continue
-                if len(params) == len(group["params"]):  # the whole group: the next step's check is one call
+                if len(params) == len(group["params"]) and not compiling:  # the next step's check: one call
                     self._remember_group(group, device, params, grads, states)
             exp_avgs, exp_avg_sqs, steps = states
             by_step: dict[float, list[int]] = {}
@@ -179,6 +181,7 @@ class AdamW(torch.optim.AdamW):
             b[1].append(g)
         return [(device, params, grads, None) for device, (params, grads) in buckets.items()]
 
+    @torch.compiler.disable
     def _guarded(self, group: dict[str, Any]) -> Optional[list[_Bucket]]:
         """The group as one bucket, states included, when its params, gradients and moments pass the metadata
         check remembered from a step that sent the whole group to the kernel; else None (the tests per tensor)."""

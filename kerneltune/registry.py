@@ -140,7 +140,7 @@ def _dtype(dtype: Any) -> str:
 
 
 def _args_key(args: dict[str, Any] | None) -> str:
-    return json.dumps(args or {}, sort_keys=True)
+    return json.dumps(args, sort_keys=True) if args else "{}"
 
 
 # -- entries ---------------------------------------------------------------------------------------------
@@ -175,10 +175,15 @@ class Entry:
 
     @property
     def path(self) -> str:
-        """The absolute path of the candidate file."""
-        if os.path.isabs(self.candidate):
-            return self.candidate
-        return os.path.normpath(os.path.join(self.root, self.candidate))
+        """The absolute path of the candidate file (kept while root and candidate stay: a served kernel's
+        identity, asked on every call)."""
+        kept = self.__dict__.get("_path")
+        if kept is not None and kept[0] == self.root and kept[1] == self.candidate:
+            return kept[2]
+        path = (self.candidate if os.path.isabs(self.candidate)
+                else os.path.normpath(os.path.join(self.root, self.candidate)))
+        self.__dict__["_path"] = (self.root, self.candidate, path)
+        return path
 
     def key(self) -> tuple[str, str, str, str, str]:
         return (self.op, self.device_key, self.dtype, _args_key(self.args), self.bucket)

@@ -66,10 +66,12 @@ def warn_once(msg: str) -> None:
     reg.warn(f"kerneltune: {msg}")
 
 
-def registry() -> reg.Registry:
-    """The registry this process serves from; read again when $KERNELTUNE_REGISTRY changes."""
+def registry(env: str | None = None) -> reg.Registry:
+    """The registry this process serves from; read again when $KERNELTUNE_REGISTRY (``env``: its value, read
+    by the caller) changes."""
     global _registry
-    env = os.environ.get(reg.ENV_REGISTRY, "")
+    if env is None:
+        env = os.environ.get(reg.ENV_REGISTRY, "")
     with _lock:
         if _registry is None or _registry[0] != env:
             import warnings
@@ -116,8 +118,9 @@ def reload() -> None:
 
 def choose(op: str, device: Any, dims: dict[str, Any], dtype: str, args: dict[str, Any] | None = None) -> Choice:
     """The kernel that serves ``op`` for this call (cached per bucket)."""
-    r = registry()
-    key = (op, reg.device_kind(device), reg.bucket(op, dims), str(dtype), reg._args_key(args), *_env_key())
+    env = _env_key()
+    r = registry(env[0])
+    key = (op, reg.device_kind(device), reg.bucket(op, dims), str(dtype), reg._args_key(args), *env)
     with _lock:
         d = _decisions.get(key)
     if d is None:

@@ -390,3 +390,27 @@ def test_a_group_checked_in_one_call_is_checked_per_tensor_again_when_a_tensor_c
     # a strided moment sends its whole bucket to torch (step 4); ps[1], a step behind from step 6 on, is a
     # call of its own (steps 7 and 8)
     assert tuned == [1, 1, 1, 1, 0, 1, 1, 2, 2]
+
+
+def test_a_compiled_step_agrees_and_traces_no_metadata_check(user_registry, monkeypatch):
+    """torch.compile(opt.step): the step still agrees with torch's AdamW, and the C++ metadata check of the
+    eager path is never handed to the tracer (no warning about it)."""
+    user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    ps1 = [torch.nn.Parameter(torch.randn(s)) for s in [(6, 5), (7,), (3, 4)]]
+    ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps1]
+    o1, o2 = torch.optim.AdamW(ps1, lr=0.05), AdamW(ps2, lr=0.05)
+    step2 = torch.compile(o2.step)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for s in range(3):
+            for ps, o, st in ((ps1, o1, o1.step), (ps2, o2, step2)):
+                o.zero_grad()
+                sum((p * (s + 1)).sin().sum() for p in ps).backward()
+                st()
+    torch._dynamo.reset()
+    assert not [w for w in caught if "TensorGuards" in str(w.message)]
+    for a, b in zip(ps1, ps2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert kerneltune.served()["adamw"]["numba_cpu"] == 3
