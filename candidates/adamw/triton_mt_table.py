@@ -13,8 +13,9 @@ Changes against triton_multitensor.py:
 - the device table (offsets, numels, chunk map, the fp64 bits of b1, 1-b1, b2, 1-b2) is cached per
   (tensor addresses, sizes, b1, b2, CHUNK, CUDA stream); a new one (new gradient buffers, say) goes up from
   pinned memory without waiting for the device, queued on the stream that uses it. The cache holds addresses, never values: new values in the same buffers
-  are read fresh on every call. The host's work per call is the contract's checks and the addresses of the
-  4 lists, one C-level pass (map) per list and property, and the launch.
+  are read fresh on every call. The host's work per call is the contract's checks (one C++ call where the
+  lists have the metadata of lists that passed before, else one C-level pass per list and property), the
+  addresses of the 4 lists (one pass each), and the launch.
 - MOMENTS knob: "f64" (moments updated in fp64 and rounded once, correctly rounded) or "f32" (fp32 FMAs, as
   torch's fused kernel; within the state tolerance).
 
