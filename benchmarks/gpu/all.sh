@@ -14,6 +14,8 @@
 #   optim  one optimizer step of GPT-2 small, torch's fused AdamW vs kerneltune.optim.AdamW (benchmarks/
 #          optim_step.py: device and host time per step; into train.tgz as optim_step[-scratch]-N.json, N
 #          counting the optim phases of the call: name it several times for several processes);
+#   parts  the AdamW template's run() part by part (benchmarks/gpu/adamw_host_parts.py: checks, addresses,
+#          table, launch; into train.tgz);
 # train and optim serve from the scratch registry when an earlier adamw phase promoted into it (else the
 # shipped one); bench, tests and attn never see it.
 #   bench  issue 8: every shape benched against every baseline, ceilings in the same run (bench_gpu.py;
@@ -127,6 +129,13 @@ phase_optim() {  # each run its own process and file: the host's speed varies be
   tar -czf "$OUT/train.tgz" -C "$W" train
 }
 
+phase_parts() {  # the AdamW template's run() part by part, as it is in the tree (benchmarks/gpu/adamw_host_parts.py)
+  mkdir -p "$W/train"
+  timeout 90 python3 benchmarks/gpu/adamw_host_parts.py candidates/adamw/triton_mt_table.py > "$W/train/adamw-host-parts.json"
+  echo "adamw host parts rc=$?"; cat "$W/train/adamw-host-parts.json"
+  tar -czf "$OUT/train.tgz" -C "$W" train
+}
+
 phase_bench() {
   local -x KERNELTUNE_REGISTRY=""  # empty: the shipped registry (this phase never serves from a scratch one)
   DL=$(( $(left) - T_ATTN - 60 )); [ "$DL" -gt "$BENCH_S" ] && DL=$BENCH_S; [ "$DL" -lt 60 ] && DL=60
@@ -167,8 +176,8 @@ phase_attn() {
 for ph in $PHASES; do
   echo "== phase $ph at $((SECONDS - T_ALL)) s"
   case $ph in
-    adamw|train|optim|bench|tests|attn) "phase_$ph" ;;
-    *) echo "unknown phase $ph (adamw, train, optim, bench, tests, attn)" ;;
+    adamw|train|optim|parts|bench|tests|attn) "phase_$ph" ;;
+    *) echo "unknown phase $ph (adamw, train, optim, parts, bench, tests, attn)" ;;
   esac
 done
 echo "all.sh: $((SECONDS - T_ALL)) s in all; files: $(ls "$OUT" | tr '\n' ' ')"

@@ -2,8 +2,8 @@
 # The next GPU call (docs/benchmarks.md, "Open"): one command of about 6 minutes on a lent H100, for the AdamW
 # step's host side: one optimizer step with the shipped entry (triton_mt_table-5083c73e, whose template
 # checked every tensor on every call), the AdamW search over the template as it is now (lists whose metadata
-# passed before are checked in one C++ call), starting at the shipped winner's knobs and two neighbours, then
-# three optimizer-step processes with the search's winner served (the host's speed varies between
+# passed before are checked in one C++ call), starting at the shipped winner's knobs and two neighbours, the
+# template's host time part by part, then three optimizer-step processes with the search's winner served (the host's speed varies between
 # processes), and the 124M compare with it. Afterwards, here: promote the winner from the returned
 # search.tgz (see all.sh) when its optimizer step beats the shipped entry's.
 # The bench of every attention shape with variants (the previous next.sh) is PHASES="bench" with the
@@ -11,7 +11,7 @@
 # Run from the repository root: bash benchmarks/gpu/next.sh   (any variable below can be overridden)
 ALSO="attention:TMA=1;attention_backward:TMA=1"
 ALSO+=";adamw:CACHE=none;adamw:BLOCK=4096"
-export TOTAL=${TOTAL:-420} PHASES=${PHASES:-optim adamw optim optim optim train} BENCH_S=${BENCH_S:-290}
+export TOTAL=${TOTAL:-420} PHASES=${PHASES:-optim adamw parts optim optim optim train} BENCH_S=${BENCH_S:-290}
 export T_ADAM=${T_ADAM:-180} TRAIN_IF_PROMOTED=${TRAIN_IF_PROMOTED-1} ADAM_ONLY=${ADAM_ONLY-triton_mt_table}
 export ADAM_START=${ADAM_START-triton_mt_table:BLOCK=4096,num_warps=16;triton_mt_table:BLOCK=4096,num_warps=16,CACHE=none;triton_mt_table:BLOCK=4096,num_warps=8}
 export BENCH_ARGS=${BENCH_ARGS:---compile-ops attention --also $ALSO}
