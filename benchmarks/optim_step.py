@@ -27,6 +27,7 @@ Usage: python benchmarks/optim_step.py [--device cuda] [--preset gpt2-124m] [--s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import pstats
@@ -72,24 +73,17 @@ def profile(opt, steps: int, device: str, top: int = 25) -> list[dict]:
     return rows[:top]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--preset", default="gpt2-124m")
-    ap.add_argument("--steps", type=int, default=50, help="steps per turn")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="then N kerneltune steps under cProfile: the top functions by host time")
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args(argv)
-    import kerneltune
+@contextlib.contextmanager
+def kernel_host_time():
+    """While open, the host seconds spent inside the served kernel's calls (``kerneltune.optim._adamw_impl``,
+    which ``_step_with`` looks up at each call) add up in the yielded one-element list; put back on exit
+    (the script may run inside another process: tests)."""
     from kerneltune import optim
-    from kerneltune.train.kernels import adamw_options
 
-    inside = [0.0]  # host seconds inside the served kernel's calls
+    inside = [0.0]
     impl = optim._adamw_impl
 
-    def timed_impl(*args, **kwargs):  # _step_with looks _adamw_impl up at each call
+    def timed_impl(*args, **kwargs):
         t = time.perf_counter()
         try:
             return impl(*args, **kwargs)
@@ -98,25 +92,36 @@ def main(argv: list[str] | None = None) -> int:
 
     optim._adamw_impl = timed_impl
     try:
+        yield inside
+    finally:
+        optim._adamw_impl = impl
 
-        if a.device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(a.device).index or 0)  # events, the sleep and synchronize() act on the current one
-        kw = dict(lr=6e-4, betas=(0.9, 0.95), eps=1e-8, **adamw_options(a.device))
-        contestants = {}
-        for name, cls in (("torch.optim.AdamW", torch.optim.AdamW), ("kerneltune.optim.AdamW", optim.AdamW)):
-            m = build(a.preset, a.device, 0)
-            contestants[name] = cls(m.optimizer_groups(0.1), **kw)
-        n_params = sum(p.numel() for g in contestants["torch.optim.AdamW"].param_groups for p in g["params"])
+
+def measure(a: argparse.Namespace) -> dict:
+    """Both optimizers stepped side by side (module docstring); the JSON report."""
+    import kerneltune
+    from kerneltune import optim
+    from kerneltune.train.kernels import adamw_options
+
+    cuda = a.device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(torch.device(a.device).index or 0)  # events, the sleep and synchronize() act on the current one
+    kw = dict(lr=6e-4, betas=(0.9, 0.95), eps=1e-8, **adamw_options(a.device))
+    contestants = {}
+    for name, cls in (("torch.optim.AdamW", torch.optim.AdamW), ("kerneltune.optim.AdamW", optim.AdamW)):
+        m = build(a.preset, a.device, 0)
+        contestants[name] = cls(m.optimizer_groups(0.1), **kw)
+    n_params = sum(p.numel() for g in contestants["torch.optim.AdamW"].param_groups for p in g["params"])
+    samples: dict[str, dict[str, list[float]]] = {n: {"step_ms": [], "host_ms": [], "device_ms": []}
+                                                  for n in contestants}
+    samples["kerneltune.optim.AdamW"]["kernel_host_ms"] = []
+    ahead = True
+    with kernel_host_time() as inside:
         for opt in contestants.values():  # warm-up: state allocation, compiles, first-call checks
             for _ in range(3):
                 opt.step()
         sync(a.device)
         kerneltune.reset_served()
-        cuda = a.device.startswith("cuda")
-        samples: dict[str, dict[str, list[float]]] = {n: {"step_ms": [], "host_ms": [], "device_ms": []}
-                                                      for n in contestants}
-        samples["kerneltune.optim.AdamW"]["kernel_host_ms"] = []
-        ahead = True
         for r in range(a.rounds):
             order = list(contestants.items())
             order = order[r % 2:] + order[:r % 2]
@@ -135,50 +140,74 @@ def main(argv: list[str] | None = None) -> int:
                 if "kernel_host_ms" in samples[name]:
                     samples[name]["kernel_host_ms"].append(inside[0] * 1e3 / a.steps)
                 if cuda:  # the device's time alone: hold the stream while the host queues every step
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    hold = torch.cuda.Event(enable_timing=True)
-                    sync(a.device)
-                    torch.cuda._sleep(int(2e9))  # about a second at H100 clocks: far longer than queueing N steps
-                    hold.record()
-                    start.record()
-                    for _ in range(a.steps):
-                        opt.step()
-                    end.record()
-                    queued = hold.query() is False  # the sleep still running once every step is queued
-                    sync(a.device)
+                    ms, queued = device_ms(opt, a.steps)
+                    samples[name]["device_ms"].append(ms)
                     ahead = ahead and queued
-                    samples[name]["device_ms"].append(start.elapsed_time(end) / a.steps)
-        out = {"device": torch.cuda.get_device_name(torch.device(a.device)) if a.device.startswith("cuda") else a.device,
-               "torch": torch.__version__, "preset": a.preset, "params": n_params, "steps": a.steps,
-               "rounds": a.rounds, "options": {k: v for k, v in kw.items() if k != "betas"},
-               "served": kerneltune.served().get("adamw", {}), "results": {}}
-        out["host_ahead"] = ahead if cuda else None
-        for name, s in samples.items():
-            out["results"][name] = {k: statistics.median(v) for k, v in s.items() if v and (k != "device_ms" or ahead)}
-        if a.profile > 0:
-            out["profile"] = profile(contestants["kerneltune.optim.AdamW"], a.profile, a.device)
-        t, k = out["results"]["torch.optim.AdamW"], out["results"]["kerneltune.optim.AdamW"]
-        out["speedup"] = t["step_ms"] / k["step_ms"]
-        if "device_ms" in t and "device_ms" in k:
-            out["device_speedup"] = t["device_ms"] / k["device_ms"]
-        if a.json:
-            print(json.dumps(out, indent=1))
-        else:
-            print(f"{a.preset} ({n_params / 1e6:.1f}M params) on {out['device']}, {a.rounds} rounds of {a.steps} steps; "
-                  f"medians per step")
-            for name, r in out["results"].items():
-                dev = f"   device alone {r['device_ms']:8.3f} ms" if "device_ms" in r else ""
-                inner = f" (in the kernel's calls {r['kernel_host_ms']:.3f})" if "kernel_host_ms" in r else ""
-                print(f"  {name:24s} step {r['step_ms']:8.3f} ms   host {r['host_ms']:8.3f} ms{inner}{dev}")
-            extra = f", device alone {out['device_speedup']:.3f}x" if "device_speedup" in out else ""
-            print(f"  speedup {out['speedup']:.3f}x{extra} (torch / kerneltune); kerneltune steps served by {out['served']}")
-            for row in out.get("profile", []):
-                print(f"    {row['own_us']:8.1f} us own {row['cum_us']:8.1f} us with callees  {row['calls']:6.1f} calls  "
-                      f"{row['function']}")
-            if out["host_ahead"] is False:
-                print("  device-alone times left out: the host did not queue every step within the sleep")
-    finally:  # main() may run inside another process (tests)
-        optim._adamw_impl = impl
+    out = {"device": torch.cuda.get_device_name(torch.device(a.device)) if cuda else a.device,
+           "torch": torch.__version__, "preset": a.preset, "params": n_params, "steps": a.steps,
+           "rounds": a.rounds, "options": {k: v for k, v in kw.items() if k != "betas"},
+           "served": kerneltune.served().get("adamw", {}), "results": {}}
+    out["host_ahead"] = ahead if cuda else None
+    for name, s in samples.items():
+        out["results"][name] = {k: statistics.median(v) for k, v in s.items() if v and (k != "device_ms" or ahead)}
+    if a.profile > 0:
+        out["profile"] = profile(contestants["kerneltune.optim.AdamW"], a.profile, a.device)
+    t, k = out["results"]["torch.optim.AdamW"], out["results"]["kerneltune.optim.AdamW"]
+    out["speedup"] = t["step_ms"] / k["step_ms"]
+    if "device_ms" in t and "device_ms" in k:
+        out["device_speedup"] = t["device_ms"] / k["device_ms"]
+    return out
+
+
+def device_ms(opt, steps: int) -> tuple[float, bool]:
+    """The device's time per step alone: the stream is held by a sleep kernel while the host queues every
+    step; and whether the sleep was still running once they were all queued (else the figure is not the
+    device's alone)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    hold = torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))  # about a second at H100 clocks: far longer than queueing N steps
+    hold.record()
+    start.record()
+    for _ in range(steps):
+        opt.step()
+    end.record()
+    queued = hold.query() is False
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps, queued
+
+
+def report(out: dict, a: argparse.Namespace) -> None:
+    print(f"{a.preset} ({out['params'] / 1e6:.1f}M params) on {out['device']}, {a.rounds} rounds of {a.steps} steps; "
+          f"medians per step")
+    for name, r in out["results"].items():
+        dev = f"   device alone {r['device_ms']:8.3f} ms" if "device_ms" in r else ""
+        inner = f" (in the kernel's calls {r['kernel_host_ms']:.3f})" if "kernel_host_ms" in r else ""
+        print(f"  {name:24s} step {r['step_ms']:8.3f} ms   host {r['host_ms']:8.3f} ms{inner}{dev}")
+    extra = f", device alone {out['device_speedup']:.3f}x" if "device_speedup" in out else ""
+    print(f"  speedup {out['speedup']:.3f}x{extra} (torch / kerneltune); kerneltune steps served by {out['served']}")
+    for row in out.get("profile", []):
+        print(f"    {row['own_us']:8.1f} us own {row['cum_us']:8.1f} us with callees  {row['calls']:6.1f} calls  "
+              f"{row['function']}")
+    if out["host_ahead"] is False:
+        print("  device-alone times left out: the host did not queue every step within the sleep")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", default="gpt2-124m")
+    ap.add_argument("--steps", type=int, default=50, help="steps per turn")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="then N kerneltune steps under cProfile: the top functions by host time")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    out = measure(a)
+    if a.json:
+        print(json.dumps(out, indent=1))
+    else:
+        report(out, a)
     return 0
 
 

@@ -209,7 +209,7 @@ class AdamW(torch.optim.AdamW):
             guards.clear()
         guards[id(group["params"])] = (guard, device, len(group["params"]))
 
-    def _states(self, params: list[Tensor], group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    def _states(self, params: list[Tensor], group: dict[str, Any]) -> _States:
         """exp_avg, exp_avg_sq and step of each param, the state created as torch creates it where missing."""
         ms, vs, steps = [], [], []
         state = self.state

@@ -182,13 +182,15 @@ def _checked(lists, dev):
     passed before (the usual step: the same parameters and state, new gradients of the same shapes) pass in
     one C++ check of them all (about 0.06 us a tensor); others take one C-level pass per list and property
     (map, about 0.1 us a tensor and property), and are remembered when contiguous."""
+    if _TensorGuards is None:
+        return _checked_each(lists, dev)
     flat = [*lists[0], *lists[1], *lists[2], *lists[3]]
     key = (str(dev), len(lists[0]), _SHAPE(lists[0][0]), _SHAPE(lists[0][-1]))
     guard = _GUARDS.get(key)
     if guard is not None and guard.check(*flat):  # dtype, device, sizes, strides: those of checked tensors
         return True
     ok = _checked_each(lists, dev)
-    if ok and _TensorGuards is not None:
+    if ok:
         try:  # sizes and strides given: checked exactly (None would leave a dimension unchecked)
             _GUARDS[key] = _TensorGuards(*flat, dynamic_dims_sizes=list(map(list, map(_SHAPE, flat))),
                                          dynamic_dims_strides=list(map(list, map(_T.stride, flat))))
