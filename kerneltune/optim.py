@@ -32,6 +32,44 @@ _grad = operator.attrgetter("grad")
 _States = tuple[list[Tensor], list[Tensor], list[Tensor]]  # exp_avg, exp_avg_sq, step of each param
 _Bucket = tuple[torch.device, list[Tensor], list[Tensor], Optional[_States]]  # states None: still to look up
 
+
+class _Counts:
+    """One record of step counts this optimizer wrote: the count tensors of a list (held, so their ids stay
+    theirs), their version counters after the write, and the value written."""
+
+    __slots__ = ("steps", "key", "versions", "value", "_by_id", "_distinct")
+
+    def __init__(self, steps: list[Tensor], key: tuple[int, ...], value: float) -> None:
+        self.steps, self.key, self._distinct = list(steps), key, None
+        self.update(value)
+
+    def update(self, value: float) -> None:
+        self.versions, self.value, self._by_id = list(map(_version, self.steps)), value, None
+
+    def version_of(self, tid: int) -> Optional[int]:
+        if self._by_id is None:
+            self._by_id = dict(zip(self.key, self.versions))
+        return self._by_id.get(tid)
+
+    @property
+    def distinct(self) -> list[Tensor]:
+        if self._distinct is None:
+            self._distinct = list({id(s): s for s in self.steps}.values())
+        return self._distinct
+
+
+class _Group:
+    """What a step that sent a whole group to the kernel leaves for the next: the C++ check of the group's
+    params, gradients and moments, their device and shapes, and the kernel chosen for them (valid while
+    ``serve.generation()`` is ``gen``)."""
+
+    __slots__ = ("guard", "device", "n", "shapes", "choice", "gen")
+
+    def __init__(self, guard: Any, device: torch.device, shapes: tuple[Any, ...]) -> None:
+        self.guard, self.device, self.n, self.shapes = guard, device, len(shapes), shapes
+        self.choice: Optional[serve.Choice] = None
+        self.gen: Any = None
+
 try:  # torch's C++ tensor-metadata check (what torch.compile's guards run)
     from torch._C._dynamo.guards import TensorGuards as _TensorGuards
 except ImportError:  # a torch without it: the tests per tensor on every step
@@ -120,14 +158,14 @@ class AdamW(torch.optim.AdamW):
         """Update what a registry kernel serves; return the params left for torch's step."""
         leftover: list[Tensor] = []
         compiling = torch.compiler.is_compiling()  # a traced step: the C++ check is not something to trace
-        buckets = None if compiling else self._guarded(group)
-        if buckets is None:
-            buckets = self._bucketed(group["params"], leftover)
+        known = None if compiling else self._guarded(group)
+        buckets = [known[0]] if known is not None else self._bucketed(group["params"], leftover)
+        rec = known[1] if known is not None else None
         for device, params, grads, states in buckets:
             if states is None and (device.type not in ("cpu", "cuda") or any(g.device != device for g in grads)):
                 leftover += params
                 continue
-            choice = _choose(params)
+            choice = _choose(params) if rec is None else _choose_for(rec, params)
             if choice.run is None:
                 leftover += params
                 continue
@@ -139,25 +177,29 @@ class AdamW(torch.optim.AdamW):
                 if len(params) == len(group["params"]) and not compiling:  # the next step's check: one call
                     self._remember_group(group, device, params, grads, states)
             exp_avgs, exp_avg_sqs, steps = states
-            by_step: dict[float, list[int]] = {}
-            for i, t in enumerate(self._step_values(steps)):
-                by_step.setdefault(t, []).append(i)
-            for t, idx in by_step.items():
-                if len(idx) == len(params):  # the usual case: one count for the whole bucket
-                    part, sel, sg, sm, sv, ss = choice, params, grads, exp_avgs, exp_avg_sqs, steps
-                else:  # a part split off by its step count is its own size
-                    sel = [params[i] for i in idx]
-                    part, sg = _choose(sel), [grads[i] for i in idx]
-                    sm, sv, ss = [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx], [steps[i] for i in idx]
+            key = tuple(map(id, steps))
+            values = self._step_values(steps, key)
+            if values.count(values[0]) == len(values):  # the usual case: one count for the whole bucket
+                parts = [(values[0], choice, params, grads, exp_avgs, exp_avg_sqs, steps, key)]
+            else:  # a part split off by its step count is its own size
+                by_step: dict[float, list[int]] = {}
+                for i, t in enumerate(values):
+                    by_step.setdefault(t, []).append(i)
+                parts = []
+                for t, idx in by_step.items():
+                    sel, ss = [params[i] for i in idx], [steps[i] for i in idx]
+                    parts.append((t, _choose(sel), sel, [grads[i] for i in idx], [exp_avgs[i] for i in idx],
+                                  [exp_avg_sqs[i] for i in idx], ss, tuple(map(id, ss))))
+            for t, part, sel, sg, sm, sv, ss, skey in parts:
                 ok = _step_with(part, sel, sg, sm, sv, step=int(t) + 1, lr=float(group["lr"]),
                                 beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
-                                eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))
+                                eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                                shapes=rec.shapes if rec is not None and sel is params else None)
                 if not ok:  # the kernel failed or was dropped: torch's step takes these (nothing was changed)
                     leftover += sel
                     continue
-                done = list({id(s): s for s in ss}.values())  # a count shared by params: once
-                torch._foreach_add_(done, 1.0)  # one launch for the lot, where torch's step makes one per tensor
-                self._remember_steps(ss, t + 1)
+                torch._foreach_add_(self._distinct(ss, skey), 1.0)  # one launch, where torch makes one a tensor
+                self._remember_steps(ss, skey, t + 1)
         return leftover
 
     @staticmethod
@@ -182,21 +224,21 @@ class AdamW(torch.optim.AdamW):
         return [(device, params, grads, None) for device, (params, grads) in buckets.items()]
 
     @torch.compiler.disable
-    def _guarded(self, group: dict[str, Any]) -> Optional[list[_Bucket]]:
-        """The group as one bucket, states included, when its params, gradients and moments pass the metadata
-        check remembered from a step that sent the whole group to the kernel; else None (the tests per tensor)."""
+    def _guarded(self, group: dict[str, Any]) -> Optional[tuple[_Bucket, _Group]]:
+        """The group as one bucket, states included, with its record, when its params, gradients and moments
+        pass the metadata check remembered from a step that sent the whole group to the kernel; else None (the
+        tests per tensor)."""
         gp = group["params"]
-        hit = self.__dict__.get("_kt_guards", {}).get(id(gp))  # keyed by the list; the check is of metadata
-        if hit is None or hit[2] != len(gp):
+        rec = self.__dict__.get("_kt_guards", {}).get(id(gp))  # keyed by the list; the check is of metadata
+        if rec is None or rec.n != len(gp):
             return None
-        guard, device = hit[0], hit[1]
         grads = list(map(_grad, gp))
         if not all(map(operator.is_not, grads, itertools.repeat(None))):
             return None
         states = self._states(gp, group)  # the guard was made once these existed
-        if not guard.check(*gp, *grads, *states[0], *states[1]):
+        if not rec.guard.check(*gp, *grads, *states[0], *states[1]):
             return None
-        return [(device, list(gp), grads, states)]
+        return (rec.device, list(gp), grads, states), rec
 
     def _remember_group(self, group: dict[str, Any], device: torch.device, params: list[Tensor], grads: list[Tensor],
                         states: _States) -> None:
@@ -207,7 +249,7 @@ class AdamW(torch.optim.AdamW):
             return
         if len(guards) > 64:
             guards.clear()
-        guards[id(group["params"])] = (guard, device, len(group["params"]))
+        guards[id(group["params"])] = _Group(guard, device, tuple(map(_shape, params)))
 
     def _states(self, params: list[Tensor], group: dict[str, Any]) -> _States:
         """exp_avg, exp_avg_sq and step of each param, the state created as torch creates it where missing."""
@@ -223,7 +265,7 @@ class AdamW(torch.optim.AdamW):
         return ms, vs, steps
 
     # -- step counts without a device sync ---------------------------------------------------------------
-    def _step_values(self, steps: list[Tensor]) -> list[float]:
+    def _step_values(self, steps: list[Tensor], key: tuple[int, ...]) -> list[float]:
         """The step counts as host numbers. Reading a step tensor that lives on the GPU (fused/capturable
         state) waits for the whole backward pass; so the counts this optimizer wrote are remembered with each
         tensor's version counter, which any later write (torch's step, load_state_dict, fill_) bumps: only a
@@ -232,10 +274,10 @@ class AdamW(torch.optim.AdamW):
         ``dist.broadcast`` — is not seen: set counts with ``fill_``, ``copy_`` or ``load_state_dict``.) Each
         write is one record of its list of count tensors; the usual step asks for the list it wrote last,
         checked list-wide, and any other list (a param without a grad this step, a part at another count)
-        finds its tensors through the index of the latest record holding each."""
-        last = self.__dict__.get("_kt_last", {}).get(tuple(map(id, steps)))  # ids of held tensors: sound
-        if last is not None and list(map(_version, steps)) == last[1]:
-            return [last[3]] * len(steps)
+        finds its tensors through the index of the latest record holding each. ``key``: the tensors' ids."""
+        last = self.__dict__.get("_kt_last", {}).get(key)  # ids of held tensors: sound
+        if last is not None and list(map(_version, steps)) == last.versions:
+            return [last.value] * len(steps)
         out: list[Optional[float]] = [None] * len(steps)
         unknown = self._from_records(steps, out)
         if unknown:
@@ -258,25 +300,35 @@ class AdamW(torch.optim.AdamW):
         rest = []
         for i, s in enumerate(steps):
             rec = last.get(index.get(id(s)))  # ids are sound: a record holds its tensors
-            if rec is not None and rec[2].get(id(s)) == s._version:
-                out[i] = rec[3]
+            if rec is not None and rec.version_of(id(s)) == s._version:
+                out[i] = rec.value
             else:
                 rest.append(i)
         return rest
 
-    def _remember_steps(self, steps: list[Tensor], value: float) -> None:
-        """Record the counts just written: one record of the list, keyed by its tensors' ids (the record
-        holds them, so no other tensor can take one of those ids), and an index from each id to it. The
-        versions are kept as a list for the list-wide check (a count tensor shared by params appears twice)
-        and by id for the lookups."""
+    def _distinct(self, steps: list[Tensor], key: tuple[int, ...]) -> list[Tensor]:
+        """The count tensors once each (a count shared by params is added to once): the record's, where the
+        list has one."""
+        rec = self.__dict__.get("_kt_last", {}).get(key)
+        if rec is not None:
+            return rec.distinct
+        return list({id(s): s for s in steps}.values())
+
+    def _remember_steps(self, steps: list[Tensor], key: tuple[int, ...], value: float) -> None:
+        """Record the counts just written: one record of the list, keyed by its tensors' ids ``key`` (the
+        record holds them, so no other tensor can take one of those ids), and an index from each id to it.
+        The versions are kept as a list for the list-wide check (a count tensor shared by params appears
+        twice); the lookups by id build their map when first asked."""
         last = self.__dict__.setdefault("_kt_last", {})
         index = self.__dict__.setdefault("_kt_index", {})
         if len(last) > 64:  # lists whose params with grads changed, parts split by count, rebuilt groups
             last.clear()
             index.clear()
-        key = tuple(map(id, steps))
-        versions = list(map(_version, steps))
-        last[key] = (list(steps), versions, dict(zip(key, versions)), value)
+        rec = last.get(key)
+        if rec is None:
+            last[key] = _Counts(steps, key, value)
+        else:  # the same list again (the usual step): its new versions and value
+            rec.update(value)
         index.update(dict.fromkeys(key, key))
 
     def _state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -312,10 +364,18 @@ def _choose(params: list[Tensor]) -> serve.Choice:
                         "float32", {})
 
 
+def _choose_for(rec: _Group, params: list[Tensor]) -> serve.Choice:
+    """``_choose`` for a remembered group, asked again only when what ``serve.choose`` answers may change."""
+    gen = serve.generation()
+    if rec.gen != gen or rec.choice is None:
+        rec.choice, rec.gen = _choose(params), gen
+    return rec.choice
+
+
 def _step_with(choice: serve.Choice, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                exp_avg_sqs: list[Tensor], *, step: int, lr: float, beta1: float, beta2: float, eps: float,
-               weight_decay: float) -> bool:
-    """``adamw_step`` with the serving decision already made."""
+               weight_decay: float, shapes: Optional[tuple[Any, ...]] = None) -> bool:
+    """``adamw_step`` with the serving decision already made (``shapes``: the params' shapes, where known)."""
     if choice.run is None:
         return False
     if torch.compiler.is_compiling():  # a graph sees the custom op: its schema says what it mutates
@@ -325,7 +385,8 @@ def _step_with(choice: serve.Choice, params: list[Tensor], grads: list[Tensor], 
         # eager: the same body, called directly. The custom op's dispatch costs ~1 ms of host time for
         # 4 lists of 148 tensors (GPT-2 small), as much as the fused step's whole host side; its one effect
         # besides the call, bumping the version counters of what it mutates, is done here as well
-        _adamw_impl(choice, params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay)
+        _adamw_impl(choice, params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
+                    shapes=shapes)
         _bump_versions([*params, *exp_avgs, *exp_avg_sqs])
     return not serve.is_bad(choice.entry)
 
@@ -338,7 +399,7 @@ def _adamw_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
 
 def _adamw_impl(choice: serve.Choice, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                 exp_avg_sqs: list[Tensor], step: int, lr: float, beta1: float, beta2: float, eps: float,
-                weight_decay: float) -> None:
+                weight_decay: float, shapes: Optional[tuple[Any, ...]] = None) -> None:
     """The registry kernel's update, checked on its first call where $KERNELTUNE_VERIFY asks; a kernel that
     raises or disagrees is marked bad and what it changed is put back (see ``backup``)."""
     if choice.run is None:
@@ -352,7 +413,7 @@ def _adamw_impl(choice: serve.Choice, params: list[Tensor], grads: list[Tensor],
     # compile its parallel loop at the first large tensor, after updating smaller ones). Cloning 3 x 4 B x
     # 124M on every step would cost more than the kernel saves; later calls run code that already ran (a
     # fault on the device ends the process's CUDA context, which no copy would survive)
-    first = (serve.entry_id(e), tuple(map(_shape, params)))
+    first = (serve.entry_id(e), tuple(map(_shape, params)) if shapes is None else shapes)
     backup = ([[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs)]
               if verify or first not in _ran else None)
     try:

@@ -264,6 +264,82 @@ def test_a_kernel_that_writes_then_raises_on_its_first_call_is_undone_and_torch_
     assert kerneltune.served()["adamw"] == {"reference": 3}
 
 
+def test_a_kernel_that_raises_after_serving_steps_is_dropped_and_torch_takes_every_later_step(user_registry,
+                                                                                             monkeypatch):
+    """A group that went whole to the kernel is remembered with the kernel chosen for it; a kernel that then
+    raises (its fourth call: the second step's second group) is marked bad, and the remembered choice goes with
+    it: that group's step and every later step are torch's, and the result is torch's AdamW's all along."""
+    from kerneltune.library import serve
+
+    user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
+    real = serve._kernel
+    calls = []
+
+    def kernel(e):
+        run = real(e)
+
+        def counted(*args, **kw):
+            calls.append(1)
+            if len(calls) == 4:
+                raise RuntimeError("lost the device")
+            return run(*args, **kw)
+        return counted
+
+    monkeypatch.setattr(serve, "_kernel", kernel)
+    m1 = small_model(3)
+    m2 = copy.deepcopy(m1)
+    o1, o2 = torch.optim.AdamW(groups(m1), lr=1e-2), AdamW(groups(m2), lr=1e-2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(m1, o1, 6)
+        train(m2, o2, 6)
+    assert any("lost the device" in w for w in kt_warnings(caught))
+    assert len(calls) == 4  # none after the raise
+    assert kerneltune.served()["adamw"] == {"numba_cpu": 3, "reference": 5}  # torch's: steps 2 (a group) to 6
+    assert_same(m1, m2, atol=1e-6, rtol=1e-5)
+    assert_same_state(o1, o2, atol=1e-6, rtol=1e-5)
+
+
+def test_a_kernel_that_served_other_shapes_and_raises_on_new_ones_is_undone(user_registry, monkeypatch):
+    """The copy to put back is kept on a kernel's first call at each set of shapes, not only its first call:
+    a kernel that served one model and writes then raises on another's shapes changes nothing there."""
+    from kerneltune.library import serve
+
+    user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
+    monkeypatch.delenv("KERNELTUNE_VERIFY", raising=False)
+    real = serve._kernel
+
+    def kernel(e):
+        run = real(e)
+
+        def fails_on_six(params, grads, exp_avgs, exp_avg_sqs, **kw):
+            if params[0].shape == (6,):
+                params[0].sub_(1.0)
+                raise RuntimeError("no code for these shapes")
+            return run(params, grads, exp_avgs, exp_avg_sqs, **kw)
+        return fails_on_six
+
+    monkeypatch.setattr(serve, "_kernel", kernel)
+    p = torch.nn.Parameter(torch.randn(4))
+    o = AdamW([p], lr=0.1)
+    for _ in range(3):  # served: remembered, and its shapes marked as run
+        o.zero_grad()
+        (p ** 2).sum().backward()
+        o.step()
+    a1 = torch.nn.Parameter(torch.randn(6))
+    a2 = torch.nn.Parameter(a1.detach().clone())
+    o1, o2 = torch.optim.AdamW([a1], lr=0.1), AdamW([a2], lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for a, opt in ((a1, o1), (a2, o2)):
+            opt.zero_grad()
+            a.sin().sum().backward()
+            opt.step()
+    assert any("no code for these shapes" in w for w in kt_warnings(caught))
+    assert torch.equal(a1, a2)
+    assert_same_state(o1, o2)
+
+
 def test_without_kerneltune_verify_no_call_is_checked_not_even_the_first(user_registry, monkeypatch):
     """The first call at given shapes keeps a copy to put back, but checking it against the fp64 reference
     (seconds on a CPU at GPT-2 small's size) is what $KERNELTUNE_VERIFY asks for, and only then."""

@@ -45,3 +45,28 @@ def test_profile_lists_where_the_host_time_of_a_step_goes(monkeypatch, capsys):
     assert [r["own_us"] for r in rows] == sorted((r["own_us"] for r in rows), reverse=True)
     assert all(r["function"] for r in rows)
     assert all(r["cum_us"] >= r["own_us"] >= 0 and r["calls"] > 0 for r in rows)
+
+
+def test_optim_host_times_this_optimizer_against_another_revision_with_a_noop_kernel(tmp_path, capsys):
+    """benchmarks/optim_host.py: every call served by the no-op kernel (both optimizers, every round and
+    timing), serving put back afterwards, and a missing --against file a one-line error."""
+    import torch
+
+    from kerneltune.library import serve
+    from kerneltune.train.model import GPT
+    from kerneltune.train.presets import PRESETS
+
+    script = load_file("benchmarks/optim_host.py", "optim_host")
+    choose, add = serve.choose, torch._foreach_add_
+    other = tmp_path / "optim.py"
+    other.write_text(open(ko.__file__).read())
+    assert script.main(["--preset", "smoke", "--rounds", "2", "--steps", "2", "--against", str(other),
+                        "--no-count-adds", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert serve.choose is choose and torch._foreach_add_ is add  # put back
+    assert out["served"] == {"no-op": 2 * 2 * 2 * 3 * 2}  # 2 optimizers, 2 rounds, 3 timings of 2 steps, 2 groups
+    assert set(out["host_us"]) == {"this", "against"}
+    assert all(0 < r["min"] <= r["median"] for r in out["host_us"].values())
+    assert out["ratio"] > 0 and out["tensors"] == len(list(GPT(PRESETS["smoke"].model).parameters()))
+    assert script.main(["--preset", "smoke", "--against", str(tmp_path / "none.py")]) == 2
+    assert "no such file" in capsys.readouterr().err
