@@ -15,8 +15,8 @@ file), by default ``candidates/`` beside it; for the registry shipped in the pac
 candidates (``kerneltune/candidates/`` in an installed wheel, ``candidates/`` in a source checkout).
 
 Lookup (``Registry.decide``), for an op called on a device with some dims and dtype:
-exact entry (same device key, op, dtype, args and shape bucket) -> same device, nearest bucket -> the
-reference. Only entries recorded for this device key, whose backend runs on this device kind, whose
+exact entry (same device key, op, dtype, args and shape bucket) -> same device, nearest bucket within
+reach (``NEAREST_REACH``: attention, the same head dim and two octaves of N and B*H) -> the reference. Only entries recorded for this device key, whose backend runs on this device kind, whose
 measured speedup is at least the minimum (1.0, or ``$KERNELTUNE_MIN_SPEEDUP``) and whose candidate file
 still hashes to the source that passed, are ever chosen; a bucket whose own measurements are all below
 the minimum gets the reference (a faster bucket elsewhere is no evidence for it). A user registry
@@ -126,6 +126,30 @@ def distance(op: str, a: dict[str, Any], b: dict[str, Any]) -> float:
     except (KeyError, TypeError):
         pass
     return 0.0 if a == b else math.inf
+
+
+# How far a nearest bucket may be from the call for its entry to serve, per op family (None: any distance).
+# An attention kernel's standing against SDPA moves with the shape (on the H100, one kernel's ratio to cuDNN
+# ran from 0.62x to 1.02x over the issue's 24 shapes), so a winner serves only shapes of its own head dim
+# within two octaves of N and B*H together; AdamW is a stream over the parameters, and any size takes it.
+NEAREST_REACH: dict[str, float | None] = {"attention": 2.0, "adamw": None}
+
+
+def within_reach(op: str, measured: dict[str, Any], asked: dict[str, Any]) -> bool:
+    """Whether an entry measured at ``measured`` may serve ``asked`` as the nearest bucket."""
+    reach = NEAREST_REACH.get("attention" if op.startswith("attention") else op.split("_")[0])
+    if reach is None:
+        return True
+    a, b = norm_dims(op, measured), norm_dims(op, asked)
+    if op.startswith("attention") and a.get("D") != b.get("D"):
+        return False
+    return distance(op, a, b) <= reach
+
+
+def _reach_text(op: str) -> str:
+    reach = NEAREST_REACH.get("attention" if op.startswith("attention") else op.split("_")[0])
+    same_d = " at the same head dim" if op.startswith("attention") else ""
+    return f"a nearest bucket serves within {reach:g} octaves of N and B*H{same_d}"
 
 
 def _dtype(dtype: Any) -> str:
@@ -414,6 +438,11 @@ class Registry:
             eligible = []
         rank = {id(e): i for i, e in enumerate(self.entries)}  # user registry before shipped
         target = norm_dims(op, dims)
+        far = [e for e in eligible if e.bucket != want and not within_reach(op, e.dims, target)]
+        if far:  # measured too far from this shape to say anything about it
+            eligible = [e for e in eligible if e not in far]
+            skipped.append(f"{', '.join(sorted({e.name + ' at ' + e.bucket for e in far}))}: too far from {asked} "
+                           f"({_reach_text(op)})")
         ordered = sorted(eligible, key=lambda e: (e.bucket != want, distance(op, e.dims, target),
                                                   rank[id(e)], -e.speedup))
         for e in ordered:

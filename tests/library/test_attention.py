@@ -100,7 +100,7 @@ def test_a_registry_numba_kernel_serves_when_forced_and_matches(user_registry, m
     kerneltune.reset_served()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for shape in [(2, 3, 17, 48), (1, 1, 1, 40)]:  # the exact bucket, then the nearest one
+        for shape in [(2, 3, 17, 48), (1, 3, 30, 48)]:  # the exact bucket, then the nearest one
             q, k, v = inputs(shape, torch.float32, 6)
             out = kerneltune.attention(q, k, v, causal=True)
             want, leaves = fp64_attention(q, k, v, True, None)
@@ -109,8 +109,9 @@ def test_a_registry_numba_kernel_serves_when_forced_and_matches(user_registry, m
             for a, e in zip(grads(out, (q, k, v), g), grads(want, leaves, g.double())):
                 torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=1e-4)
         kerneltune.attention(q, k, v, causal=False)  # no entry for causal=False: the reference
+        kerneltune.attention(*inputs((1, 1, 1, 40), torch.float32, 7), causal=True)  # beyond reach: the reference
     assert kt_warnings(caught) == []
-    assert kerneltune.served() == {"attention": {"numba_cpu": 2, "reference": 1},
+    assert kerneltune.served() == {"attention": {"numba_cpu": 2, "reference": 2},
                                    "attention_backward": {"reference": 2}}
     kinds = {(d["bucket"], d["args"]): (d["kernel"], d["kind"]) for d in kerneltune.decisions() if d["op"] == "attention"}
     assert ("numba_cpu", "exact") in kinds.values() and ("numba_cpu", "nearest") in kinds.values()

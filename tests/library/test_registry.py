@@ -53,8 +53,12 @@ def test_lookup_exact_then_nearest_then_reference(tmp_path):
     assert e is small and why.startswith("exact")
     e, why = r.lookup("attention", "cpu", {"B": 8, "H": 16, "N": 1500, "D": 64}, "float32", {"causal": True})
     assert e is big and why.startswith("exact")
-    e, why = r.lookup("attention", "cpu", {"B": 4, "H": 8, "N": 1024, "D": 64}, "float32", {"causal": True})
+    e, why = r.lookup("attention", "cpu", {"B": 8, "H": 8, "N": 1024, "D": 64}, "float32", {"causal": True})
     assert e is big and why.startswith("nearest bucket")
+    # beyond reach: three octaves from the nearest entry, or another head dim: the reference, and why
+    for far in ({"B": 4, "H": 8, "N": 1024, "D": 64}, {"B": 8, "H": 16, "N": 2048, "D": 128}):
+        e, why = r.lookup("attention", "cpu", far, "float32", {"causal": True})
+        assert e is None and "too far from" in why and "within 2 octaves of N and B*H at the same head dim" in why, why
     for dtype, args in (("float16", {"causal": True}), ("float32", {"causal": False})):
         e, why = r.lookup("attention", "cpu", ATT, dtype, args)
         assert e is None and why.startswith("no attention entry"), why
