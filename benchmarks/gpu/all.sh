@@ -30,7 +30,8 @@
 #          "triton_fa2_bwd"; empty: every candidate of the op): the templates searched;
 #          ATTN_START="triton_fa2:KNOB=V,...;...": points evaluated first; unset, the best variant of the bench
 #          run in ATTN_BENCH_DIR (default: this call's bench phase; a bench.tgz unpacked: its bench/ folder) that
-#          beat the candidate there (benchmarks/gpu/bench_best.py).
+#          beat the candidate there (benchmarks/gpu/bench_best.py). ATTN_SHAPES="B,H,N,D,causal|full;...": the
+#          shapes each candidate is timed at (bf16; every one a registry bucket when promoted, the losers too).
 # Each phase's files are packed into one tarball under $OUT as soon as it ends (the device returns 8 files):
 #   all.log, search.tgz (store, search JSON, scratch registry + promoted files), train.tgz, bench.tgz (CSV,
 #   meta, PNGs), search_attn.tgz
@@ -43,6 +44,7 @@ OUT=${OUT:-/tmp/ktout}; mkdir -p "$OUT"
 TOTAL=${TOTAL:-520}; T_ADAM=${T_ADAM:-200}; T_ATTN=${T_ATTN:-150}; STEPS=${STEPS:-60}
 PHASES=${PHASES:-adamw train bench attn}; ADAM_ONLY=${ADAM_ONLY:-}; BENCH_S=${BENCH_S:-600}
 ATTN_OP=${ATTN_OP:-attention}; ATTN_BUDGET=${ATTN_BUDGET:-8}
+ATTN_SHAPES=${ATTN_SHAPES:-4,16,4096,128,causal;16,12,1024,64,causal}
 if [ "$ATTN_OP" = attention ]; then ATTN_ONLY=${ATTN_ONLY-triton_fa2}; else ATTN_ONLY=${ATTN_ONLY-triton_fa2_bwd}; fi
 W=/tmp/ktw; rm -rf "$W"; mkdir -p "$W/search" "$W/train" "$W/bench" "$W/registry"
 export PYTHONUNBUFFERED=1 KERNELTUNE_CACHE_DIR=/tmp/ktcache KERNELTUNE_DB=$W/search/store.db
@@ -165,8 +167,11 @@ phase_attn() {
   [ -z "$start" ] && [ -s "$bdir/issue8_meta.json" ] && start=$(python3 benchmarks/gpu/bench_best.py "$bdir" "$ATTN_OP" "$cands")
   [ -n "$start" ] && echo "$ATTN_OP search starts at: $start"
   if [ "$T" -ge 90 ]; then  # one search at a time: timings never share the GPU
+    local shape; local -a shapes=()
+    IFS=';' read -ra list <<< "$ATTN_SHAPES"
+    for shape in "${list[@]}"; do shapes+=(--shapes "$shape"); done
     search "$ATTN_OP" "$T" "$ATTN_BUDGET" "$((T - 10))" --candidates "$cands" \
-      --shapes 4,16,4096,128,causal --shapes 16,12,1024,64,causal --dtype bf16 ${start:+--option "start=$start"}
+      "${shapes[@]}" --dtype bf16 ${start:+--option "start=$start"}
   else
     echo "$ATTN_OP search: only $T s left, not started"
   fi
