@@ -20,9 +20,9 @@
 # shipped one); bench, tests and attn never see it.
 #   bench  issue 8: every shape benched against every baseline, ceilings in the same run (bench_gpu.py;
 #          BENCH_ARGS passes more arguments, e.g. --only-n 512,1024,2048; BENCH_S caps its deadline);
-#   tests  the tests marked gpu (T_TESTS seconds, default 300: 136 s on an H200 before the attention knob tests
-#          were added), the evaluator's slow seed test left out
-#          (the adamw phase runs the same evaluator at full size);
+#   tests  the tests marked gpu (T_TESTS seconds, default 300), the evaluator's slow seed test left out (the
+#          adamw phase runs the same evaluator at full size), as TEST_SHARDS pytest processes at once (default
+#          8; one at a time they needed about 540 s on the H100: Triton compiles every knob set on one core);
 #   attn   `kerneltune search $ATTN_OP` (attention, or attention_backward) with the time left (Triton compiles every check case's
 #          specialisation: a candidate needs well over a minute, so ATTN_BUDGET candidates, default 8, are
 #          evaluated at once: their compiles and checks run in parallel on the host's cores, their timings
@@ -34,7 +34,7 @@
 #          shapes each candidate is timed at (bf16; every one a registry bucket when promoted, the losers too).
 # Each phase's files are packed into one tarball under $OUT as soon as it ends (the device returns 8 files):
 #   all.log, search.tgz (store, search JSON, scratch registry + promoted files), train.tgz, bench.tgz (CSV,
-#   meta, PNGs), search_attn.tgz
+#   meta, PNGs), search_attn.tgz, tests.tgz (a log per shard, summary.json)
 # Usage (device machine, repo root): bash benchmarks/gpu/all.sh   [TOTAL=520 T_ADAM=200 T_ATTN=150 STEPS=60]
 #   PHASES="bench adamw train" BENCH_ARGS="--only-n 512,1024,2048 --compile-n 1024" bash benchmarks/gpu/all.sh
 # Afterwards, here: promote the AdamW winner from the returned store into the shipped registry with
@@ -46,7 +46,7 @@ PHASES=${PHASES:-adamw train bench attn}; ADAM_ONLY=${ADAM_ONLY:-}; BENCH_S=${BE
 ATTN_OP=${ATTN_OP:-attention}; ATTN_BUDGET=${ATTN_BUDGET:-8}
 ATTN_SHAPES=${ATTN_SHAPES:-4,16,4096,128,causal;16,12,1024,64,causal}
 if [ "$ATTN_OP" = attention ]; then ATTN_ONLY=${ATTN_ONLY-triton_fa2}; else ATTN_ONLY=${ATTN_ONLY-triton_fa2_bwd}; fi
-W=/tmp/ktw; rm -rf "$W"; mkdir -p "$W/search" "$W/train" "$W/bench" "$W/registry"
+W=/tmp/ktw; rm -rf "$W"; mkdir -p "$W/search" "$W/train" "$W/bench" "$W/registry" "$W/tests"
 export PYTHONUNBUFFERED=1 KERNELTUNE_CACHE_DIR=/tmp/ktcache KERNELTUNE_DB=$W/search/store.db
 exec > >(tee -a "$OUT/all.log") 2>&1
 T_ALL=$SECONDS
@@ -153,9 +153,15 @@ phase_bench() {
 phase_tests() {
   local -x KERNELTUNE_REGISTRY=""
   T0=$SECONDS
-  timeout -k 5 "${T_TESTS:-300}" python3 -m pytest -m gpu -v --durations=0 -p no:cacheprovider -k "not seed_passes_and_is_timed" \
+  # TEST_SHARDS pytest processes at once (benchmarks/gpu/sharded_pytest.py): the time goes to Triton's
+  # compiler, one core a process; one log per shard, packed into tests.tgz
+  python3 benchmarks/gpu/sharded_pytest.py --shards "${TEST_SHARDS:-8}" --timeout "${T_TESTS:-300}" --verbose \
+    --logs "$W/tests" --json "$W/tests/summary.json" -- -m gpu -k "not seed_passes_and_is_timed" \
     tests/test_gpu.py tests/test_attention_kernels.py tests/library/test_gpu_library.py tests/train/test_gpu_train.py
   echo "gpu tests rc=$? in $((SECONDS - T0)) s"
+  grep -h -E "(PASSED|FAILED|ERROR|SKIPPED)( |$)" "$W"/tests/shard*.log | sed 's/^/  /' | sort | head -80
+  grep -h -E "^(FAILED|ERROR) " "$W"/tests/shard*.log | sed 's/^/  /' | head -20
+  tar -czf "$OUT/tests.tgz" -C "$W" tests
 }
 
 phase_attn() {
