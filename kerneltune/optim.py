@@ -70,6 +70,7 @@ class _Group:
         self.choice: Optional[serve.Choice] = None
         self.gen: Any = None
 
+
 try:  # torch's C++ tensor-metadata check (what torch.compile's guards run)
     from torch._C._dynamo.guards import TensorGuards as _TensorGuards
 except ImportError:  # a torch without it: the tests per tensor on every step

@@ -36,7 +36,10 @@ FWD_POINTS = [{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "
               {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "GROUP_BY_HEAD": 0, "TMA": 0,
                "PIPE": 1},
               {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "GROUP_BY_HEAD": 1, "TMA": 1,
-               "PIPE": 1}]
+               "PIPE": 1},
+              # the warp-specialised kernel: descriptors made in the kernel, one key loop, masks as selects
+              {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "GROUP_BY_HEAD": 1, "TMA": 2,
+               "PIPE": 0}]
 BWD_POINTS = [{"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32, "num_warps": 8, "num_stages": 3,
                "GROUP_BY_HEAD": 1, "TMA": 1},
               {"BLOCK_M1": 16, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 16, "num_warps": 4, "num_stages": 2,
@@ -74,7 +77,7 @@ def check_backward(dtype: str, point: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("point", [0, 1, 2])
+@pytest.mark.parametrize("point", [0, 1, 2, 3])
 def test_fa2_forward_and_lse_match_fp64(dtype, point):
     _in_interpreter("check_forward", dtype, point)
 
@@ -143,7 +146,9 @@ def test_issue8_shapes_cover_the_issue():
 # -- on a CUDA GPU: the knobs the interpreter cannot judge (bf16, real TMA boxes, warp specialisation) ----------
 GPU_SHAPES = [(1, 1, 1, 64, True), (2, 3, 127, 80, False), (1, 2, 300, 128, True), (2, 2, 1000, 64, False)]
 GPU_FWD = {"defaults": {}, "order0-pipe": {"GROUP_BY_HEAD": 0, "PIPE": 1}, "tma": {"TMA": 1},
-           "tma-pipe": {"TMA": 1, "PIPE": 1}, "tma-ws": {"TMA": 1, "WS": 1}, "ws": {"WS": 1}}
+           "tma-pipe": {"TMA": 1, "PIPE": 1}, "tma-ws": {"TMA": 1, "WS": 1}, "ws": {"WS": 1},
+           "ws-kernel": {"TMA": 2, "num_warps": 4, "BLOCK_N": 64, "num_stages": 2},
+           "ws-kernel-wide": {"TMA": 2, "num_warps": 4, "BLOCK_N": 128, "num_stages": 2}}
 GPU_BWD = {"defaults": {}, "order0": {"GROUP_BY_HEAD": 0}, "tma": {"TMA": 1},
            "tma-wide": {"TMA": 1, "BLOCK_N1": 128, "BLOCK_N2": 32}, "atomic": {"ATOMIC_DQ": 1},
            "tma-atomic-wide": {"TMA": 1, "ATOMIC_DQ": 1, "BLOCK_N1": 128}}

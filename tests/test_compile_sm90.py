@@ -25,15 +25,21 @@ def _compile_env() -> dict[str, str]:
 
 def test_the_bench_templates_compile_for_sm90_without_spills_and_with_wide_accesses():
     env = _compile_env()
-    # and one point outside the forward's space (a 128x128 score tile on 4 warps), which must spill
+    # and one point outside the forward's space (a 128x128 score tile on 4 warps), which must spill, and the
+    # warp-specialised forward at the same tile: Triton's Hopper pass takes its loop (12 warps: a producer warp
+    # group and two consumers of 64 rows, each with its register budget) and nothing spills
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu", "compile_check.py"), "--cases", "1",
-                        "--also", "attention:BLOCK_N=128,num_warps=4,num_stages=2", "--json"],
+                        "--also", "attention:BLOCK_N=128,num_warps=4,num_stages=2;"
+                                  "attention:TMA=2,BLOCK_N=128,num_warps=4,num_stages=2", "--json"],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(r.stdout)["rows"]
-    (spilling,) = [x for x in rows if x["point"]]
+    (spilling,) = [x for x in rows if x["point"] and "TMA" not in x["point"]]
     fwd = spilling["kernels"]["_fa2_fwd"]
     assert fwd["spill_stores"] > 10 and fwd["flags"][0].startswith("spills"), fwd
+    (ws,) = [x["kernels"]["_fa2_fwd_ws"] for x in rows if x["point"].get("TMA") == 2]
+    assert ws["setmaxnreg"] > 0 and ws["num_warps"] == 12 and ws["spill_stores"] == 0 and not ws["flags"], ws
+    assert ws["wgmma"] > 0 and ws["tma"] > 0, ws
     rows = [x for x in rows if not x["point"]]
     assert {x["op"] for x in rows} == {"attention", "attention_backward", "adamw"}
     kernels = {name: k for x in rows for name, k in x["kernels"].items()}

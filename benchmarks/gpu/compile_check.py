@@ -15,7 +15,8 @@ Per point and kernel it reports: compiled or the compiler's error (one line); re
 frame and the spill stores in the SASS (STL: a register spilled to it; any is flagged); shared memory against
 the target's per-block limit (over it: the launch would fail and the template's run time fallback takes fewer
 stages or smaller blocks); wgmma instructions (Hopper's tensor-core MMA), TMA copies, 128-bit global
-accesses and global atomics (how many of them 128-bit) in the PTX. Exit 1 when any point failed to compile.
+accesses and global atomics (how many of them 128-bit) in the PTX, and whether Triton warp-specialised the
+kernel (its warp groups' register budgets, setmaxnreg, in the PTX; num_warps is then the whole program's). Exit 1 when any point failed to compile.
 
 Points: each template's defaults, the --also variants (bench_gpu.py's syntax: the candidate at other knob
 values), --grid (every combination of the listed values, restrictions ignored: to find which points spill),
@@ -107,7 +108,9 @@ def resources(kernel: Any, arch: int) -> dict[str, Any]:
     out = {"num_warps": md.num_warps, "num_stages": md.num_stages, "shared": md.shared,
            "wgmma": ptx.count("wgmma.mma_async"), "tma": ptx.count("cp.async.bulk.tensor"),
            "global_access": len(glob), "global_128bit": len(wide),
-           "atomics": len(atomics), "atomics_128bit": sum(".v4." in a for a in atomics)}
+           "atomics": len(atomics), "atomics_128bit": sum(".v4." in a for a in atomics),
+           # warp specialisation: Triton gives each warp group of a specialised kernel its register budget
+           "setmaxnreg": ptx.count("setmaxnreg")}
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -261,7 +264,7 @@ def main() -> int:
 
 CSV_FIELDS = ["triton", "arch", "op", "case", "point", "kernel", "status", "num_warps", "num_stages", "regs",
               "stack", "spill_stores", "shared", "wgmma", "tma", "global_128bit", "global_access", "error",
-              "atomics", "atomics_128bit"]
+              "atomics", "atomics_128bit", "setmaxnreg"]
 
 
 def write_csv(path: str, rows: list[dict[str, Any]], version: str, arch: int) -> None:
@@ -288,6 +291,7 @@ def _print(rows: list[dict[str, Any]]) -> None:
                   f"stack {k.get('stack', '?'):>4} STL {k.get('spill_stores', '?'):>3} shared {k['shared'] // 1024:>3} KiB wgmma {k['wgmma']:>3} "
                   f"tma {k['tma']:>2} 128-bit ld/st {k['global_128bit']:>2} of {k['global_access']:>2}"
                   + (f" atomics {k['atomics_128bit']} of {k['atomics']} 128-bit" if k.get("atomics") else "")
+                  + (" warp-specialised" if k.get("setmaxnreg") else "")
                   + ("  " + "; ".join(k["flags"]) if k["flags"] else ""), flush=True)
 
 

@@ -40,20 +40,28 @@ Template knobs (KERNELTUNE["space"], read at call time):
   boxes (Hopper's tensor memory accelerator: one thread issues a whole tile's copy, no address registers,
   out-of-bounds rows and columns read as zeros, so no load masks); Triton lowers it to pointer loads on
   older GPUs and in the interpreter. Used only where rows and bases are 16-byte aligned (D·itemsize % 16 = 0).
+  2 runs the warp-specialised kernel (_fa2_fwd_ws): q, k and v through descriptors made in the kernel, one
+  key loop with tl.range(..., warp_specialize=True), the masks as selects on every block where one can apply
+  (the causal diagonal, the N tail). That is the form Triton's Hopper pass takes (3.6 and 3.9, sm90): it
+  splits the program into a producer warp group, which issues the tensor-memory copies into a ring of
+  num_stages buffers, and two consumer warp groups of BLOCK_M/2 query rows each, with their own register
+  budgets (setmaxnreg): the copies, the dots and the exponentials of the two halves overlap, as in
+  FlashAttention-3. num_warps = 4 is a consumer group's size (the program runs 12 warps); two loops, a branch
+  in the loop or a pointer-loaded q and the pass refuses or skips the loop (benchmarks/gpu/compile_check.py
+  reports "warp-specialised"). The descriptors' scratch comes from an allocator this file sets where none is.
 - PIPE: 1 computes the next key block's scores (q @ k^T) before this block's softmax, so that the
   asynchronous tensor-core dot can overlap the exponentials (which, at D = 128, cost about half as long as
   the block's two dots on an H100's special-function units); one more (BLOCK_M, BLOCK_N) fp32 tile lives in
   registers.
-- WS (a param, not in the search space): 1 asks Triton to warp-specialise the key loop (tl.range(...,
-  warp_specialize=True): producer warps issue the loads, consumer warps the dots and the softmax). Ignored
-  with PIPE. For sm90, Triton 3.6 and 3.9 mark the loop and then emit the same PTX as without it
-  (benchmarks/gpu/compile_check.py), so on an H100 a WS point would only repeat a measurement; put it back
-  in the space for a Triton or a GPU that takes it.
+- WS (a param, not in the search space): 1 marks the two-stage kernel's key loops warp_specialize=True. Ignored
+  with PIPE. For sm90, Triton 3.6 and 3.9 mark the loops and then emit the same PTX as without it (host-made
+  descriptors, two loops: benchmarks/gpu/compile_check.py); the warp-specialised forward is TMA = 2.
 Restrictions: BLOCK_M >= BLOCK_N (the diagonal stage is one or two key blocks); BLOCK_M·BLOCK_N <=
 2048·num_warps (at most 64 fp32 scores per thread); BLOCK_M <= 16·num_warps and, with PIPE, BLOCK_M·BLOCK_N <=
 1024·num_warps (compiled for sm90 at D = 128 with Triton 3.6, benchmarks/gpu/compile_check.py, every point:
 BLOCK_M = 128 on 4 warps spilled 8-2700 B a thread at every BLOCK_N, and PIPE's second score tile at 128x128
-on 8 warps 40-80 B; no other point spilled); (BLOCK_M + 2·BLOCK_N·num_stages)·256 <= 200 KiB (q plus the k/v ring at D=128, 2-byte inputs, in an H100's
+on 8 warps 40-80 B; no other point spilled); the first two do not bind TMA = 2, whose consumers are two warp
+groups of 4 (no point of its space spilled), which takes num_warps = 4, no PIPE, a head's blocks together; (BLOCK_M + 2·BLOCK_N·num_stages)·256 <= 200 KiB (q plus the k/v ring at D=128, 2-byte inputs, in an H100's
 227 KiB of shared memory). At run time blocks are clamped to the padded N, and for D > 128 or fp32 inputs to
 BLOCK_N <= 64 / BLOCK_M <= 64; an OutOfResources retries with fewer stages, then smaller blocks.
 """
@@ -76,15 +84,16 @@ KERNELTUNE = {
         "num_warps": [4, 8],
         "num_stages": [2, 3, 4, 5],
         "GROUP_BY_HEAD": [1, 0],
-        "TMA": [0, 1],
+        "TMA": [0, 1, 2],
         "PIPE": [0, 1],
     },
     "restrictions": [
         "BLOCK_M >= BLOCK_N",
-        "BLOCK_M * BLOCK_N <= 2048 * num_warps",
+        "BLOCK_M * BLOCK_N <= 2048 * num_warps or TMA == 2",
         "(BLOCK_M + 2 * BLOCK_N * num_stages) * 256 <= 204800",
-        "BLOCK_M <= 16 * num_warps",
+        "BLOCK_M <= 16 * num_warps or TMA == 2",
         "PIPE == 0 or BLOCK_M * BLOCK_N <= 1024 * num_warps",
+        "TMA != 2 or (num_warps == 4 and PIPE == 0 and GROUP_BY_HEAD == 1)",
     ],
 }
 
@@ -235,6 +244,77 @@ def _fa2_fwd(
             tl.store(Lse + lse_off, lse, mask=offs_m < N)
 
 
+@triton.jit
+def _fa2_fwd_ws(
+    Q, K, V, Out, Lse,
+    stride_bh, stride_n,
+    N, D, qk_scale, BH,
+    CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, GROUP_BY_HEAD: tl.constexpr,
+):
+    """TMA = 2: the forward as one key loop that Triton's Hopper pass warp-specialises (a producer warp group
+    issuing the tensor-memory copies, two consumer warp groups of BLOCK_M/2 query rows each). What that pass
+    takes (Triton 3.6, sm90): q, k and v through descriptors made here, one loop, and no branch in it, so the
+    masks (the causal diagonal, the N tail) are selects on every block where one can apply."""
+    bh, blk = _program(BH, tl.cdiv(N, BLOCK_M), GROUP_BY_HEAD)
+    start_m = tl.cdiv(N, BLOCK_M) - 1 - blk                         # heaviest causal blocks first
+    # q through the flat (B*H*N, D) view: rows past N are the next head's (their outputs are not stored);
+    # Triton 3.9's pass refuses a 3-D q box here, 3.6's pointer-loaded q
+    qd = tl.make_tensor_descriptor(Q, shape=[BH * N, D], strides=[stride_n, 1], block_shape=[BLOCK_M, BLOCK_D])
+    kd = tl.make_tensor_descriptor(K, shape=[BH, N, D], strides=[stride_bh, stride_n, 1],
+                                   block_shape=[1, BLOCK_N, BLOCK_D])
+    vd = tl.make_tensor_descriptor(V, shape=[BH, N, D], strides=[stride_bh, stride_n, 1],
+                                   block_shape=[1, BLOCK_N, BLOCK_D])
+    q = qd.load([bh * N + start_m * BLOCK_M, 0])                    # columns past D (and rows past B*H*N): 0
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi = tl.minimum((start_m + 1) * BLOCK_M, N) if CAUSAL else N
+    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+        k = kd.load([bh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = vd.load([bh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=tl.float32)
+        # the masks as selects: a branch in the loop stops the warp specialisation
+        acc, l_i, m_i = _online_softmax_pv(acc, l_i, m_i, s, v, start_n + offs_n, offs_m, N, qk_scale,
+                                           CAUSAL or not EVEN_N, CAUSAL, PREC)
+
+    out = acc / l_i[:, None]
+    off_bh = bh.to(tl.int64) * stride_bh
+    o_off = off_bh + offs_m[:, None] * stride_n + offs_d[None, :]
+    if EVEN_N and EVEN_D:
+        tl.store(Out + o_off, out.to(Out.dtype.element_ty))
+    else:
+        tl.store(Out + o_off, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
+    if STORE_LSE:
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453        # natural log
+        lse_off = bh.to(tl.int64) * N + offs_m
+        if EVEN_N:
+            tl.store(Lse + lse_off, lse)
+        else:
+            tl.store(Lse + lse_off, lse, mask=offs_m < N)
+
+
+def _ensure_allocator():
+    """Triton allocates the scratch of descriptors made on the device through the allocator set with
+    triton.set_allocator; where none is set, one that takes it from torch on the tensors' device."""
+    try:
+        from triton.runtime import _allocation
+    except ImportError:
+        return
+    current = getattr(_allocation, "_allocator", None)
+    current = current.get() if hasattr(current, "get") else current
+    if current is None or isinstance(current, getattr(_allocation, "NullAllocator", ())):
+        triton.set_allocator(_torch_scratch)
+
+
+def _torch_scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _pow2_at_least(x, lo):
     return max(lo, triton.next_power_of_2(int(x)))
 
@@ -267,14 +347,27 @@ def _forward(q, k, v, causal, scale, want_lse):
     num_warps = max(1, min(num_warps, BLOCK_M // 16))
     group = int(p.get("GROUP_BY_HEAD", 1))
     # TMA needs 16-byte aligned rows and bases; elsewhere the same kernel loads through pointers
-    tma = bool(int(p.get("TMA", 0))) and (D * q.element_size()) % 16 == 0 and \
-        k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0
+    tma = int(p.get("TMA", 0)) if ((D * q.element_size()) % 16 == 0 and k.data_ptr() % 16 == 0
+                                   and v.data_ptr() % 16 == 0) else 0
+    if tma == 2:  # descriptors made on the device take a global scratch, which Triton asks an allocator for
+        _ensure_allocator()
     prec = "ieee" if q.dtype == torch.float32 else "tf32"          # "tf32" is ignored for fp16/bf16 operands
     while True:
         try:
             grid = (B * H * triton.cdiv(N, BLOCK_M),)
             kd, vd = ((TensorDescriptor.from_tensor(t.view(B * H, N, D), [1, BLOCK_N, BLOCK_D]) for t in (k, v))
-                      if tma else (k, v))
+                      if tma == 1 else (k, v))
+            if tma == 2:
+                _fa2_fwd_ws[grid](
+                    q, k, v, out, lse,
+                    N * D, D,
+                    N, D, float(scale) * LOG2E, B * H,
+                    CAUSAL=bool(causal), STORE_LSE=bool(want_lse),
+                    EVEN_N=(N % BLOCK_M == 0 and N % BLOCK_N == 0), EVEN_D=(D == BLOCK_D),
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PREC=prec, GROUP_BY_HEAD=group,
+                    num_warps=num_warps, num_stages=num_stages,
+                )
+                return out, lse
             _fa2_fwd[grid](
                 q, k, v, out, lse, kd, vd,
                 N * D, D,
