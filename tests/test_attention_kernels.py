@@ -46,7 +46,10 @@ BWD_POINTS = [{"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32,
                "GROUP_BY_HEAD": 0},
               # dq added by the dK/dV kernel, its loop rotated per key block (N = 160, 127: several blocks each)
               {"BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 64, "BLOCK_N2": 16, "num_warps": 4, "num_stages": 2,
-               "GROUP_BY_HEAD": 1, "TMA": 1, "ATOMIC_DQ": 1}]
+               "GROUP_BY_HEAD": 1, "TMA": 1, "ATOMIC_DQ": 1},
+              # the warp-specialised kernels (row statistics in padded rows; N = 17, 127, 33: not multiples of 4)
+              {"BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64, "num_warps": 4, "num_stages": 2,
+               "GROUP_BY_HEAD": 1, "TMA": 2}]
 
 
 def check_forward(dtype: str, point: int) -> None:
@@ -83,7 +86,7 @@ def test_fa2_forward_and_lse_match_fp64(dtype, point):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("point", [0, 1, 2])
+@pytest.mark.parametrize("point", [0, 1, 2, 3])
 def test_fa2_backward_matches_fp64(dtype, point):
     _in_interpreter("check_backward", dtype, point)
 
@@ -151,7 +154,9 @@ GPU_FWD = {"defaults": {}, "order0-pipe": {"GROUP_BY_HEAD": 0, "PIPE": 1}, "tma"
            "ws-kernel-wide": {"TMA": 2, "num_warps": 4, "BLOCK_N": 128, "num_stages": 2}}
 GPU_BWD = {"defaults": {}, "order0": {"GROUP_BY_HEAD": 0}, "tma": {"TMA": 1},
            "tma-wide": {"TMA": 1, "BLOCK_N1": 128, "BLOCK_N2": 32}, "atomic": {"ATOMIC_DQ": 1},
-           "tma-atomic-wide": {"TMA": 1, "ATOMIC_DQ": 1, "BLOCK_N1": 128}}
+           "tma-atomic-wide": {"TMA": 1, "ATOMIC_DQ": 1, "BLOCK_N1": 128},
+           "ws-kernels": {"TMA": 2, "num_warps": 4, "BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128,
+                          "BLOCK_N2": 64}}
 
 
 def _on_gpu(op: str, mod, knobs: dict, run) -> None:

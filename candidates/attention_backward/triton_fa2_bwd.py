@@ -37,11 +37,18 @@ Template knobs (KERNELTUNE["space"]): BLOCK_M1/BLOCK_N1 (query/key block of the 
 BLOCK_M1·BLOCK_N1 <= 2048·num_warps and BLOCK_M2·BLOCK_N2 <= 2048·num_warps, and (compiled for sm90 at D = 128
 with Triton 3.6, benchmarks/gpu/compile_check.py: every point of these kernels' knobs) no more than 16 key rows
 a warp for the dK/dV accumulators (BLOCK_N1 = 128 on 4 warps spilled 870-1670 B a thread at every stage count)
-and 16 query rows a warp for dQ's (BLOCK_M2 = 128 on 4 warps: 120-960 B); BLOCK_M1 = 64 left the space (it
-spilled in 20 of its other 30 compiles, 8-280 B). GROUP_BY_HEAD: the program order.
+and 16 query rows a warp for dQ's (BLOCK_M2 = 128 on 4 warps: 120-960 B); BLOCK_M1 = 64 is TMA = 2's only (the
+two-stage kernel spilled in 20 of its other 30 compiles, 8-280 B); none of these bounds binds TMA = 2, whose
+fixed block is split between two consumer warp groups. GROUP_BY_HEAD: the program order.
 TMA: 1 loads the inner loops' tiles (q and dO in dK/dV, k and v in dQ) through host-made tensor descriptors of
 the (B*H, N, D) views, as triton_fa2.py's TMA knob does (rows past N and columns past D read as 0; only
-where rows and bases are 16-byte aligned, else pointer loads).
+where rows and bases are 16-byte aligned, else pointer loads). 2 runs the warp-specialised kernels
+(_bwd_dkdv_ws, _bwd_dq_ws), the form triton_fa2.py's TMA = 2 describes: each kernel one loop with
+warp_specialize, every tile through descriptors made in the kernel (the fixed operands, k/v in dK/dV and
+q/dO in dQ, through the flat (B*H*N, D) view; in dQ the row statistics too, from rows padded to a multiple of
+4 so that the boxes start 16-byte aligned), the masks as selects on every block; Triton's Hopper pass makes
+each program a producer warp group and two consumer warp groups of half the fixed block (BLOCK_N1 keys,
+BLOCK_M2 rows) each. num_warps = 4 (a consumer group), no atomic dq.
 ATOMIC_DQ: 1 drops the dQ kernel (step 3): the dK/dV kernel, which already has ds for every (query block, key
 block) pair, adds ds·k·scale into an fp32 dq with relaxed 128-bit atomics (then one cast to the input dtype).
 The scores are computed once instead of twice: 5 of the 7 tensor-core dots per pair (10·B·H·N²·D FLOPs in
@@ -71,21 +78,24 @@ KERNELTUNE = {
     "params": {"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 128, "BLOCK_N2": 64, "num_warps": 8, "num_stages": 2,
                "GROUP_BY_HEAD": 1, "TMA": 0, "ATOMIC_DQ": 0},
     "space": {
-        "BLOCK_M1": [16, 32],
+        "BLOCK_M1": [16, 32, 64],
         "BLOCK_N1": [64, 128],
         "BLOCK_M2": [64, 128],
         "BLOCK_N2": [16, 32, 64],
         "num_warps": [4, 8],
         "num_stages": [1, 2, 3, 4, 5],
         "GROUP_BY_HEAD": [1, 0],
-        "TMA": [0, 1],
+        "TMA": [0, 1, 2],
         "ATOMIC_DQ": [0, 1],
     },
     "restrictions": [
-        "BLOCK_M1 * BLOCK_N1 <= 2048 * num_warps",
-        "BLOCK_M2 * BLOCK_N2 <= 2048 * num_warps",
-        "BLOCK_N1 <= 16 * num_warps",
-        "BLOCK_M2 <= 16 * num_warps",
+        # the register bounds of the two-stage kernels; TMA = 2's consumers are two warp groups of 4 (below)
+        "BLOCK_M1 * BLOCK_N1 <= 2048 * num_warps or TMA == 2",
+        "BLOCK_M2 * BLOCK_N2 <= 2048 * num_warps or TMA == 2",
+        "BLOCK_N1 <= 16 * num_warps or TMA == 2",
+        "BLOCK_M2 <= 16 * num_warps or TMA == 2",
+        "BLOCK_M1 <= 32 or TMA == 2",
+        "TMA != 2 or (num_warps == 4 and ATOMIC_DQ == 0 and GROUP_BY_HEAD == 1)",
         # atomic dq: the dQ kernel's knobs at one value; 16x128 dK/dV blocks on 8 warps, the only ones without
         # spills at D = 128 (compile-sm90-triton3.6-sweep.csv)
         "ATOMIC_DQ == 0 or (BLOCK_M2 == 64 and BLOCK_N2 == 16 and BLOCK_M1 == 16 and BLOCK_N1 == 128)",
@@ -96,8 +106,8 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _bwd_delta(Out, DO, Delta, N, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    # delta[bh, i] = sum_d o[bh, i, d] * do[bh, i, d] in fp32; reads o and do once
+def _bwd_delta(Out, DO, Delta, N, D, RS, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    # delta[bh, i] = sum_d o[bh, i, d] * do[bh, i, d] in fp32 (rows RS apart); reads o and do once
     bh = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
@@ -105,7 +115,7 @@ def _bwd_delta(Out, DO, Delta, N, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr)
     off = bh * N * D + rows[:, None] * D + offs_d[None, :]
     o = tl.load(Out + off, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + bh * N + rows, tl.sum(o * do, 1), mask=rows < N)
+    tl.store(Delta + bh * RS + rows, tl.sum(o * do, 1), mask=rows < N)
 
 
 @triton.jit
@@ -284,18 +294,126 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, KD, VD, N, D, qk_scale, scale, BH,
     tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=qm)
 
 
+@triton.jit
+def _bwd_dkdv_ws(Q, K, V, DO, Lse, Delta, DK, DV, N, D, RS, qk_scale, scale, BH,
+                 CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, GROUP_BY_HEAD: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """TMA = 2: the dK/dV kernel as one loop over the query blocks that Triton's Hopper pass warp-specialises
+    (as triton_fa2.py's TMA = 2: a producer warp group issuing the copies of q and dO, two consumer warp groups
+    of BLOCK_N/2 keys each). k and v through descriptors of the flat (B*H*N, D) view (key rows past N are the
+    next head's: their dk and dv are not stored), q and dO through (1, BLOCK_M, BLOCK_D) boxes of the
+    (B*H, N, D) view (rows past N read 0), the masks as selects on every block."""
+    bh, blk = _program(BH, tl.cdiv(N, BLOCK_N), GROUP_BY_HEAD)
+    start_n = blk * BLOCK_N                                           # first key blocks: heaviest causal work
+    kd = tl.make_tensor_descriptor(K, shape=[BH * N, D], strides=[D, 1], block_shape=[BLOCK_N, BLOCK_D])
+    vd = tl.make_tensor_descriptor(V, shape=[BH * N, D], strides=[D, 1], block_shape=[BLOCK_N, BLOCK_D])
+    qd = tl.make_tensor_descriptor(Q, shape=[BH, N, D], strides=[N * D, D, 1], block_shape=[1, BLOCK_M, BLOCK_D])
+    dod = tl.make_tensor_descriptor(DO, shape=[BH, N, D], strides=[N * D, D, 1], block_shape=[1, BLOCK_M, BLOCK_D])
+    k = kd.load([bh * N + start_n, 0])
+    v = vd.load([bh * N + start_n, 0])
+    off_row = bh.to(tl.int64) * RS                                   # lse and delta rows are RS apart
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo = start_n // BLOCK_M * BLOCK_M if CAUSAL else 0                # first query block that sees a key here
+    for start_m in tl.range(lo, N, BLOCK_M, warp_specialize=True):
+        q = qd.load([bh, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        do = dod.load([bh, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        offs_m = start_m + offs_m0
+        row_ok = offs_m < N
+        lse2 = tl.load(Lse + off_row + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(Delta + off_row + offs_m, mask=row_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=PREC, out_dtype=tl.float32)      # (BLOCK_N, BLOCK_M)
+        valid = row_ok[None, :]
+        if CAUSAL:
+            valid = valid & (offs_m[None, :] >= offs_n[:, None])
+        pt = tl.where(valid, tl.math.exp2(st * qk_scale - lse2[None, :]), 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC, out_dtype=tl.float32)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC, out_dtype=tl.float32)    # (BLOCK_N, BLOCK_M)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dst, q, dk, input_precision=PREC, out_dtype=tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_off = bh.to(tl.int64) * N * D + offs_n[:, None] * D + offs_d[None, :]
+    kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_ws(Q, K, V, DO, Lse, Delta, DQ, N, D, RS, qk_scale, scale, BH,
+               CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, GROUP_BY_HEAD: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """TMA = 2: the dQ kernel as one warp-specialised loop over key blocks (q and dO through the flat view's
+    descriptors, k and v through (1, BLOCK_N, BLOCK_D) boxes; keys past N masked)."""
+    bh, blk = _program(BH, tl.cdiv(N, BLOCK_M), GROUP_BY_HEAD)
+    start_m = (tl.cdiv(N, BLOCK_M) - 1 - blk) * BLOCK_M              # last query blocks: heaviest causal work
+    qd = tl.make_tensor_descriptor(Q, shape=[BH * N, D], strides=[D, 1], block_shape=[BLOCK_M, BLOCK_D])
+    dod = tl.make_tensor_descriptor(DO, shape=[BH * N, D], strides=[D, 1], block_shape=[BLOCK_M, BLOCK_D])
+    kd = tl.make_tensor_descriptor(K, shape=[BH, N, D], strides=[N * D, D, 1], block_shape=[1, BLOCK_N, BLOCK_D])
+    vd = tl.make_tensor_descriptor(V, shape=[BH, N, D], strides=[N * D, D, 1], block_shape=[1, BLOCK_N, BLOCK_D])
+    q = qd.load([bh * N + start_m, 0])
+    do = dod.load([bh * N + start_m, 0])
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < N
+    # the row statistics through descriptors too (Triton 3.6's and 3.9's pass refuse pointer-loaded ones here),
+    # of the flat rows RS apart (a multiple of 4: the boxes start 16-byte aligned); rows past N are zeros or
+    # the next head's, and their p is masked to 0 with the rest of those rows
+    lse2 = tl.make_tensor_descriptor(Lse, shape=[BH * RS], strides=[1], block_shape=[BLOCK_M]).load(
+        [bh * RS + start_m]) * 1.4426950408889634
+    delta = tl.make_tensor_descriptor(Delta, shape=[BH * RS], strides=[1], block_shape=[BLOCK_M]).load(
+        [bh * RS + start_m])
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi = tl.minimum(start_m + BLOCK_M, N) if CAUSAL else N
+    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+        k = kd.load([bh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = vd.load([bh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        cols = start_n + offs_n0
+        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=tl.float32)       # (BLOCK_M, BLOCK_N)
+        valid = cols[None, :] < N
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= offs_m[:, None])
+        p = tl.where(valid & row_ok[:, None], tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=tl.float32)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC, out_dtype=tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_off = bh.to(tl.int64) * N * D + offs_m[:, None] * D + offs_d[None, :]
+    tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+def _ensure_allocator():
+    """Triton allocates the scratch of descriptors made on the device through the allocator set with
+    triton.set_allocator; where none is set, one that takes it from torch on the current device."""
+    try:
+        from triton.runtime import _allocation
+    except ImportError:
+        return
+    current = getattr(_allocation, "_allocator", None)
+    current = current.get() if hasattr(current, "get") else current
+    if current is None or isinstance(current, getattr(_allocation, "NullAllocator", ())):
+        triton.set_allocator(_torch_scratch)
+
+
+def _torch_scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _pow2_at_least(x, lo):
     return max(lo, triton.next_power_of_2(int(x)))
 
 
-def _launch(kernel, grid, args, kw, blocks, num_warps, num_stages):
+def _launch(kernel, grid, args, kw, blocks, num_warps, num_stages, ws=False):
     """Launch; on OutOfResources retry with fewer stages, then halved blocks (never below 16).
-    grid and args are functions of the blocks (BLOCK_M, BLOCK_N): TMA descriptors carry the block shape."""
+    grid and args are functions of the blocks (BLOCK_M, BLOCK_N): TMA descriptors carry the block shape.
+    A warp-specialised kernel's num_warps is a consumer warp group's (4), whatever the blocks."""
     bm, bn = blocks
     while True:
         try:
             kernel[grid(bm, bn)](*args(bm, bn), **kw, BLOCK_M=bm, BLOCK_N=bn,
-                                 num_warps=max(1, min(num_warps, max(bm, bn) // 16)), num_stages=num_stages)
+                                 num_warps=num_warps if ws else max(1, min(num_warps, max(bm, bn) // 16)),
+                                 num_stages=num_stages)
             return
         except OutOfResources:
             if num_stages > 1:
@@ -337,14 +455,32 @@ def run(q, k, v, o, do, lse, causal=True, scale=None):
     prec = "ieee" if q.dtype == torch.float32 else "tf32"           # "tf32" is ignored for fp16/bf16 operands
     even_d = D == BLOCK_D
 
-    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    _bwd_delta[(B * H, triton.cdiv(N, 64))](o, do, delta, N, D, BLOCK=64, BLOCK_D=BLOCK_D)
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)  # (B*H, rs) for TMA = 2, below
     # TMA needs 16-byte aligned rows and bases; elsewhere the same kernels load through pointers
-    tma = bool(int(p.get("TMA", 0))) and (D * q.element_size()) % 16 == 0 and \
-        all(t.data_ptr() % 16 == 0 for t in (q, k, v, do))
+    tma = int(p.get("TMA", 0)) if ((D * q.element_size()) % 16 == 0
+                                   and all(t.data_ptr() % 16 == 0 for t in (q, k, v, do))) else 0
+    if tma == 2:  # the row statistics in zeroed rows of a multiple of 4: 16-byte aligned boxes of BLOCK_M rows
+        rs = -(-N // 4) * 4
+        delta = torch.zeros((B * H, rs), dtype=torch.float32, device=q.device)
+        lse_rows = torch.zeros((B * H, rs), dtype=torch.float32, device=q.device)
+        lse_rows[:, :N] = lse.view(B * H, N)
+    else:
+        rs, lse_rows = N, lse
+    _bwd_delta[(B * H, triton.cdiv(N, 64))](o, do, delta, N, D, rs, BLOCK=64, BLOCK_D=BLOCK_D)
     common = dict(CAUSAL=bool(causal), EVEN_D=even_d, BLOCK_D=BLOCK_D, PREC=prec,
-                  GROUP_BY_HEAD=int(p.get("GROUP_BY_HEAD", 1)), TMA=tma)
+                  GROUP_BY_HEAD=int(p.get("GROUP_BY_HEAD", 1)))
     qk_scale = float(scale) * LOG2E
+    if tma == 2:  # the warp-specialised kernels (no atomic dq: their space has none)
+        _ensure_allocator()
+        hyper = (N, D, rs, qk_scale, float(scale), B * H)
+        _launch(_bwd_dkdv_ws, lambda bm, bn: (B * H * triton.cdiv(N, bn),),
+                lambda bm, bn: (q, k, v, do, lse_rows, delta, dk, dv, *hyper), common, (bm1, bn1), num_warps,
+                num_stages, ws=True)
+        _launch(_bwd_dq_ws, lambda bm, bn: (B * H * triton.cdiv(N, bm),),
+                lambda bm, bn: (q, k, v, do, lse_rows, delta, dq, *hyper), common, (bm2, bn2), num_warps,
+                num_stages, ws=True)
+        return dq, dk, dv
+    common["TMA"] = bool(tma)
 
     def descs(x, y, rows):
         """x and y as TMA descriptors of (1, rows, BLOCK_D) boxes of their (B*H, N, D) views (or as they are)."""
