@@ -48,7 +48,7 @@ BWD_POINTS = [{"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32,
               {"BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 64, "BLOCK_N2": 16, "num_warps": 4, "num_stages": 2,
                "GROUP_BY_HEAD": 1, "TMA": 1, "ATOMIC_DQ": 1},
               # the warp-specialised kernels (row statistics in padded rows; N = 17, 127, 33: not multiples of 4)
-              {"BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64, "num_warps": 4, "num_stages": 2,
+              {"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64, "num_warps": 4, "num_stages": 2,
                "GROUP_BY_HEAD": 1, "TMA": 2}]
 
 
@@ -155,7 +155,7 @@ GPU_FWD = {"defaults": {}, "order0-pipe": {"GROUP_BY_HEAD": 0, "PIPE": 1}, "tma"
 GPU_BWD = {"defaults": {}, "order0": {"GROUP_BY_HEAD": 0}, "tma": {"TMA": 1},
            "tma-wide": {"TMA": 1, "BLOCK_N1": 128, "BLOCK_N2": 32}, "atomic": {"ATOMIC_DQ": 1},
            "tma-atomic-wide": {"TMA": 1, "ATOMIC_DQ": 1, "BLOCK_N1": 128},
-           "ws-kernels": {"TMA": 2, "num_warps": 4, "BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128,
+           "ws-kernels": {"TMA": 2, "num_warps": 4, "BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128,
                           "BLOCK_N2": 64}}
 
 

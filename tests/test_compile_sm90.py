@@ -67,13 +67,14 @@ def test_a_kernel_that_does_not_compile_is_a_failed_point_and_exit_1(tmp_path):
 
 
 # the knobs a backward kernel does not read (the other kernel's blocks)
-UNREAD = {"_bwd_dkdv": ("BLOCK_M2", "BLOCK_N2"), "_bwd_dq": ("BLOCK_M1", "BLOCK_N1")}
+UNREAD = {"_bwd_dkdv": ("BLOCK_M2", "BLOCK_N2"), "_bwd_dq": ("BLOCK_M1", "BLOCK_N1"),
+          "_bwd_dkdv_ws": ("BLOCK_M2", "BLOCK_N2"), "_bwd_dq_ws": ("BLOCK_M1", "BLOCK_N1")}
 
 
 def test_no_point_of_the_attention_search_spaces_spilled_in_the_recorded_sweep():
     """benchmarks/results/compile-sm90-triton3.6-sweep.csv (every block, warp, stage, TMA and PIPE value, D = 128,
-    Triton 3.6): each point that spilled registers or overflowed shared memory is outside its template's space,
-    and the defaults did not spill."""
+    Triton 3.6; the warp-specialised kernels at D = 64 and 128): each point that spilled registers or overflowed
+    shared memory is outside its template's space, and the defaults did not spill."""
     import csv
 
     from kerneltune.search.space import load_template
@@ -103,10 +104,13 @@ def test_no_point_of_the_attention_search_spaces_spilled_in_the_recorded_sweep()
             assert not in_space, f"{op} {p}: {kernels} spilled in the sweep, yet the point is in the search space"
 
 
-def test_the_next_gpu_calls_variants_are_knobs_of_their_templates_and_compiled_in_the_record():
-    """benchmarks/gpu/next.sh (the prepared GPU call): every --also variant names knobs and values of its template's
-    search space (bench_gpu stops at an unknown knob: a wasted call), and the recorded sm90 compile
-    (compile-sm90-triton3.6.txt) compiled it at every specialisation without spills."""
+@pytest.mark.parametrize("script,ops", [("next.sh", {"attention", "attention_backward", "adamw"}),
+                                        ("next_attn.sh", {"attention", "attention_backward"})])
+def test_the_next_gpu_calls_variants_are_knobs_of_their_templates_and_compiled_in_the_record(script, ops):
+    """benchmarks/gpu/next.sh and next_attn.sh (the prepared GPU calls): every --also variant names knobs and values
+    of its template's search space and keeps its restrictions (bench_gpu stops at an unknown knob: a wasted call),
+    and the recorded sm90 compile (compile-sm90-triton3.6.txt) compiled it at every specialisation without
+    spills, warp-specialised where it asks for the TMA = 2 kernels."""
     import re
     import shlex
 
@@ -115,10 +119,10 @@ def test_the_next_gpu_calls_variants_are_knobs_of_their_templates_and_compiled_i
 
     from kerneltune.search.space import load_template
 
-    script = open(os.path.join(ROOT, "benchmarks", "gpu", "next.sh")).read()
-    also = "".join(shlex.split(v)[0] for v in re.findall(r"^ALSO\+?=(.+)$", script, re.M))
+    text = open(os.path.join(ROOT, "benchmarks", "gpu", script)).read()
+    also = "".join(shlex.split(v)[0] for v in re.findall(r"^ALSO\+?=(.+)$", text, re.M))
     points = parse_also(also)
-    assert set(points) == {"attention", "attention_backward", "adamw"} and all(points.values())  # parsed, not empty
+    assert set(points) == ops and all(points.values())  # parsed, not empty
     record = open(os.path.join(ROOT, "benchmarks", "results", "compile-sm90-triton3.6.txt")).read().splitlines()
     paths = {"attention": "attention/triton_fa2.py", "attention_backward": "attention_backward/triton_fa2_bwd.py",
              "adamw": "adamw/triton_mt_table.py"}
@@ -126,10 +130,14 @@ def test_the_next_gpu_calls_variants_are_knobs_of_their_templates_and_compiled_i
         t = load_template(os.path.join(ROOT, "candidates", paths[op]))
         for p in pts:
             assert all(k in t.space and v in t.space[k] for k, v in p.items()), (op, p, t.space)
+            assert t.valid({**t.defaults, **p}), (op, p)
             lines = [ln for ln in record if ln.startswith(op + " ") and f" {json.dumps(p)} " in ln]
             # a line per kernel and specialisation: the forward's 4 (D 64/128, causal/full), the backward's 4 x 2-3
             assert len(lines) >= {"attention": 4, "attention_backward": 8, "adamw": 1}[op], (op, p)
             assert not [ln for ln in lines if "ERROR" in ln or "spills" in ln], (op, p)
+            if p.get("TMA") == 2:
+                assert all("warp-specialised" in ln for ln in lines if "_ws " in ln), (op, p)
+                assert len([ln for ln in lines if "_ws " in ln]) >= {"attention": 4, "attention_backward": 8}[op]
 
 
 def test_the_next_gpu_calls_adamw_start_points_are_points_of_the_template():

@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# The next GPU call (docs/benchmarks.md, "Open"): one command of about 6 minutes on a lent H100, for the AdamW
+# The next GPU call (docs/benchmarks.md, "Open"): one command on a lent H100, for the AdamW
 # step's host side: one optimizer step with the shipped entry (triton_mt_table-5083c73e, whose template
 # checked every tensor on every call), the AdamW search over the template as it is now (lists whose metadata
-# passed before are checked in one C++ call), starting at the shipped winner's knobs and two neighbours, the
-# template's host time part by part, then three optimizer-step processes with the search's winner served (the host's speed varies between
-# processes), the 124M compare with it, and the tests marked gpu (8 pytest processes at once, 150 s at most;
-# one at a time they needed about 540 s). About 9½ minutes: give the device call timeout_s 600. Afterwards,
-# here: promote the winner from the returned search.tgz (see all.sh) when its optimizer step beats the
+# passed before are checked in one C++ call), starting at the shipped winner's knobs and two neighbours,
+# three optimizer-step processes with the search's winner served (the host's speed varies between
+# processes), the 124M compare with it, and the tests marked gpu (8 pytest processes at once, 120 s at most;
+# one at a time they needed about 540 s). About 8½ minutes: give the device call timeout_s 560. Then, on the
+# machine it leaves warm, next_attn.sh (the warp-specialised attention kernels, about 5 minutes). Afterwards,
+# here: promote the AdamW winner from the returned search.tgz (see all.sh) when its optimizer step beats the
 # shipped entry's.
 # The bench of every attention shape with variants (the previous next.sh) is PHASES="bench" with the
 # BENCH_ARGS below (TOTAL=560 PHASES="bench"); the tests alone: PHASES="tests" T_TESTS=300.
 # Run from the repository root: bash benchmarks/gpu/next.sh   (any variable below can be overridden)
 ALSO="attention:TMA=1;attention_backward:TMA=1"
 ALSO+=";adamw:CACHE=none;adamw:BLOCK=4096"
-export TOTAL=${TOTAL:-570} PHASES=${PHASES:-optim adamw parts optim optim optim train tests} BENCH_S=${BENCH_S:-290}
-export T_TESTS=${T_TESTS:-150}
+export TOTAL=${TOTAL:-510} PHASES=${PHASES:-optim adamw optim optim optim train tests} BENCH_S=${BENCH_S:-290}
+export T_TESTS=${T_TESTS:-120}
 export T_ADAM=${T_ADAM:-180} TRAIN_IF_PROMOTED=${TRAIN_IF_PROMOTED-1} ADAM_ONLY=${ADAM_ONLY-triton_mt_table}
 export ADAM_START=${ADAM_START-triton_mt_table:BLOCK=4096,num_warps=16;triton_mt_table:BLOCK=4096,num_warps=16,CACHE=none;triton_mt_table:BLOCK=4096,num_warps=8}
 export BENCH_ARGS=${BENCH_ARGS:---compile-ops attention --also $ALSO}

@@ -37,9 +37,10 @@ Template knobs (KERNELTUNE["space"]): BLOCK_M1/BLOCK_N1 (query/key block of the 
 BLOCK_M1·BLOCK_N1 <= 2048·num_warps and BLOCK_M2·BLOCK_N2 <= 2048·num_warps, and (compiled for sm90 at D = 128
 with Triton 3.6, benchmarks/gpu/compile_check.py: every point of these kernels' knobs) no more than 16 key rows
 a warp for the dK/dV accumulators (BLOCK_N1 = 128 on 4 warps spilled 870-1670 B a thread at every stage count)
-and 16 query rows a warp for dQ's (BLOCK_M2 = 128 on 4 warps: 120-960 B); BLOCK_M1 = 64 is TMA = 2's only (the
-two-stage kernel spilled in 20 of its other 30 compiles, 8-280 B); none of these bounds binds TMA = 2, whose
-fixed block is split between two consumer warp groups. GROUP_BY_HEAD: the program order.
+and 16 query rows a warp for dQ's (BLOCK_M2 = 128 on 4 warps: 120-960 B); BLOCK_M1 = 64 left the space (the
+two-stage kernel spilled in 20 of its other 30 compiles, 8-280 B; the warp-specialised one at D = 128 too). The
+other bounds do not bind TMA = 2, whose fixed block is split between two consumer warp groups.
+GROUP_BY_HEAD: the program order.
 TMA: 1 loads the inner loops' tiles (q and dO in dK/dV, k and v in dQ) through host-made tensor descriptors of
 the (B*H, N, D) views, as triton_fa2.py's TMA knob does (rows past N and columns past D read as 0; only
 where rows and bases are 16-byte aligned, else pointer loads). 2 runs the warp-specialised kernels
@@ -78,7 +79,7 @@ KERNELTUNE = {
     "params": {"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 128, "BLOCK_N2": 64, "num_warps": 8, "num_stages": 2,
                "GROUP_BY_HEAD": 1, "TMA": 0, "ATOMIC_DQ": 0},
     "space": {
-        "BLOCK_M1": [16, 32, 64],
+        "BLOCK_M1": [16, 32],
         "BLOCK_N1": [64, 128],
         "BLOCK_M2": [64, 128],
         "BLOCK_N2": [16, 32, 64],
@@ -94,7 +95,6 @@ KERNELTUNE = {
         "BLOCK_M2 * BLOCK_N2 <= 2048 * num_warps or TMA == 2",
         "BLOCK_N1 <= 16 * num_warps or TMA == 2",
         "BLOCK_M2 <= 16 * num_warps or TMA == 2",
-        "BLOCK_M1 <= 32 or TMA == 2",
         "TMA != 2 or (num_warps == 4 and ATOMIC_DQ == 0 and GROUP_BY_HEAD == 1)",
         # atomic dq: the dQ kernel's knobs at one value; 16x128 dK/dV blocks on 8 warps, the only ones without
         # spills at D = 128 (compile-sm90-triton3.6-sweep.csv)
