@@ -194,6 +194,26 @@ def _fa2_stage(acc, l_i, m_i, q, K, V, KD, VD, bh, off_bh, stride_n, offs_m, off
 
 
 @triton.jit
+def _store_out_lse(Out, Lse, acc, l_i, m_i, bh, off_bh, stride_n, offs_m, offs_d, N, D, STORE_LSE: tl.constexpr,
+                   EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
+    """out = acc / l into the query block's rows (those past N and columns past D left alone), and the rows'
+    natural-log logsumexp where asked: lse = (m + log2 l)·ln 2."""
+    out = acc / l_i[:, None]
+    o_off = off_bh + offs_m[:, None] * stride_n + offs_d[None, :]
+    if EVEN_N and EVEN_D:
+        tl.store(Out + o_off, out.to(Out.dtype.element_ty))
+    else:
+        tl.store(Out + o_off, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
+    if STORE_LSE:
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453        # natural log
+        lse_off = bh.to(tl.int64) * N + offs_m
+        if EVEN_N:
+            tl.store(Lse + lse_off, lse)
+        else:
+            tl.store(Lse + lse_off, lse, mask=offs_m < N)
+
+
+@triton.jit
 def _fa2_fwd(
     Q, K, V, Out, Lse, KD, VD,
     stride_bh, stride_n,
@@ -229,19 +249,7 @@ def _fa2_fwd(
     acc, l_i, m_i = _fa2_stage(acc, l_i, m_i, q, K, V, KD, VD, bh, off_bh, stride_n, offs_m, offs_n, offs_d, N, D,
                                qk_scale, lo, hi, BLOCK_N, BLOCK_D, True, CAUSAL, EVEN_N, EVEN_D, PREC, TMA, PIPE, WS)
 
-    out = acc / l_i[:, None]
-    o_off = off_bh + offs_m[:, None] * stride_n + offs_d[None, :]
-    if EVEN_N and EVEN_D:
-        tl.store(Out + o_off, out.to(Out.dtype.element_ty))
-    else:
-        tl.store(Out + o_off, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
-    if STORE_LSE:
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453        # natural log
-        lse_off = bh.to(tl.int64) * N + offs_m
-        if EVEN_N:
-            tl.store(Lse + lse_off, lse)
-        else:
-            tl.store(Lse + lse_off, lse, mask=offs_m < N)
+    _store_out_lse(Out, Lse, acc, l_i, m_i, bh, off_bh, stride_n, offs_m, offs_d, N, D, STORE_LSE, EVEN_N, EVEN_D)
 
 
 @triton.jit
@@ -255,8 +263,8 @@ def _fa2_fwd_ws(
 ):
     """TMA = 2: the forward as one key loop that Triton's Hopper pass warp-specialises (a producer warp group
     issuing the tensor-memory copies, two consumer warp groups of BLOCK_M/2 query rows each). What that pass
-    takes (Triton 3.6, sm90): q, k and v through descriptors made here, one loop, and no branch in it, so the
-    masks (the causal diagonal, the N tail) are selects on every block where one can apply."""
+    takes (Triton 3.6 and 3.9, sm90): q, k and v through descriptors made here, one loop, and no branch in it, so
+    the masks (the causal diagonal, the N tail) are selects on every block where one can apply."""
     bh, blk = _program(BH, tl.cdiv(N, BLOCK_M), GROUP_BY_HEAD)
     start_m = tl.cdiv(N, BLOCK_M) - 1 - blk                         # heaviest causal blocks first
     # q through the flat (B*H*N, D) view: rows past N are the next head's (their outputs are not stored);
@@ -282,20 +290,8 @@ def _fa2_fwd_ws(
         acc, l_i, m_i = _online_softmax_pv(acc, l_i, m_i, s, v, start_n + offs_n, offs_m, N, qk_scale,
                                            CAUSAL or not EVEN_N, CAUSAL, PREC)
 
-    out = acc / l_i[:, None]
-    off_bh = bh.to(tl.int64) * stride_bh
-    o_off = off_bh + offs_m[:, None] * stride_n + offs_d[None, :]
-    if EVEN_N and EVEN_D:
-        tl.store(Out + o_off, out.to(Out.dtype.element_ty))
-    else:
-        tl.store(Out + o_off, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
-    if STORE_LSE:
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453        # natural log
-        lse_off = bh.to(tl.int64) * N + offs_m
-        if EVEN_N:
-            tl.store(Lse + lse_off, lse)
-        else:
-            tl.store(Lse + lse_off, lse, mask=offs_m < N)
+    _store_out_lse(Out, Lse, acc, l_i, m_i, bh, bh.to(tl.int64) * stride_bh, stride_n, offs_m, offs_d, N, D, STORE_LSE,
+                   EVEN_N, EVEN_D)
 
 
 def _ensure_allocator():
