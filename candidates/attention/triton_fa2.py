@@ -343,8 +343,8 @@ def _forward(q, k, v, causal, scale, want_lse):
     num_warps = max(1, min(num_warps, BLOCK_M // 16))
     group = int(p.get("GROUP_BY_HEAD", 1))
     # TMA needs 16-byte aligned rows and bases; elsewhere the same kernel loads through pointers
-    tma = int(p.get("TMA", 0)) if ((D * q.element_size()) % 16 == 0 and k.data_ptr() % 16 == 0
-                                   and v.data_ptr() % 16 == 0) else 0
+    tma = int(p.get("TMA", 0)) if ((D * q.element_size()) % 16 == 0
+                                   and all(t.data_ptr() % 16 == 0 for t in (q, k, v))) else 0
     if tma == 2:  # descriptors made on the device take a global scratch, which Triton asks an allocator for
         _ensure_allocator()
     prec = "ieee" if q.dtype == torch.float32 else "tf32"          # "tf32" is ignored for fp16/bf16 operands
