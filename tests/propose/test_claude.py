@@ -433,7 +433,9 @@ def test_search_through_the_cli_with_claude(api, tmp_path):
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads(r.stdout)
-    assert again["results"] == 3 and again["cached"] == 3 and again["cost_usd"] == 0
+    # every result of the first run is reused, except one timed on a machine too busy to trust (measured again
+    # by design: runner._use_cached; it happened once here with a 188 MB pip install beside the suite)
+    assert again["results"] == 3 and again["cached"] == 3 - summary["noisy"] and again["cost_usd"] == 0
     assert "replayed all 3" in again["stop_reason"]
     blob = b"".join(open(f, "rb").read() for f in glob.glob(db + "*"))
     assert KEY.encode() not in blob
