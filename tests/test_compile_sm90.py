@@ -40,6 +40,7 @@ def test_the_bench_templates_compile_for_sm90_without_spills_and_with_wide_acces
     (ws,) = [x["kernels"]["_fa2_fwd_ws"] for x in rows if x["point"].get("TMA") == 2]
     assert ws["setmaxnreg"] > 0 and ws["num_warps"] == 12 and ws["spill_stores"] == 0 and not ws["flags"], ws
     assert ws["wgmma"] > 0 and ws["tma"] > 0, ws
+    assert ws["ws_regs"].startswith("down to "), ws   # the warp groups' budgets, read from the SASS
     rows = [x for x in rows if not x["point"]]
     assert {x["op"] for x in rows} == {"attention", "attention_backward", "adamw"}
     kernels = {name: k for x in rows for name, k in x["kernels"].items()}

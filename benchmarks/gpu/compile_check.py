@@ -16,7 +16,8 @@ frame and the spill stores in the SASS (STL: a register spilled to it; any is fl
 the target's per-block limit (over it: the launch would fail and the template's run time fallback takes fewer
 stages or smaller blocks); wgmma instructions (Hopper's tensor-core MMA), TMA copies, 128-bit global
 accesses and global atomics (how many of them 128-bit) in the PTX, and whether Triton warp-specialised the
-kernel (its warp groups' register budgets, setmaxnreg, in the PTX; num_warps is then the whole program's). Exit 1 when any point failed to compile.
+kernel (its warp groups' register budgets, setmaxnreg, in the PTX, and their values from the SASS; num_warps
+is then the whole program's). Exit 1 when any point failed to compile.
 
 Points: each template's defaults, the --also variants (bench_gpu.py's syntax: the candidate at other knob
 values), --grid (every combination of the listed values, restrictions ignored: to find which points spill),
@@ -121,6 +122,13 @@ def resources(kernel: Any, arch: int) -> dict[str, Any]:
         out.update(regs=int(m.group(1)), stack=int(m.group(2)), local=int(m.group(3)))
     if sass:   # a register spill is a store to the stack (STL) and a load back (LDL) in the SASS
         out.update(spill_stores=len(re.findall(r"\bSTL\b", sass)), spill_loads=len(re.findall(r"\bLDL\b", sass)))
+        # a warp-specialised kernel's register budgets: what its warp groups give back and take (USETMAXREG)
+        budgets = {kind: sorted({int(v, 16) for k, v in re.findall(
+            r"USETMAXREG\.(\w+)\.CTAPOOL\s+(?:UP\d+,\s*)?(0x[0-9a-f]+)", sass) if k == kind})
+            for kind in ("DEALLOC", "TRY_ALLOC")}
+        if any(budgets.values()):
+            out["ws_regs"] = (f"down to {'/'.join(map(str, budgets['DEALLOC']))}, "
+                              f"up to {'/'.join(map(str, budgets['TRY_ALLOC']))}")
     flags = []
     if out.get("spill_stores") or out.get("local"):
         flags.append(f"spills: {out.get('spill_stores', 0)} stores to a {out.get('stack', 0)} B stack frame a thread")
@@ -264,7 +272,7 @@ def main() -> int:
 
 CSV_FIELDS = ["triton", "arch", "op", "case", "point", "kernel", "status", "num_warps", "num_stages", "regs",
               "stack", "spill_stores", "shared", "wgmma", "tma", "global_128bit", "global_access", "error",
-              "atomics", "atomics_128bit", "setmaxnreg"]
+              "atomics", "atomics_128bit", "setmaxnreg", "ws_regs"]
 
 
 def write_csv(path: str, rows: list[dict[str, Any]], version: str, arch: int) -> None:
@@ -291,7 +299,8 @@ def _print(rows: list[dict[str, Any]]) -> None:
                   f"stack {k.get('stack', '?'):>4} STL {k.get('spill_stores', '?'):>3} shared {k['shared'] // 1024:>3} KiB wgmma {k['wgmma']:>3} "
                   f"tma {k['tma']:>2} 128-bit ld/st {k['global_128bit']:>2} of {k['global_access']:>2}"
                   + (f" atomics {k['atomics_128bit']} of {k['atomics']} 128-bit" if k.get("atomics") else "")
-                  + (" warp-specialised" if k.get("setmaxnreg") else "")
+                  + ((" warp-specialised" + (f" (registers {k['ws_regs']})" if k.get("ws_regs") else ""))
+                     if k.get("setmaxnreg") else "")
                   + ("  " + "; ".join(k["flags"]) if k["flags"] else ""), flush=True)
 
 
