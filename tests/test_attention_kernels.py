@@ -239,3 +239,35 @@ def test_gpu_more_heads_than_a_grid_axis_holds(path):
     out = mod.run(q, k, v, causal=True)
     want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
     assert (out.float() - want).abs().max().item() < 2e-2
+
+
+@pytest.mark.parametrize("path", ["candidates/attention/triton_fa2.py",
+                                  "candidates/attention_backward/triton_fa2_bwd.py"])
+def test_the_ws_kernels_set_an_allocator_only_where_none_is(path):
+    """Descriptors made on the device take a scratch from triton's allocator: the templates set one (torch's
+    memory) where the caller has none, and leave a caller's own alone."""
+    import contextvars
+
+    import triton
+    from triton.runtime import _allocation
+
+    mod = load_file(path)
+
+    def fresh():
+        _allocation._allocator.set(_allocation.NullAllocator())
+        mod._ensure_allocator()
+        return _allocation._allocator.get()
+
+    assert contextvars.copy_context().run(fresh) is mod._torch_scratch
+    scratch = mod._torch_scratch(256, 128, None)
+    assert scratch.numel() == 256 and scratch.dtype == torch.int8
+
+    def mine(size, alignment, stream):
+        raise AssertionError("not called here")
+
+    def users():
+        triton.set_allocator(mine)
+        mod._ensure_allocator()
+        return _allocation._allocator.get()
+
+    assert contextvars.copy_context().run(users) is mine
