@@ -16,9 +16,10 @@ candidates (``kerneltune/candidates/`` in an installed wheel, ``candidates/`` in
 
 Lookup (``Registry.decide``), for an op called on a device with some dims and dtype:
 exact entry (same device key, op, dtype, args and shape bucket) -> same device, nearest bucket within
-reach (``NEAREST_REACH``: attention, the same head dim and two octaves of N and B*H) -> the reference. Only entries recorded for this device key, whose backend runs on this device kind, whose
-measured speedup is at least the minimum (1.0, or ``$KERNELTUNE_MIN_SPEEDUP``) and whose candidate file
-still hashes to the source that passed, are ever chosen; a bucket whose own measurements are all below
+reach (``NEAREST_REACH``: attention, the same head dim and two octaves of N and B*H) -> the reference.
+Only entries recorded for this device key, whose backend runs on this device kind, whose measured speedup
+is at least the minimum (1.0, or ``$KERNELTUNE_MIN_SPEEDUP``) and whose candidate file still hashes to the
+source that passed, are ever chosen; a bucket whose own measurements are all below
 the minimum gets the reference (a faster bucket elsewhere is no evidence for it). A user registry
 (``$KERNELTUNE_REGISTRY``) comes before the shipped one. A corrupt file warns once and counts as empty.
 """
@@ -135,9 +136,14 @@ def distance(op: str, a: dict[str, Any], b: dict[str, Any]) -> float:
 NEAREST_REACH: dict[str, float | None] = {"attention": 2.0, "adamw": None}
 
 
+def _reach(op: str) -> float | None:
+    """NEAREST_REACH of ``op``'s family (attention_backward is attention's)."""
+    return NEAREST_REACH.get("attention" if op.startswith("attention") else op.split("_")[0])
+
+
 def within_reach(op: str, measured: dict[str, Any], asked: dict[str, Any]) -> bool:
     """Whether an entry measured at ``measured`` may serve ``asked`` as the nearest bucket."""
-    reach = NEAREST_REACH.get("attention" if op.startswith("attention") else op.split("_")[0])
+    reach = _reach(op)
     if reach is None:
         return True
     a, b = norm_dims(op, measured), norm_dims(op, asked)
@@ -147,9 +153,8 @@ def within_reach(op: str, measured: dict[str, Any], asked: dict[str, Any]) -> bo
 
 
 def _reach_text(op: str) -> str:
-    reach = NEAREST_REACH.get("attention" if op.startswith("attention") else op.split("_")[0])
     same_d = " at the same head dim" if op.startswith("attention") else ""
-    return f"a nearest bucket serves within {reach:g} octaves of N and B*H{same_d}"
+    return f"a nearest bucket serves within {_reach(op):g} octaves of N and B*H{same_d}"
 
 
 def _dtype(dtype: Any) -> str:
@@ -438,9 +443,12 @@ class Registry:
             eligible = []
         rank = {id(e): i for i, e in enumerate(self.entries)}  # user registry before shipped
         target = norm_dims(op, dims)
-        far = [e for e in eligible if e.bucket != want and not within_reach(op, e.dims, target)]
+        near: list[Entry] = []
+        far: list[Entry] = []
+        for e in eligible:
+            (near if e.bucket == want or within_reach(op, e.dims, target) else far).append(e)
         if far:  # measured too far from this shape to say anything about it
-            eligible = [e for e in eligible if e not in far]
+            eligible = near
             skipped.append(f"{', '.join(sorted({e.name + ' at ' + e.bucket for e in far}))}: too far from {asked} "
                            f"({_reach_text(op)})")
         ordered = sorted(eligible, key=lambda e: (e.bucket != want, distance(op, e.dims, target),

@@ -455,17 +455,17 @@ def run(q, k, v, o, do, lse, causal=True, scale=None):
     prec = "ieee" if q.dtype == torch.float32 else "tf32"           # "tf32" is ignored for fp16/bf16 operands
     even_d = D == BLOCK_D
 
-    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)  # (B*H, rs) for TMA = 2, below
     # TMA needs 16-byte aligned rows and bases; elsewhere the same kernels load through pointers
     tma = int(p.get("TMA", 0)) if ((D * q.element_size()) % 16 == 0
                                    and all(t.data_ptr() % 16 == 0 for t in (q, k, v, do))) else 0
-    if tma == 2:  # the row statistics in zeroed rows of a multiple of 4: 16-byte aligned boxes of BLOCK_M rows
-        rs = -(-N // 4) * 4
+    # TMA = 2 reads the row statistics in 16-byte aligned boxes of BLOCK_M rows: rows RS apart, a multiple of 4
+    rs = -(-N // 4) * 4 if tma == 2 else N
+    if rs == N:
+        delta, lse_rows = torch.empty((B * H, N), dtype=torch.float32, device=q.device), lse
+    else:  # padded rows, zeroed: their p is masked to 0, which a NaN there would not survive
         delta = torch.zeros((B * H, rs), dtype=torch.float32, device=q.device)
         lse_rows = torch.zeros((B * H, rs), dtype=torch.float32, device=q.device)
         lse_rows[:, :N] = lse.view(B * H, N)
-    else:
-        rs, lse_rows = N, lse
     _bwd_delta[(B * H, triton.cdiv(N, 64))](o, do, delta, N, D, rs, BLOCK=64, BLOCK_D=BLOCK_D)
     common = dict(CAUSAL=bool(causal), EVEN_D=even_d, BLOCK_D=BLOCK_D, PREC=prec,
                   GROUP_BY_HEAD=int(p.get("GROUP_BY_HEAD", 1)))
