@@ -11,11 +11,15 @@ at every shape it times and records the error):
    leaderboard`) on this device, else the shipped template at its defaults;
 3. attention forward and backward: the 24 shapes of the issue (N 512..16384, D 64 and 128, causal and full,
    B·N = 16k tokens, H·D = 2048), bf16; adamw: the GPT-2 small parameter list (124M fp32 params, 148 tensors);
-4. per shape: inputs on the GPU; the candidate's output checked against the fp64 reference on batch 0, heads
+4. probes (--probe-s): each attention contestant, the candidate and each variant, runs first in a child process
+   of its own, all at once, at the smallest N of each (D, causal), checked against fp64: a kernel that hangs,
+   faults (which would lose this process's CUDA context) or is wrong is recorded as failed and never runs in
+   this process; the children's Triton compiles, side by side on the host's cores, fill the cache it reads;
+5. per shape: inputs on the GPU; the candidate's output checked against the fp64 reference on batch 0, heads
    0..3 (the op's own tolerance); every baseline's relative error recorded; then candidate and baselines
    timed interleaved, round by round in rotating order, each call with CUDA events around it and L2 flushed
    (a 256 MB write) before it; p20/p50/p80 of all calls;
-5. writes one CSV (one row per shape and contestant, with provenance) and prints a summary table last.
+6. writes one CSV (one row per shape and contestant, with provenance) and prints a summary table last.
 
 Baselines: attention: sdpa (default backend, primary), sdpa_flash, sdpa_cudnn, sdpa_efficient (pinned; a
 backend that refuses a shape is recorded as failed), torch_math (N <= 4096: it holds B·H·N² scores),
@@ -385,6 +389,120 @@ def bench_adamw(cand: Any, args: argparse.Namespace, timer: Timer, ceil: dict[st
              candidate_speedup=(p50 / cand_p50) if cand_p50 else None, note="gpt2-124m, 148 tensors, 28 B/param")
 
 
+# -- probes -----------------------------------------------------------------------------------------------------
+# A kernel never run on this GPU can hang (a warp-specialised loop whose barriers never meet) or fault (and a
+# fault loses the CUDA context for the whole process, every later shape with it). So each attention contestant,
+# the candidate and each variant, first runs in a child process of its own, all of them at once: at the smallest
+# N of each (D, causal) to be timed, checked against fp64. Their Triton compiles run on the host's cores side by
+# side, into the cache that the timing process then reads. A contestant whose child fails, faults or passes its
+# time is recorded as failed and never runs in this process.
+def probe_children(jobs: dict[str, list[str]], timeout: float, workers: int) -> dict[str, str]:
+    """Run each job (label -> argv) as a child process, ``workers`` at a time, each for at most ``timeout``
+    seconds; {label: why it failed, or "" where it exited 0}."""
+    import signal
+
+    pending, running, out = list(jobs.items()), {}, {}
+    while pending or running:
+        while pending and len(running) < max(workers, 1):
+            label, argv = pending.pop(0)
+            f = tempfile.TemporaryFile(mode="w+")
+            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            running[label] = (proc, f, time.monotonic())
+        time.sleep(0.05)
+        for label, (proc, f, t_start) in list(running.items()):
+            rc = proc.poll()
+            late = rc is None and time.monotonic() - t_start > timeout
+            if rc is None and not late:
+                continue
+            if late:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it started
+                except OSError:
+                    pass
+                proc.wait()
+            f.seek(0)
+            lines = [x.strip() for x in f.read().splitlines() if x.strip()]
+            f.close()
+            del running[label]
+            if late:
+                out[label] = f"probe: no answer in {timeout:.0f} s (a hang?), killed"
+            elif rc != 0:
+                out[label] = f"probe: exit {rc}: {lines[-1][:240] if lines else 'no output'}"
+            else:
+                out[label] = ""
+    return out
+
+
+def probe_argv(op: str, path: str, fwd_path: str, point: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    argv = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--probe-op", op, "--probe-path", path,
+            "--probe-fwd", fwd_path, "--probe-point", json.dumps(point)]
+    if args.only_n:
+        argv += ["--only-n", args.only_n]
+    if args.dry_run_cpu:
+        argv.append("--dry-run-cpu")
+    return argv
+
+
+def probe_one(args: argparse.Namespace) -> int:
+    """The child: one contestant at the smallest N of each (D, causal) to be timed; exit 1 if it is wrong."""
+    op = args.probe_op
+    mod = load_module(args.probe_path, "kt_probe")
+    point = json.loads(args.probe_point)
+    if point:
+        mod.KERNELTUNE["params"] = {**mod.KERNELTUNE.get("params", {}), **point}
+    fwd = load_module(args.probe_fwd, "kt_probe_fwd") if op == "attention_backward" else None
+    spec = get_op(op)
+    dtname = "bfloat16" if HALF == torch.bfloat16 else "float16"
+    tol = spec.tolerance(dtname)
+    smallest: dict[tuple[int, bool], tuple[int, int, int]] = {}
+    for b, h, n, d, causal in attention_shapes(args.only_n):
+        if (d, causal) not in smallest or n < smallest[(d, causal)][2]:
+            # B and H of 2: Triton compiles an int argument of 1 as a constant, so 2 is what most shapes run
+            smallest[(d, causal)] = (min(b, 2), min(h, 2), n)
+    for (d, causal), (b, h, n) in smallest.items():
+        g = torch.Generator(device=DEV).manual_seed(99 + n + d + causal)
+        q, k, v, do = (torch.randn(b, h, n, d, device=DEV, generator=g).to(HALF) for _ in range(4))
+        sl = (slice(0, b), slice(0, h))
+        if op == "attention":
+            got, ref = mod.run(q, k, v, causal=causal), attention_fp64(q, k, v, causal, None)[0]
+        else:
+            o, lse = fwd.run_with_lse(q, k, v, causal=causal)
+            got, ref = mod.run(q, k, v, o, do, lse, causal=causal), attention_bwd_fp64(q, k, v, do, causal, None)
+        _sync()
+        why = _check(op, got, ref, sl, tol)[0]
+        if why:
+            print(f"wrong at B{b} H{h} N{n} D{d} {'causal' if causal else 'full'}: {why[:200]}", flush=True)
+            return 1
+    print(f"ok at {len(smallest)} (D, causal) pairs", flush=True)
+    return 0
+
+
+def probe_contestants(ops: list[str], chosen: dict[str, tuple[str, str, str]],
+                      also: dict[str, list[dict[str, Any]]], variants: dict[str, dict[str, Any]],
+                      args: argparse.Namespace) -> dict[tuple[str, str], str]:
+    """{(op, contestant): why} for the attention contestants whose probe failed (see above)."""
+    jobs, keys = {}, {}
+    for op in ops:
+        if op not in ("attention", "attention_backward"):
+            continue
+        named = [("candidate", {})] + list(zip(variants.get(op, {}), also.get(op, [])))
+        for name, point in named:
+            label = f"{op}: {name}"
+            jobs[label] = probe_argv(op, chosen[op][0], chosen["attention"][0], point, args)
+            keys[label] = (op, name)
+    if not jobs:
+        return {}
+    t = time.monotonic()
+    print(f"probes: {len(jobs)} contestants, each in a child process ({args.probe_s:.0f} s at most)", flush=True)
+    res = probe_children(jobs, args.probe_s, min(len(jobs), os.cpu_count() or 1))
+    for label, why in res.items():
+        if why:
+            print(f"  {label}: {why}", flush=True)
+    print(f"probes: {sum(1 for w in res.values() if not w)} of {len(jobs)} passed "
+          f"({time.monotonic() - t:.0f} s)", flush=True)
+    return {keys[label]: why for label, why in res.items() if why}
+
+
 # -- main -------------------------------------------------------------------------------------------------------
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -403,6 +521,10 @@ def main() -> int:
                     "timed beside it (see the module doc)")
     ap.add_argument("--dry-run-cpu", action="store_true", help="check this script on a CPU: tiny shapes, fp16, "
                     "Triton's interpreter (set TRITON_INTERPRET=1); its timings mean nothing")
+    ap.add_argument("--probe-s", type=float, default=150.0, help="seconds each attention contestant's probe (a "
+                    "child process, all at once) may take; 0: no probes")
+    for x in ("--probe-op", "--probe-path", "--probe-fwd", "--probe-point"):  # the probe's child (internal)
+        ap.add_argument(x, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     also = parse_also(args.also)
     bad = sorted(set(also) - set(TEMPLATES))
@@ -415,6 +537,8 @@ def main() -> int:
     elif not torch.cuda.is_available():
         print("bench_gpu: needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.probe_op:
+        return probe_one(args)
     t0 = time.monotonic()
     os.makedirs(args.out, exist_ok=True)
     info, ver = device_info(DEV), versions()
@@ -464,6 +588,18 @@ def main() -> int:
     variants = {op: load_variants(op, chosen[op][0], also[op]) for op in also if op in chosen}
     for op, vs in variants.items():
         print(f"{op}: variants timed beside it: {', '.join(vs)}", flush=True)
+    failed = probe_contestants(ops, chosen, also, variants, args) if args.probe_s > 0 else {}
+    for (op, name), why in failed.items():
+        if name == "candidate":  # the op's every shape would fail the same way (or hang): not timed
+            emit(op, {}, "candidate", "candidate", status="failed", note=why)
+            ops = [o for o in ops if o != op]
+            if op == "attention" and "attention_backward" in ops:  # its o and lse come from this forward
+                emit("attention_backward", {}, "candidate", "candidate", status="failed",
+                     note=f"not timed: the forward's probe failed ({why[:200]})")
+                ops.remove("attention_backward")
+        else:
+            emit(op, {}, name, "variant", status="failed", note=why)
+            variants[op].pop(name)
     left = max(args.deadline - (time.monotonic() - t0), 0)
     share = {"adamw": 0.1, "attention": 0.45, "attention_backward": 0.45}
     for op in ops:
@@ -497,8 +633,9 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
     print(f"\n{'op':<19}{'shape':<24}{'cand ms':>9}  {'vs primary':>10}  {'best baseline':<16}{'vs best':>8}  "
           f"{'% ceil':>7}")
     by: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
+    gone = [r for r in rows if r["op"] != "ceiling" and not r["shape"]]  # contestants whose probe failed
     for r in rows:
-        if r["op"] != "ceiling":
+        if r["op"] != "ceiling" and r["shape"]:
             by.setdefault((r["op"], r["shape"], r.get("causal")), []).append(r)
     for (op, shape, causal), rs in by.items():
         cand = next((r for r in rs if r["kind"] == "candidate"), None)
@@ -514,6 +651,8 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
         print(f"{op:<19}{tag:<24}{cand['p50_ms']:>9.3f}  {cand.get('speedup_vs_primary') or 0:>9.2f}x  "
               f"{(best or {}).get('contestant', '—'):<16}{(best['p50_ms'] / cand['p50_ms']) if best else 0:>7.2f}x  "
               f"{pct or 0:>6.1f}%" + (f"  vs {var}" if var else ""))
+    for r in gone:
+        print(f"{r['op']:<19}not timed: {r['contestant']}: {r['status']}, {r['note']}")
 
 
 if __name__ == "__main__":

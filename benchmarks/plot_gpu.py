@@ -135,8 +135,12 @@ def markdown(rows: list[dict[str, str]]) -> str:
     lines.append("")
     by: dict[tuple[str, str], dict[str, dict[str, str]]] = defaultdict(dict)
     order: list[tuple[str, str]] = []
+    unshaped: dict[str, list[dict[str, str]]] = defaultdict(list)  # contestants whose probe failed (no shape)
     for r in rows:
         if r["op"] == "ceiling":
+            continue
+        if not r["shape"]:
+            unshaped[r["op"]].append(r)
             continue
         key = (r["op"], r["shape"] + "|" + r.get("causal", ""))
         if key not in by:
@@ -146,10 +150,12 @@ def markdown(rows: list[dict[str, str]]) -> str:
             "attention_backward": ["sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "torch_compile", "torch_math",
                                    "sdpa_fwd_bwd"]}
     for op, title in (("attention", "attention forward, bf16"), ("attention_backward", "attention backward, bf16")):
-        keys = sorted((k for k in order if k[0] == op),
+        keys = sorted((k for k in order if k[0] == op and "candidate" in by[k]),
                       key=lambda k: (-int(by[k]["candidate"]["D"] or 0), by[k]["candidate"]["causal"] != "True",
                                      int(by[k]["candidate"]["N"] or 0)))
+        gone = [f"- not timed: {r['contestant']} ({r['kind']}): {r['status']}, {r['note'][:200]}" for r in unshaped[op]]
         if not keys:
+            lines += [f"### {title}", "", *gone, ""] if gone else []
             continue
         # variants (bench_gpu --also): the candidate at other knobs, timed in the same rounds
         shown = cols[op] + sorted({x for k in keys for x, r in by[k].items() if r["kind"] == "variant"})
@@ -167,7 +173,7 @@ def markdown(rows: list[dict[str, str]]) -> str:
                   else (by[k][b]["status"] if b in by[k] else "—") for b in shown]
             lines.append(f"{head} {_f(c['p50_ms']):.3f} | " + " | ".join(vs)
                          + f" | {_f(c['pct_matmul_ceiling']):.1f}% | {_f(c['rel_err']):.1e} |")
-        lines.append("")
+        lines += ["", *gone, ""] if gone else [""]
     ad = [r for r in rows if r["op"] == "adamw"]
     if ad:
         lines += ["### adamw, GPT-2 124M (fp32 params and state, 148 tensors)", "",

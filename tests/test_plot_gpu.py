@@ -99,3 +99,63 @@ def test_also_parses_points_and_refuses_malformed_or_unknown_knobs():
     (name, mod), = bench_gpu.load_variants("adamw", os.path.join(ROOT, bench_gpu.TEMPLATES["adamw"]),
                                            [{"CACHE": "stream", "CHUNK": 16384}]).items()
     assert name == "variant CACHE=stream,CHUNK=16384" and mod.KERNELTUNE["params"]["BLOCK"] == 2048
+
+
+def test_probe_children_report_a_failure_a_pass_and_kill_a_hang_with_what_it_started(tmp_path):
+    """The GPU bench's probes: a child that hangs is killed at its time with the processes it started (its
+    process group), a failing child's last line is its reason, and the others still run."""
+    import sys
+    import time
+
+    pidfile = tmp_path / "grandchild.pid"
+    hang = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+            f" open({str(pidfile)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(60)")
+    jobs = {"ok": [sys.executable, "-c", "print('fine')"],
+            "bad": [sys.executable, "-c", "import sys; print('step 1'); print('wrong at N80: dq differs'); sys.exit(3)"],
+            "hang": [sys.executable, "-c", hang]}
+    t0 = time.monotonic()
+    out = bench_gpu.probe_children(jobs, timeout=4.0, workers=2)
+    assert time.monotonic() - t0 < 30
+    assert out["ok"] == ""
+    assert out["bad"] == "probe: exit 3: wrong at N80: dq differs"
+    assert out["hang"] == "probe: no answer in 4 s (a hang?), killed"
+    pid = int(pidfile.read_text())
+    for _ in range(100):  # the grandchild got SIGKILL with its group; wait for it to be reaped by init
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        with open(f"/proc/{pid}/stat") as f:  # a zombie not yet reaped is dead too
+            assert f.read().split()[2] == "Z"
+
+
+def test_the_bench_dry_run_probes_each_contestant_and_records_one_that_fails_without_timing_it(tmp_path):
+    """bench_gpu.py --dry-run-cpu (Triton's interpreter): the candidate and a good variant pass their probes and
+    are timed at every shape; a variant that cannot compile is one failed row, never run in the timing process."""
+    import csv
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_gpu.py"), "--dry-run-cpu", "--out",
+                        str(tmp_path), "--ops", "attention", "--rounds", "1", "--turn-ms", "1",
+                        "--also", "attention:BLOCK_M=48;attention:GROUP_BY_HEAD=0"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "probes: 2 of 3 passed" in r.stdout
+    with open(tmp_path / "issue8.csv", newline="") as f:
+        every = list(csv.DictReader(f))
+    rows = [x for x in every if x["op"] == "attention"]
+    failed = [x for x in rows if x["contestant"] == "variant BLOCK_M=48"]
+    assert len(failed) == 1 and failed[0]["status"] == "failed" and failed[0]["shape"] == ""
+    assert failed[0]["note"].startswith("probe: exit 1:") and "power of 2" in failed[0]["note"]
+    timed = [x for x in rows if x["shape"]]
+    assert {x["contestant"] for x in timed if x["kind"] != "baseline"} == {"triton_fa2", "variant GROUP_BY_HEAD=0"}
+    assert all(x["status"] == "ok" for x in timed if x["kind"] != "baseline")
+    md = plot_gpu.markdown(plot_gpu.merged(every))
+    assert "- not timed: variant BLOCK_M=48 (variant): failed, probe: exit 1:" in md
