@@ -299,6 +299,16 @@ def _attention_shape(op: str, spec: Any, baselines: dict[str, Any], cand: Any, f
              gbps=nbytes / (p50 * 1e-3) / 1e9, pct_matmul_ceiling=100 * tfl / _mm_ceiling(ceil),
              speedup_vs_primary=(prim_p50 / p50) if prim_p50 else None,
              candidate_speedup=(p50 / cand_p50) if cand_p50 else None, rel_err=errs.get(x))
+    # one line per shape as it ends, for a log read before (or without) the CSV; "vs X: r" is the candidate's
+    # speedup over X, as in the summary table
+    line = f"  {op} B{b} H{h} N{n} D{d} {'causal' if causal else 'full'}: "
+    line += f"candidate {cand_p50:.3f} ms" if cand_p50 else "candidate not timed"
+    if cand_p50 and prim_p50:
+        line += f"; vs {PRIMARY[op]}: {prim_p50 / cand_p50:.2f}x"
+    for x in variants:
+        line += (f"; vs {x}: {quantiles(times[x])[1] / cand_p50:.2f}x" if cand_p50 and x in times
+                 else f"; vs {x}: {_not_timed(x, broke, whys, times, failed)['status']}")
+    print(line, flush=True)
     del q, k, v, do, fns, a
 
 

@@ -34,7 +34,8 @@
 #          shapes each candidate is timed at (bf16; every one a registry bucket when promoted, the losers too).
 # Each phase's files are packed into one tarball under $OUT as soon as it ends (the device returns 8 files):
 #   all.log, search.tgz (store, search JSON, scratch registry + promoted files), train.tgz, bench.tgz (CSV,
-#   meta, PNGs), search_attn.tgz, tests.tgz (a log per shard, summary.json)
+#   meta, PNGs), search_attn.tgz, tests.tgz (a log per shard, summary.json); while the bench runs, its rows so
+#   far are bench-partial.csv (what comes back when the device's time limit ends the call mid-bench)
 # Usage (device machine, repo root): bash benchmarks/gpu/all.sh   [TOTAL=520 T_ADAM=200 T_ATTN=150 STEPS=60]
 #   PHASES="bench adamw train" BENCH_ARGS="--only-n 512,1024,2048 --compile-n 1024" bash benchmarks/gpu/all.sh
 # Afterwards, here: promote the AdamW winner from the returned store into the shipped registry with
@@ -143,11 +144,16 @@ phase_bench() {
   DL=$(( $(left) - T_ATTN - 60 )); [ "$DL" -gt "$BENCH_S" ] && DL=$BENCH_S; [ "$DL" -lt 60 ] && DL=60
   echo "bench deadline $DL s"
   T0=$SECONDS
+  # the rows so far, copied into $OUT every 15 s: a call that the device's time limit ends mid-bench still
+  # returns them (bench-partial.csv; removed once bench.tgz holds the whole run)
+  ( while sleep 15; do cp -f "$W/bench/issue8.csv" "$OUT/bench-partial.csv" 2>/dev/null; done ) &
+  local mirror=$!
   timeout -k 5 "$((DL + 40))" python3 benchmarks/bench_gpu.py --out "$W/bench" --db "$KERNELTUNE_DB" \
     --deadline "$DL" --compile-n 4096 ${BENCH_ARGS:-}
   echo "bench rc=$? in $((SECONDS - T0)) s"
+  kill "$mirror" 2>/dev/null; wait "$mirror" 2>/dev/null
   timeout 25 python3 benchmarks/plot_gpu.py "$W/bench/issue8.csv" --out "$W/bench" || echo "plots: not made here (rebuild from the CSV)"
-  tar -czf "$OUT/bench.tgz" -C "$W" bench
+  tar -czf "$OUT/bench.tgz" -C "$W" bench && rm -f "$OUT/bench-partial.csv"
 }
 
 phase_tests() {

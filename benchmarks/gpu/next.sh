@@ -5,8 +5,10 @@
 # passed before are checked in one C++ call), starting at the shipped winner's knobs and two neighbours,
 # three optimizer-step processes with the search's winner served (the host's speed varies between
 # processes), the 124M compare with it, and the tests marked gpu (8 pytest processes at once, 120 s at most;
-# one at a time they needed about 540 s). About 8½ minutes: give the device call timeout_s 560. Then, on the
-# machine it leaves warm, next_attn.sh (the warp-specialised attention kernels, about 5 minutes). Afterwards,
+# one at a time they needed about 540 s). About 8½ minutes: give the device call timeout_s 560. Run it after
+# next_attn.sh (the warp-specialised attention kernels, about 5 minutes), on the machine that leaves warm; with
+# less than 560 s of device time left, without the tests: PHASES="optim adamw optim optim optim train"
+# (about 6½ minutes, timeout_s 420; docs/benchmarks.md, "the order"). Afterwards,
 # here: promote the AdamW winner from the returned search.tgz (see all.sh) when its optimizer step beats the
 # shipped entry's.
 # The bench of every attention shape with variants (the previous next.sh) is PHASES="bench" with the

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The second GPU call (docs/benchmarks.md, "Open"), on the machine next.sh leaves warm: the warp-specialised
+# The first GPU call of the next session (docs/benchmarks.md, "Open"; next.sh after it): the warp-specialised
 # attention kernels (TMA = 2 of triton_fa2 and triton_fa2_bwd: one loop each that Triton's Hopper pass splits
 # into a producer warp group and two consumer warp groups) timed at every shape of the issue, forward and
 # backward, beside the candidates' defaults, TMA = 1 and every baseline, the ceilings measured in the same run
 # (bench_gpu.py; no torch.compile here: its compiles take the time). About 5 minutes: device timeout_s 330.
+# Each contestant is probed first in a child process (bench_gpu.py: a hang or a fault costs its own row), and
+# the rows so far come back as bench-partial.csv if the device's limit ends the call.
 # Every variant below compiles for sm90 with Triton 3.6 without spills and warp-specialised
 # (compile-sm90-triton3.6.txt; tests/test_compile_sm90.py holds this script to that record).
 # Afterwards: a variant that beats the defaults is the start of a per-bucket search (all.sh's attn phase,
