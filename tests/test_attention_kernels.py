@@ -91,6 +91,65 @@ def test_fa2_backward_matches_fp64(dtype, point):
     _in_interpreter("check_backward", dtype, point)
 
 
+# the warp-specialised kernels run only with their split block at 128 rows (N > 64) and 2-byte inputs: awkward
+# shapes of that size (N off every block and off a multiple of 4, D off a power of two)
+WS_SHAPES = [(2, 3, 100, 48, False), (1, 2, 127, 80, True), (1, 1, 130, 128, False), (2, 2, 160, 32, True),
+             (1, 1, 65, 8, True), (1, 3, 200, 64, True), (1, 1, 97, 64, False)]
+
+
+class _Counted:
+    """A kernel stand-in that counts its launches (``kernel[grid](...)``) and runs the kernel."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def check_ws(op: str) -> None:
+    """The TMA = 2 kernels at WS_SHAPES in fp16 against fp64 (each shape launching them: counted), with lse a
+    view at an odd offset once (copied into aligned rows); fp32 and a 64-row block take the TMA = 1 kernels."""
+    path = {"attention": "candidates/attention/triton_fa2.py",
+            "attention_backward": "candidates/attention_backward/triton_fa2_bwd.py"}[op]
+    names = {"attention": ["_fa2_fwd_ws"], "attention_backward": ["_bwd_dkdv_ws", "_bwd_dq_ws"]}[op]
+    point = ({"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "GROUP_BY_HEAD": 1, "TMA": 2, "PIPE": 0}
+             if op == "attention" else
+             {"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64, "num_warps": 4, "num_stages": 2,
+              "GROUP_BY_HEAD": 1, "TMA": 2})
+    spec = get_op(op)
+    for i, (shape, dtype) in enumerate([(x, "float16") for x in WS_SHAPES] + [(WS_SHAPES[1], "float32"),
+                                                                              ((1, 2, 64, 64, True), "float16")]):
+        mod = load_file(path)
+        mod.KERNELTUNE["params"] = dict(point)
+        counted = [_Counted(getattr(mod, n)) for n in names]
+        for n, c in zip(names, counted):
+            setattr(mod, n, c)
+        inputs = spec.make_inputs(_case(*shape, dtype, **({"lse": True} if op == "attention" else {})), 11 + i)
+        t = dict(inputs.tensors)
+        if op == "attention":
+            out, lse = mod.run_with_lse(t["q"], t["k"], t["v"], causal=inputs.args["causal"],
+                                        scale=inputs.args["scale"])
+            got = {"out": out, "lse": lse}
+        else:
+            if i == 5:   # N = 200, a multiple of 4: lse used where it is, unless its base is misaligned
+                lse = torch.empty(1 + t["lse"].numel(), dtype=torch.float32)[1:].view(t["lse"].shape)
+                t["lse"] = lse.copy_(t["lse"])
+                assert t["lse"].data_ptr() % 16 != 0
+            dq, dk, dv = mod.run(t["q"], t["k"], t["v"], t["o"], t["do"], t["lse"], **inputs.args)
+            got = {"dq": dq, "dk": dk, "dv": dv}
+        why = spec.compare(inputs, spec.reference(inputs), got)
+        assert why == "", (op, shape, dtype, why)
+        ws = dtype == "float16" and shape[2] > 64
+        assert [c.launches for c in counted] == [1 if ws else 0] * len(names), (op, shape, dtype)
+
+
+@pytest.mark.parametrize("op", ["attention", "attention_backward"])
+def test_the_ws_kernels_match_fp64_at_awkward_shapes_and_only_where_they_split_128_rows(op):
+    _in_interpreter("check_ws", op)
+
+
 def check_misaligned_base(op: str) -> None:
     """One input whose data starts 2 bytes off a 16-byte boundary (a contiguous view at an odd offset): the
     descriptor kernels (TMA = 1 and 2) take pointer loads for the call, and the result is still right."""

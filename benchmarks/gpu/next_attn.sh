@@ -14,7 +14,7 @@
 ALSO="attention:TMA=2,num_warps=4,num_stages=2;attention:TMA=2,num_warps=4,BLOCK_N=128,num_stages=2"
 ALSO+=";attention:TMA=2,num_warps=4,num_stages=3;attention:TMA=1"
 ALSO+=";attention_backward:TMA=2,num_warps=4,BLOCK_M1=32,BLOCK_N1=128,BLOCK_M2=128,BLOCK_N2=64,num_stages=2"
-ALSO+=";attention_backward:TMA=2,num_warps=4,BLOCK_M1=32,BLOCK_N1=128,BLOCK_M2=128,BLOCK_N2=32,num_stages=3"
+ALSO+=";attention_backward:TMA=2,num_warps=4,BLOCK_M1=32,BLOCK_N1=128,BLOCK_M2=128,BLOCK_N2=64,num_stages=3"
 ALSO+=";attention_backward:TMA=1"
 export TOTAL=${TOTAL:-320} PHASES=${PHASES:-bench} BENCH_S=${BENCH_S:-260} T_ATTN=${T_ATTN:-0}
 export BENCH_ARGS=${BENCH_ARGS:---ops attention,attention_backward --compile-ops none --also $ALSO}

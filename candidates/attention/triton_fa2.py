@@ -42,13 +42,17 @@ Template knobs (KERNELTUNE["space"], read at call time):
   older GPUs and in the interpreter. Used only where rows and bases are 16-byte aligned (D·itemsize % 16 = 0).
   2 runs the warp-specialised kernel (_fa2_fwd_ws): q, k and v through descriptors made in the kernel, one
   key loop with tl.range(..., warp_specialize=True), the masks as selects on every block where one can apply
-  (the causal diagonal, the N tail). That is the form Triton's Hopper pass takes (3.6 and 3.9, sm90): it
-  splits the program into a producer warp group, which issues the tensor-memory copies into a ring of
-  num_stages buffers, and two consumer warp groups of BLOCK_M/2 query rows each, with their own register
-  budgets (setmaxnreg): the copies, the dots and the exponentials of the two halves overlap, as in
-  FlashAttention-3. num_warps = 4 is a consumer group's size (the program runs 12 warps); two loops, a branch
-  in the loop or a pointer-loaded q and the pass refuses or skips the loop (benchmarks/gpu/compile_check.py
-  reports "warp-specialised"). The descriptors' scratch comes from an allocator this file sets where none is.
+  (causal: one compare a score, key <= row; full: key < N, only where N is not a multiple of BLOCK_N). That is
+  the form Triton's Hopper pass takes (3.6 and 3.9, sm90): it splits the program into a producer warp group,
+  which issues the tensor-memory copies into a ring of num_stages buffers, and two consumer warp groups of
+  BLOCK_M/2 query rows each, with their own register budgets (setmaxnreg): the copies, the dots and the
+  exponentials of the two halves overlap, as in FlashAttention-3. num_warps = 4 is a consumer group's size
+  (the program runs 12 warps); two loops, a branch in the loop or a pointer-loaded q and the pass refuses or
+  skips the loop (benchmarks/gpu/compile_check.py reports "warp-specialised"). BLOCK_M = 128 only: the pass
+  splits no smaller block, and at 64 both consumer groups compute the same 64 rows (in the TTGIR each
+  partition holds the whole 64-row tile), so at run time a block clamped below 128 rows (N < 128, or an
+  OutOfResources retry) and fp32 inputs (whose dots are not on the tensor cores, so nothing is specialised)
+  take the TMA = 1 kernel. The descriptors' scratch comes from an allocator this file sets where none is.
 - PIPE: 1 computes the next key block's scores (q @ k^T) before this block's softmax, so that the
   asynchronous tensor-core dot can overlap the exponentials (which, at D = 128, cost about half as long as
   the block's two dots on an H100's special-function units); one more (BLOCK_M, BLOCK_N) fp32 tile lives in
@@ -61,7 +65,8 @@ Restrictions: BLOCK_M >= BLOCK_N (the diagonal stage is one or two key blocks); 
 1024·num_warps (compiled for sm90 at D = 128 with Triton 3.6, benchmarks/gpu/compile_check.py, every point:
 BLOCK_M = 128 on 4 warps spilled 8-2700 B a thread at every BLOCK_N, and PIPE's second score tile at 128x128
 on 8 warps 40-80 B; no other point spilled); the first two do not bind TMA = 2, whose consumers are two warp
-groups of 4 (no point of its space spilled), which takes num_warps = 4, no PIPE, a head's blocks together; (BLOCK_M + 2·BLOCK_N·num_stages)·256 <= 200 KiB (q plus the k/v ring at D=128, 2-byte inputs, in an H100's
+groups of 4 (no point of its space spilled), which takes num_warps = 4, no PIPE, a head's blocks together and
+BLOCK_M = 128; (BLOCK_M + 2·BLOCK_N·num_stages)·256 <= 200 KiB (q plus the k/v ring at D=128, 2-byte inputs, in an H100's
 227 KiB of shared memory). At run time blocks are clamped to the padded N, and for D > 128 or fp32 inputs to
 BLOCK_N <= 64 / BLOCK_M <= 64; an OutOfResources retries with fewer stages, then smaller blocks.
 """
@@ -93,7 +98,7 @@ KERNELTUNE = {
         "(BLOCK_M + 2 * BLOCK_N * num_stages) * 256 <= 204800",
         "BLOCK_M <= 16 * num_warps or TMA == 2",
         "PIPE == 0 or BLOCK_M * BLOCK_N <= 1024 * num_warps",
-        "TMA != 2 or (num_warps == 4 and PIPE == 0 and GROUP_BY_HEAD == 1)",
+        "TMA != 2 or (num_warps == 4 and PIPE == 0 and GROUP_BY_HEAD == 1 and BLOCK_M == 128)",
     ],
 }
 
@@ -145,6 +150,12 @@ def _online_softmax_pv(acc, l_i, m_i, s, v, cols, offs_m, N, qk_scale,
         if CAUSAL:
             valid = valid & (cols[None, :] <= offs_m[:, None])
         s = tl.where(valid, s, float("-inf"))
+    return _softmax_pv(acc, l_i, m_i, s, v, qk_scale, PREC)
+
+
+@triton.jit
+def _softmax_pv(acc, l_i, m_i, s, v, qk_scale, PREC: tl.constexpr):
+    """The online-softmax update of _online_softmax_pv, with s already masked."""
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_new)                          # 0 on the first block (m_i = -inf)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])             # (BLOCK_M, BLOCK_N) fp32
@@ -198,7 +209,7 @@ def _store_out_lse(Out, Lse, acc, l_i, m_i, bh, off_bh, stride_n, offs_m, offs_d
                    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
     """out = acc / l into the query block's rows (those past N and columns past D left alone), and the rows'
     natural-log logsumexp where asked: lse = (m + log2 l)·ln 2."""
-    out = acc / l_i[:, None]
+    out = acc * (1.0 / l_i)[:, None]                                 # a reciprocal per row, not a divide per element
     o_off = off_bh + offs_m[:, None] * stride_n + offs_d[None, :]
     if EVEN_N and EVEN_D:
         tl.store(Out + o_off, out.to(Out.dtype.element_ty))
@@ -258,13 +269,16 @@ def _fa2_fwd_ws(
     stride_bh, stride_n,
     N, D, qk_scale, BH,
     CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr, GROUP_BY_HEAD: tl.constexpr,
 ):
     """TMA = 2: the forward as one key loop that Triton's Hopper pass warp-specialises (a producer warp group
-    issuing the tensor-memory copies, two consumer warp groups of BLOCK_M/2 query rows each). What that pass
-    takes (Triton 3.6 and 3.9, sm90): q, k and v through descriptors made here, one loop, and no branch in it, so
-    the masks (the causal diagonal, the N tail) are selects on every block where one can apply."""
+    issuing the tensor-memory copies, two consumer warp groups of BLOCK_M/2 query rows each: BLOCK_M = 128, since
+    the pass splits no smaller block and both groups would compute the same 64 rows). What that pass takes
+    (Triton 3.6 and 3.9, sm90): q, k and v through descriptors made here, one loop, and no branch in it, so the
+    masks are selects on every block where one can apply, one compare each: causal, key ≤ row (a valid row's
+    keys past N are past the row too; rows past N are not stored, and their zero-filled keys give finite
+    scores); full, key < N only where N is not a multiple of BLOCK_N (MASK_N)."""
     bh, blk = _program(BH, tl.cdiv(N, BLOCK_M), GROUP_BY_HEAD)
     start_m = tl.cdiv(N, BLOCK_M) - 1 - blk                         # heaviest causal blocks first
     # q through the flat (B*H*N, D) view: rows past N are the next head's (their outputs are not stored);
@@ -287,8 +301,11 @@ def _fa2_fwd_ws(
         v = vd.load([bh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=tl.float32)
         # the masks as selects: a branch in the loop stops the warp specialisation
-        acc, l_i, m_i = _online_softmax_pv(acc, l_i, m_i, s, v, start_n + offs_n, offs_m, N, qk_scale,
-                                           CAUSAL or not EVEN_N, CAUSAL, PREC)
+        if CAUSAL:
+            s = tl.where(offs_n[None, :] <= (offs_m - start_n)[:, None], s, float("-inf"))
+        elif MASK_N:
+            s = tl.where(offs_n[None, :] < N - start_n, s, float("-inf"))
+        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v, qk_scale, PREC)
 
     _store_out_lse(Out, Lse, acc, l_i, m_i, bh, bh.to(tl.int64) * stride_bh, stride_n, offs_m, offs_d, N, D, STORE_LSE,
                    EVEN_N, EVEN_D)
@@ -349,6 +366,10 @@ def _forward(q, k, v, causal, scale, want_lse):
         _ensure_allocator()
     prec = "ieee" if q.dtype == torch.float32 else "tf32"          # "tf32" is ignored for fp16/bf16 operands
     while True:
+        if tma == 2 and (BLOCK_M != 128 or q.dtype == torch.float32):
+            # the warp-specialised kernel splits 128 query rows between its consumers (at 64 both would compute
+            # the same rows) and specialises only tensor-core dots (fp32's are not): the descriptor kernel then
+            tma = 1
         try:
             grid = (B * H * triton.cdiv(N, BLOCK_M),)
             kd, vd = ((TensorDescriptor.from_tensor(t.view(B * H, N, D), [1, BLOCK_N, BLOCK_D]) for t in (k, v))
@@ -360,6 +381,7 @@ def _forward(q, k, v, causal, scale, want_lse):
                     N, D, float(scale) * LOG2E, B * H,
                     CAUSAL=bool(causal), STORE_LSE=bool(want_lse),
                     EVEN_N=(N % BLOCK_M == 0 and N % BLOCK_N == 0), EVEN_D=(D == BLOCK_D),
+                    MASK_N=N % BLOCK_N != 0,
                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PREC=prec, GROUP_BY_HEAD=group,
                     num_warps=num_warps, num_stages=num_stages,
                 )

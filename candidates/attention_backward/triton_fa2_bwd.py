@@ -46,10 +46,16 @@ the (B*H, N, D) views, as triton_fa2.py's TMA knob does (rows past N and columns
 where rows and bases are 16-byte aligned, else pointer loads). 2 runs the warp-specialised kernels
 (_bwd_dkdv_ws, _bwd_dq_ws), the form triton_fa2.py's TMA = 2 describes: each kernel one loop with
 warp_specialize, every tile through descriptors made in the kernel (the fixed operands, k/v in dK/dV and
-q/dO in dQ, through the flat (B*H*N, D) view; in dQ the row statistics too, from rows padded to a multiple of
-4 so that the boxes start 16-byte aligned), the masks as selects on every block; Triton's Hopper pass makes
-each program a producer warp group and two consumer warp groups of half the fixed block (BLOCK_N1 keys,
-BLOCK_M2 rows) each. num_warps = 4 (a consumer group), no atomic dq.
+q/dO in dQ, through the flat (B*H*N, D) view; the row statistics through (1, BLOCK_M) boxes of rows padded to
+a multiple of 4, so that the boxes start 16-byte aligned, read as zeros past N), and only the causal mask, a
+select of one compare a score on every block: the rows and keys past N that the boxes read as zeros add
+nothing to what is stored (see the kernels). Triton's Hopper pass makes each program a producer warp group
+and two consumer warp groups of half the fixed block each: BLOCK_N1 = 128 keys, BLOCK_M2 = 128 rows (the pass
+splits no smaller block; at 64 both groups would compute the same rows), and dQ's key steps BLOCK_N2 = 64
+(smaller ones are thin tensor-core dots; 128 spilled in the causal dQ kernel at D = 128). num_warps = 4 (a
+consumer group), no atomic dq. At run time a fixed block clamped below 128 (N <= 64) and fp32 inputs (whose
+dots are not on the tensor cores, so nothing is specialised) take the TMA = 1 kernels; an OutOfResources
+retries with fewer stages, then smaller loop blocks, then the TMA = 1 kernels.
 ATOMIC_DQ: 1 drops the dQ kernel (step 3): the dK/dV kernel, which already has ds for every (query block, key
 block) pair, adds ds·k·scale into an fp32 dq with relaxed 128-bit atomics (then one cast to the input dtype).
 The scores are computed once instead of twice: 5 of the 7 tensor-core dots per pair (10·B·H·N²·D FLOPs in
@@ -95,7 +101,11 @@ KERNELTUNE = {
         "BLOCK_M2 * BLOCK_N2 <= 2048 * num_warps or TMA == 2",
         "BLOCK_N1 <= 16 * num_warps or TMA == 2",
         "BLOCK_M2 <= 16 * num_warps or TMA == 2",
+        # warp-specialised: 128 keys (dK/dV) and 128 query rows (dQ) split between the two consumer warp groups
+        # (the pass splits no smaller block); dQ's key steps of 64 or more (smaller are thin wgmmas); at most 4
+        # stages (5 of dQ's k/v ring take 242 KiB of shared memory at D = 128)
         "TMA != 2 or (num_warps == 4 and ATOMIC_DQ == 0 and GROUP_BY_HEAD == 1)",
+        "TMA != 2 or (BLOCK_N1 == 128 and BLOCK_M2 == 128 and BLOCK_N2 >= 64 and num_stages <= 4)",
         # atomic dq: the dQ kernel's knobs at one value; 16x128 dK/dV blocks on 8 warps, the only ones without
         # spills at D = 128 (compile-sm90-triton3.6-sweep.csv)
         "ATOMIC_DQ == 0 or (BLOCK_M2 == 64 and BLOCK_N2 == 16 and BLOCK_M1 == 16 and BLOCK_N1 == 128)",
@@ -299,19 +309,23 @@ def _bwd_dkdv_ws(Q, K, V, DO, Lse, Delta, DK, DV, N, D, RS, qk_scale, scale, BH,
                  CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, GROUP_BY_HEAD: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """TMA = 2: the dK/dV kernel as one loop over the query blocks that Triton's Hopper pass warp-specialises
-    (as triton_fa2.py's TMA = 2: a producer warp group issuing the copies of q and dO, two consumer warp groups
-    of BLOCK_N/2 keys each). k and v through descriptors of the flat (B*H*N, D) view (key rows past N are the
-    next head's: their dk and dv are not stored), q and dO through (1, BLOCK_M, BLOCK_D) boxes of the
-    (B*H, N, D) view (rows past N read 0), the masks as selects on every block."""
+    (as triton_fa2.py's TMA = 2: a producer warp group issuing the copies of q, dO and the row statistics, two
+    consumer warp groups of BLOCK_N/2 = 64 keys each). k and v through descriptors of the flat (B*H*N, D) view
+    (key rows past N are the next head's: their dk and dv are not stored), q and dO through (1, BLOCK_M, BLOCK_D)
+    boxes of the (B*H, N, D) view and lse and delta through (1, BLOCK_M) boxes of the (B*H, N) rows RS apart:
+    query rows past N read 0, so they add exactly nothing (p = 1 against a zero dO, ds = 0), and only the
+    causal mask is left, one compare a score (query row >= key row), as a select on every block."""
     bh, blk = _program(BH, tl.cdiv(N, BLOCK_N), GROUP_BY_HEAD)
     start_n = blk * BLOCK_N                                           # first key blocks: heaviest causal work
     kd = tl.make_tensor_descriptor(K, shape=[BH * N, D], strides=[D, 1], block_shape=[BLOCK_N, BLOCK_D])
     vd = tl.make_tensor_descriptor(V, shape=[BH * N, D], strides=[D, 1], block_shape=[BLOCK_N, BLOCK_D])
     qd = tl.make_tensor_descriptor(Q, shape=[BH, N, D], strides=[N * D, D, 1], block_shape=[1, BLOCK_M, BLOCK_D])
     dod = tl.make_tensor_descriptor(DO, shape=[BH, N, D], strides=[N * D, D, 1], block_shape=[1, BLOCK_M, BLOCK_D])
+    # rows RS apart (a multiple of 4: every box starts 16-byte aligned), N of them (past N: zeros)
+    lsed = tl.make_tensor_descriptor(Lse, shape=[BH, N], strides=[RS, 1], block_shape=[1, BLOCK_M])
+    deltad = tl.make_tensor_descriptor(Delta, shape=[BH, N], strides=[RS, 1], block_shape=[1, BLOCK_M])
     k = kd.load([bh * N + start_n, 0])
     v = vd.load([bh * N + start_n, 0])
-    off_row = bh.to(tl.int64) * RS                                   # lse and delta rows are RS apart
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -320,15 +334,12 @@ def _bwd_dkdv_ws(Q, K, V, DO, Lse, Delta, DK, DV, N, D, RS, qk_scale, scale, BH,
     for start_m in tl.range(lo, N, BLOCK_M, warp_specialize=True):
         q = qd.load([bh, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
         do = dod.load([bh, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
-        offs_m = start_m + offs_m0
-        row_ok = offs_m < N
-        lse2 = tl.load(Lse + off_row + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(Delta + off_row + offs_m, mask=row_ok, other=0.0)
+        lse2 = lsed.load([bh, start_m]).reshape(BLOCK_M) * 1.4426950408889634
+        delta = deltad.load([bh, start_m]).reshape(BLOCK_M)
         st = tl.dot(k, tl.trans(q), input_precision=PREC, out_dtype=tl.float32)      # (BLOCK_N, BLOCK_M)
-        valid = row_ok[None, :]
-        if CAUSAL:
-            valid = valid & (offs_m[None, :] >= offs_n[:, None])
-        pt = tl.where(valid, tl.math.exp2(st * qk_scale - lse2[None, :]), 0.0)
+        pt = tl.math.exp2(st * qk_scale - lse2[None, :])
+        if CAUSAL:  # a select, not a product: a masked score's exp2 may be inf
+            pt = tl.where(offs_m0[None, :] >= (offs_n - start_m)[:, None], pt, 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC, out_dtype=tl.float32)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC, out_dtype=tl.float32)    # (BLOCK_N, BLOCK_M)
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)
@@ -344,8 +355,11 @@ def _bwd_dkdv_ws(Q, K, V, DO, Lse, Delta, DK, DV, N, D, RS, qk_scale, scale, BH,
 def _bwd_dq_ws(Q, K, V, DO, Lse, Delta, DQ, N, D, RS, qk_scale, scale, BH,
                CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, GROUP_BY_HEAD: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """TMA = 2: the dQ kernel as one warp-specialised loop over key blocks (q and dO through the flat view's
-    descriptors, k and v through (1, BLOCK_N, BLOCK_D) boxes; keys past N masked)."""
+    """TMA = 2: the dQ kernel as one warp-specialised loop over key blocks (two consumer warp groups of
+    BLOCK_M/2 = 64 query rows each; q and dO through the flat view's descriptors, k and v through
+    (1, BLOCK_N, BLOCK_D) boxes). Keys past N read 0, so they add nothing to dq (ds times a zero k row); query
+    rows past N (the next head's, in the flat view) are not stored and no row mixes with another: only the
+    causal mask is left, one compare a score (key <= row), as a select on every block."""
     bh, blk = _program(BH, tl.cdiv(N, BLOCK_M), GROUP_BY_HEAD)
     start_m = (tl.cdiv(N, BLOCK_M) - 1 - blk) * BLOCK_M              # last query blocks: heaviest causal work
     qd = tl.make_tensor_descriptor(Q, shape=[BH * N, D], strides=[D, 1], block_shape=[BLOCK_M, BLOCK_D])
@@ -358,23 +372,20 @@ def _bwd_dq_ws(Q, K, V, DO, Lse, Delta, DQ, N, D, RS, qk_scale, scale, BH,
     offs_n0 = tl.arange(0, BLOCK_N)
     row_ok = offs_m < N
     # the row statistics through descriptors too (Triton 3.6's and 3.9's pass refuse pointer-loaded ones here),
-    # of the flat rows RS apart (a multiple of 4: the boxes start 16-byte aligned); rows past N are zeros or
-    # the next head's, and their p is masked to 0 with the rest of those rows
-    lse2 = tl.make_tensor_descriptor(Lse, shape=[BH * RS], strides=[1], block_shape=[BLOCK_M]).load(
-        [bh * RS + start_m]) * 1.4426950408889634
-    delta = tl.make_tensor_descriptor(Delta, shape=[BH * RS], strides=[1], block_shape=[BLOCK_M]).load(
-        [bh * RS + start_m])
+    # (1, BLOCK_M) boxes of the rows RS apart (a multiple of 4: 16-byte aligned), N of them (past N: zeros)
+    lse2 = tl.make_tensor_descriptor(Lse, shape=[BH, N], strides=[RS, 1], block_shape=[1, BLOCK_M]).load(
+        [bh, start_m]).reshape(BLOCK_M) * 1.4426950408889634
+    delta = tl.make_tensor_descriptor(Delta, shape=[BH, N], strides=[RS, 1], block_shape=[1, BLOCK_M]).load(
+        [bh, start_m]).reshape(BLOCK_M)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     hi = tl.minimum(start_m + BLOCK_M, N) if CAUSAL else N
     for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
         k = kd.load([bh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         v = vd.load([bh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        cols = start_n + offs_n0
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=tl.float32)       # (BLOCK_M, BLOCK_N)
-        valid = cols[None, :] < N
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= offs_m[:, None])
-        p = tl.where(valid & row_ok[:, None], tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        if CAUSAL:  # a select, not a product: a masked score's exp2 may be inf
+            p = tl.where(offs_n0[None, :] <= (offs_m - start_n)[:, None], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=tl.float32)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC, out_dtype=tl.float32)
@@ -404,10 +415,12 @@ def _pow2_at_least(x, lo):
     return max(lo, triton.next_power_of_2(int(x)))
 
 
-def _launch(kernel, grid, args, kw, blocks, num_warps, num_stages, ws=False):
+def _launch(kernel, grid, args, kw, blocks, num_warps, num_stages, ws=None):
     """Launch; on OutOfResources retry with fewer stages, then halved blocks (never below 16).
     grid and args are functions of the blocks (BLOCK_M, BLOCK_N): TMA descriptors carry the block shape.
-    A warp-specialised kernel's num_warps is a consumer warp group's (4), whatever the blocks."""
+    ws: a warp-specialised kernel's loop block, "m" or "n" (its num_warps is a consumer warp group's, 4,
+    whatever the blocks; its other block is split between the consumers and never shrinks: OutOfResources
+    once the loop block is at 16)."""
     bm, bn = blocks
     while True:
         try:
@@ -418,7 +431,11 @@ def _launch(kernel, grid, args, kw, blocks, num_warps, num_stages, ws=False):
         except OutOfResources:
             if num_stages > 1:
                 num_stages -= 1
-            elif max(bm, bn) > 16:
+            elif ws == "m" and bm > 16:
+                bm //= 2
+            elif ws == "n" and bn > 16:
+                bn //= 2
+            elif not ws and max(bm, bn) > 16:
                 if bm >= bn:
                     bm //= 2
                 else:
@@ -458,28 +475,36 @@ def run(q, k, v, o, do, lse, causal=True, scale=None):
     # TMA needs 16-byte aligned rows and bases; elsewhere the same kernels load through pointers
     tma = int(p.get("TMA", 0)) if ((D * q.element_size()) % 16 == 0
                                    and all(t.data_ptr() % 16 == 0 for t in (q, k, v, do))) else 0
-    # TMA = 2 reads the row statistics in 16-byte aligned boxes of BLOCK_M rows: rows RS apart, a multiple of 4
-    rs = -(-N // 4) * 4 if tma == 2 else N
-    if rs == N:
-        delta, lse_rows = torch.empty((B * H, N), dtype=torch.float32, device=q.device), lse
-    else:  # padded rows, zeroed: their p is masked to 0, which a NaN there would not survive
-        delta = torch.zeros((B * H, rs), dtype=torch.float32, device=q.device)
-        lse_rows = torch.zeros((B * H, rs), dtype=torch.float32, device=q.device)
-        lse_rows[:, :N] = lse.view(B * H, N)
-    _bwd_delta[(B * H, triton.cdiv(N, 64))](o, do, delta, N, D, rs, BLOCK=64, BLOCK_D=BLOCK_D)
+    if tma == 2 and (bn1 != 128 or bm2 != 128 or q.dtype == torch.float32):
+        # the warp-specialised kernels split 128 keys (dK/dV) and 128 query rows (dQ) between their consumers
+        # (at 64 both would compute the same rows) and specialise only tensor-core dots (fp32's are not)
+        tma = 1
     common = dict(CAUSAL=bool(causal), EVEN_D=even_d, BLOCK_D=BLOCK_D, PREC=prec,
                   GROUP_BY_HEAD=int(p.get("GROUP_BY_HEAD", 1)))
     qk_scale = float(scale) * LOG2E
     if tma == 2:  # the warp-specialised kernels (no atomic dq: their space has none)
         _ensure_allocator()
+        # the row statistics in 16-byte aligned boxes: rows RS apart, a multiple of 4, from a 16-byte aligned base
+        rs = -(-N // 4) * 4
+        delta = torch.empty((B * H, rs), dtype=torch.float32, device=q.device)
+        lse_rows = lse.view(B * H, N)
+        if rs != N or lse_rows.data_ptr() % 16:
+            lse_rows = torch.empty((B * H, rs), dtype=torch.float32, device=q.device)
+            lse_rows[:, :N] = lse.view(B * H, N)
+        _bwd_delta[(B * H, triton.cdiv(N, 64))](o, do, delta, N, D, rs, BLOCK=64, BLOCK_D=BLOCK_D)
         hyper = (N, D, rs, qk_scale, float(scale), B * H)
-        _launch(_bwd_dkdv_ws, lambda bm, bn: (B * H * triton.cdiv(N, bn),),
-                lambda bm, bn: (q, k, v, do, lse_rows, delta, dk, dv, *hyper), common, (bm1, bn1), num_warps,
-                num_stages, ws=True)
-        _launch(_bwd_dq_ws, lambda bm, bn: (B * H * triton.cdiv(N, bm),),
-                lambda bm, bn: (q, k, v, do, lse_rows, delta, dq, *hyper), common, (bm2, bn2), num_warps,
-                num_stages, ws=True)
-        return dq, dk, dv
+        try:
+            _launch(_bwd_dkdv_ws, lambda bm, bn: (B * H * triton.cdiv(N, bn),),
+                    lambda bm, bn: (q, k, v, do, lse_rows, delta, dk, dv, *hyper), common, (bm1, bn1), num_warps,
+                    num_stages, ws="m")
+            _launch(_bwd_dq_ws, lambda bm, bn: (B * H * triton.cdiv(N, bm),),
+                    lambda bm, bn: (q, k, v, do, lse_rows, delta, dq, *hyper), common, (bm2, bn2), num_warps,
+                    num_stages, ws="n")
+            return dq, dk, dv
+        except OutOfResources:  # the descriptor kernels below, which may take smaller blocks (all recomputed)
+            tma = 1
+    delta = torch.empty((B * H, N), dtype=torch.float32, device=q.device)
+    _bwd_delta[(B * H, triton.cdiv(N, 64))](o, do, delta, N, D, N, BLOCK=64, BLOCK_D=BLOCK_D)
     common["TMA"] = bool(tma)
 
     def descs(x, y, rows):
