@@ -150,6 +150,44 @@ def test_the_ws_kernels_match_fp64_at_awkward_shapes_and_only_where_they_split_1
     _in_interpreter("check_ws", op)
 
 
+def check_ws_low_scores(op: str) -> None:
+    """Full attention over rows whose scores are all far below 0 (lse below -11, fp16): the key columns past a
+    ragged N, which the descriptors read as zeros, score 0, and exp(0 - lse) overflows fp16; they must be
+    masked, not multiplied by their zero rows (inf times 0 is NaN). (Causal runs mask those keys with the
+    diagonal.)"""
+    path = {"attention": "candidates/attention/triton_fa2.py",
+            "attention_backward": "candidates/attention_backward/triton_fa2_bwd.py"}[op]
+    spec = get_op(op)
+    for causal in (False,):
+        mod = load_file(path)
+        mod.KERNELTUNE["params"] = ({**mod.KERNELTUNE["params"], "TMA": 2, "num_warps": 4, "num_stages": 2}
+                                    if op == "attention" else
+                                    {"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64,
+                                     "num_warps": 4, "num_stages": 2, "GROUP_BY_HEAD": 1, "TMA": 2})
+        inputs = spec.make_inputs(_case(1, 2, 100, 64, causal, "float16"), 5)
+        inputs.args["scale"] = 0.3                      # (the cases draw a scale; some would lift the scores)
+        t = inputs.tensors
+        g = torch.Generator().manual_seed(3)
+        t["q"].copy_(1.5 + 0.1 * torch.randn(t["q"].shape, generator=g))
+        t["k"].copy_(-1.5 + 0.1 * torch.randn(t["k"].shape, generator=g))
+        o, lse = attn_mod.attention_fp64(t["q"], t["k"], t["v"], causal, inputs.args["scale"])
+        assert float(lse.max()) < -11        # exp(-lse) past fp16's largest value
+        if op == "attention":
+            got = {"out": mod.run(t["q"], t["k"], t["v"], causal=causal, scale=inputs.args["scale"])}
+        else:
+            t["o"].copy_(o)
+            t["lse"].copy_(lse)
+            dq, dk, dv = mod.run(t["q"], t["k"], t["v"], t["o"], t["do"], t["lse"], **inputs.args)
+            got = {"dq": dq, "dk": dk, "dv": dv}
+        why = spec.compare(inputs, spec.reference(inputs), got)
+        assert why == "", (op, causal, why)
+
+
+@pytest.mark.parametrize("op", ["attention", "attention_backward"])
+def test_the_ws_kernels_mask_the_keys_past_a_ragged_n_where_scores_are_all_low(op):
+    _in_interpreter("check_ws_low_scores", op)
+
+
 def check_misaligned_base(op: str) -> None:
     """One input whose data starts 2 bytes off a 16-byte boundary (a contiguous view at an odd offset): the
     descriptor kernels (TMA = 1 and 2) take pointer loads for the call, and the result is still right."""

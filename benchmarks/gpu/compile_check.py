@@ -2,7 +2,7 @@
 
     python benchmarks/gpu/compile_check.py [--arch 90] [--ops attention,attention_backward,adamw]
         [--also 'attention:TMA=1;attention_backward:BLOCK_N1=128'] [--space 8]
-        [--grid 'attention:BLOCK_M=64|128,num_warps=4|8'] [--cases 1] [--csv FILE] [--json]
+        [--grid 'attention:BLOCK_M=64|128,num_warps=4|8'] [--cases 1] [--n 1024] [--csv FILE] [--json]
 
 Device time is short; a compile error found on the GPU costs a call. This runs each template's own `run()` on
 small CPU tensors with Triton's launches turned into compiles for the target (Triton's `warmup` path with a
@@ -155,8 +155,10 @@ def load(op: str, params: dict[str, Any]) -> Any:
     return mod
 
 
-def cases(op: str) -> Iterator[tuple[str, Any]]:
-    """(label, call(mod)) per specialisation the bench's shapes take: small tensors, nothing runs."""
+def cases(op: str, n: int = 1024) -> Iterator[tuple[str, Any]]:
+    """(label, call(mod)) per specialisation the bench's shapes take: small tensors, nothing runs. n: the
+    attention cases' sequence length (1024, a multiple of every block, as the bench's; another n compiles the
+    specialisations of a ragged N, and labels the cases with it)."""
     if op == "adamw":
         from kerneltune.ops.adamw import PRESETS, gpt_param_shapes
 
@@ -167,9 +169,9 @@ def cases(op: str) -> Iterator[tuple[str, Any]]:
         return
     for d in (128, 64):
         for causal in (True, False):
-            q, k, v, o, do = (torch.zeros(1, 2, 1024, d, dtype=torch.bfloat16) for _ in range(5))
-            lse = torch.zeros(1, 2, 1024)
-            label = f"D{d} {'causal' if causal else 'full'} bf16"
+            q, k, v, o, do = (torch.zeros(1, 2, n, d, dtype=torch.bfloat16) for _ in range(5))
+            lse = torch.zeros(1, 2, n)
+            label = f"D{d} {'causal' if causal else 'full'} bf16" + ("" if n == 1024 else f" N{n}")
             if op == "attention":
                 yield label, (lambda mod, q=q, k=k, v=v, c=causal: mod.run_with_lse(q, k, v, causal=c))
             else:
@@ -201,9 +203,9 @@ def points(op: str, also: list[dict[str, Any]], n_space: int, seed: int,
     return out
 
 
-def check(op: str, point: dict[str, Any], arch: int, n_cases: int = 0) -> list[dict[str, Any]]:
+def check(op: str, point: dict[str, Any], arch: int, n_cases: int = 0, n: int = 1024) -> list[dict[str, Any]]:
     rows = []
-    for i, (label, call) in enumerate(cases(op)):
+    for i, (label, call) in enumerate(cases(op, n)):
         if n_cases and i >= n_cases:
             break
         row: dict[str, Any] = {"op": op, "point": point, "case": label}
@@ -227,6 +229,8 @@ def main() -> int:
     ap.add_argument("--space", type=int, default=0, help="also N random valid points of each template's space")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cases", type=int, default=0, help="at most this many specialisations an op (0: all four)")
+    ap.add_argument("--n", type=int, default=1024, help="the attention cases' N (default 1024, a multiple of every "
+                    "block; e.g. 1000 for the masks of a ragged N)")
     ap.add_argument("--template", action="append", default=[], help="OP=PATH: check this file for OP instead of "
                     f"its bench template ({', '.join(f'{k}={v}' for k, v in TEMPLATES.items())})")
     ap.add_argument("--grid", action="append", default=[], help="'OP:KNOB=a|b,KNOB=c|d': every combination of "
@@ -255,7 +259,7 @@ def main() -> int:
             print(f"compile_check: unknown op {op!r} (use {', '.join(TEMPLATES)})", file=sys.stderr)
             return 2
         for point in points(op, also.get(op, []), args.space, args.seed, grids.get(op)):
-            new = check(op, point, args.arch, args.cases)
+            new = check(op, point, args.arch, args.cases, args.n)
             rows += new
             if not args.json:
                 _print(new)

@@ -49,7 +49,8 @@ warp_specialize, every tile through descriptors made in the kernel (the fixed op
 q/dO in dQ, through the flat (B*H*N, D) view; the row statistics through (1, BLOCK_M) boxes of rows padded to
 a multiple of 4, so that the boxes start 16-byte aligned, read as zeros past N), and only the causal mask, a
 select of one compare a score on every block: the rows and keys past N that the boxes read as zeros add
-nothing to what is stored (see the kernels). Triton's Hopper pass makes each program a producer warp group
+nothing to what is stored (see the kernels), but for dQ's keys past N in full attention, masked where N is
+not a multiple of BLOCK_N2. Triton's Hopper pass makes each program a producer warp group
 and two consumer warp groups of half the fixed block each: BLOCK_N1 = 128 keys, BLOCK_M2 = 128 rows (the pass
 splits no smaller block; at 64 both groups would compute the same rows), and dQ's key steps BLOCK_N2 = 64
 (smaller ones are thin tensor-core dots; 128 spilled in the causal dQ kernel at D = 128). num_warps = 4 (a
@@ -352,14 +353,16 @@ def _bwd_dkdv_ws(Q, K, V, DO, Lse, Delta, DK, DV, N, D, RS, qk_scale, scale, BH,
 
 
 @triton.jit
-def _bwd_dq_ws(Q, K, V, DO, Lse, Delta, DQ, N, D, RS, qk_scale, scale, BH,
+def _bwd_dq_ws(Q, K, V, DO, Lse, Delta, DQ, N, D, RS, qk_scale, scale, BH, MASK_N: tl.constexpr,
                CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, GROUP_BY_HEAD: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """TMA = 2: the dQ kernel as one warp-specialised loop over key blocks (two consumer warp groups of
     BLOCK_M/2 = 64 query rows each; q and dO through the flat view's descriptors, k and v through
-    (1, BLOCK_N, BLOCK_D) boxes). Keys past N read 0, so they add nothing to dq (ds times a zero k row); query
-    rows past N (the next head's, in the flat view) are not stored and no row mixes with another: only the
-    causal mask is left, one compare a score (key <= row), as a select on every block."""
+    (1, BLOCK_N, BLOCK_D) boxes). Query rows past N (the next head's, in the flat view) are not stored and no
+    row mixes with another, so the masks are one compare a score, as a select on every block: causal, key <=
+    row (a valid row's keys past N are past the row); full, key < N where N is not a multiple of BLOCK_N
+    (MASK_N): a key past N reads as a zero row, whose score 0 can exceed the row's lse by more than the input
+    dtype holds once exponentiated (a row of scores all below -11 in fp16), and inf times its zero k is NaN."""
     bh, blk = _program(BH, tl.cdiv(N, BLOCK_M), GROUP_BY_HEAD)
     start_m = (tl.cdiv(N, BLOCK_M) - 1 - blk) * BLOCK_M              # last query blocks: heaviest causal work
     qd = tl.make_tensor_descriptor(Q, shape=[BH * N, D], strides=[D, 1], block_shape=[BLOCK_M, BLOCK_D])
@@ -372,11 +375,13 @@ def _bwd_dq_ws(Q, K, V, DO, Lse, Delta, DQ, N, D, RS, qk_scale, scale, BH,
     offs_n0 = tl.arange(0, BLOCK_N)
     row_ok = offs_m < N
     # the row statistics through descriptors too (Triton 3.6's and 3.9's pass refuse pointer-loaded ones here),
-    # (1, BLOCK_M) boxes of the rows RS apart (a multiple of 4: 16-byte aligned), N of them (past N: zeros)
-    lse2 = tl.make_tensor_descriptor(Lse, shape=[BH, N], strides=[RS, 1], block_shape=[1, BLOCK_M]).load(
-        [bh, start_m]).reshape(BLOCK_M) * 1.4426950408889634
-    delta = tl.make_tensor_descriptor(Delta, shape=[BH, N], strides=[RS, 1], block_shape=[1, BLOCK_M]).load(
-        [bh, start_m]).reshape(BLOCK_M)
+    # boxes of the flat rows RS apart (a multiple of 4: 16-byte aligned); rows past N read the padding or the
+    # next head's, and those rows of dq are not stored. (Not (1, BLOCK_M) boxes of a 2-D view, as in dK/dV:
+    # Triton 3.9's pass splits that load between the consumers and then fails on the box's size.)
+    lse2 = tl.make_tensor_descriptor(Lse, shape=[BH * RS], strides=[1], block_shape=[BLOCK_M]).load(
+        [bh * RS + start_m]) * 1.4426950408889634
+    delta = tl.make_tensor_descriptor(Delta, shape=[BH * RS], strides=[1], block_shape=[BLOCK_M]).load(
+        [bh * RS + start_m])
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     hi = tl.minimum(start_m + BLOCK_M, N) if CAUSAL else N
     for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
@@ -386,6 +391,8 @@ def _bwd_dq_ws(Q, K, V, DO, Lse, Delta, DQ, N, D, RS, qk_scale, scale, BH,
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
         if CAUSAL:  # a select, not a product: a masked score's exp2 may be inf
             p = tl.where(offs_n0[None, :] <= (offs_m - start_n)[:, None], p, 0.0)
+        elif MASK_N:
+            p = tl.where(offs_n0[None, :] < N - start_n, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=tl.float32)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC, out_dtype=tl.float32)
@@ -498,8 +505,8 @@ def run(q, k, v, o, do, lse, causal=True, scale=None):
                     lambda bm, bn: (q, k, v, do, lse_rows, delta, dk, dv, *hyper), common, (bm1, bn1), num_warps,
                     num_stages, ws="m")
             _launch(_bwd_dq_ws, lambda bm, bn: (B * H * triton.cdiv(N, bm),),
-                    lambda bm, bn: (q, k, v, do, lse_rows, delta, dq, *hyper), common, (bm2, bn2), num_warps,
-                    num_stages, ws="n")
+                    lambda bm, bn: (q, k, v, do, lse_rows, delta, dq, *hyper, N % bn != 0), common, (bm2, bn2),  # MASK_N
+                    num_warps, num_stages, ws="n")
             return dq, dk, dv
         except OutOfResources:  # the descriptor kernels below, which may take smaller blocks (all recomputed)
             tma = 1
