@@ -150,42 +150,84 @@ def test_the_ws_kernels_match_fp64_at_awkward_shapes_and_only_where_they_split_1
     _in_interpreter("check_ws", op)
 
 
-def check_ws_low_scores(op: str) -> None:
+LOW_SCORE_POINTS = {
+    "attention": [{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "GROUP_BY_HEAD": 1, "TMA": 2,
+                   "PIPE": 0}],
+    "attention_backward": [{"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64, "num_warps": 4,
+                            "num_stages": 2, "GROUP_BY_HEAD": 1, "TMA": 2},
+                           # dq added by the dK/dV kernel: its key rows past N, zeros, summed over in the dq dot
+                           {"BLOCK_M1": 16, "BLOCK_N1": 128, "BLOCK_M2": 64, "BLOCK_N2": 16, "num_warps": 8,
+                            "num_stages": 2, "GROUP_BY_HEAD": 1, "TMA": 1, "ATOMIC_DQ": 1}]}
+
+
+def check_low_scores(op: str) -> None:
     """Full attention over rows whose scores are all far below 0 (lse below -11, fp16): the key columns past a
-    ragged N, which the descriptors read as zeros, score 0, and exp(0 - lse) overflows fp16; they must be
-    masked, not multiplied by their zero rows (inf times 0 is NaN). (Causal runs mask those keys with the
-    diagonal.)"""
+    ragged N, which the descriptors and masked loads read as zeros, score 0, and exp(0 - lse) overflows fp16;
+    they must be masked, not multiplied by their zero rows (inf times 0 is NaN). (Causal runs mask those keys
+    with the diagonal.)"""
     path = {"attention": "candidates/attention/triton_fa2.py",
             "attention_backward": "candidates/attention_backward/triton_fa2_bwd.py"}[op]
     spec = get_op(op)
-    for causal in (False,):
+    for point in LOW_SCORE_POINTS[op]:
         mod = load_file(path)
-        mod.KERNELTUNE["params"] = ({**mod.KERNELTUNE["params"], "TMA": 2, "num_warps": 4, "num_stages": 2}
-                                    if op == "attention" else
-                                    {"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64,
-                                     "num_warps": 4, "num_stages": 2, "GROUP_BY_HEAD": 1, "TMA": 2})
-        inputs = spec.make_inputs(_case(1, 2, 100, 64, causal, "float16"), 5)
+        mod.KERNELTUNE["params"] = dict(point)
+        inputs = spec.make_inputs(_case(1, 2, 100, 64, False, "float16"), 5)
         inputs.args["scale"] = 0.3                      # (the cases draw a scale; some would lift the scores)
         t = inputs.tensors
         g = torch.Generator().manual_seed(3)
         t["q"].copy_(1.5 + 0.1 * torch.randn(t["q"].shape, generator=g))
         t["k"].copy_(-1.5 + 0.1 * torch.randn(t["k"].shape, generator=g))
-        o, lse = attn_mod.attention_fp64(t["q"], t["k"], t["v"], causal, inputs.args["scale"])
+        o, lse = attn_mod.attention_fp64(t["q"], t["k"], t["v"], False, inputs.args["scale"])
         assert float(lse.max()) < -11        # exp(-lse) past fp16's largest value
         if op == "attention":
-            got = {"out": mod.run(t["q"], t["k"], t["v"], causal=causal, scale=inputs.args["scale"])}
+            got = {"out": mod.run(t["q"], t["k"], t["v"], causal=False, scale=inputs.args["scale"])}
         else:
             t["o"].copy_(o)
             t["lse"].copy_(lse)
             dq, dk, dv = mod.run(t["q"], t["k"], t["v"], t["o"], t["do"], t["lse"], **inputs.args)
             got = {"dq": dq, "dk": dk, "dv": dv}
         why = spec.compare(inputs, spec.reference(inputs), got)
-        assert why == "", (op, causal, why)
+        assert why == "", (op, point, why)
+
+
+def check_scale_not_positive() -> None:
+    """A scale of 0 (a uniform softmax over the keys a row sees) and a negative one (the scores' order
+    reversed), causal and full at a ragged N, through the two-stage and the warp-specialised forward (whose
+    masks put -inf in before the scale), and the backward given that forward's o and lse."""
+    fwd_spec, bwd_spec = get_op("attention"), get_op("attention_backward")
+    for tma in (0, 2):
+        for causal in (True, False):
+            for scale in (0.0, -0.3):
+                fa2 = load_file("candidates/attention/triton_fa2.py")
+                fa2.KERNELTUNE["params"] = {**fa2.KERNELTUNE["params"], "TMA": tma, "num_warps": 4,
+                                            "num_stages": 2}
+                inputs = fwd_spec.make_inputs(_case(1, 2, 100, 32, causal, "float16", lse=True), 9)
+                inputs.args["scale"] = scale
+                t = inputs.tensors
+                out, lse = fa2.run_with_lse(t["q"], t["k"], t["v"], causal=causal, scale=scale)
+                why = fwd_spec.compare(inputs, fwd_spec.reference(inputs), {"out": out, "lse": lse})
+                assert why == "", (tma, causal, scale, why)
+                bwd = load_file("candidates/attention_backward/triton_fa2_bwd.py")
+                binputs = bwd_spec.make_inputs(_case(1, 2, 100, 32, causal, "float16"), 9)
+                binputs.args["scale"] = scale
+                b = binputs.tensors
+                for x in "qkv":
+                    b[x].copy_(t[x])
+                o, lse = fa2.run_with_lse(b["q"], b["k"], b["v"], causal=causal, scale=scale)
+                b["o"].copy_(o)
+                b["lse"].copy_(lse)
+                dq, dk, dv = bwd.run(b["q"], b["k"], b["v"], b["o"], b["do"], b["lse"], **binputs.args)
+                why = bwd_spec.compare(binputs, bwd_spec.reference(binputs), {"dq": dq, "dk": dk, "dv": dv})
+                assert why == "", ("backward", tma, causal, scale, why)
+
+
+def test_the_forward_takes_a_scale_of_zero_or_below():
+    _in_interpreter("check_scale_not_positive")
 
 
 @pytest.mark.parametrize("op", ["attention", "attention_backward"])
-def test_the_ws_kernels_mask_the_keys_past_a_ragged_n_where_scores_are_all_low(op):
-    _in_interpreter("check_ws_low_scores", op)
+def test_keys_past_a_ragged_n_are_masked_where_scores_are_all_low(op):
+    _in_interpreter("check_low_scores", op)
 
 
 def check_misaligned_base(op: str) -> None:

@@ -313,7 +313,7 @@ def _fa2_fwd_ws(
 
 def _ensure_allocator():
     """Triton allocates the scratch of descriptors made on the device through the allocator set with
-    triton.set_allocator; where none is set, one that takes it from torch on the tensors' device."""
+    triton.set_allocator; where none is set, one that takes it from torch on the current CUDA device."""
     try:
         from triton.runtime import _allocation
     except ImportError:
@@ -342,6 +342,11 @@ def _forward(q, k, v, causal, scale, want_lse):
     B, H, N, D = q.shape
     if scale is None:
         scale = 1.0 / math.sqrt(D)
+    scale = float(scale)
+    if scale < 0:       # the kernels mask with -inf before scaling and take max(s)·scale as the row's max
+        q, scale = -q, -scale
+    elif scale == 0:    # every score 0: a uniform softmax over the keys each row sees
+        q, scale = torch.zeros_like(q), 1.0
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device) if want_lse else out

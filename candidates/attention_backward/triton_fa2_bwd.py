@@ -202,7 +202,10 @@ def _dkdv_stage(dk, dv, k, v, Q, DO, QD, DOD, DQ, bh, Lse, Delta, off_bh, off_ro
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)
         dk = tl.dot(dst, q, dk, input_precision=PREC, out_dtype=tl.float32)
         if ATOMIC_DQ:                                                 # this key block's share of dq, added in fp32
-            dq = tl.dot(tl.trans(dst), k, input_precision=PREC, out_dtype=tl.float32) * scale
+            # keys past N (zero rows of k) out of the sum by a select: their score 0 can exceed a row's lse by
+            # more than fp16 holds once exponentiated, and inf times a zero k row would be NaN in every dq row
+            dst_q = tl.where(offs_n[:, None] < N, dst, 0.0)
+            dq = tl.dot(tl.trans(dst_q), k, input_precision=PREC, out_dtype=tl.float32) * scale
             dq_ptr = DQ + off_bh + offs_m[:, None] * D + offs_d[None, :]
             if MASKED:
                 tl.atomic_add(dq_ptr, dq, mask=(offs_m[:, None] < N) & (offs_d[None, :] < D), sem="relaxed")
