@@ -42,6 +42,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -409,8 +410,6 @@ def bench_adamw(cand: Any, args: argparse.Namespace, timer: Timer, ceil: dict[st
 def probe_children(jobs: dict[str, list[str]], timeout: float, workers: int) -> dict[str, str]:
     """Run each job (label -> argv) as a child process, ``workers`` at a time, each for at most ``timeout``
     seconds; {label: why it failed, or "" where it exited 0}."""
-    import signal
-
     pending, running, out = list(jobs.items()), {}, {}
     while pending or running:
         while pending and len(running) < max(workers, 1):

@@ -51,6 +51,10 @@ BWD_POINTS = [{"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32,
               {"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64, "num_warps": 4, "num_stages": 2,
                "GROUP_BY_HEAD": 1, "TMA": 2}]
 
+PATHS = {"attention": "candidates/attention/triton_fa2.py",
+         "attention_backward": "candidates/attention_backward/triton_fa2_bwd.py"}
+WS_POINT = {"attention": FWD_POINTS[3], "attention_backward": BWD_POINTS[3]}   # the warp-specialised kernels
+
 
 def check_forward(dtype: str, point: int) -> None:
     fa2 = load_file("candidates/attention/triton_fa2.py")
@@ -111,13 +115,9 @@ class _Counted:
 def check_ws(op: str) -> None:
     """The TMA = 2 kernels at WS_SHAPES in fp16 against fp64 (each shape launching them: counted), with lse a
     view at an odd offset once (copied into aligned rows); fp32 and a 64-row block take the TMA = 1 kernels."""
-    path = {"attention": "candidates/attention/triton_fa2.py",
-            "attention_backward": "candidates/attention_backward/triton_fa2_bwd.py"}[op]
+    path = PATHS[op]
     names = {"attention": ["_fa2_fwd_ws"], "attention_backward": ["_bwd_dkdv_ws", "_bwd_dq_ws"]}[op]
-    point = ({"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "GROUP_BY_HEAD": 1, "TMA": 2, "PIPE": 0}
-             if op == "attention" else
-             {"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64, "num_warps": 4, "num_stages": 2,
-              "GROUP_BY_HEAD": 1, "TMA": 2})
+    point = WS_POINT[op]
     spec = get_op(op)
     for i, (shape, dtype) in enumerate([(x, "float16") for x in WS_SHAPES] + [(WS_SHAPES[1], "float32"),
                                                                               ((1, 2, 64, 64, True), "float16")]):
@@ -151,10 +151,8 @@ def test_the_ws_kernels_match_fp64_at_awkward_shapes_and_only_where_they_split_1
 
 
 LOW_SCORE_POINTS = {
-    "attention": [{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "GROUP_BY_HEAD": 1, "TMA": 2,
-                   "PIPE": 0}],
-    "attention_backward": [{"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64, "num_warps": 4,
-                            "num_stages": 2, "GROUP_BY_HEAD": 1, "TMA": 2},
+    "attention": [WS_POINT["attention"]],
+    "attention_backward": [WS_POINT["attention_backward"],
                            # dq added by the dK/dV kernel: its key rows past N, zeros, summed over in the dq dot
                            {"BLOCK_M1": 16, "BLOCK_N1": 128, "BLOCK_M2": 64, "BLOCK_N2": 16, "num_warps": 8,
                             "num_stages": 2, "GROUP_BY_HEAD": 1, "TMA": 1, "ATOMIC_DQ": 1}]}
@@ -165,8 +163,7 @@ def check_low_scores(op: str) -> None:
     ragged N, which the descriptors and masked loads read as zeros, score 0, and exp(0 - lse) overflows fp16;
     they must be masked, not multiplied by their zero rows (inf times 0 is NaN). (Causal runs mask those keys
     with the diagonal.)"""
-    path = {"attention": "candidates/attention/triton_fa2.py",
-            "attention_backward": "candidates/attention_backward/triton_fa2_bwd.py"}[op]
+    path = PATHS[op]
     spec = get_op(op)
     for point in LOW_SCORE_POINTS[op]:
         mod = load_file(path)
@@ -233,8 +230,7 @@ def test_keys_past_a_ragged_n_are_masked_where_scores_are_all_low(op):
 def check_misaligned_base(op: str) -> None:
     """One input whose data starts 2 bytes off a 16-byte boundary (a contiguous view at an odd offset): the
     descriptor kernels (TMA = 1 and 2) take pointer loads for the call, and the result is still right."""
-    path = {"attention": "candidates/attention/triton_fa2.py",
-            "attention_backward": "candidates/attention_backward/triton_fa2_bwd.py"}[op]
+    path = PATHS[op]
     spec = get_op(op)
     for tma in (1, 2):
         mod = load_file(path)

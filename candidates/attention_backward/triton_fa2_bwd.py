@@ -406,7 +406,7 @@ def _bwd_dq_ws(Q, K, V, DO, Lse, Delta, DQ, N, D, RS, qk_scale, scale, BH, MASK_
 
 def _ensure_allocator():
     """Triton allocates the scratch of descriptors made on the device through the allocator set with
-    triton.set_allocator; where none is set, one that takes it from torch on the current device."""
+    triton.set_allocator; where none is set, one that takes it from torch on the current CUDA device."""
     try:
         from triton.runtime import _allocation
     except ImportError:
