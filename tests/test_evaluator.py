@@ -17,6 +17,7 @@ import pytest
 from kerneltune.evaluate import evaluator as ev_module
 from kerneltune.evaluate.evaluator import STATUSES, Evaluator, Options, timing_noise
 from kerneltune.evaluate.process import namespaces_available
+from kerneltune.ops import get_op
 from kerneltune.store import Store
 
 ATTN_OK = '''
@@ -249,10 +250,12 @@ def test_a_timing_under_foreign_load_is_timed_again_then_marked_noisy(evaluator,
 
 def test_a_candidate_that_dies_while_timed_leaves_no_load_meter_running(evaluator, write_candidate, monkeypatch):
     """The timing's load meter samples /proc from a thread; a timing that ends in a crash must stop it."""
+    spec = get_op("attention")
+    checked = 1 + evaluator.opt.seeds * (len(spec.check_cases("cpu")) + len(spec.timed_cases("cpu")))
     body = ATTN_OK.format(tweak="pass").replace(
         "def run(q, k, v, causal=True, scale=None):",
         "CALLS = [0]\n\ndef run(q, k, v, causal=True, scale=None):\n    CALLS[0] += 1\n"
-        "    if CALLS[0] > 60:\n        import os\n        os._exit(5)")
+        f"    if CALLS[0] > {checked + 20}:\n        import os\n        os._exit(5)")   # in the timed rounds
     before = {t for t in threading.enumerate() if t.name == "kerneltune-loadmeter"}
     said: list[str] = []
     monkeypatch.setattr(evaluator, "progress", said.append)

@@ -67,13 +67,63 @@ def issue8_shapes() -> list[tuple[int, int, int, int, bool]]:
     return out
 
 
-def _case(b: int, h: int, n: int, d: int, dtype: str, causal: bool, lse: bool = False) -> Case:
+# Check cases whose values, not their shapes, are the test (``Case.args["values"]``; the case name ends with it).
+# Random draws never reach them, and each breaks a kind of kernel that passes every draw:
+#   low_scores      every score of a row far below 0 (about -60), so the row's lse is too: exp(0 - lse)
+#                   overflows fp16. A key past a ragged N that a kernel reads as a zero row and does not mask
+#                   scores 0 and gives inf * 0 = NaN. Half precision only: an exact fp32 kernel's error grows
+#                   with |s| (the scores' own rounding) past fp32's tolerance there, while it overflows nothing.
+#   scale_zero      scale = 0.0, a uniform softmax over the keys a row sees: ``scale or 1/sqrt(D)`` takes the
+#                   default, and a -inf mask multiplied by the scale is NaN.
+#   scale_negative  the scores' order reversed: a -inf mask put in before the scale turns +inf.
+VALUES = ("low_scores", "scale_zero", "scale_negative")
+
+
+def _case(b: int, h: int, n: int, d: int, dtype: str, causal: bool, lse: bool = False,
+          values: str | None = None) -> Case:
     tag = "causal" if causal else "full"
+    name = f"B{b} H{h} N{n} D{d} {tag} {dtype}"
+    args: dict[str, Any] = {"causal": causal}
+    if values is not None:
+        assert values in VALUES, values
+        name += " " + values.replace("_", "-")
+        args["values"] = values
     if lse:  # checks run_with_lse where the candidate has one
-        return Case(name=f"B{b} H{h} N{n} D{d} {tag} {dtype} lse", dims={"B": b, "H": h, "N": n, "D": d},
-                    dtype=dtype, args={"causal": causal, "lse": True})
-    return Case(name=f"B{b} H{h} N{n} D{d} {tag} {dtype}", dims={"B": b, "H": h, "N": n, "D": d},
-                dtype=dtype, args={"causal": causal})
+        name += " lse"
+        args["lse"] = True
+    return Case(name=name, dims={"B": b, "H": h, "N": n, "D": d}, dtype=dtype, args=args)
+
+
+def draw(case: Case, g: torch.Generator, seed: int, names: tuple[str, ...] = ("q", "k", "v")
+         ) -> tuple[dict[str, torch.Tensor], float | None]:
+    """The (B, H, N, D) inputs ``names`` (q and k first; in the case's dtype) and the scale of one check, as
+    ``case.args["values"]`` asks (VALUES). Plain draws otherwise: larger logits on every third seed (a missing
+    max-subtraction shows), an explicit scale on odd seeds."""
+    b, h, n, d = (case.dims[x] for x in "BHND")
+    dt = DTYPES[case.dtype]
+    values = case.args.get("values")
+    gain = (1.0, 1.0, 2.5)[seed % 3]
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        x = torch.randn(b, h, n, d, generator=g)
+        if values == "low_scores" and name in ("q", "k"):
+            # q near +3 and k near -0.75 in every element: each score about -2.25·D·scale, a row's scores
+            # spread over 10-25 units (its softmax is not uniform); the scale sets the mean. (A small offset
+            # in k: dq = scale·dS·k, whose rows of dS sum to 0, cancels k's offset, so dq's error grows with
+            # it: with k near -1.5 a fused fp16 backward's dq error was twice this one's.)
+            x = 3.0 + 0.3 * x if name == "q" else -0.75 + 0.5 * x
+        elif name == "q":
+            x = x * gain
+        out[name] = x.to(dt)
+    if values == "low_scores":
+        mean = 60.0 * float(0.9 + 0.2 * torch.rand((), generator=g))
+        return out, mean / (2.25 * d)
+    if values == "scale_zero":
+        return out, 0.0
+    scale = float(0.05 + 0.45 * torch.rand((), generator=g))
+    if values == "scale_negative":
+        return out, -scale
+    return out, (None if seed % 2 == 0 else scale)
 
 
 def _reference_device(work: float) -> torch.device:
@@ -154,6 +204,13 @@ class Attention(OpSpec):
         # run_with_lse, where a candidate has it: out and the row logsumexp
         cases += [_case(*shapes[i][:4], "float32", shapes[i][4], lse=True) for i in (0, 2, 1)]
         cases += [_case(*shapes[2][:4], dtype, True, lse=True) for dtype in ("float16", "bfloat16")]
+        # values that random draws never reach (VALUES), at shapes already compiled above: rows of low scores
+        # in full attention at ragged N (keys past N) and causal, each dtype; a scale of 0 and below
+        cases += [_case(*shapes[i][:4], dtype, shapes[i][4], values="low_scores")
+                  for dtype in ("float16", "bfloat16") for i in (1, 3)]
+        cases += [_case(*shapes[2][:4], dtype, True, lse=True, values="low_scores") for dtype in ("float16", "bfloat16")]
+        cases += [_case(*shapes[i][:4], "float32", shapes[i][4], lse=lse, values=values)
+                  for values in ("scale_zero", "scale_negative") for i, lse in ((1, False), (2, True))]
         return cases
 
     def timed_cases(self, device: str) -> list[Case]:
@@ -178,17 +235,11 @@ class Attention(OpSpec):
     # -- data --------------------------------------------------------------------------------------------
     def make_inputs(self, case: Case, seed: int) -> Inputs:
         g = torch.Generator().manual_seed(rel_seed("attention", case.name, seed))
-        b, h, n, d = (case.dims[x] for x in "BHND")
-        dt = DTYPES[case.dtype]
-        gain = (1.0, 1.0, 2.5)[seed % 3]  # larger logits on some seeds: a missing max-subtraction shows
-        q = (torch.randn(b, h, n, d, generator=g) * gain).to(dt)  # (B, H, N, D)
-        k = torch.randn(b, h, n, d, generator=g).to(dt)
-        v = torch.randn(b, h, n, d, generator=g).to(dt)
-        scale = None if seed % 2 == 0 else float(0.05 + 0.45 * torch.rand((), generator=g))
+        t, scale = draw(case, g, seed)  # q, k, v: (B, H, N, D)
         args = {"causal": bool(case.args["causal"]), "scale": scale}
         if case.args.get("lse"):
             args["lse"] = True
-        return Inputs(tensors={"q": q, "k": k, "v": v}, args=args)
+        return Inputs(tensors=t, args=args)
 
     def reference(self, inputs: Inputs) -> dict[str, Any]:
         q, k, v = (inputs.tensors[x] for x in ("q", "k", "v"))  # (B, H, N, D)

@@ -32,12 +32,15 @@ import torch
 
 from kerneltune.ops.attention import (
     _REF_BYTES,
+    VALUES,
     ContractError,
     _overlaps,
     _reference_device,
     attention_fp64,
+    draw,
 )
 from kerneltune.ops.attention import SPEC as _ATTENTION
+from kerneltune.ops.attention import _case as _attention_case
 from kerneltune.ops.base import DTYPES, Case, Inputs, OpSpec, Tolerance, compare_tensor, dtype_name, rel_seed
 
 # Relative to the RMS of each gradient: a gradient has elements near 0 that a plain rtol cannot judge.
@@ -51,10 +54,9 @@ _TOL = {
 }
 
 
-def _case(b: int, h: int, n: int, d: int, dtype: str, causal: bool) -> Case:
-    tag = "causal" if causal else "full"
-    return Case(name=f"B{b} H{h} N{n} D{d} {tag} {dtype}", dims={"B": b, "H": h, "N": n, "D": d},
-                dtype=dtype, args={"causal": causal})
+def _case(b: int, h: int, n: int, d: int, dtype: str, causal: bool, values: str | None = None) -> Case:
+    """As attention's (its VALUES too: rows of low scores, a scale of 0 and below), without lse."""
+    return _attention_case(b, h, n, d, dtype, causal, values=values)
 
 
 def attention_bwd_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, causal: bool,
@@ -136,6 +138,11 @@ class AttentionBackward(OpSpec):
         cases = [_case(*s[:4], "float32", s[4]) for s in shapes]
         for dtype in ("float16", "bfloat16"):
             cases += [_case(*s[:4], dtype, s[4]) for s in shapes[1:3]]
+        # values that random draws never reach (attention's VALUES), at shapes already compiled above
+        cases += [_case(*s[:4], dtype, s[4], values="low_scores")
+                  for dtype in ("float16", "bfloat16") for s in shapes[1:3]]
+        cases += [_case(*s[:4], "float32", s[4], values=values)
+                  for values in VALUES[1:] for s in shapes[1:3]]
         return cases
 
     def timed_cases(self, device: str) -> list[Case]:
@@ -151,15 +158,8 @@ class AttentionBackward(OpSpec):
     # -- data --------------------------------------------------------------------------------------------
     def make_inputs(self, case: Case, seed: int) -> Inputs:
         g = torch.Generator().manual_seed(rel_seed("attention_backward", case.name, seed))
-        b, h, n, d = (case.dims[x] for x in "BHND")
-        dt = DTYPES[case.dtype]
-        gain = (1.0, 1.0, 2.5)[seed % 3]  # sharper softmax on some seeds
-        q = (torch.randn(b, h, n, d, generator=g) * gain).to(dt)  # (B, H, N, D)
-        k = torch.randn(b, h, n, d, generator=g).to(dt)
-        v = torch.randn(b, h, n, d, generator=g).to(dt)
-        do = torch.randn(b, h, n, d, generator=g).to(dt)
-        scale = None if seed % 2 == 0 else float(0.05 + 0.45 * torch.rand((), generator=g))
-        return self._with_forward({"q": q, "k": k, "v": v, "do": do}, bool(case.args["causal"]), scale)
+        t, scale = draw(case, g, seed, ("q", "k", "v", "do"))  # (B, H, N, D) each
+        return self._with_forward(t, bool(case.args["causal"]), scale)
 
     @staticmethod
     def _with_forward(t: dict[str, torch.Tensor], causal: bool, scale: float | None) -> Inputs:
@@ -189,8 +189,9 @@ class AttentionBackward(OpSpec):
         tol = self.tolerance(dtype_name(str(want_dtype)[6:]))
         # the natural size of each gradient, a floor under its RMS where the gradient is (nearly) exactly 0,
         # e.g. N = 1: one key, a constant softmax, dq = dk = 0 up to rounding
+        # (at a scale of 0, dq and dk are exactly 0: their natural size is the default scale's)
         d = t["q"].shape[-1]
-        scale = inputs.args["scale"] if inputs.args["scale"] is not None else 1.0 / math.sqrt(d)
+        scale = abs(inputs.args["scale"] or 1.0 / math.sqrt(d))
         rms_in = {n: _rms(t[n]) for n in ("q", "k", "v", "do")}
         natural = {"dq": scale * math.sqrt(d) * rms_in["do"] * rms_in["v"] * rms_in["k"],
                    "dk": scale * math.sqrt(d) * rms_in["do"] * rms_in["v"] * rms_in["q"],

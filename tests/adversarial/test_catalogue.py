@@ -1,6 +1,6 @@
 """The evaluator cannot be fooled: every file of the adversarial catalogue gets the verdict it declares.
 
-Each candidate file under attention/, adamw/, faults/ and honest/ declares
+Each candidate file under attention/, attention_backward/, adamw/, faults/ and honest/ declares
 
     # EXPECT: <status>[|<status>...]    the allowed verdicts (a cheat never lists `passed`, an honest one
                                         lists only `passed`)
@@ -38,7 +38,7 @@ from kerneltune.ops import get_op
 from kerneltune.store import Store
 
 HERE = Path(__file__).parent
-GROUPS = ("attention", "adamw", "faults", "honest")
+GROUPS = ("attention", "attention_backward", "adamw", "faults", "honest")
 DEFAULT_TIMEOUT = 120.0
 MARK = b"candidate was here"  # what faults/write_store.py appends to any store it manages to open
 SECRETS = {"ANTHROPIC_API_KEY": "sk-test-adversarial-0123456789", "FOO_TOKEN": "tok-adversarial-secret",
