@@ -43,7 +43,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
     if not _fits_contract(q, k, v) or not _may_serve(q, causal):
         # Nothing in the registry for this call: torch's SDPA as it is, with its own fused backward (the
         # custom op's exact fp32 backward is for calls whose forward or backward a registry kernel serves).
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        out = sdpa(q, k, v, causal, scale)
         if not torch.compiler.is_compiling():
             serve.count(OP, serve.REFERENCE)
             if out.requires_grad:
@@ -119,7 +119,16 @@ def _attention_fake(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Option
 
 def reference_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float]) -> Tensor:
     """torch's scaled_dot_product_attention, returned contiguous (the layout the fake promises)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale).contiguous()
+    return sdpa(q, k, v, causal, scale).contiguous()
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float]) -> Tensor:
+    """torch's scaled_dot_product_attention, a scale of 0 or below given as the same scores at a positive one:
+    torch's causal path is NaN there (its mask goes in before the scale). q kᵀ·s = (-q) kᵀ·|s|, and at s = 0
+    every score is 0, as (0·q) kᵀ (which keeps q in the graph: its gradient is 0)."""
+    if scale is not None and scale <= 0:
+        q, scale = (-q, -scale) if scale < 0 else (q * 0.0, 1.0)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 
 def _run_kernel(choice: serve.Choice, q: Tensor, k: Tensor, v: Tensor, causal: bool,

@@ -67,6 +67,20 @@ def test_forward_and_gradients_match_sdpa_and_fp64(shape, dtype):
     assert kerneltune.served() == {"attention": {"reference": 3}, "attention_backward": {"reference": 3}}
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.4])
+def test_a_scale_of_zero_or_below_matches_fp64_where_torch_sdpa_is_nan(scale):
+    """torch's SDPA puts its causal mask in before the scale (NaN rows at a scale of 0 or below); the reference
+    path rewrites the call, so forward and gradients follow the formula, causal and full."""
+    for causal in (True, False):
+        q, k, v = inputs((2, 3, 17, 48), torch.float32, 7)
+        out = kerneltune.attention(q, k, v, causal=causal, scale=scale)
+        want, leaves = fp64_attention(q, k, v, causal, scale)
+        torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+        for name, a, e in zip("qkv", grads(out, (q, k, v), g), grads(want, leaves, g.double())):
+            torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=1e-4, msg=f"d{name}")
+
+
 def test_fp64_and_non_contract_inputs_take_the_reference_exactly():
     q, k, v = inputs((2, 3, 5, 12), torch.float64, 1)
     kv = [t.detach()[:, :, :4].clone().requires_grad_() for t in (k, v)]  # cross-attention: Nk != Nq
