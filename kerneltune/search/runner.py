@@ -7,7 +7,8 @@
 - Resume: finished evaluations of the run are replayed into the proposer (none repeated); proposals
   left unfinished are evaluated first.
 - Cache: a candidate (source + params hash) already evaluated on this device at the run's shape is
-  never evaluated again; its stored verdict is used.
+  never evaluated again; its stored verdict is used, unless it was measured with other software, timed on a
+  busy machine, or passed before the op had the check cases it has now.
 """
 
 from __future__ import annotations
@@ -268,9 +269,18 @@ class Search:
             return False  # measured with other software (kerneltune, torch, triton, numba): measure again
         if result.get("noisy"):
             return False  # timed on a busy machine: measure again
+        if result.get("status") == "passed" and not self._checked_as_now(result):
+            return False  # passed checks that have grown since (new check cases): check it again
         self.store.link_proposal(pid, int(row["id"]))
         self._finish(proposal, pid, result, cached=True)
         return True
+
+    def _checked_as_now(self, result: dict[str, Any]) -> bool:
+        """Whether a stored pass went through every check case the op has now (in the dtypes it could run)."""
+        checks = result.get("checks") or {}
+        skipped = set(checks.get("dtypes_not_checked") or [])
+        want = {c.name for c in self.spec.check_cases(self.cfg.device) if c.dtype not in skipped}
+        return want <= set(checks.get("cases") or [])
 
     def _finish(self, proposal: Proposal, pid: int, result: dict[str, Any], cached: bool) -> None:
         if self._stop.is_set() and self.stop_reason.startswith("interrupted"):

@@ -13,11 +13,12 @@ import time
 from typer.testing import CliRunner
 
 from kerneltune.cli import app
+from kerneltune.ops import get_op
 from kerneltune.search.runner import Search, SearchConfig
 from kerneltune.store import Store
 
 
-def test_search_stores_everything_and_never_repeats(template_dir, tmp_path):
+def test_search_stores_everything_and_never_repeats(template_dir, tmp_path, monkeypatch):
     store = Store(str(tmp_path / "kt.db"))
     cfg = SearchConfig(op="adamw", device="cpu", strategy="random", budget=4, jobs=2, candidate_dirs=[template_dir],
                        shapes=["gpt-tiny"], timeout=120)
@@ -33,6 +34,15 @@ def test_search_stores_everything_and_never_repeats(template_dir, tmp_path):
     assert again["cached"] == 4 and again["evaluated"] == 0
     n_evals = store.count("evaluations")
     assert n_evals == 4
+    # the op gains a check case: a stored pass did not go through it, so it is checked (and timed) again
+    spec = get_op("adamw")
+    plain = type(spec).check_cases
+    extra = spec.parse_case("3x5;7", "float32")
+    monkeypatch.setattr(type(spec), "check_cases", lambda self, device: plain(self, device) + [extra])
+    third = Search(store, SearchConfig(**{**cfg.__dict__, "budget": 2})).run()
+    assert third["cached"] == 0 and third["evaluated"] == 2
+    newest = json.loads(store.conn.execute("SELECT result FROM evaluations ORDER BY id DESC").fetchone()[0])
+    assert extra.name in newest["checks"]["cases"]
     store.close()
 
 
