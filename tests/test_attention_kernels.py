@@ -322,15 +322,24 @@ GPU_BWD = {"defaults": {}, "order0": {"GROUP_BY_HEAD": 0}, "tma": {"TMA": 1},
                           "BLOCK_N2": 64}}
 
 
-def _on_gpu(op: str, mod, knobs: dict, run) -> None:
-    """Every GPU shape in bf16 through ``run(mod, tensors, args)`` against the fp64 reference. A point with WS
-    that Triton will not compile is skipped with the compiler's words (in a search it is a verdict)."""
+# the op specs' value cases (rows of low scores, a scale of 0 and below) where the warp-specialised kernels run
+# (N > 128, ragged) on real TMA boxes: ((B, H, N, D, causal), dtype, values)
+GPU_VALUE_CASES = [((2, 2, 1000, 64, False), "float16", "low_scores"), ((1, 2, 300, 128, True), "float16", "low_scores"),
+                   ((1, 2, 300, 128, True), "bfloat16", "scale_zero"),
+                   ((2, 2, 1000, 64, False), "bfloat16", "scale_negative")]
+
+
+def _on_gpu(op: str, mod, knobs: dict, run, cases=None) -> None:
+    """Every GPU shape in bf16 (or ``cases``: GPU_VALUE_CASES' form) through ``run(mod, tensors, args)`` against
+    the fp64 reference. A point with WS that Triton will not compile is skipped with the compiler's words (in a
+    search it is a verdict)."""
     import torch
 
     mod.KERNELTUNE["params"] = {**mod.KERNELTUNE["params"], **knobs}
     spec = get_op(op)
-    for i, shape in enumerate(GPU_SHAPES):
-        inputs = spec.make_inputs(_case(*shape, "bfloat16", **({"lse": True} if op == "attention" else {})), 1 + i)
+    lse = {"lse": True} if op == "attention" else {}
+    for i, (shape, dtype, values) in enumerate(cases or [(s, "bfloat16", None) for s in GPU_SHAPES]):
+        inputs = spec.make_inputs(_case(*shape, dtype, **lse, **({"values": values} if values else {})), 1 + i)
         expected = spec.reference(inputs)
         t = {k: v.cuda() for k, v in inputs.tensors.items()}
         try:
@@ -347,19 +356,36 @@ def _on_gpu(op: str, mod, knobs: dict, run) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("point", list(GPU_FWD))
 def test_gpu_fa2_forward_knobs_match_fp64(point):
-    def run(mod, t, args):
-        out, lse = mod.run_with_lse(t["q"], t["k"], t["v"], causal=args["causal"], scale=args["scale"])
-        return {"out": out, "lse": lse}
-    _on_gpu("attention", load_file("candidates/attention/triton_fa2.py"), GPU_FWD[point], run)
+    _on_gpu("attention", load_file(PATHS["attention"]), GPU_FWD[point], _fwd_lse)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("point", list(GPU_BWD))
 def test_gpu_fa2_backward_knobs_match_fp64(point):
-    def run(mod, t, args):
-        dq, dk, dv = mod.run(t["q"], t["k"], t["v"], t["o"], t["do"], t["lse"], **args)
-        return {"dq": dq, "dk": dk, "dv": dv}
-    _on_gpu("attention_backward", load_file("candidates/attention_backward/triton_fa2_bwd.py"), GPU_BWD[point], run)
+    _on_gpu("attention_backward", load_file(PATHS["attention_backward"]), GPU_BWD[point], _bwd)
+
+
+def _fwd_lse(mod, t, args):
+    out, lse = mod.run_with_lse(t["q"], t["k"], t["v"], causal=args["causal"], scale=args["scale"])
+    return {"out": out, "lse": lse}
+
+
+def _bwd(mod, t, args):
+    dq, dk, dv = mod.run(t["q"], t["k"], t["v"], t["o"], t["do"], t["lse"], causal=args["causal"],
+                         scale=args["scale"])
+    return {"dq": dq, "dk": dk, "dv": dv}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("point", ["defaults", "tma", "ws-kernel", "ws-kernel-wide"])
+def test_gpu_fa2_forward_value_cases(point):
+    _on_gpu("attention", load_file(PATHS["attention"]), GPU_FWD[point], _fwd_lse, GPU_VALUE_CASES)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("point", ["defaults", "tma", "atomic", "ws-kernels"])
+def test_gpu_fa2_backward_value_cases(point):
+    _on_gpu("attention_backward", load_file(PATHS["attention_backward"]), GPU_BWD[point], _bwd, GPU_VALUE_CASES)
 
 
 @pytest.mark.gpu

@@ -59,17 +59,18 @@ def test_the_bench_templates_compile_for_sm90_without_spills_and_with_wide_acces
 def test_the_warp_specialised_kernels_compile_for_sm90_with_this_triton_at_even_and_ragged_n():
     """The TMA = 2 kernels of both templates through this Triton's Hopper pass (CI's version; the H100s' 3.6 is
     in compile-sm90-triton3.6.txt), causal and full, at N = 1024 and at a ragged N (the full forward's and
-    dQ's masks of the keys past N): each warp-specialised (12 warps, setmaxnreg), no spills."""
+    dQ's masks of the keys past N), in bf16 and (ragged) fp16: each warp-specialised (12 warps, setmaxnreg),
+    no spills."""
     env = _compile_env()
     also = ("attention:TMA=2,num_warps=4,num_stages=2;attention_backward:TMA=2,num_warps=4,BLOCK_M1=32,"
             "BLOCK_N1=128,BLOCK_M2=128,BLOCK_N2=64,num_stages=2")
-    for n in (1024, 1000):
+    for n, dtype in ((1024, "bf16"), (1000, "bf16"), (1000, "fp16")):   # fp16: the value cases' (GPU_VALUE_CASES)
         r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu", "compile_check.py"), "--ops",
-                            "attention,attention_backward", "--cases", "2", "--n", str(n), "--also", also, "--json"],
-                           capture_output=True, text=True, timeout=600, env=env)
+                            "attention,attention_backward", "--cases", "2", "--n", str(n), "--dtype", dtype,
+                            "--also", also, "--json"], capture_output=True, text=True, timeout=600, env=env)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         rows = [x for x in json.loads(r.stdout)["rows"] if x["point"].get("TMA") == 2]
-        assert {x["case"] for x in rows} == {f"D128 {m} bf16" + ("" if n == 1024 else f" N{n}")
+        assert {x["case"] for x in rows} == {f"D128 {m} {dtype}" + ("" if n == 1024 else f" N{n}")
                                             for m in ("causal", "full")}
         ws = {(x["case"], name): k for x in rows for name, k in x["kernels"].items() if name.endswith("_ws")}
         assert {name for _, name in ws} == {"_fa2_fwd_ws", "_bwd_dkdv_ws", "_bwd_dq_ws"} and len(ws) == 6

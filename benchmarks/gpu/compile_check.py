@@ -2,13 +2,14 @@
 
     python benchmarks/gpu/compile_check.py [--arch 90] [--ops attention,attention_backward,adamw]
         [--also 'attention:TMA=1;attention_backward:BLOCK_N1=128'] [--space 8]
-        [--grid 'attention:BLOCK_M=64|128,num_warps=4|8'] [--cases 1] [--n 1024] [--csv FILE] [--json]
+        [--grid 'attention:BLOCK_M=64|128,num_warps=4|8'] [--cases 1] [--n 1024] [--dtype bf16] [--csv FILE]
+        [--json]
 
 Device time is short; a compile error found on the GPU costs a call. This runs each template's own `run()` on
 small CPU tensors with Triton's launches turned into compiles for the target (Triton's `warmup` path with a
 target-only driver): the full pipeline down to a cubin through the wheel's ptxas, for the same kernels and
-specialisations that the bench's shapes take (bf16; head dims 64 and 128, causal and full, N a multiple of
-every block; AdamW on a GPT-like parameter list). Nothing runs, so nothing here says anything about speed or
+specialisations that the bench's shapes take (bf16, or --dtype fp16; head dims 64 and 128, causal and full, N a
+multiple of every block, or --n; AdamW on a GPT-like parameter list). Nothing runs, so nothing here says anything about speed or
 correctness (the interpreter tests and the GPU do that).
 
 Per point and kernel it reports: compiled or the compiler's error (one line); registers per thread; the stack
@@ -155,10 +156,13 @@ def load(op: str, params: dict[str, Any]) -> Any:
     return mod
 
 
-def cases(op: str, n: int = 1024) -> Iterator[tuple[str, Any]]:
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cases(op: str, n: int = 1024, dtype: str = "bf16") -> Iterator[tuple[str, Any]]:
     """(label, call(mod)) per specialisation the bench's shapes take: small tensors, nothing runs. n: the
     attention cases' sequence length (1024, a multiple of every block, as the bench's; another n compiles the
-    specialisations of a ragged N, and labels the cases with it)."""
+    specialisations of a ragged N, and labels the cases with it); dtype: the attention inputs' (DTYPES)."""
     if op == "adamw":
         from kerneltune.ops.adamw import PRESETS, gpt_param_shapes
 
@@ -169,9 +173,9 @@ def cases(op: str, n: int = 1024) -> Iterator[tuple[str, Any]]:
         return
     for d in (128, 64):
         for causal in (True, False):
-            q, k, v, o, do = (torch.zeros(1, 2, n, d, dtype=torch.bfloat16) for _ in range(5))
+            q, k, v, o, do = (torch.zeros(1, 2, n, d, dtype=DTYPES[dtype]) for _ in range(5))
             lse = torch.zeros(1, 2, n)
-            label = f"D{d} {'causal' if causal else 'full'} bf16" + ("" if n == 1024 else f" N{n}")
+            label = f"D{d} {'causal' if causal else 'full'} {dtype}" + ("" if n == 1024 else f" N{n}")
             if op == "attention":
                 yield label, (lambda mod, q=q, k=k, v=v, c=causal: mod.run_with_lse(q, k, v, causal=c))
             else:
@@ -203,9 +207,10 @@ def points(op: str, also: list[dict[str, Any]], n_space: int, seed: int,
     return out
 
 
-def check(op: str, point: dict[str, Any], arch: int, n_cases: int = 0, n: int = 1024) -> list[dict[str, Any]]:
+def check(op: str, point: dict[str, Any], arch: int, n_cases: int = 0, n: int = 1024,
+          dtype: str = "bf16") -> list[dict[str, Any]]:
     rows = []
-    for i, (label, call) in enumerate(cases(op, n)):
+    for i, (label, call) in enumerate(cases(op, n, dtype)):
         if n_cases and i >= n_cases:
             break
         row: dict[str, Any] = {"op": op, "point": point, "case": label}
@@ -231,6 +236,8 @@ def main() -> int:
     ap.add_argument("--cases", type=int, default=0, help="at most this many specialisations an op (0: all four)")
     ap.add_argument("--n", type=int, default=1024, help="the attention cases' N (default 1024, a multiple of every "
                     "block; e.g. 1000 for the masks of a ragged N)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="the attention inputs' dtype (default bf16, "
+                    "the bench's)")
     ap.add_argument("--template", action="append", default=[], help="OP=PATH: check this file for OP instead of "
                     f"its bench template ({', '.join(f'{k}={v}' for k, v in TEMPLATES.items())})")
     ap.add_argument("--grid", action="append", default=[], help="'OP:KNOB=a|b,KNOB=c|d': every combination of "
@@ -259,7 +266,7 @@ def main() -> int:
             print(f"compile_check: unknown op {op!r} (use {', '.join(TEMPLATES)})", file=sys.stderr)
             return 2
         for point in points(op, also.get(op, []), args.space, args.seed, grids.get(op)):
-            new = check(op, point, args.arch, args.cases, args.n)
+            new = check(op, point, args.arch, args.cases, args.n, args.dtype)
             rows += new
             if not args.json:
                 _print(new)
