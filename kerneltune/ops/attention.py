@@ -205,7 +205,7 @@ class Attention(OpSpec):
         cases += [_case(*shapes[i][:4], "float32", shapes[i][4], lse=True) for i in (0, 2, 1)]
         cases += [_case(*shapes[2][:4], dtype, True, lse=True) for dtype in ("float16", "bfloat16")]
         # values that random draws never reach (VALUES), at shapes already compiled above: rows of low scores
-        # in full attention at ragged N (keys past N) and causal, each dtype; a scale of 0 and below
+        # in full attention at ragged N (keys past N) and causal, fp16 and bf16; a scale of 0 and below
         cases += [_case(*shapes[i][:4], dtype, shapes[i][4], values="low_scores")
                   for dtype in ("float16", "bfloat16") for i in (1, 3)]
         cases += [_case(*shapes[2][:4], dtype, True, lse=True, values="low_scores") for dtype in ("float16", "bfloat16")]
