@@ -88,10 +88,27 @@ def _resolve(store: Any, ref: str) -> Any:
 def promote(store: Any, ref: str, registry_path: str, *, device: Optional[str] = None,
             device_key: Optional[str] = None, force: bool = False) -> Promoted:
     """Copy a passed candidate into the registry's candidates folder and add its entries (see module doc)."""
+    from kerneltune.evaluate.evaluator import missing_checks
+    from kerneltune.ops import get_op
+
     row = _resolve(store, ref)
     keys = [device_key] if device_key else _this_machine_keys(device)
     evals = list(store.evaluations(candidate_hash=row["hash"]))
     passed = [e for e in evals if e["status"] == "passed" and e["device_key"] in keys]
+    # a pass that a later verdict contradicts (wrong, or caught cheating) is not what the file does now
+    worse = [e for e in evals if e["status"] in ("incorrect", "rejected") and e["device_key"] in keys]
+    if passed and worse and worse[-1]["id"] > passed[-1]["id"]:
+        w = worse[-1]
+        raise PromoteError(f"{row['name']} ({row['hash'][:12]}) passed, but its latest verdict on {w['device_key']} "
+                           f"is {w['status']} ({w['reason'][:120]}); a kernel that fails a check is not promoted")
+    stale = {e["id"]: missing_checks(get_op(row["op"]), json.loads(e["result"]), e["device_key"].split(":")[0])
+             for e in passed}
+    if passed and all(stale.values()):
+        names = stale[passed[-1]["id"]]
+        raise PromoteError(f"{row['name']} ({row['hash'][:12]}) passed before the {row['op']} checks gained "
+                           f"{len(names)} case(s) ({', '.join(names[:3])}{', …' if len(names) > 3 else ''}); "
+                           f"evaluate it again: kerneltune eval --device {device or 'cpu|cuda'}")
+    passed = [e for e in passed if not stale[e["id"]]]
     if not passed:
         here = [f"{e['status']} ({e['reason'][:80]})" for e in evals if e["device_key"] in keys]
         elsewhere = sorted({e["device_key"] for e in evals if e["status"] == "passed"} - set(keys))

@@ -640,3 +640,12 @@ def timing_noise(baseline_ms: list[float], foreign_load: float | None) -> str:
 def worker_calls(res: dict[str, Any]) -> int:
     """How many timed calls the candidate made (for verdicts that say 'wrong after N calls')."""
     return sum(c.get("reps", 0) for c in res.get("cases", []))
+
+
+def missing_checks(spec: Any, result: dict[str, Any], device: str) -> list[str]:
+    """The op's check cases (on ``device``, in the dtypes the evaluation could run) that a stored result did
+    not go through: a pass from before the op gained them is no pass of today's checks."""
+    checks = result.get("checks") or {}
+    skipped = set(checks.get("dtypes_not_checked") or [])
+    done = set(checks.get("cases") or [])
+    return [c.name for c in spec.check_cases(device) if c.dtype not in skipped and c.name not in done]

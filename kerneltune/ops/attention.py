@@ -67,7 +67,7 @@ def issue8_shapes() -> list[tuple[int, int, int, int, bool]]:
     return out
 
 
-# Check cases whose values, not their shapes, are the test (``Case.args["values"]``; the case name ends with it).
+# Check cases whose values, not their shapes, are the test (``Case.args["values"]``; the case name says which).
 # Random draws never reach them, and each breaks a kind of kernel that passes every draw:
 #   low_scores      every score of a row far below 0 (about -60), so the row's lse is too: exp(0 - lse)
 #                   overflows fp16. A key past a ragged N that a kernel reads as a zero row and does not mask
@@ -108,7 +108,7 @@ def draw(case: Case, g: torch.Generator, seed: int, names: tuple[str, ...] = ("q
         x = torch.randn(b, h, n, d, generator=g)
         if values == "low_scores" and name in ("q", "k"):
             # q near +3 and k near -0.75 in every element: each score about -2.25·D·scale, a row's scores
-            # spread over 10-25 units (its softmax is not uniform); the scale sets the mean. (A small offset
+            # spread over 10-30 units (its softmax is peaked, not uniform); the scale sets the mean. (A small offset
             # in k: dq = scale·dS·k, whose rows of dS sum to 0, cancels k's offset, so dq's error grows with
             # it: with k near -1.5 a fused fp16 backward's dq error was twice this one's.)
             x = 3.0 + 0.3 * x if name == "q" else -0.75 + 0.5 * x

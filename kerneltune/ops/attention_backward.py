@@ -9,9 +9,11 @@ the input dtype. Returns three new (B, H, N, D) tensors of the input dtype; inpu
     dV = Pᵀ dO;   dP = dO Vᵀ;   Δ = rowsum(dO ∘ O);   dS = P ∘ (dP - Δ)
     dQ = scale · dS K;   dK = scale · dSᵀ Q
 
-The reference is the exact gradient in fp64 at (q, k, v, dO): its own P, O and Δ from q, k, v (never the
-rounded o and fp32 lse the candidate is given); large problems go head by head in row blocks, on the
-parent's GPU when it has one (see attention.attention_fp64).
+The reference is the gradient in fp64 at (q, k, v, dO): its own P from q, k, v (never the fp32 lse the
+candidate is given), and Δ from the o the candidate is given (rounded to the dtype), as the formula above
+has it: where a row's softmax is peaked (the check cases of low scores), dP - Δ cancels, and the rounding of
+o alone took an exact backward past the tolerance when Δ came from the exact O. Large problems go head by
+head in row blocks, on the parent's GPU when it has one (see attention.attention_fp64).
 
 Work: FLOPs = 10·B·H·N²·D (five N×N×D matmuls, 2.5× the forward), halved when causal.
 Bytes (the floor): read q, k, v, o, do and write dq, dk, dv once (8·B·H·N·D·itemsize) + lse (4·B·H·N).
@@ -60,8 +62,11 @@ def _case(b: int, h: int, n: int, d: int, dtype: str, causal: bool, values: str 
 
 
 def attention_bwd_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, causal: bool,
-                       scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) in fp64 on the CPU, the exact gradient at (q, k, v) for upstream gradient do."""
+                       scale: float | None, o: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in fp64 on the CPU, the exact gradient at (q, k, v) for upstream gradient do; with ``o``,
+    Δ = rowsum(dO ∘ O) is taken from that o (the forward's output as a backward is given it, rounded to its
+    dtype) instead of the exact O."""
     b, h, n, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if b * h * n * n * 8 <= _REF_BYTES:
@@ -70,10 +75,10 @@ def attention_bwd_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: to
         if causal:
             s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
         p = torch.softmax(s, dim=-1)
-        o = p @ v64
+        o64 = p @ v64 if o is None else o.to(s.device, torch.float64)
         dv = p.transpose(-1, -2) @ do64
         dp = do64 @ v64.transpose(-1, -2)
-        ds = p * (dp - (do64 * o).sum(-1, keepdim=True))
+        ds = p * (dp - (do64 * o64).sum(-1, keepdim=True))
         return ((ds @ k64) * scale).cpu(), ((ds.transpose(-1, -2) @ q64) * scale).cpu(), dv.cpu()
     dev = _reference_device(float(b) * h * n * n * d)
     dq = torch.empty(b, h, n, d, dtype=torch.float64)
@@ -93,10 +98,10 @@ def attention_bwd_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: to
                     i = torch.arange(r0, r1, device=dev)[:, None]
                     s = s.masked_fill(torch.arange(kend, device=dev)[None, :] > i, float("-inf"))
                 p = torch.softmax(s, dim=-1)
-                o = p @ vh[:kend]  # (R, D)
+                oh = p @ vh[:kend] if o is None else o[bi, hi, r0:r1].to(dev, torch.float64)  # (R, D)
                 dvh[:kend] += p.T @ doh[r0:r1]
                 dp = doh[r0:r1] @ vh[:kend].T
-                ds = p * (dp - (doh[r0:r1] * o).sum(-1, keepdim=True))
+                ds = p * (dp - (doh[r0:r1] * oh).sum(-1, keepdim=True))
                 dq[bi, hi, r0:r1] = ((ds @ kh[:kend]) * scale).cpu()
                 dkh[:kend] += (ds.T @ qh[r0:r1]) * scale
             dk[bi, hi] = dkh.cpu()
@@ -177,7 +182,8 @@ class AttentionBackward(OpSpec):
 
     def reference(self, inputs: Inputs) -> dict[str, Any]:
         t = inputs.tensors
-        dq, dk, dv = attention_bwd_fp64(t["q"], t["k"], t["v"], t["do"], inputs.args["causal"], inputs.args["scale"])
+        dq, dk, dv = attention_bwd_fp64(t["q"], t["k"], t["v"], t["do"], inputs.args["causal"], inputs.args["scale"],
+                                        o=t["o"])
         return {"dq": dq, "dk": dk, "dv": dv}
 
     def tolerance(self, dtype: str) -> Tolerance:

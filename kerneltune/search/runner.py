@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from kerneltune.evaluate.device import device_info, versions
-from kerneltune.evaluate.evaluator import BaselineError, Evaluator, Options
+from kerneltune.evaluate.evaluator import BaselineError, Evaluator, Options, missing_checks
 from kerneltune.evaluate.static import CandidateFile
 from kerneltune.ops import get_op
 from kerneltune.propose.base import Proposal, Proposer
@@ -269,18 +269,11 @@ class Search:
             return False  # measured with other software (kerneltune, torch, triton, numba): measure again
         if result.get("noisy"):
             return False  # timed on a busy machine: measure again
-        if result.get("status") == "passed" and not self._checked_as_now(result):
+        if result.get("status") == "passed" and missing_checks(self.spec, result, self.cfg.device):
             return False  # passed checks that have grown since (new check cases): check it again
         self.store.link_proposal(pid, int(row["id"]))
         self._finish(proposal, pid, result, cached=True)
         return True
-
-    def _checked_as_now(self, result: dict[str, Any]) -> bool:
-        """Whether a stored pass went through every check case the op has now (in the dtypes it could run)."""
-        checks = result.get("checks") or {}
-        skipped = set(checks.get("dtypes_not_checked") or [])
-        want = {c.name for c in self.spec.check_cases(self.cfg.device) if c.dtype not in skipped}
-        return want <= set(checks.get("cases") or [])
 
     def _finish(self, proposal: Proposal, pid: int, result: dict[str, Any], cached: bool) -> None:
         if self._stop.is_set() and self.stop_reason.startswith("interrupted"):

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import kerneltune.registry as reg
 from kerneltune.cli import app
 from kerneltune.evaluate.static import inspect_source, read_candidate
+from kerneltune.ops import get_op
 from kerneltune.store.db import Store
 from tests.library.conftest import SEEDS
 
@@ -19,8 +20,9 @@ SEED = os.path.join(SEEDS, "adamw", "numba_cpu.py")
 
 
 def record(db: str, path: str, *, status: str = "passed", device_key: str | None = None, timed: bool = True,
-           speedups: tuple[float, ...] = (0.8,), noisy: str | None = None) -> str:
-    """Store a candidate and one evaluation of it, shaped like the evaluator's result; return its hash."""
+           speedups: tuple[float, ...] = (0.8,), noisy: str | None = None, checked: list[str] | None = None) -> str:
+    """Store a candidate and one evaluation of it, shaped like the evaluator's result; return its hash.
+    ``checked``: the check cases it went through (default: every one the op has now)."""
     cand = read_candidate(path)
     inspect_source(cand)
     store = Store(db)
@@ -38,6 +40,8 @@ def record(db: str, path: str, *, status: str = "passed", device_key: str | None
         "stage": "time", "median_ms": cases[0]["median_ms"] if cases else None, "p20_ms": None, "p80_ms": None,
         "speedup": cases[0]["speedup"] if cases else None, "baseline": "adamw_fused" if cases else None,
         "shape": cases[0]["name"] if cases else None, "dtype": "float32", "cases": cases, "noisy": noisy,
+        "checks": {"cases": [c.name for c in get_op(cand.op).check_cases("cpu")] if checked is None else checked,
+                   "seeds": 3, "dtypes_not_checked": []},
         "provenance": {"device": {"key": key, "name": "Test CPU"}, "versions": {"torch": "2.x", "kerneltune": "0.1.0"},
                        "threads": 2, "timestamp": "2026-01-01T00:00:00Z", "timing": {"clock": "perf_counter"}}})
     store.close()
@@ -114,6 +118,22 @@ def test_promote_refuses_what_did_not_pass_here(cli, tmp_path):
     r = cli("promote", SEED, "--registry", registry, "--db", db, "--device-key", "cpu:another-machine:8t", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["added"][0]["device_key"] == "cpu:another-machine:8t"
     assert not os.path.exists(tmp_path / "x.json")
+
+
+def test_promote_refuses_a_pass_from_older_checks_or_one_a_later_verdict_contradicts(cli, tmp_path):
+    db, registry = str(tmp_path / "kt.db"), str(tmp_path / "registry.json")
+    everything = [c.name for c in get_op("adamw").check_cases("cpu")]
+    record(db, SEED, checked=everything[:-1])          # evaluated before the op gained its last check case
+    r = cli("promote", SEED, "--registry", registry, "--db", db)
+    assert r.exit_code == 1 and "passed before the adamw checks gained 1 case(s)" in r.output
+    assert everything[-1] in r.output and "evaluate it again" in r.output and not os.path.exists(registry)
+    record(db, SEED)                                   # evaluated again: today's checks
+    record(db, SEED, status="incorrect")               # ... and then found wrong
+    r = cli("promote", SEED, "--registry", registry, "--db", db)
+    assert r.exit_code == 1 and "its latest verdict on cpu:" in r.output and "is incorrect" in r.output
+    record(db, SEED, speedups=(1.3,))                  # evaluated once more: the latest verdict a pass again
+    r = cli("promote", SEED, "--registry", registry, "--db", db, "--json")
+    assert r.exit_code == 0 and [a["speedup"] for a in json.loads(r.stdout)["added"]] == [1.3]
 
 
 def test_promote_refuses_untimed_unknown_and_bad_usage(cli, tmp_path):
