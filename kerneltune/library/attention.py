@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kerneltune import registry as reg
 from kerneltune.library import serve
 
 OP = "attention"
@@ -62,8 +63,8 @@ _may_serve_cache: dict[tuple[Any, ...], bool] = {}
 def _may_serve(q: Tensor, causal: bool) -> bool:
     """_kernel_may_serve, remembered per call signature until the registry's answer may change (a training
     step makes dozens of identical calls: the fallback must cost next to nothing over SDPA itself)."""
-    if torch.compiler.is_compiling():
-        return _kernel_may_serve(q.device.type, q.device.index, tuple(q.shape), _dtype(q), causal)
+    if torch.compiler.is_compiling():  # a traced shape may be symbolic (dynamic=True, or a recompile after a new
+        return _kernel_may_serve_some(q.device.type, q.device.index, _dtype(q), causal)  # shape): not by shape
     key = (q.device, q.shape, q.dtype, causal, serve.generation())
     hit = _may_serve_cache.get(key)
     if hit is None:
@@ -74,13 +75,26 @@ def _may_serve(q: Tensor, causal: bool) -> bool:
     return hit
 
 
-@torch.compiler.assume_constant_result
 def _kernel_may_serve(device_type: str, index: Optional[int], shape: tuple[int, ...], dtype: str, causal: bool) -> bool:
-    """Whether the registry would serve this call's forward or backward (torch.compile: decided at trace time)."""
+    """Whether the registry would serve this call's forward or backward (eager calls)."""
     device = torch.device(device_type, index) if index is not None else torch.device(device_type)
     dims = dict(zip("BHND", shape))
     return any(serve.choose(op, device, dims, dtype, {"causal": causal}).run is not None
                for op in (OP, OP_BACKWARD))
+
+
+@torch.compiler.assume_constant_result
+def _kernel_may_serve_some(device_type: str, index: Optional[int], dtype: str, causal: bool) -> bool:
+    """Whether the registry holds an attention kernel of either direction for this device, dtype and mask at
+    some shape (torch.compile: decided at trace time, where a shape may be symbolic). Then a traced call is
+    the custom ops, which pick per shape when they run (the reference for a shape no kernel reaches); else
+    SDPA in the graph, with SDPA's own backward."""
+    if reg.disabled():
+        return False
+    device = torch.device(device_type, index) if index is not None else torch.device(device_type)
+    key = reg.device_key(device)
+    return any(e.op in (OP, OP_BACKWARD) and e.device_key == key and e.dtype == dtype
+               and bool(e.args.get("causal")) == causal for e in serve.registry().entries)
 
 
 def _fits_contract(q: Tensor, k: Tensor, v: Tensor) -> bool:

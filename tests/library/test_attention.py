@@ -201,6 +201,34 @@ def test_torch_compile_fullgraph_no_graph_break():
     assert kerneltune.served()["attention_backward"] == {"reference": 1}
 
 
+def test_torch_compile_with_dynamic_shapes_traces_and_serves(user_registry, monkeypatch):
+    """torch.compile(dynamic=True): the traced shape is symbolic, so whether a kernel serves cannot be asked of
+    it. With no entry for this device, dtype and mask the call is SDPA in the graph; with one, it is the custom
+    op, which serves the shapes the kernel reaches when it runs (and the reference for the others)."""
+
+    def f(q, k, v):
+        return kerneltune.attention(q, k, v, causal=True)
+
+    for served in (False, True):
+        if served:
+            user_registry([("attention/numba_cpu.py", dict(op="attention", dims={"B": 2, "H": 3, "N": 17, "D": 48},
+                                                           args={"causal": True}, speedup=1.5))])
+        torch._dynamo.reset()
+        kerneltune.reset_served()
+        compiled = torch.compile(f, dynamic=True, fullgraph=True)
+        # the entry's bucket, its nearest (in reach), another head dim (none): one graph for all three
+        for shape in [(2, 3, 17, 48), (1, 3, 30, 48), (2, 3, 17, 40)]:
+            q, k, v = inputs(shape, torch.float32, shape[2])
+            out = compiled(q, k, v)
+            want, leaves = fp64_attention(q, k, v, True, None)
+            torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
+            g = torch.randn_like(out)
+            for a, e in zip(grads(out, (q, k, v), g), grads(want, leaves, g.double())):
+                torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=1e-4)
+        counts = kerneltune.served().get("attention", {})
+        assert counts == ({"numba_cpu": 2, "reference": 1} if served else {}), counts  # SDPA in a graph: uncounted
+
+
 def test_custom_ops_pass_opcheck():
     """torch's own consistency checks of the custom ops: schema, fake (meta) impl, autograd registration."""
     q, k, v = inputs((1, 2, 5, 8), torch.float32, 3)
