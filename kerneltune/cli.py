@@ -84,6 +84,7 @@ def _fmt(x: Optional[float], spec: str = ".3f", suffix: str = "") -> str:
     return "—" if x is None else f"{x:{spec}}{suffix}"
 
 
+OLDER_CHECKS_MARK = " [yellow](older checks)[/]"  # passed before the op gained check cases
 NOISY_MARK = " [yellow](noisy)[/]"  # after a ratio the noise gate did not trust (timed twice on a busy machine)
 STATUS_STYLE = {"passed": "green", "incorrect": "red", "rejected": "magenta", "compile_error": "yellow",
                 "crashed": "red", "timeout": "yellow", "unsupported": "dim"}
@@ -522,10 +523,17 @@ def leaderboard_cmd(
         f" AND e2.device_key = e.device_key AND e2.shape IS e.shape AND {_QUIET.format('e2')})"
         " ORDER BY e.speedup DESC LIMIT ?",
         (op, key, limit)).fetchall()
+    from kerneltune.evaluate.evaluator import missing_checks
+    from kerneltune.ops import get_op, op_names
+
+    spec = get_op(op) if op in op_names() else None
     board = [{"rank": i, "candidate": r["name"], "hash": r["candidate_hash"], "backend": r["backend"],
               "origin": r["origin"], "speedup": r["speedup"], "baseline": r["baseline"], "median_ms": r["median_ms"],
               "p20_ms": r["p20_ms"], "p80_ms": r["p80_ms"], "shape": r["shape"], "run": r["run_id"],
-              "params": json.loads(r["params"] or "{}")} for i, r in enumerate(rows, 1)]
+              "params": json.loads(r["params"] or "{}"),
+              # passed before the op gained check cases (promote refuses it until it is evaluated again)
+              "checks_current": spec is None or not missing_checks(spec, json.loads(r["result"] or "{}"), device)}
+             for i, r in enumerate(rows, 1)]
     store.close()
     if json_out:
         print(json.dumps({"op": op, "device_key": key, "leaderboard": board}, indent=1))
@@ -534,9 +542,14 @@ def leaderboard_cmd(
     for col in ("#", "candidate", "backend", "origin", "speedup", "median ms", "p20–p80", "shape", "hash"):
         t.add_column(col)
     for b in board:
-        t.add_row(str(b["rank"]), b["candidate"], b["backend"], b["origin"] or "", f"{b['speedup']:.3f}× vs {b['baseline']}",
-                  f"{b['median_ms']:.3f}", f"{b['p20_ms']:.3f}–{b['p80_ms']:.3f}", b["shape"] or "", b["hash"][:12])
+        t.add_row(str(b["rank"]), b["candidate"] + ("" if b["checks_current"] else OLDER_CHECKS_MARK), b["backend"],
+                  b["origin"] or "", f"{b['speedup']:.3f}× vs {b['baseline']}", _fmt(b["median_ms"], ".3f"),
+                  f"{_fmt(b['p20_ms'], '.3f')}–{_fmt(b['p80_ms'], '.3f')}", b["shape"] or "", b["hash"][:12])
     out.print(t)
+    older = sum(1 for b in board if not b["checks_current"])
+    if older:
+        out.print(f"[yellow]{older} candidate(s) passed before the {op} checks gained cases (older checks): "
+                  f"evaluate them again (kerneltune eval) before promoting[/]")
 
 
 @app.command("show")

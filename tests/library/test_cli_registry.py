@@ -127,7 +127,12 @@ def test_promote_refuses_a_pass_from_older_checks_or_one_a_later_verdict_contrad
     r = cli("promote", SEED, "--registry", registry, "--db", db)
     assert r.exit_code == 1 and "passed before the adamw checks gained 1 case(s)" in r.output
     assert everything[-1] in r.output and "evaluate it again" in r.output and not os.path.exists(registry)
+    board = cli("leaderboard", "adamw", "--device", "cpu", "--db", db, "--json")
+    assert [b["checks_current"] for b in json.loads(board.stdout)["leaderboard"]] == [False]
+    assert "(older checks)" in cli("leaderboard", "adamw", "--device", "cpu", "--db", db).stdout
     record(db, SEED)                                   # evaluated again: today's checks
+    board = cli("leaderboard", "adamw", "--device", "cpu", "--db", db, "--json")
+    assert [b["checks_current"] for b in json.loads(board.stdout)["leaderboard"]] == [True]
     record(db, SEED, status="incorrect")               # ... and then found wrong
     r = cli("promote", SEED, "--registry", registry, "--db", db)
     assert r.exit_code == 1 and "its latest verdict on cpu:" in r.output and "is incorrect" in r.output
