@@ -531,7 +531,7 @@ def leaderboard_cmd(
               "origin": r["origin"], "speedup": r["speedup"], "baseline": r["baseline"], "median_ms": r["median_ms"],
               "p20_ms": r["p20_ms"], "p80_ms": r["p80_ms"], "shape": r["shape"], "run": r["run_id"],
               "params": json.loads(r["params"] or "{}"),
-              # passed before the op gained check cases (promote refuses it until it is evaluated again)
+              # passed before the op gained check cases (promote does not use such a pass)
               "checks_current": spec is None or not missing_checks(spec, json.loads(r["result"] or "{}"), device)}
              for i, r in enumerate(rows, 1)]
     store.close()
@@ -548,8 +548,8 @@ def leaderboard_cmd(
     out.print(t)
     older = sum(1 for b in board if not b["checks_current"])
     if older:
-        out.print(f"[yellow]{older} candidate(s) passed before the {op} checks gained cases (older checks): "
-                  f"evaluate them again (kerneltune eval) before promoting[/]")
+        out.print(f"[yellow]{older} row(s) passed before the {op} checks gained cases (older checks): promote does "
+                  f"not use such a pass; evaluate the candidate again (kerneltune eval) to check it as today[/]")
 
 
 @app.command("show")

@@ -396,6 +396,19 @@ class Registry:
         d = self.decide(op, device, dims, dtype, args)
         return d.entry, d.reason
 
+    def servable(self, ops: tuple[str, ...], device: Any, dtype: str, args: dict[str, Any] | None = None
+                 ) -> list[Entry]:
+        """The entries ``decide`` could serve for one of ``ops`` at some shape on this device, dtype and
+        arguments: whose backend runs here, at or above the minimum speedup, whose file is intact (what decide
+        asks of an entry, short of the shape's bucket and reach)."""
+        if disabled():
+            return []
+        key, want, floor = _as_key(device), _args_key(args), min_speedup()
+        kind, dtype = _key_kind(key), _dtype(dtype)
+        return [e for e in self.entries
+                if e.op in ops and e.device_key == key and e.dtype == dtype and _args_key(e.args) == want
+                and _runs_on(e.backend, kind) and e.speedup >= floor and not check_file(e)]
+
     def decide(self, op: str, device: Any, dims: dict[str, Any], dtype: str, args: dict[str, Any] | None = None,
                *, minimum: float | None = None, check_files: bool = True) -> Decision:
         """The full decision for a call; see the module docstring for the order."""

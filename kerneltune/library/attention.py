@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kerneltune import registry as reg
 from kerneltune.library import serve
 
 OP = "attention"
@@ -85,16 +84,14 @@ def _kernel_may_serve(device_type: str, index: Optional[int], shape: tuple[int, 
 
 @torch.compiler.assume_constant_result
 def _kernel_may_serve_some(device_type: str, index: Optional[int], dtype: str, causal: bool) -> bool:
-    """Whether the registry holds an attention kernel of either direction for this device, dtype and mask at
-    some shape (torch.compile: decided at trace time, where a shape may be symbolic). Then a traced call is
-    the custom ops, which pick per shape when they run (the reference for a shape no kernel reaches); else
-    SDPA in the graph, with SDPA's own backward."""
-    if reg.disabled():
-        return False
+    """Whether the registry could serve an attention kernel of either direction for this device, dtype and mask
+    at some shape (Registry.servable: its backend runs here, at or above the minimum speedup, its file intact;
+    and not dropped in this process). torch.compile decides at trace time, where a shape may be symbolic: then
+    a traced call is the custom ops, which pick per shape when they run (the reference for a shape no kernel
+    reaches); else SDPA in the graph, with SDPA's own backward."""
     device = torch.device(device_type, index) if index is not None else torch.device(device_type)
-    key = reg.device_key(device)
-    return any(e.op in (OP, OP_BACKWARD) and e.device_key == key and e.dtype == dtype
-               and bool(e.args.get("causal")) == causal for e in serve.registry().entries)
+    found = serve.registry().servable((OP, OP_BACKWARD), device, dtype, {"causal": causal})
+    return any(not serve.is_bad(e) for e in found)
 
 
 def _fits_contract(q: Tensor, k: Tensor, v: Tensor) -> bool:

@@ -203,16 +203,18 @@ def test_torch_compile_fullgraph_no_graph_break():
 
 def test_torch_compile_with_dynamic_shapes_traces_and_serves(user_registry, monkeypatch):
     """torch.compile(dynamic=True): the traced shape is symbolic, so whether a kernel serves cannot be asked of
-    it. With no entry for this device, dtype and mask the call is SDPA in the graph; with one, it is the custom
-    op, which serves the shapes the kernel reaches when it runs (and the reference for the others)."""
+    it. With no entry for this device, dtype and mask that could serve (none, or one below the minimum speedup)
+    the call is SDPA in the graph (not counted); with one, it is the custom op, which serves the shapes the
+    kernel reaches when it runs (and the reference for the others)."""
 
     def f(q, k, v):
         return kerneltune.attention(q, k, v, causal=True)
 
-    for served in (False, True):
-        if served:
+    for speedup in (None, 0.4, 1.5):   # no entry; one below the minimum speedup (serves no shape); one that serves
+        served = speedup == 1.5
+        if speedup is not None:
             user_registry([("attention/numba_cpu.py", dict(op="attention", dims={"B": 2, "H": 3, "N": 17, "D": 48},
-                                                           args={"causal": True}, speedup=1.5))])
+                                                           args={"causal": True}, speedup=speedup))])
         torch._dynamo.reset()
         kerneltune.reset_served()
         compiled = torch.compile(f, dynamic=True, fullgraph=True)
