@@ -101,7 +101,7 @@ def promote(store: Any, ref: str, registry_path: str, *, device: Optional[str] =
         w = worse[-1]
         raise PromoteError(f"{row['name']} ({row['hash'][:12]}) passed, but its latest verdict on {w['device_key']} "
                            f"is {w['status']} ({w['reason'][:120]}); a kernel that fails a check is not promoted")
-    stale = {e["id"]: missing_checks(get_op(row["op"]), json.loads(e["result"]), e["device_key"].split(":")[0])
+    stale = {e["id"]: missing_checks(get_op(row["op"]), json.loads(e["result"]), reg.device_kind(e["device_key"]))
              for e in passed}
     if passed and all(stale.values()):
         names = stale[passed[-1]["id"]]

@@ -36,13 +36,13 @@ from kerneltune.ops.attention import (
     _REF_BYTES,
     VALUES,
     ContractError,
+    _case,  # attention's cases (its VALUES too), never with lse here
     _overlaps,
     _reference_device,
     attention_fp64,
     draw,
 )
 from kerneltune.ops.attention import SPEC as _ATTENTION
-from kerneltune.ops.attention import _case as _attention_case
 from kerneltune.ops.base import DTYPES, Case, Inputs, OpSpec, Tolerance, compare_tensor, dtype_name, rel_seed
 
 # Relative to the RMS of each gradient: a gradient has elements near 0 that a plain rtol cannot judge.
@@ -54,11 +54,6 @@ _TOL = {
     "float16": Tolerance(atol=3e-2, rtol=2e-2, norm_rtol=5e-3),
     "bfloat16": Tolerance(atol=2e-1, rtol=1e-1, norm_rtol=4e-2),
 }
-
-
-def _case(b: int, h: int, n: int, d: int, dtype: str, causal: bool, values: str | None = None) -> Case:
-    """As attention's (its VALUES too: rows of low scores, a scale of 0 and below), without lse."""
-    return _attention_case(b, h, n, d, dtype, causal, values=values)
 
 
 def attention_bwd_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, causal: bool,
