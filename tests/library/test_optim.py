@@ -468,6 +468,55 @@ def test_a_group_checked_in_one_call_is_checked_per_tensor_again_when_a_tensor_c
     assert tuned == [1, 1, 1, 1, 0, 1, 1, 2, 2]
 
 
+def test_a_remembered_group_finds_its_state_dicts_again_after_any_write_that_changes_them(user_registry,
+                                                                                       monkeypatch):
+    """A remembered group keeps its params' state dicts between steps (no lookup by tensor): every write that
+    can change which dict is a param's (assignment, del, pop, update, setdefault, |=, a dict emptied, a load,
+    a plain dict put in) is seen, and every step agrees with torch's AdamW, state included."""
+    from collections import defaultdict
+
+    user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
+    torch.manual_seed(12)
+    shapes = [(6, 5), (7,), (3, 4), (2,), (5,)]
+    ps1 = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps1]
+    o1, o2 = torch.optim.AdamW(ps1, lr=0.05), AdamW(ps2, lr=0.05)
+    lookups = []
+    real = AdamW._states
+    monkeypatch.setattr(AdamW, "_states", lambda self, ps, g: lookups.append(step) or real(self, ps, g))
+
+    def fresh(o, p):  # a new dict of new tensors with the old values: the old tensors must not be the ones updated
+        old = o.state[p]
+        return {k: v.clone() for k, v in old.items()}
+
+    changes = {
+        2: lambda ps, o: o.state.__setitem__(ps[0], fresh(o, ps[0])),
+        3: lambda ps, o: o.state.__delitem__(ps[1]),
+        4: lambda ps, o: o.state.update({ps[2]: fresh(o, ps[2])}),
+        5: lambda ps, o: o.state[ps[0]].clear(),
+        6: lambda ps, o: o.state.pop(ps[3]),
+        7: lambda ps, o: o.state.__ior__({ps[4]: fresh(o, ps[4])}),
+        8: lambda ps, o: o.state.setdefault(ps[2], {k: v.clone() for k, v in o.state.pop(ps[2]).items()}),
+        9: lambda ps, o: o.load_state_dict(copy.deepcopy(o.state_dict())),
+        12: lambda ps, o: setattr(o, "state", defaultdict(dict, {p: fresh(o, p) for p in ps})),
+    }
+    for step in range(14):
+        for ps, o in ((ps1, o1), (ps2, o2)):
+            o.zero_grad()
+            sum(((p * (step + 1)).sin()).sum() for p in ps).backward()
+            if step in changes:
+                changes[step](ps, o)
+            o.step()
+        for a, b in zip(ps1, ps2):  # (the kernel's moments are fp64 inside: a few ulp apart after 14 steps)
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        assert_same_state(o1, o2, atol=1e-5, rtol=1e-5)
+    # looked up: the first steps (the group remembered at step 0, its dicts at step 1), after each change
+    # (steps 2 to 9; a load forgets the group too, so step 10 looks up again, and 11 need not), and on every
+    # step from a plain dict put in by hand (12, 13)
+    assert lookups == [*range(11), 12, 13]
+    assert list(kerneltune.served()["adamw"]) == ["numba_cpu"]  # every update by the kernel, none by torch's step
+
+
 def test_a_compiled_step_agrees_and_traces_no_metadata_check(user_registry, monkeypatch):
     """torch.compile(opt.step): the step still agrees with torch's AdamW, and the C++ metadata check of the
     eager path is never handed to the tracer (no warning about it)."""
