@@ -336,8 +336,8 @@ class AdamW(torch.optim.AdamW):
         states, dicts = self._states(params, group)
         if isinstance(state, _State):  # counted after the lookup, which may have created state
             rec.dicts, rec.state, rec.changes = dicts, state, state.changes
-        else:
-            rec.dicts = None
+        else:  # (holding no old state: its moments may be gigabytes)
+            rec.dicts, rec.state = None, None
         return states
 
     # -- step counts without a device sync ---------------------------------------------------------------
