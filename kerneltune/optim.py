@@ -393,8 +393,9 @@ class AdamW(torch.optim.AdamW):
     def _remember_steps(self, steps: list[Tensor], key: tuple[int, ...], value: float) -> None:
         """Record the counts just written: one record of the list, keyed by its tensors' ids ``key`` (the
         record holds them, so no other tensor can take one of those ids), and an index from each id to it
-        (written again only where another list's record has written the index since). The versions are kept as a list for the list-wide check (a count tensor shared by params appears
-        twice); the lookups by id build their map when first asked."""
+        (written again only where another list's record has written the index since). The versions are kept
+        as a list for the list-wide check (a count tensor shared by params appears twice); the lookups by id
+        build their map when first asked."""
         last = self.__dict__.setdefault("_kt_last", {})
         index = self.__dict__.setdefault("_kt_index", {})
         if len(last) > 64:  # lists whose params with grads changed, parts split by count, rebuilt groups
