@@ -12,7 +12,6 @@ always take torch's step.
 
 from __future__ import annotations
 
-import collections
 import inspect
 import itertools
 import operator
@@ -30,7 +29,6 @@ __all__ = ["AdamW"]
 _version = operator.attrgetter("_version")  # a tensor's autograd version counter
 _shape = operator.attrgetter("shape")
 _grad = operator.attrgetter("grad")
-_moments_and_step = tuple(map(operator.itemgetter, ("exp_avg", "exp_avg_sq", "step")))
 _States = tuple[list[Tensor], list[Tensor], list[Tensor]]  # exp_avg, exp_avg_sq, step of each param
 _Bucket = tuple[torch.device, list[Tensor], list[Tensor], Optional[_States]]  # states None: still to look up
 
@@ -39,11 +37,10 @@ class _Counts:
     """One record of step counts this optimizer wrote: the count tensors of a list (held, so their ids stay
     theirs), their version counters after the write, and the value written."""
 
-    __slots__ = ("steps", "key", "versions", "value", "indexed", "_by_id", "_distinct")
+    __slots__ = ("steps", "key", "versions", "value", "_by_id", "_distinct")
 
     def __init__(self, steps: list[Tensor], key: tuple[int, ...], value: float) -> None:
         self.steps, self.key, self._distinct = list(steps), key, None
-        self.indexed: Optional[int] = None  # the optimizer's index write that last pointed its ids here
         self.update(value)
 
     def update(self, value: float) -> None:
@@ -61,66 +58,17 @@ class _Counts:
         return self._distinct
 
 
-class _State(collections.defaultdict):  # type: ignore[type-arg]
-    """``optimizer.state`` (a defaultdict of per-param dicts, as torch's), counting the writes that can change
-    which dict is a param's: a step that looked up a whole group's dicts keeps the list while ``changes``
-    stands (each lookup by a tensor is a Python ``Tensor.__hash__`` call). What a param's dict holds is read
-    on every step, so writes into those dicts need no count."""
-
-    __slots__ = ("changes",)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.changes = 0
-
-    def __setitem__(self, key: Any, value: Any) -> None:  # also defaultdict's __missing__
-        self.changes += 1
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key: Any) -> None:
-        self.changes += 1
-        super().__delitem__(key)
-
-    def pop(self, *args: Any) -> Any:
-        self.changes += 1
-        return super().pop(*args)
-
-    def popitem(self) -> Any:
-        self.changes += 1
-        return super().popitem()
-
-    def clear(self) -> None:
-        self.changes += 1
-        super().clear()
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        self.changes += 1
-        super().update(*args, **kwargs)
-
-    def setdefault(self, key: Any, default: Any = None) -> Any:  # adds only after a counted removal; counted anyway
-        self.changes += 1
-        return super().setdefault(key, default)
-
-    def __ior__(self, other: Any) -> "_State":
-        self.changes += 1
-        return super().__ior__(other)
-
-
 class _Group:
     """What a step that sent a whole group to the kernel leaves for the next: the C++ check of the group's
-    params, gradients and moments, their device and shapes, the kernel chosen for them (valid while
-    ``serve.generation()`` is ``gen``), and the params' state dicts (valid while ``state`` is the optimizer's
-    and its ``changes`` are ``changes``)."""
+    params, gradients and moments, their device and shapes, and the kernel chosen for them (valid while
+    ``serve.generation()`` is ``gen``)."""
 
-    __slots__ = ("guard", "device", "n", "shapes", "choice", "gen", "dicts", "state", "changes")
+    __slots__ = ("guard", "device", "n", "shapes", "choice", "gen")
 
     def __init__(self, guard: Any, device: torch.device, shapes: tuple[Any, ...]) -> None:
         self.guard, self.device, self.n, self.shapes = guard, device, len(shapes), shapes
         self.choice: Optional[serve.Choice] = None
         self.gen: Any = None
-        self.dicts: Optional[list[dict[str, Any]]] = None
-        self.state: Any = None
-        self.changes = -1
 
 
 try:  # torch's C++ tensor-metadata check (what torch.compile's guards run)
@@ -151,15 +99,6 @@ def _raw_torch_step() -> Callable[..., Any]:
 
 class AdamW(torch.optim.AdamW):
     """torch.optim.AdamW, stepped by the registry's tuned kernel where one serves (see the module docstring)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.state = _State(dict, self.state)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:  # load_state_dict and unpickling come through here
-        super().__setstate__(state)
-        if not isinstance(self.state, _State):
-            self.state = _State(dict, self.state)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
@@ -232,7 +171,7 @@ class AdamW(torch.optim.AdamW):
                 leftover += params
                 continue
             if states is None:
-                states = self._states(params, group)[0]
+                states = self._states(params, group)
                 if not (all(map(Tensor.is_contiguous, states[0])) and all(map(Tensor.is_contiguous, states[1]))):
                     leftover += params
                     continue
@@ -297,7 +236,7 @@ class AdamW(torch.optim.AdamW):
         grads = list(map(_grad, gp))
         if not all(map(operator.is_not, grads, itertools.repeat(None))):
             return None
-        states = self._group_states(rec, gp, group)  # the guard was made once these existed
+        states = self._states(gp, group)  # the guard was made once these existed
         if not rec.guard.check(*gp, *grads, *states[0], *states[1]):
             return None
         return (rec.device, list(gp), grads, states), rec
@@ -313,32 +252,18 @@ class AdamW(torch.optim.AdamW):
             guards.clear()
         guards[id(group["params"])] = _Group(guard, device, tuple(map(_shape, params)))
 
-    def _states(self, params: list[Tensor], group: dict[str, Any]) -> tuple[_States, list[dict[str, Any]]]:
-        """exp_avg, exp_avg_sq and step of each param, the state created as torch creates it where missing;
-        and the params' state dicts."""
-        dicts = list(map(self.state.get, params))
-        if not all(dicts):  # None, or a dict emptied by hand
-            dicts = [s if s else self._state(p, group) for p, s in zip(params, dicts)]
-        ms, vs, steps = (list(map(get, dicts)) for get in _moments_and_step)
-        return (ms, vs, steps), dicts
-
-    def _group_states(self, rec: _Group, params: list[Tensor], group: dict[str, Any]) -> _States:
-        """``_states`` of a remembered group: its state dicts as the last step found them while no write to
-        ``self.state`` can have changed which dict is a param's (a ``_State`` counts those writes); what they
-        hold is read again."""
+    def _states(self, params: list[Tensor], group: dict[str, Any]) -> _States:
+        """exp_avg, exp_avg_sq and step of each param, the state created as torch creates it where missing."""
+        ms, vs, steps = [], [], []
         state = self.state
-        if rec.dicts is not None and rec.state is state and rec.changes == getattr(state, "changes", None):
-            try:
-                ms, vs, steps = (list(map(get, rec.dicts)) for get in _moments_and_step)
-                return ms, vs, steps
-            except KeyError:  # a dict emptied by hand: looked up (and created) again below
-                pass
-        states, dicts = self._states(params, group)
-        if isinstance(state, _State):  # counted after the lookup, which may have created state
-            rec.dicts, rec.state, rec.changes = dicts, state, state.changes
-        else:  # (holding no old state: its moments may be gigabytes)
-            rec.dicts, rec.state = None, None
-        return states
+        for p in params:
+            s = state.get(p)
+            if not s:
+                s = self._state(p, group)
+            ms.append(s["exp_avg"])
+            vs.append(s["exp_avg_sq"])
+            steps.append(s["step"])
+        return ms, vs, steps
 
     # -- step counts without a device sync ---------------------------------------------------------------
     def _step_values(self, steps: list[Tensor], key: tuple[int, ...]) -> list[float]:
@@ -392,10 +317,9 @@ class AdamW(torch.optim.AdamW):
 
     def _remember_steps(self, steps: list[Tensor], key: tuple[int, ...], value: float) -> None:
         """Record the counts just written: one record of the list, keyed by its tensors' ids ``key`` (the
-        record holds them, so no other tensor can take one of those ids), and an index from each id to it
-        (written again only where another list's record has written the index since). The versions are kept
-        as a list for the list-wide check (a count tensor shared by params appears twice); the lookups by id
-        build their map when first asked."""
+        record holds them, so no other tensor can take one of those ids), and an index from each id to it.
+        The versions are kept as a list for the list-wide check (a count tensor shared by params appears
+        twice); the lookups by id build their map when first asked."""
         last = self.__dict__.setdefault("_kt_last", {})
         index = self.__dict__.setdefault("_kt_index", {})
         if len(last) > 64:  # lists whose params with grads changed, parts split by count, rebuilt groups
@@ -403,13 +327,10 @@ class AdamW(torch.optim.AdamW):
             index.clear()
         rec = last.get(key)
         if rec is None:
-            rec = last[key] = _Counts(steps, key, value)
+            last[key] = _Counts(steps, key, value)
         else:  # the same list again (the usual step): its new versions and value
             rec.update(value)
-        writes = self.__dict__.get("_kt_index_writes", 0)
-        if rec.indexed != writes:  # new, or another list's record took some of these ids since
-            index.update(dict.fromkeys(key, key))
-            rec.indexed = self.__dict__["_kt_index_writes"] = writes + 1
+        index.update(dict.fromkeys(key, key))
 
     def _state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """The parameter's state, created exactly as torch.optim.AdamW creates it."""

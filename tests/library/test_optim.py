@@ -468,26 +468,30 @@ def test_a_group_checked_in_one_call_is_checked_per_tensor_again_when_a_tensor_c
     assert tuned == [1, 1, 1, 1, 0, 1, 1, 2, 2]
 
 
-def test_a_remembered_group_finds_its_state_dicts_again_after_any_write_that_changes_them(user_registry,
-                                                                                       monkeypatch):
-    """A remembered group keeps its params' state dicts between steps (no lookup by tensor): every write that
-    can change which dict is a param's (assignment, del, pop, update, setdefault, |=, a dict emptied, a load,
-    a plain dict put in) is seen, and every step agrees with torch's AdamW, state included."""
+def test_every_write_to_the_state_and_every_change_of_a_groups_params_is_followed(user_registry):
+    """Between the steps of a group the kernel takes whole (remembered, checked in one call): every write that
+    can change which dict is a param's (assignment, del, pop, update, |=, setdefault, clear, a dict emptied, a
+    load, a plain dict put in) and every change of the group's params (one replaced in its list, two of one
+    shape swapped: the same metadata) is followed, and every step agrees with torch's AdamW, state included."""
     from collections import defaultdict
 
     user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
     torch.manual_seed(12)
-    shapes = [(6, 5), (7,), (3, 4), (2,), (5,)]
+    shapes = [(6, 5), (7,), (3, 4), (7,), (5,)]
     ps1 = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps1]
     o1, o2 = torch.optim.AdamW(ps1, lr=0.05), AdamW(ps2, lr=0.05)
-    lookups = []
-    real = AdamW._states
-    monkeypatch.setattr(AdamW, "_states", lambda self, ps, g: lookups.append(step) or real(self, ps, g))
 
     def fresh(o, p):  # a new dict of new tensors with the old values: the old tensors must not be the ones updated
-        old = o.state[p]
-        return {k: v.clone() for k, v in old.items()}
+        return {k: v.clone() for k, v in o.state[p].items()}
+
+    def replace_param(ps, o):  # a new param (no state yet) in the old one's place, in the same list
+        ps[1] = torch.nn.Parameter(ps[1].detach().clone())
+        o.param_groups[0]["params"][1] = ps[1]
+
+    def swap_same_shape(ps, o):  # two params of one shape swap places in the group's list
+        gp = o.param_groups[0]["params"]
+        gp[1], gp[3] = gp[3], gp[1]
 
     changes = {
         2: lambda ps, o: o.state.__setitem__(ps[0], fresh(o, ps[0])),
@@ -498,23 +502,54 @@ def test_a_remembered_group_finds_its_state_dicts_again_after_any_write_that_cha
         7: lambda ps, o: o.state.__ior__({ps[4]: fresh(o, ps[4])}),
         8: lambda ps, o: o.state.setdefault(ps[2], {k: v.clone() for k, v in o.state.pop(ps[2]).items()}),
         9: lambda ps, o: o.load_state_dict(copy.deepcopy(o.state_dict())),
-        12: lambda ps, o: setattr(o, "state", defaultdict(dict, {p: fresh(o, p) for p in ps})),
+        11: replace_param,
+        12: swap_same_shape,
+        14: lambda ps, o: o.state.clear(),
+        16: lambda ps, o: setattr(o, "state", defaultdict(dict, {p: fresh(o, p) for p in o.state})),
     }
-    for step in range(14):
+    for step in range(18):
         for ps, o in ((ps1, o1), (ps2, o2)):
-            o.zero_grad()
-            sum(((p * (step + 1)).sin()).sum() for p in ps).backward()
             if step in changes:
                 changes[step](ps, o)
+            o.zero_grad()
+            sum(((p * (step + 1)).sin()).sum() for p in ps).backward()
             o.step()
-        for a, b in zip(ps1, ps2):  # (the kernel's moments are fp64 inside: a few ulp apart after 14 steps)
+        for a, b in zip(ps1, ps2):  # (the kernel's moments are fp64 inside: a few ulp apart after 18 steps)
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-        assert_same_state(o1, o2, atol=1e-5, rtol=1e-5)
-    # looked up: the first steps (the group remembered at step 0, its dicts at step 1), after each change
-    # (steps 2 to 9; a load forgets the group too, so step 10 looks up again, and 11 need not), and on every
-    # step from a plain dict put in by hand (12, 13)
-    assert lookups == [*range(11), 12, 13]
+            for key in ("step", "exp_avg", "exp_avg_sq"):  # per param: a replaced param leaves its state behind
+                torch.testing.assert_close(o1.state[a][key], o2.state[b][key], atol=1e-5, rtol=1e-5)
     assert list(kerneltune.served()["adamw"]) == ["numba_cpu"]  # every update by the kernel, none by torch's step
+
+
+def test_state_deleted_or_replaced_is_freed_at_once(user_registry):
+    """A param's state deleted (a frozen layer's, to free its memory) is freed at once, not kept by what the
+    optimizer remembers of its groups until some later step; the same for the whole state replaced."""
+    import gc
+    import weakref
+    from collections import defaultdict
+
+    user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in [(6, 5), (7,), (3, 4)]]
+    o = AdamW(ps, lr=0.05)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        o.step()
+    assert kerneltune.served()["adamw"]["numba_cpu"] == 3
+    held = weakref.ref(o.state[ps[0]]["exp_avg"])
+    ps[0].grad = None
+    del o.state[ps[0]]
+    gc.collect()
+    assert held() is None
+    for _ in range(2):  # the group whole again
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        o.step()
+    assert list(kerneltune.served()["adamw"]) == ["numba_cpu"]  # (ps[0], a count behind, a call of its own)
+    held = [weakref.ref(o.state[p]["exp_avg_sq"]) for p in ps]
+    o.state = defaultdict(dict)
+    gc.collect()
+    assert [h() for h in held] == [None, None, None]
 
 
 def test_a_compiled_step_agrees_and_traces_no_metadata_check(user_registry, monkeypatch):
