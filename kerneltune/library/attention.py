@@ -8,8 +8,9 @@ Two torch custom ops (``torch.library``), so ``torch.compile`` traces a call as 
 A call that no registry kernel serves (neither its forward nor its backward) never enters them: it is
 torch's ``scaled_dot_product_attention`` with SDPA's own backward, so the fallback costs nothing.
 Otherwise each op picks its kernel when it runs (``serve.choose``): a registry kernel for this device,
-shape bucket and dtype, else the reference — torch's ``scaled_dot_product_attention`` forward, and an exact
-backward recomputed from the saved q, k, v in fp32 (fp64 for fp64 inputs). A backward kernel serves
+shape bucket and dtype, else the reference — torch's ``scaled_dot_product_attention``, forward or backward
+(its backward after its forward recomputed from the saved q, k, v: a forward kernel with no backward kernel
+beside it costs a training step one more SDPA forward, never a slower backward). A backward kernel serves
 only where the registry holds an ``attention_backward`` entry.
 
 Registry kernels take the op contract's inputs: (B, H, N, D) with one shape for q, k, v, dtype fp32, fp16
@@ -41,8 +42,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
     """
     causal, scale = bool(causal), None if scale is None else float(scale)
     if not _fits_contract(q, k, v) or not _may_serve(q, causal):
-        # Nothing in the registry for this call: torch's SDPA as it is, with its own fused backward (the
-        # custom op's exact fp32 backward is for calls whose forward or backward a registry kernel serves).
+        # Nothing in the registry for this call: torch's SDPA as it is, with its own fused backward (the custom
+        # ops, whose reference backward recomputes SDPA's forward, are for calls a registry kernel serves).
         out = sdpa(q, k, v, causal, scale)
         if not torch.compiler.is_compiling():
             serve.count(OP, serve.REFERENCE)
@@ -199,7 +200,36 @@ def _attention_backward_fake(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
 
 def reference_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, causal: bool,
                        scale: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact gradients of softmax(q kᵀ·scale [+ mask]) v, recomputed in fp32 (fp64 for fp64 inputs).
+    """SDPA's own backward (its flash, cuDNN or memory-efficient kernel where one takes the call), after its
+    forward recomputed from q, k, v. A custom op's body runs with autograd's dispatch keys excluded, so they
+    are let back in for it (torch's ``_ForceDispatchKeyGuard``, the rest of the dispatch state as it was).
+    Where that cannot run on this torch, the exact backward serves, with one warning."""
+    try:
+        with _autograd_back_on(), torch.enable_grad():
+            leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+            out = sdpa(*leaves, causal, scale)
+            dq, dk, dv = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    except (AttributeError, TypeError, RuntimeError) as ex:  # a torch without those parts, or another layout
+        serve.warn_once(f"kerneltune.attention: SDPA's backward could not run inside the custom op "
+                        f"({type(ex).__name__}: {str(ex).splitlines()[0] if str(ex) else ''}); the exact fp32 "
+                        "backward serves instead (slower)")
+        return exact_backward(grad_out, q, k, v, causal, scale)
+
+
+def _autograd_back_on() -> Any:
+    """A guard that runs its block with autograd's dispatch keys taken out of the thread's excluded keys."""
+    dk = torch._C.DispatchKey
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    for key in (dk.AutogradFunctionality, dk.AutogradOther, dk.AutogradNestedTensor):
+        excluded = excluded.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded)
+
+
+def exact_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, causal: bool,
+                   scale: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact gradients of softmax(q kᵀ·scale [+ mask]) v, recomputed in fp32 (fp64 for fp64 inputs): what a
+    backward kernel is checked against on its first call ($KERNELTUNE_VERIFY).
 
     Per block of query rows (so at most _CHUNK_BYTES of scores at a time), with P = softmax(S):
         dV += Pᵀ dO;  dP = dO Vᵀ;  dS = P ∘ (dP - rowsum(dP ∘ P));  dQ = dS K·scale;  dK += dSᵀ Q·scale
@@ -249,7 +279,7 @@ def _run_backward_kernel(choice: serve.Choice, grad_out: Tensor, q: Tensor, k: T
         from kerneltune.ops.base import compare_tensor
 
         tol = FWD.tolerance(_dtype(q))
-        for name, g, w in zip(("dq", "dk", "dv"), grads, reference_backward(grad_out, q, k, v, causal, scale)):
+        for name, g, w in zip(("dq", "dk", "dv"), grads, exact_backward(grad_out, q, k, v, causal, scale)):
             why = compare_tensor(name, g.cpu(), w.cpu(), tol)
             if why:
                 serve.verify_failed(OP_BACKWARD, e, why)

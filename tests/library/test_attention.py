@@ -3,6 +3,7 @@ dtype the CPU runs, a registry kernel forced to serve, and torch.compile without
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 
@@ -229,6 +230,71 @@ def test_torch_compile_with_dynamic_shapes_traces_and_serves(user_registry, monk
                 torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=1e-4)
         counts = kerneltune.served().get("attention", {})
         assert counts == ({"numba_cpu": 2, "reference": 1} if served else {}), counts  # SDPA in a graph: uncounted
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_forward_kernel_alone_leaves_the_backward_to_sdpas_own(user_registry, monkeypatch, dtype):
+    """A registry forward kernel with no backward kernel beside it: the backward is SDPA's own (its forward
+    recomputed), never the exact fp32 backward (several times slower on a GPU), eagerly and under
+    torch.compile (fullgraph, dynamic shapes: the custom ops' body runs below autograd); the gradients match
+    fp64 and, bit for bit, SDPA's."""
+    la = importlib.import_module("kerneltune.library.attention")
+
+    user_registry([("attention/numba_cpu.py", dict(op="attention", dims={"B": 2, "H": 3, "N": 17, "D": 48},
+                                                   args={"causal": True}, speedup=1.5, dtype=str(dtype)[6:]))])
+
+    def no_exact(*a, **k):
+        raise AssertionError("the exact backward ran")
+
+    monkeypatch.setattr(la, "exact_backward", no_exact)
+    atol, rtol = TOL[dtype]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v, s: kerneltune.attention(q, k, v, causal=True, scale=s), dynamic=True,
+                             fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for run in (lambda q, k, v, s: kerneltune.attention(q, k, v, causal=True, scale=s), compiled):
+            for shape, scale in [((2, 3, 17, 48), None), ((1, 3, 30, 48), -0.3), ((2, 3, 17, 40), None)]:
+                q, k, v = inputs(shape, dtype, shape[2])
+                out = run(q, k, v, scale)
+                want, leaves = fp64_attention(q, k, v, True, scale)
+                g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+                ours = grads(out, (q, k, v), g)
+                exact = grads(want, leaves, g.double())
+                qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
+                theirs = grads(la.sdpa(qs, ks, vs, True, scale), (qs, ks, vs), g)
+                for name, a, e, t in zip("qkv", ours, exact, theirs):
+                    sc = max(float(e.abs().max()), 1e-2)
+                    torch.testing.assert_close(a.double() / sc, e / sc, atol=atol, rtol=rtol, msg=f"d{name}")
+                    torch.testing.assert_close(a, t, atol=0, rtol=0, msg=f"d{name} vs SDPA")
+    assert kt_warnings(caught) == []
+    # eager, D 40 (no entry) is SDPA itself; compiled with dynamic shapes, every call is the custom ops (the
+    # decision cannot depend on a symbolic shape), and D 40 their reference both ways
+    assert kerneltune.served() == {"attention": {"numba_cpu": 4, "reference": 2}, "attention_backward": {"reference": 6}}
+
+
+def test_where_sdpas_backward_cannot_run_in_the_custom_op_the_exact_one_serves_with_a_warning(user_registry,
+                                                                                             monkeypatch):
+    la = importlib.import_module("kerneltune.library.attention")
+
+    user_registry([("attention/numba_cpu.py", dict(op="attention", dims={"B": 2, "H": 3, "N": 17, "D": 48},
+                                                   args={"causal": True}, speedup=1.5))])
+
+    def unavailable():
+        raise AttributeError("module 'torch._C' has no attribute '_ForceDispatchKeyGuard'")
+
+    monkeypatch.setattr(la, "_autograd_back_on", unavailable)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for seed in (1, 2):
+            q, k, v = inputs((2, 3, 17, 48), torch.float32, seed)
+            out = kerneltune.attention(q, k, v, causal=True)
+            want, leaves = fp64_attention(q, k, v, True, None)
+            g = torch.randn_like(out)
+            for a, e in zip(grads(out, (q, k, v), g), grads(want, leaves, g.double())):
+                torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=1e-4)
+    msgs = kt_warnings(caught)
+    assert len(msgs) == 1 and "exact fp32 backward serves" in msgs[0] and "_ForceDispatchKeyGuard" in msgs[0], msgs
 
 
 def test_custom_ops_pass_opcheck():
