@@ -16,6 +16,8 @@
 #          counting the optim phases of the call: name it several times for several processes);
 #   parts  the AdamW template's run() part by part (benchmarks/gpu/adamw_host_parts.py: checks, addresses,
 #          table, launch; into train.tgz);
+#   fallback  kerneltune.attention's backward where no backward kernel serves, SDPA's own (forward recomputed)
+#          against the exact fp32 one, bf16 (benchmarks/attention_fallback_bwd.py; into train.tgz);
 # train and optim serve from the scratch registry when an earlier adamw phase promoted into it (else the
 # shipped one); bench, tests and attn never see it.
 #   bench  issue 8: every shape benched against every baseline, ceilings in the same run (bench_gpu.py;
@@ -139,6 +141,14 @@ phase_parts() {  # the AdamW template's run() part by part, as it is in the tree
   tar -czf "$OUT/train.tgz" -C "$W" train
 }
 
+phase_fallback() {  # the library's attention backward without a backward kernel: SDPA's own vs exact fp32
+  mkdir -p "$W/train"
+  timeout 60 python3 benchmarks/attention_fallback_bwd.py --device cuda --dtype bfloat16 --json \
+    > "$W/train/attention-fallback-bwd.json"
+  echo "attention fallback backward rc=$?"; cat "$W/train/attention-fallback-bwd.json"
+  tar -czf "$OUT/train.tgz" -C "$W" train
+}
+
 phase_bench() {
   local -x KERNELTUNE_REGISTRY=""  # empty: the shipped registry (this phase never serves from a scratch one)
   DL=$(( $(left) - T_ATTN - 60 )); [ "$DL" -gt "$BENCH_S" ] && DL=$BENCH_S; [ "$DL" -lt 60 ] && DL=60
@@ -193,8 +203,8 @@ phase_attn() {
 for ph in $PHASES; do
   echo "== phase $ph at $((SECONDS - T_ALL)) s"
   case $ph in
-    adamw|train|optim|parts|bench|tests|attn) "phase_$ph" ;;
-    *) echo "unknown phase $ph (adamw, train, optim, parts, bench, tests, attn)" ;;
+    adamw|train|optim|parts|fallback|bench|tests|attn) "phase_$ph" ;;
+    *) echo "unknown phase $ph (adamw, train, optim, parts, fallback, bench, tests, attn)" ;;
   esac
 done
 echo "all.sh: $((SECONDS - T_ALL)) s in all; files: $(ls "$OUT" | tr '\n' ' ')"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import warnings
 
 import pytest
@@ -295,6 +296,21 @@ def test_where_sdpas_backward_cannot_run_in_the_custom_op_the_exact_one_serves_w
                 torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=1e-4)
     msgs = kt_warnings(caught)
     assert len(msgs) == 1 and "exact fp32 backward serves" in msgs[0] and "_ForceDispatchKeyGuard" in msgs[0], msgs
+
+
+def test_the_fallback_backward_benchmark_reports_both_side_by_side(capsys):
+    """benchmarks/attention_fallback_bwd.py: both backwards timed at every shape, with provenance, as JSON."""
+    import json
+    import runpy
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "attention_fallback_bwd.py")
+    mod = runpy.run_path(path)
+    assert mod["main"](["--rounds", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["device"] == "cpu" and out["torch"] == torch.__version__ and len(out["rows"]) == 2
+    for row in out["rows"]:
+        assert set(row["median_ms"]) == {"sdpa_recomputed", "exact_fp32"}
+        assert all(v > 0 for v in row["median_ms"].values()) and row["exact_over_sdpa"] > 0
 
 
 def test_custom_ops_pass_opcheck():
