@@ -203,18 +203,30 @@ def reference_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, causal
     """SDPA's own backward (its flash, cuDNN or memory-efficient kernel where one takes the call), after its
     forward recomputed from q, k, v. A custom op's body runs with autograd's dispatch keys excluded, so they
     are let back in for it (torch's ``_ForceDispatchKeyGuard``, the rest of the dispatch state as it was).
-    Where that cannot run on this torch, the exact backward serves, with one warning."""
-    try:
-        with _autograd_back_on(), torch.enable_grad():
-            leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
-            out = sdpa(*leaves, causal, scale)
-            dq, dk, dv = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
-        return dq.contiguous(), dk.contiguous(), dv.contiguous()
-    except (AttributeError, TypeError, RuntimeError) as ex:  # a torch without those parts, or another layout
-        serve.warn_once(f"kerneltune.attention: SDPA's backward could not run inside the custom op "
-                        f"({type(ex).__name__}: {str(ex).splitlines()[0] if str(ex) else ''}); the exact fp32 "
-                        "backward serves instead (slower)")
+    Where this torch has no such guard, or autograd still records nothing under it, the exact backward
+    serves, with one warning; inference tensors (which autograd cannot save) take it silently. Any other
+    error is SDPA's own, and raised."""
+    if torch.is_inference_mode_enabled() or any(t.is_inference() for t in (grad_out, q, k, v)):
         return exact_backward(grad_out, q, k, v, causal, scale)
+    try:
+        guard = _autograd_back_on()
+    except (AttributeError, TypeError) as ex:  # a torch without these parts, or with another signature
+        return _exact_instead(f"{type(ex).__name__}: {ex}", grad_out, q, k, v, causal, scale)
+    with guard, torch.enable_grad():
+        leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+        out = sdpa(*leaves, causal, scale)
+        grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype)) if out.grad_fn is not None else None
+    if grads is None:
+        return _exact_instead("autograd recorded nothing", grad_out, q, k, v, causal, scale)
+    dq, dk, dv = grads
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+def _exact_instead(why: str, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, causal: bool,
+                   scale: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+    serve.warn_once(f"kerneltune.attention: SDPA's backward cannot run inside the custom op on this torch "
+                    f"({why}); the exact fp32 backward serves instead (slower)")
+    return exact_backward(grad_out, q, k, v, causal, scale)
 
 
 def _autograd_back_on() -> Any:

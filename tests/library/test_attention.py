@@ -298,6 +298,29 @@ def test_where_sdpas_backward_cannot_run_in_the_custom_op_the_exact_one_serves_w
     assert len(msgs) == 1 and "exact fp32 backward serves" in msgs[0] and "_ForceDispatchKeyGuard" in msgs[0], msgs
 
 
+def test_the_reference_backward_raises_sdpas_own_errors_and_leaves_the_dispatch_state_as_it_was():
+    """An error of the recomputed SDPA (a gradient of the wrong shape) is raised, not covered by the exact
+    backward; the thread's dispatch keys are the same after the op, returned or raised."""
+    q, k, v = (t.detach() for t in inputs((2, 3, 17, 48), torch.float32, 4))
+    o = kerneltune.attention(q, k, v)
+    keys = torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()
+    with pytest.raises(RuntimeError, match="shape"):
+        torch.ops.kerneltune.attention_backward(torch.randn(2, 3, 17, 40), q, k, v, o, True, None)
+    assert (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()) == keys
+    g = torch.randn(2, 3, 17, 48)
+    got = torch.ops.kerneltune.attention_backward(g, q, k, v, o, True, None)
+    assert (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()) == keys
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(F.scaled_dot_product_attention(*leaves, is_causal=True), leaves, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with torch.inference_mode():  # inference tensors: the exact backward, no warning
+        qi, ki, vi, gi = (t.clone() for t in (q, k, v, g))
+        got = torch.ops.kerneltune.attention_backward(gi, qi, ki, vi, o, True, None)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
 def test_the_fallback_backward_benchmark_reports_both_side_by_side(capsys):
     """benchmarks/attention_fallback_bwd.py: both backwards timed at every shape, with provenance, as JSON."""
     import json
