@@ -371,6 +371,10 @@ def register(app: typer.Typer) -> None:
                 "reason": d.reason, "warning": d.warning, "skipped": d.skipped,
                 "path": d.entry.path if d.entry else None, "min_speedup": reg.min_speedup(),
                 "registries": [s.path for s in r.sources], "errors": [str(w.message) for w in caught]}
+        if op == "attention":  # kerneltune.attention serves a call autograd records only with a backward kernel
+            b = r.decide("attention_backward", device_key, case.dims, case.dtype, args)
+            info["differentiated"] = {"forward": info["kernel"] if b.entry else "reference",
+                                      "backward": b.entry.name if b.entry else "reference", "reason": b.reason}
         if json_out:
             print(json.dumps(info, indent=1))
         else:
@@ -382,4 +386,10 @@ def register(app: typer.Typer) -> None:
                 out.print(f"  file: {d.entry.path}", highlight=False)
             if d.warning:
                 err.print(f"  warning: {d.warning}", highlight=False)
+            if "differentiated" in info and d.entry:
+                t = info["differentiated"]
+                out.print("  a call autograd records (training): " + (
+                    f"forward {t['forward']}, backward {t['backward']}" if t["backward"] != "reference" else
+                    "SDPA both ways (no attention_backward kernel serves it: a forward kernel alone would add its "
+                    "time to SDPA's)"), highlight=False)
         raise typer.Exit(0)

@@ -5,13 +5,15 @@ Two torch custom ops (``torch.library``), so ``torch.compile`` traces a call as 
     kerneltune::attention(q, k, v, causal, scale) -> out                       # (B, H, N, D) -> (B, H, N, Dv)
     kerneltune::attention_backward(grad_out, q, k, v, out, causal, scale) -> (dq, dk, dv)
 
-A call that no registry kernel serves (neither its forward nor its backward) never enters them: it is
-torch's ``scaled_dot_product_attention`` with SDPA's own backward, so the fallback costs nothing.
-Otherwise each op picks its kernel when it runs (``serve.choose``): a registry kernel for this device,
+A call enters them only where a registry kernel serves what the call needs: its backward, when autograd
+records the call (grad mode on and q, k or v requiring grad), else its forward. Any other call is torch's
+``scaled_dot_product_attention`` with SDPA's own backward, so the fallback costs nothing; in particular a
+forward kernel with no backward kernel beside it never serves a call that will be differentiated (its
+backward would have to recompute SDPA's forward: the step would pay a forward more than SDPA alone).
+Inside them each op picks its kernel when it runs (``serve.choose``): a registry kernel for this device,
 shape bucket and dtype, else the reference — torch's ``scaled_dot_product_attention``, forward or backward
-(its backward after its forward recomputed from the saved q, k, v: a forward kernel with no backward kernel
-beside it costs a training step one more SDPA forward, never a slower backward). A backward kernel serves
-only where the registry holds an ``attention_backward`` entry.
+(its backward after its forward recomputed from the saved q, k, v; under torch.compile with dynamic shapes
+the custom ops take every call of a traced site, and this serves the shapes no backward kernel reaches).
 
 Registry kernels take the op contract's inputs: (B, H, N, D) with one shape for q, k, v, dtype fp32, fp16
 or bf16, D <= 256. Other calls (cross-attention lengths, float64, other ranks) always get the reference.
@@ -38,10 +40,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
     """softmax(q kᵀ·scale [+ causal mask]) v for q, k, v of shape (B, H, N, D); scale defaults to 1/sqrt(D).
 
     Causal: query i sees keys j <= i. Differentiable in q, k and v; traceable by torch.compile
-    (fullgraph). Served by the registry's winner for this device, shape and dtype, else by torch SDPA.
+    (fullgraph). Served by the registry's winner for this device, shape and dtype (a call autograd records:
+    only where a backward winner serves it), else by torch SDPA.
     """
     causal, scale = bool(causal), None if scale is None else float(scale)
-    if not _fits_contract(q, k, v) or not _may_serve(q, causal):
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not _fits_contract(q, k, v) or not _may_serve(q, causal, grad):
         # Nothing in the registry for this call: torch's SDPA as it is, with its own fused backward (the custom
         # ops, whose reference backward recomputes SDPA's forward, are for calls a registry kernel serves).
         out = sdpa(q, k, v, causal, scale)
@@ -60,38 +64,39 @@ def _count_reference_backward(grad: Tensor) -> None:
 _may_serve_cache: dict[tuple[Any, ...], bool] = {}
 
 
-def _may_serve(q: Tensor, causal: bool) -> bool:
+def _may_serve(q: Tensor, causal: bool, grad: bool) -> bool:
     """_kernel_may_serve, remembered per call signature until the registry's answer may change (a training
-    step makes dozens of identical calls: the fallback must cost next to nothing over SDPA itself)."""
+    step makes dozens of identical calls: the fallback must cost next to nothing over SDPA itself). ``grad``:
+    autograd records the call, so the backward is what a kernel must serve."""
+    op = OP_BACKWARD if grad else OP
     if torch.compiler.is_compiling():  # a traced shape may be symbolic (dynamic=True, or a recompile after a new
-        return _kernel_may_serve_some(q.device.type, q.device.index, _dtype(q), causal)  # shape): not by shape
-    key = (q.device, q.shape, q.dtype, causal, serve.generation())
+        return _kernel_may_serve_some(q.device.type, q.device.index, _dtype(q), causal, op)  # shape): not by shape
+    key = (q.device, q.shape, q.dtype, causal, op, serve.generation())
     hit = _may_serve_cache.get(key)
     if hit is None:
-        hit = _kernel_may_serve(q.device.type, q.device.index, tuple(q.shape), _dtype(q), causal)
+        hit = _kernel_may_serve(q.device.type, q.device.index, tuple(q.shape), _dtype(q), causal, op)
         if len(_may_serve_cache) > 4096:
             _may_serve_cache.clear()
         _may_serve_cache[key] = hit
     return hit
 
 
-def _kernel_may_serve(device_type: str, index: Optional[int], shape: tuple[int, ...], dtype: str, causal: bool) -> bool:
-    """Whether the registry would serve this call's forward or backward (eager calls)."""
+def _kernel_may_serve(device_type: str, index: Optional[int], shape: tuple[int, ...], dtype: str, causal: bool,
+                      op: str) -> bool:
+    """Whether the registry would serve ``op`` (the forward, or the backward) for this call (eager calls)."""
     device = torch.device(device_type, index) if index is not None else torch.device(device_type)
-    dims = dict(zip("BHND", shape))
-    return any(serve.choose(op, device, dims, dtype, {"causal": causal}).run is not None
-               for op in (OP, OP_BACKWARD))
+    return serve.choose(op, device, dict(zip("BHND", shape)), dtype, {"causal": causal}).run is not None
 
 
 @torch.compiler.assume_constant_result
-def _kernel_may_serve_some(device_type: str, index: Optional[int], dtype: str, causal: bool) -> bool:
-    """Whether the registry could serve an attention kernel of either direction for this device, dtype and mask
-    at some shape (Registry.servable: its backend runs here, at or above the minimum speedup, its file intact;
-    and not dropped in this process). torch.compile decides at trace time, where a shape may be symbolic: then
-    a traced call is the custom ops, which pick per shape when they run (the reference for a shape no kernel
-    reaches); else SDPA in the graph, with SDPA's own backward."""
+def _kernel_may_serve_some(device_type: str, index: Optional[int], dtype: str, causal: bool, op: str) -> bool:
+    """Whether the registry could serve ``op`` for this device, dtype and mask at some shape (Registry.servable:
+    its backend runs here, at or above the minimum speedup, its file intact; and not dropped in this process).
+    torch.compile decides at trace time, where a shape may be symbolic: then a traced call is the custom ops,
+    which pick per shape when they run (the reference for a shape no kernel reaches); else SDPA in the graph,
+    with SDPA's own backward."""
     device = torch.device(device_type, index) if index is not None else torch.device(device_type)
-    found = serve.registry().servable((OP, OP_BACKWARD), device, dtype, {"causal": causal})
+    found = serve.registry().servable((op,), device, dtype, {"causal": causal})
     return any(not serve.is_bad(e) for e in found)
 
 

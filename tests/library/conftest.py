@@ -14,6 +14,7 @@ from kerneltune.library import serve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEEDS = os.path.join(ROOT, "candidates")
+TEST_KERNELS = os.path.join(ROOT, "tests", "library", "kernels")  # kernels for the tests, <op>/<name>.py
 
 
 @pytest.fixture(autouse=True)
@@ -45,14 +46,15 @@ def entry_for(path: str, op: str, *, dims: dict, dtype: str = "float32", args: d
 @pytest.fixture
 def user_registry(tmp_path, monkeypatch):
     """user_registry([(seed relative path, entry kwargs), ...]) -> path of a registry in $KERNELTUNE_REGISTRY,
-    its candidates copied under tmp/candidates/<op>/."""
+    its candidates copied under tmp/candidates/<op>/. A path under tests/library/kernels/ (TEST_KERNELS) is one
+    of the kernels kept for the tests."""
 
     def _write(items: list[tuple[str, dict]], *, env: bool = True) -> str:
         root = tmp_path / "user"
         entries = []
         for rel, kw in items:
-            src = os.path.join(SEEDS, rel)
-            dst = root / "candidates" / rel
+            src = rel if os.path.isabs(rel) else os.path.join(SEEDS, rel)
+            dst = root / "candidates" / os.path.relpath(src, os.path.dirname(os.path.dirname(src)))
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dst)
             entries.append(entry_for(str(dst), **kw))

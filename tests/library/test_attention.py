@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import kerneltune
-from tests.library.conftest import kt_warnings
+from tests.library.conftest import TEST_KERNELS, kt_warnings
 
 # (B, H, N, D): N=1, odd head counts, N and D off every power of two, D=256 (the contract's limit)
 SHAPES = [(1, 1, 1, 8), (2, 3, 17, 48), (1, 5, 33, 80), (3, 1, 64, 16), (1, 2, 7, 256)]
@@ -38,6 +38,10 @@ def inputs(shape, dtype, seed, gain=1.0):
 
 def grads(out, tensors, g):
     return torch.autograd.grad(out, tensors, g)
+
+
+def no_grad_inputs(shape, dtype, seed):
+    return [t.detach() for t in inputs(shape, dtype, seed)]
 
 
 @pytest.mark.parametrize("dtype", list(TOL), ids=lambda d: str(d)[6:])
@@ -105,9 +109,10 @@ def test_non_contiguous_inputs_and_inputs_unchanged():
 
 
 def test_a_registry_numba_kernel_serves_when_forced_and_matches(user_registry, monkeypatch):
+    """A forward kernel serves calls that autograd does not record (inference)."""
     user_registry([("attention/numba_cpu.py", dict(op="attention", dims={"B": 2, "H": 3, "N": 17, "D": 48},
                                                    args={"causal": True}, speedup=0.4))])
-    q, k, v = inputs((2, 3, 17, 48), torch.float32, 5)
+    q, k, v = no_grad_inputs((2, 3, 17, 48), torch.float32, 5)
     # recorded slower than torch: the reference serves by default
     kerneltune.attention(q, k, v, causal=True)
     assert kerneltune.served() == {"attention": {"reference": 1}}
@@ -117,18 +122,13 @@ def test_a_registry_numba_kernel_serves_when_forced_and_matches(user_registry, m
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for shape in [(2, 3, 17, 48), (1, 3, 30, 48)]:  # the exact bucket, then the nearest one
-            q, k, v = inputs(shape, torch.float32, 6)
+            q, k, v = no_grad_inputs(shape, torch.float32, 6)
             out = kerneltune.attention(q, k, v, causal=True)
-            want, leaves = fp64_attention(q, k, v, True, None)
-            torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
-            g = torch.randn_like(out)
-            for a, e in zip(grads(out, (q, k, v), g), grads(want, leaves, g.double())):
-                torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(out.double(), fp64_attention(q, k, v, True, None)[0], atol=2e-5, rtol=1e-4)
         kerneltune.attention(q, k, v, causal=False)  # no entry for causal=False: the reference
-        kerneltune.attention(*inputs((1, 1, 1, 40), torch.float32, 7), causal=True)  # beyond reach: the reference
+        kerneltune.attention(*no_grad_inputs((1, 1, 1, 40), torch.float32, 7), causal=True)  # beyond reach
     assert kt_warnings(caught) == []
-    assert kerneltune.served() == {"attention": {"numba_cpu": 2, "reference": 2},
-                                   "attention_backward": {"reference": 2}}
+    assert kerneltune.served() == {"attention": {"numba_cpu": 2, "reference": 2}}
     kinds = {(d["bucket"], d["args"]): (d["kernel"], d["kind"]) for d in kerneltune.decisions() if d["op"] == "attention"}
     assert ("numba_cpu", "exact") in kinds.values() and ("numba_cpu", "nearest") in kinds.values()
     monkeypatch.setenv("KERNELTUNE_DISABLE", "1")
@@ -163,7 +163,7 @@ def test_a_kernel_that_disagrees_on_first_use_is_dropped_with_one_warning(user_r
     from kerneltune.library import serve
 
     serve.reload()
-    q, k, v = inputs((1, 2, 9, 16), torch.float32, 7)
+    q, k, v = no_grad_inputs((1, 2, 9, 16), torch.float32, 7)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
@@ -207,7 +207,7 @@ def test_torch_compile_with_dynamic_shapes_traces_and_serves(user_registry, monk
     """torch.compile(dynamic=True): the traced shape is symbolic, so whether a kernel serves cannot be asked of
     it. With no entry for this device, dtype and mask that could serve (none, or one below the minimum speedup)
     the call is SDPA in the graph (not counted); with one, it is the custom op, which serves the shapes the
-    kernel reaches when it runs (and the reference for the others)."""
+    kernel reaches when it runs (and the reference for the others). Inference calls: a forward kernel."""
 
     def f(q, k, v):
         return kerneltune.attention(q, k, v, causal=True)
@@ -222,78 +222,116 @@ def test_torch_compile_with_dynamic_shapes_traces_and_serves(user_registry, monk
         compiled = torch.compile(f, dynamic=True, fullgraph=True)
         # the entry's bucket, its nearest (in reach), another head dim (none): one graph for all three
         for shape in [(2, 3, 17, 48), (1, 3, 30, 48), (2, 3, 17, 40)]:
-            q, k, v = inputs(shape, torch.float32, shape[2])
+            q, k, v = no_grad_inputs(shape, torch.float32, shape[2])
             out = compiled(q, k, v)
-            want, leaves = fp64_attention(q, k, v, True, None)
-            torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
-            g = torch.randn_like(out)
-            for a, e in zip(grads(out, (q, k, v), g), grads(want, leaves, g.double())):
-                torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(out.double(), fp64_attention(q, k, v, True, None)[0], atol=2e-5, rtol=1e-4)
         counts = kerneltune.served().get("attention", {})
         assert counts == ({"numba_cpu": 2, "reference": 1} if served else {}), counts  # SDPA in a graph: uncounted
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_a_forward_kernel_alone_leaves_the_backward_to_sdpas_own(user_registry, monkeypatch, dtype):
-    """A registry forward kernel with no backward kernel beside it: the backward is SDPA's own (its forward
-    recomputed), never the exact fp32 backward (several times slower on a GPU), eagerly and under
-    torch.compile (fullgraph, dynamic shapes: the custom ops' body runs below autograd); the gradients match
-    fp64 and, bit for bit, SDPA's."""
+FWD_48 = ("attention/numba_cpu.py", dict(op="attention", dims={"B": 2, "H": 3, "N": 17, "D": 48},
+                                         args={"causal": True}, speedup=1.5))
+BWD_48 = (os.path.join(TEST_KERNELS, "attention_backward", "torch_math.py"),
+          dict(op="attention_backward", dims={"B": 2, "H": 3, "N": 17, "D": 48}, args={"causal": True}, speedup=1.5,
+               backend="torch"))
+# the entries' bucket, its nearest (in reach), another head dim (no entry); scales: default, negative
+GRAD_CASES = [((2, 3, 17, 48), None), ((1, 3, 30, 48), -0.3), ((2, 3, 17, 40), None)]
+
+
+def no_exact(*args, **kwargs):
+    raise AssertionError("the exact fp32 backward ran")
+
+
+def check_grads(run, dtype, cases=GRAD_CASES):
+    """Each case's gradients through ``run`` against fp64 and, bit for bit where SDPA computes them, SDPA's."""
     la = importlib.import_module("kerneltune.library.attention")
-
-    user_registry([("attention/numba_cpu.py", dict(op="attention", dims={"B": 2, "H": 3, "N": 17, "D": 48},
-                                                   args={"causal": True}, speedup=1.5, dtype=str(dtype)[6:]))])
-
-    def no_exact(*a, **k):
-        raise AssertionError("the exact backward ran")
-
-    monkeypatch.setattr(la, "exact_backward", no_exact)
     atol, rtol = TOL[dtype]
+    for shape, scale in cases:
+        q, k, v = inputs(shape, dtype, shape[2])
+        out = run(q, k, v, scale)
+        want, leaves = fp64_attention(q, k, v, True, scale)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+        ours, exact = grads(out, (q, k, v), g), grads(want, leaves, g.double())
+        qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
+        theirs = grads(la.sdpa(qs, ks, vs, True, scale), (qs, ks, vs), g)
+        for name, a, e, t in zip("qkv", ours, exact, theirs):
+            sc = max(float(e.abs().max()), 1e-2)
+            torch.testing.assert_close(a.double() / sc, e / sc, atol=atol, rtol=rtol, msg=f"d{name}")
+            if shape[-1] != 48:  # no kernel reaches D 40: SDPA computed these, in the graph or in the custom op
+                torch.testing.assert_close(a, t, atol=0, rtol=0, msg=f"d{name} vs SDPA")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_forward_kernel_alone_never_serves_a_call_that_will_be_differentiated(user_registry, monkeypatch,
+                                                                                dtype):
+    """With no backward kernel, a call autograd records is SDPA's, forward and backward (a forward kernel there
+    would cost the step its own time on top of SDPA's forward, which the backward would need again), eagerly
+    and under torch.compile; the same calls without grad take the forward kernel."""
+    user_registry([(FWD_48[0], {**FWD_48[1], "dtype": str(dtype)[6:]})])
     torch._dynamo.reset()
-    compiled = torch.compile(lambda q, k, v, s: kerneltune.attention(q, k, v, causal=True, scale=s), dynamic=True,
-                             fullgraph=True)
+    call = lambda q, k, v, s: kerneltune.attention(q, k, v, causal=True, scale=s)  # noqa: E731
+    compiled = torch.compile(call, dynamic=True, fullgraph=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for run in (lambda q, k, v, s: kerneltune.attention(q, k, v, causal=True, scale=s), compiled):
-            for shape, scale in [((2, 3, 17, 48), None), ((1, 3, 30, 48), -0.3), ((2, 3, 17, 40), None)]:
-                q, k, v = inputs(shape, dtype, shape[2])
-                out = run(q, k, v, scale)
-                want, leaves = fp64_attention(q, k, v, True, scale)
-                g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
-                ours = grads(out, (q, k, v), g)
-                exact = grads(want, leaves, g.double())
-                qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
-                theirs = grads(la.sdpa(qs, ks, vs, True, scale), (qs, ks, vs), g)
-                for name, a, e, t in zip("qkv", ours, exact, theirs):
-                    sc = max(float(e.abs().max()), 1e-2)
-                    torch.testing.assert_close(a.double() / sc, e / sc, atol=atol, rtol=rtol, msg=f"d{name}")
-                    torch.testing.assert_close(a, t, atol=0, rtol=0, msg=f"d{name} vs SDPA")
+        check_grads(call, dtype)
+        assert kerneltune.served() == {"attention": {"reference": 3}, "attention_backward": {"reference": 3}}
+        check_grads(compiled, dtype)  # SDPA in the graph: nothing counted
+        assert kerneltune.served() == {"attention": {"reference": 3}, "attention_backward": {"reference": 3}}
+        with torch.no_grad():
+            for shape, scale in GRAD_CASES:
+                call(*inputs(shape, dtype, 1), scale)
     assert kt_warnings(caught) == []
-    # eager, D 40 (no entry) is SDPA itself; compiled with dynamic shapes, every call is the custom ops (the
-    # decision cannot depend on a symbolic shape), and D 40 their reference both ways
-    assert kerneltune.served() == {"attention": {"numba_cpu": 4, "reference": 2}, "attention_backward": {"reference": 6}}
+    assert kerneltune.served()["attention"] == {"reference": 4, "numba_cpu": 2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_with_a_backward_kernel_both_directions_serve_and_sdpas_backward_covers_the_rest(user_registry,
+                                                                                       monkeypatch, dtype):
+    """A forward and a backward kernel: a call autograd records goes through the custom ops, each direction
+    its kernel where it reaches; under torch.compile with dynamic shapes every call does (the decision cannot
+    depend on a symbolic shape), and where no kernel reaches, the custom ops' reference is SDPA both ways: its
+    backward after its forward recomputed, never the exact fp32 backward (several times slower)."""
+    monkeypatch.setattr(importlib.import_module("kerneltune.library.attention"), "exact_backward", no_exact)
+    user_registry([(FWD_48[0], {**FWD_48[1], "dtype": str(dtype)[6:]}),
+                   (BWD_48[0], {**BWD_48[1], "dtype": str(dtype)[6:]})])
+    torch._dynamo.reset()
+    call = lambda q, k, v, s: kerneltune.attention(q, k, v, causal=True, scale=s)  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_grads(call, dtype)
+        # eager: D 48 both kernels; D 40 is SDPA itself (counted as the reference both ways)
+        assert kerneltune.served() == {"attention": {"numba_cpu": 2, "reference": 1},
+                                       "attention_backward": {"torch_math": 2, "reference": 1}}
+        kerneltune.reset_served()
+        check_grads(torch.compile(call, dynamic=True, fullgraph=True), dtype)
+    assert kt_warnings(caught) == []
+    assert kerneltune.served() == {"attention": {"numba_cpu": 2, "reference": 1},
+                                   "attention_backward": {"torch_math": 2, "reference": 1}}
 
 
 def test_where_sdpas_backward_cannot_run_in_the_custom_op_the_exact_one_serves_with_a_warning(user_registry,
                                                                                              monkeypatch):
     la = importlib.import_module("kerneltune.library.attention")
-
-    user_registry([("attention/numba_cpu.py", dict(op="attention", dims={"B": 2, "H": 3, "N": 17, "D": 48},
-                                                   args={"causal": True}, speedup=1.5))])
+    user_registry([FWD_48, BWD_48])
 
     def unavailable():
         raise AttributeError("module 'torch._C' has no attribute '_ForceDispatchKeyGuard'")
 
     monkeypatch.setattr(la, "_autograd_back_on", unavailable)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v, s: kerneltune.attention(q, k, v, causal=True, scale=s), dynamic=True,
+                             fullgraph=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for seed in (1, 2):
-            q, k, v = inputs((2, 3, 17, 48), torch.float32, seed)
-            out = kerneltune.attention(q, k, v, causal=True)
-            want, leaves = fp64_attention(q, k, v, True, None)
+        # D 40: no kernel reaches it, so the compiled call's backward is the custom op's reference (twice)
+        for shape, scale in [((2, 3, 17, 40), None), ((1, 2, 9, 40), 0.5)]:
+            q, k, v = inputs(shape, torch.float32, 3)
+            out = compiled(q, k, v, scale)
+            want, leaves = fp64_attention(q, k, v, True, scale)
             g = torch.randn_like(out)
             for a, e in zip(grads(out, (q, k, v), g), grads(want, leaves, g.double())):
                 torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=1e-4)
+    assert kerneltune.served()["attention_backward"] == {"reference": 2}
     msgs = kt_warnings(caught)
     assert len(msgs) == 1 and "exact fp32 backward serves" in msgs[0] and "_ForceDispatchKeyGuard" in msgs[0], msgs
 

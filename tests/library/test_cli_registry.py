@@ -14,7 +14,7 @@ from kerneltune.cli import app
 from kerneltune.evaluate.static import inspect_source, read_candidate
 from kerneltune.ops import get_op
 from kerneltune.store.db import Store
-from tests.library.conftest import SEEDS
+from tests.library.conftest import SEEDS, TEST_KERNELS
 
 SEED = os.path.join(SEEDS, "adamw", "numba_cpu.py")
 
@@ -105,6 +105,27 @@ def test_registry_and_explain_report_what_serves(cli, tmp_path, monkeypatch):
     os.remove(tmp_path / "candidates" / "adamw" / "numba_cpu.py")
     r = cli("registry", "--registry", registry, "--json")
     assert r.exit_code == 1 and {x["status"] for x in json.loads(r.stdout)["entries"]} == {"file missing"}
+
+
+def test_explain_attention_says_what_a_differentiated_call_gets(cli, user_registry):
+    """kerneltune.attention serves a call autograd records only with a backward kernel: explain says so."""
+    fwd = ("attention/numba_cpu.py", dict(op="attention", dims={"B": 2, "H": 3, "N": 17, "D": 48},
+                                          args={"causal": True}))
+    bwd = (os.path.join(TEST_KERNELS, "attention_backward", "torch_math.py"),
+           dict(op="attention_backward", dims={"B": 2, "H": 3, "N": 17, "D": 48}, args={"causal": True},
+                backend="torch"))
+    path = user_registry([fwd], env=False)
+    r = cli("explain", "attention", "--shape", "2,3,17,48,causal", "--registry", path, "--json")
+    info = json.loads(r.stdout)
+    assert r.exit_code == 0 and info["kernel"] == "numba_cpu"
+    assert info["differentiated"]["forward"] == "reference" and info["differentiated"]["backward"] == "reference"
+    assert "SDPA both ways" in cli("explain", "attention", "--shape", "2,3,17,48,causal", "--registry", path).stdout
+    path = user_registry([fwd, bwd], env=False)
+    info = json.loads(cli("explain", "attention", "--shape", "2,3,17,48,causal", "--registry", path, "--json").stdout)
+    assert info["differentiated"] == {"forward": "numba_cpu", "backward": "torch_math",
+                                      "reason": info["differentiated"]["reason"]}
+    assert "forward numba_cpu, backward torch_math" in cli("explain", "attention", "--shape", "2,3,17,48,causal",
+                                                           "--registry", path).stdout
 
 
 def test_promote_refuses_what_did_not_pass_here(cli, tmp_path):

@@ -5,7 +5,6 @@ AdamW. Skipped without a GPU."""
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 import warnings
 
@@ -22,14 +21,20 @@ pytestmark = pytest.mark.gpu
 TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (4e-3, 1e-2), torch.bfloat16: (3e-2, 5e-2)}
 
 
+SHAPES = [(1, 1, 1, 64), (2, 3, 77, 64), (1, 5, 300, 128), (2, 4, 256, 80), (2, 4, 256, 64)]
+
+
 @pytest.fixture
 def cuda_registry(user_registry, monkeypatch):
+    """The Triton seeds at every shape of the tests, both directions (an entry serves only its head dim, and
+    near shapes: registry.within_reach), every dtype and mask; the AdamW seed."""
     key = reg.device_key("cuda")
-    att = {"B": 2, "H": 4, "N": 256, "D": 64}
     user_registry([
-        *[("attention/triton_flash.py", dict(op="attention", dims=att, dtype=dt, args={"causal": c}, device_key=key,
-                                             backend="triton"))
-          for dt in ("float32", "float16", "bfloat16") for c in (True, False)],
+        *[(path, dict(op=op, dims=dict(zip("BHND", shape)), dtype=dt, args={"causal": c}, device_key=key,
+                      backend="triton"))
+          for op, path in (("attention", "attention/triton_flash.py"),
+                           ("attention_backward", "attention_backward/triton_fa2_bwd.py"))
+          for shape in SHAPES for dt in ("float32", "float16", "bfloat16") for c in (True, False)],
         ("adamw/triton_multitensor.py", dict(op="adamw", dims={"shapes": [[1024, 256], [256]]}, device_key=key,
                                              backend="triton")),
     ])
@@ -47,17 +52,19 @@ def fp64(q, k, v, causal):
 
 
 @pytest.mark.parametrize("dtype", list(TOL), ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("shape", [(1, 1, 1, 64), (2, 3, 77, 64), (1, 5, 300, 128), (2, 4, 256, 80)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_triton_attention_serves_on_cuda_and_matches(cuda_registry, monkeypatch, shape, dtype):
-    """The forward kernel serves; with no backward kernel, the backward is SDPA's own after its forward
-    recomputed (the exact fp32 backward never runs)."""
-    monkeypatch.setattr(importlib.import_module("kerneltune.library.attention"), "exact_backward", no_exact)
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
+def test_triton_attention_serves_on_cuda_and_matches(cuda_registry, shape, dtype):
+    """Calls autograd records: both Triton kernels (each checked against the exact reference on first use,
+    $KERNELTUNE_VERIFY); the same calls without grad: the forward kernel."""
     atol, rtol = TOL[dtype]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for causal in (True, False):
             q, k, v = (torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+            with torch.no_grad():
+                torch.testing.assert_close(kerneltune.attention(q, k, v, causal=causal),
+                                           F.scaled_dot_product_attention(q, k, v, is_causal=causal), atol=atol,
+                                           rtol=rtol)
             out = kerneltune.attention(q, k, v, causal=causal)
             want, leaves = fp64(q, k, v, causal)
             torch.testing.assert_close(out.double(), want, atol=atol, rtol=rtol)
@@ -71,16 +78,31 @@ def test_triton_attention_serves_on_cuda_and_matches(cuda_registry, monkeypatch,
                 sdpa_err = float(((t.double() - e) / s).abs().max())  # no less accurate than SDPA's own backward
                 torch.testing.assert_close(a.double() / s, e / s, atol=max(atol, 1.25 * sdpa_err), rtol=rtol)
     assert kt_warnings(caught) == []
-    assert kerneltune.served()["attention"] == {"triton_flash": 2}
-    assert kerneltune.served()["attention_backward"] == {"reference": 2}
+    assert kerneltune.served() == {"attention": {"triton_flash": 4}, "attention_backward": {"triton_fa2_bwd": 2}}
 
 
-def no_exact(*args, **kwargs):
-    raise AssertionError("the exact fp32 backward ran where SDPA's own should have")
+def test_a_forward_kernel_alone_leaves_a_differentiated_call_to_sdpa(user_registry, monkeypatch):
+    """Only a forward kernel: a call autograd records is SDPA's, both ways; the same call without grad takes
+    the kernel."""
+    key = reg.device_key("cuda")
+    user_registry([("attention/triton_flash.py", dict(op="attention", dims={"B": 2, "H": 4, "N": 256, "D": 64},
+                                                      dtype="bfloat16", args={"causal": True}, device_key=key,
+                                                      backend="triton"))])
+    monkeypatch.setenv("KERNELTUNE_MIN_SPEEDUP", "0")
+    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = kerneltune.attention(q, k, v)
+    g = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (q, k, v), g)
+    theirs = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), g)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)  # SDPA's own backward, run twice
+    with torch.no_grad():
+        kerneltune.attention(q, k, v)
+    assert kerneltune.served() == {"attention": {"reference": 1, "triton_flash": 1},
+                                   "attention_backward": {"reference": 1}}
 
 
-def test_compile_on_cuda_serves_the_kernel_without_graph_breaks(cuda_registry, monkeypatch):
-    monkeypatch.setattr(importlib.import_module("kerneltune.library.attention"), "exact_backward", no_exact)
+def test_compile_on_cuda_serves_the_kernel_without_graph_breaks(cuda_registry):
     torch._dynamo.reset()
 
     def f(q, k, v):
@@ -90,7 +112,7 @@ def test_compile_on_cuda_serves_the_kernel_without_graph_breaks(cuda_registry, m
     y = torch.compile(f, fullgraph=True)(q, k, v)
     torch.testing.assert_close(y, f(q, k, v))
     y.sum().backward()
-    assert kerneltune.served()["attention"] == {"triton_flash": 2}
+    assert kerneltune.served() == {"attention": {"triton_flash": 2}, "attention_backward": {"triton_fa2_bwd": 1}}
 
 
 def test_adamw_triton_kernel_matches_fused_torch_over_100_steps(cuda_registry):
