@@ -1,7 +1,8 @@
-"""The library's attention backward where no backward kernel serves: SDPA's own backward after its forward
-recomputed (what ``kerneltune::attention_backward`` runs now) against the exact fp32 recomputation (what it ran
-before 2026-11-28, and still runs where torch cannot let autograd back into the custom op), side by side in one
-process, interleaved, median of the rounds. Both are called as the custom op's body calls them.
+"""The reference of the library's ``kerneltune::attention_backward`` op, what serves where the custom ops run
+and no backward kernel reaches the shape (a compiled call site with dynamic shapes, a dropped kernel): SDPA's
+own backward after its forward recomputed (since 2026-11-28) against the exact fp32 recomputation (before, and
+still where torch cannot let autograd back into the custom op), side by side in one process, interleaved,
+median of the rounds. Both are called as the custom op's body calls them.
 
 Usage: python benchmarks/attention_fallback_bwd.py [--device cpu] [--dtype float32] [--rounds 7] [--json]
 """
