@@ -386,7 +386,7 @@ def register(app: typer.Typer) -> None:
                 out.print(f"  file: {d.entry.path}", highlight=False)
             if d.warning:
                 err.print(f"  warning: {d.warning}", highlight=False)
-            if "differentiated" in info and d.entry:
+            if "differentiated" in info:
                 t = info["differentiated"]
                 out.print("  a call autograd records (training): " + (
                     f"forward {t['forward']}, backward {t['backward']}" if t["backward"] != "reference" else

@@ -2,7 +2,7 @@
 
 Two torch custom ops (``torch.library``), so ``torch.compile`` traces a call as one opaque node:
 
-    kerneltune::attention(q, k, v, causal, scale) -> out                       # (B, H, N, D) -> (B, H, N, Dv)
+    kerneltune::attention(q, k, v, causal, scale, grad) -> out                 # (B, H, N, D) -> (B, H, N, Dv)
     kerneltune::attention_backward(grad_out, q, k, v, out, causal, scale) -> (dq, dk, dv)
 
 A call enters them only where a registry kernel serves what the call needs: its backward, when autograd
@@ -11,9 +11,11 @@ records the call (grad mode on and q, k or v requiring grad), else its forward. 
 forward kernel with no backward kernel beside it never serves a call that will be differentiated (its
 backward would have to recompute SDPA's forward: the step would pay a forward more than SDPA alone).
 Inside them each op picks its kernel when it runs (``serve.choose``): a registry kernel for this device,
-shape bucket and dtype, else the reference — torch's ``scaled_dot_product_attention``, forward or backward
-(its backward after its forward recomputed from the saved q, k, v; under torch.compile with dynamic shapes
-the custom ops take every call of a traced site, and this serves the shapes no backward kernel reaches).
+shape bucket and dtype (for the forward of a call autograd records, ``grad``, only where the backward has
+one too), else the reference — torch's ``scaled_dot_product_attention``, forward or backward (its backward
+after its forward recomputed from the saved q, k, v; under torch.compile the decision to enter the ops is
+made once for every shape a traced site may see, since a traced shape may be symbolic, and this serves the
+shapes no backward kernel reaches, at the cost of one more SDPA forward).
 
 Registry kernels take the op contract's inputs: (B, H, N, D) with one shape for q, k, v, dtype fp32, fp16
 or bf16, D <= 256. Other calls (cross-attention lengths, float64, other ranks) always get the reference.
@@ -54,7 +56,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
             if out.requires_grad:
                 out.register_hook(_count_reference_backward)
         return out
-    return torch.ops.kerneltune.attention(q, k, v, causal, scale)
+    return torch.ops.kerneltune.attention(q, k, v, causal, scale, grad)
 
 
 def _count_reference_backward(grad: Tensor) -> None:
@@ -88,6 +90,8 @@ def _kernel_may_serve(device_type: str, index: Optional[int], shape: tuple[int, 
     return serve.choose(op, device, dict(zip("BHND", shape)), dtype, {"causal": causal}).run is not None
 
 
+
+
 @torch.compiler.assume_constant_result
 def _kernel_may_serve_some(device_type: str, index: Optional[int], dtype: str, causal: bool, op: str) -> bool:
     """Whether the registry could serve ``op`` for this device, dtype and mask at some shape (Registry.servable:
@@ -117,10 +121,16 @@ def _dtype(t: Tensor) -> str:
 
 # -- forward ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("kerneltune::attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float]) -> Tensor:
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float], grad: bool = False
+                  ) -> Tensor:
+    """``grad``: autograd records the call. A forward kernel then serves only where a backward kernel serves
+    this shape too (else SDPA's backward, after SDPA's forward recomputed, would follow it: the kernel's time
+    on top of all of SDPA's); this matters where the decision to enter the op was made without the shape
+    (torch.compile: for every shape of a traced site at once) or before a backward kernel was dropped."""
     if _fits_contract(q, k, v):
         choice = serve.choose(OP, q.device, _dims(q), _dtype(q), {"causal": causal})
-        if choice.run is not None:
+        if choice.run is not None and (not grad or serve.choose(OP_BACKWARD, q.device, _dims(q), _dtype(q),
+                                                                  {"causal": causal}).run is not None):
             out = _run_kernel(choice, q, k, v, causal, scale)
             if out is not None:
                 serve.count(OP, choice.name)
@@ -130,7 +140,8 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional
 
 
 @_attention_op.register_fake
-def _attention_fake(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float]) -> Tensor:
+def _attention_fake(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float], grad: bool = False
+                    ) -> Tensor:
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -335,7 +346,7 @@ def _causal_mask(i0: int, i1: int, nk: int, device: torch.device) -> Tensor:
 
 # -- autograd -----------------------------------------------------------------------------------------------
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    q, k, v, causal, scale = inputs
+    q, k, v, causal, scale, _ = inputs
     ctx.save_for_backward(q, k, v, output)
     ctx.causal, ctx.scale = causal, scale
 
@@ -343,7 +354,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
 def _backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     q, k, v, out = ctx.saved_tensors
     dq, dk, dv = torch.ops.kerneltune.attention_backward(grad_out.contiguous(), q, k, v, out, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+    return dq, dk, dv, None, None, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -309,6 +309,39 @@ def test_with_a_backward_kernel_both_directions_serve_and_sdpas_backward_covers_
                                    "attention_backward": {"torch_math": 2, "reference": 1}}
 
 
+def test_compiled_a_forward_kernel_serves_a_differentiated_call_only_where_the_backward_kernel_does(
+        user_registry):
+    """Under torch.compile the decision to enter the custom ops cannot look at the shape (it may be symbolic):
+    with a backward entry for the device, dtype and mask, every differentiated call of a traced site enters
+    them. Their forward then takes its kernel only where the backward kernel serves the shape too, and serves
+    it still (a backward kernel dropped after the trace leaves the forward kernel too)."""
+    from kerneltune.library import serve
+
+    fwd40 = ("attention/numba_cpu.py", {**FWD_48[1], "dims": {"B": 2, "H": 3, "N": 17, "D": 40}})
+    user_registry([fwd40, FWD_48, BWD_48])
+    call = lambda q, k, v, s: kerneltune.attention(q, k, v, causal=True, scale=s)  # noqa: E731
+    both = [((2, 3, 17, 40), None), ((2, 3, 17, 48), None)]  # a forward kernel each; a backward one at D 48
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        kerneltune.reset_served()
+        compiled = torch.compile(call, dynamic=dynamic, fullgraph=True)
+        check_grads(compiled, torch.float32, both)  # D 40: SDPA both ways, bit for bit
+        assert kerneltune.served() == {"attention": {"reference": 1, "numba_cpu": 1},
+                                       "attention_backward": {"reference": 1, "torch_math": 1}}, dynamic
+        with torch.no_grad():  # inference: the forward kernels, both
+            for shape, scale in both:
+                compiled(*no_grad_inputs(shape, torch.float32, 2), scale)
+        assert kerneltune.served()["attention"] == {"reference": 1, "numba_cpu": 3}
+    bwd = serve.choose("attention_backward", torch.device("cpu"), {"B": 2, "H": 3, "N": 17, "D": 48}, "float32",
+                       {"causal": True}).entry
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        serve.mark_bad(bwd, "dropped by the test")
+    kerneltune.reset_served()
+    check_grads(compiled, torch.float32, [((2, 3, 17, 48), None)])  # the same graph: no retrace
+    assert kerneltune.served() == {"attention": {"reference": 1}, "attention_backward": {"reference": 1}}
+
+
 def test_where_sdpas_backward_cannot_run_in_the_custom_op_the_exact_one_serves_with_a_warning(user_registry,
                                                                                              monkeypatch):
     la = importlib.import_module("kerneltune.library.attention")

@@ -126,6 +126,9 @@ def test_explain_attention_says_what_a_differentiated_call_gets(cli, user_regist
                                       "reason": info["differentiated"]["reason"]}
     assert "forward numba_cpu, backward torch_math" in cli("explain", "attention", "--shape", "2,3,17,48,causal",
                                                            "--registry", path).stdout
+    path = user_registry([bwd], env=False)  # a backward kernel alone: the forward is SDPA's, the backward its
+    r = cli("explain", "attention", "--shape", "2,3,17,48,causal", "--registry", path)
+    assert "reference" in r.stdout and "forward reference, backward torch_math" in r.stdout, r.stdout
 
 
 def test_promote_refuses_what_did_not_pass_here(cli, tmp_path):
