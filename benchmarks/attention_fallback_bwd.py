@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         print(json.dumps(out, indent=1))
         return 0
-    print(f"attention backward without a backward kernel, {out['device_name']}, {a.dtype}, causal, "
+    print(f"kerneltune::attention_backward's reference, {out['device_name']}, {a.dtype}, causal, "
           f"median of {a.rounds} rounds")
     for r in out["rows"]:
         m = r["median_ms"]
