@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import kerneltune
+from tests.interp import in_interpreter
 from tests.library.conftest import TEST_KERNELS, kt_warnings
 
 # (B, H, N, D): N=1, odd head counts, N and D off every power of two, D=256 (the contract's limit)
@@ -405,6 +406,53 @@ def test_the_fallback_backward_benchmark_reports_both_side_by_side(capsys):
     for row in out["rows"]:
         assert set(row["median_ms"]) == {"sdpa_recomputed", "exact_fp32"}
         assert all(v > 0 for v in row["median_ms"].values()) and row["exact_over_sdpa"] > 0
+
+
+def test_the_triton_kernels_serve_both_directions_through_the_library_in_the_interpreter(tmp_path):
+    """The shipped Triton forward and backward (FA2) registered at three shapes (N = 1, ragged N, D = 80),
+    both masks, checked on first use ($KERNELTUNE_VERIFY): a call autograd records takes both kernels, and its
+    output and gradients match fp64 (the backward kernel gets the library's o and row logsumexp)."""
+    in_interpreter("tests.library.test_attention", "both_directions_through_the_library", str(tmp_path))
+
+
+def both_directions_through_the_library(tmp: str) -> None:
+    """(Run in a fresh process under TRITON_INTERPRET=1 by the test above.)"""
+    import json
+    import shutil
+
+    import kerneltune.registry as reg
+    from kerneltune.library import serve
+    from tests.library.conftest import SEEDS, entry_for
+
+    reg.shipped_path = lambda: os.path.join(tmp, "none.json")
+    shapes = [(1, 1, 1, 64), (2, 3, 77, 64), (2, 2, 40, 80)]
+    entries = []
+    for op, rel in (("attention", "attention/triton_flash.py"),
+                    ("attention_backward", "attention_backward/triton_fa2_bwd.py")):
+        dst = os.path.join(tmp, "candidates", rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copy(os.path.join(SEEDS, rel), dst)
+        entries += [entry_for(dst, op=op, dims=dict(zip("BHND", shape)), args={"causal": c}, backend="triton")
+                    for shape in shapes for c in (True, False)]
+    path = os.path.join(tmp, "registry.json")
+    with open(path, "w") as f:
+        json.dump({"format": 1, "entries": entries}, f)
+    os.environ.update({reg.ENV_REGISTRY: path, reg.ENV_MIN_SPEEDUP: "0", serve.ENV_VERIFY: "1"})
+    serve.reload()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, shape in enumerate(shapes):
+            for causal in (True, False):
+                q, k, v = inputs(shape, torch.float32, 20 + i)
+                out = kerneltune.attention(q, k, v, causal=causal)
+                want, leaves = fp64_attention(q, k, v, causal, None)
+                torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
+                g = torch.randn(out.shape, generator=torch.Generator().manual_seed(i))
+                for name, a, e in zip("qkv", grads(out, (q, k, v), g), grads(want, leaves, g.double())):
+                    sc = max(float(e.abs().max()), 1e-2)
+                    torch.testing.assert_close(a.double() / sc, e / sc, atol=2e-5, rtol=1e-4, msg=f"d{name}")
+    assert kt_warnings(caught) == []
+    assert kerneltune.served() == {"attention": {"triton_flash": 6}, "attention_backward": {"triton_fa2_bwd": 6}}
 
 
 def test_custom_ops_pass_opcheck():
