@@ -2,8 +2,8 @@
 
 Two torch custom ops (``torch.library``), so ``torch.compile`` traces a call as one opaque node:
 
-    kerneltune::attention(q, k, v, causal, scale, grad) -> out                 # (B, H, N, D) -> (B, H, N, Dv)
-    kerneltune::attention_backward(grad_out, q, k, v, out, causal, scale) -> (dq, dk, dv)
+    kerneltune::attention(q, k, v, causal, scale, grad, want_lse) -> (out, lse)  # (B, H, N, D) -> (B, H, N, Dv)
+    kerneltune::attention_backward(grad_out, q, k, v, out, lse, causal, scale, lse_ok) -> (dq, dk, dv)
 
 A call enters them only where a registry kernel serves what the call needs: its backward, when autograd
 records the call (grad mode on and q, k or v requiring grad), else its forward. Any other call is torch's
@@ -56,7 +56,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
             if out.requires_grad:
                 out.register_hook(_count_reference_backward)
         return out
-    return torch.ops.kerneltune.attention(q, k, v, causal, scale, grad)
+    # eagerly, a call that enters the ops with grad has a backward kernel for its shape: the forward hands it
+    # the row logsumexp (a forward kernel's run_with_lse, at no cost). Traced, the ops are entered for every shape
+    # of the site, and an lse computed for a shape no backward kernel reaches would be a wasted fp32 pass
+    want_lse = grad and not torch.compiler.is_compiling()
+    return torch.ops.kerneltune.attention(q, k, v, causal, scale, grad, want_lse)[0]
 
 
 def _count_reference_backward(grad: Tensor) -> None:
@@ -121,28 +125,37 @@ def _dtype(t: Tensor) -> str:
 
 # -- forward ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("kerneltune::attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float], grad: bool = False
-                  ) -> Tensor:
-    """``grad``: autograd records the call. A forward kernel then serves only where a backward kernel serves
-    this shape too (else SDPA's backward, after SDPA's forward recomputed, would follow it: the kernel's time
-    on top of all of SDPA's); this matters where the decision to enter the op was made without the shape
-    (torch.compile: for every shape of a traced site at once) or before a backward kernel was dropped."""
-    if _fits_contract(q, k, v):
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float], grad: bool = False,
+                  want_lse: bool = False) -> tuple[Tensor, Tensor]:
+    """(out, lse). ``grad``: autograd records the call. A forward kernel then serves only where a backward
+    kernel serves this shape too (else SDPA's backward, after SDPA's forward recomputed, would follow it: the
+    kernel's time on top of all of SDPA's); this matters where the decision to enter the op was made without
+    the shape (torch.compile: for every shape of a traced site at once) or before a backward kernel was
+    dropped. ``want_lse``: lse is the fp32 (B, H, N) natural-log row logsumexp the backward kernel takes (the
+    forward kernel's ``run_with_lse`` where it has one, else recomputed); otherwise zeros, never read."""
+    out = lse = None
+    fits = _fits_contract(q, k, v)
+    if fits:
         choice = serve.choose(OP, q.device, _dims(q), _dtype(q), {"causal": causal})
         if choice.run is not None and (not grad or serve.choose(OP_BACKWARD, q.device, _dims(q), _dtype(q),
                                                                   {"causal": causal}).run is not None):
-            out = _run_kernel(choice, q, k, v, causal, scale)
-            if out is not None:
+            got = _run_kernel(choice, q, k, v, causal, scale, want_lse)
+            if got is not None:
                 serve.count(OP, choice.name)
-                return out
-    serve.count(OP, serve.REFERENCE)
-    return reference_forward(q, k, v, causal, scale)
+                out, lse = got
+    if out is None:
+        serve.count(OP, serve.REFERENCE)
+        out = reference_forward(q, k, v, causal, scale)
+    if lse is None:
+        lse = (row_logsumexp(q, k, causal, scale) if want_lse and fits
+               else q.new_zeros(q.shape[:-1], dtype=torch.float32))
+    return out, lse
 
 
 @_attention_op.register_fake
-def _attention_fake(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float], grad: bool = False
-                    ) -> Tensor:
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+def _attention_fake(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float], grad: bool = False,
+                    want_lse: bool = False) -> tuple[Tensor, Tensor]:
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 def reference_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float]) -> Tensor:
@@ -159,13 +172,19 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float]) 
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 
-def _run_kernel(choice: serve.Choice, q: Tensor, k: Tensor, v: Tensor, causal: bool,
-                scale: Optional[float]) -> Tensor | None:
-    """The registry kernel's output, or None when it failed (it is then dropped for this process)."""
+def _run_kernel(choice: serve.Choice, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float],
+                want_lse: bool = False) -> tuple[Tensor, Tensor | None] | None:
+    """(out, lse) of the registry kernel, lse None unless ``want_lse`` and the kernel's file has
+    ``run_with_lse``; None when it failed (it is then dropped for this process)."""
     e = choice.entry
     assert e is not None and choice.run is not None
+    with_lse = serve.companion(choice, "run_with_lse") if want_lse else None
     try:
-        out = choice.run(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal, scale=scale)
+        qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
+        if with_lse is not None:
+            out, lse = with_lse(qc, kc, vc, causal=causal, scale=scale)
+        else:
+            out, lse = choice.run(qc, kc, vc, causal=causal, scale=scale), None
     except Exception as ex:  # noqa: BLE001 - a kernel that raises never takes the caller down
         serve.mark_bad(e, f"{e.name} raised {type(ex).__name__}: {ex}")
         return None
@@ -173,34 +192,49 @@ def _run_kernel(choice: serve.Choice, q: Tensor, k: Tensor, v: Tensor, causal: b
         serve.mark_bad(e, f"{e.name} returned {getattr(out, 'shape', type(out))} {getattr(out, 'dtype', '')}, "
                           f"not {tuple(q.shape)} {q.dtype}")
         return None
+    if with_lse is not None and (type(lse) is not torch.Tensor or lse.shape != q.shape[:-1]  # noqa: E721
+                                 or lse.dtype != torch.float32 or lse.device != q.device):
+        serve.mark_bad(e, f"{e.name}'s run_with_lse returned an lse of {getattr(lse, 'shape', type(lse))} "
+                          f"{getattr(lse, 'dtype', '')}, not {tuple(q.shape[:-1])} torch.float32")
+        return None
     if choice.verify:
-        why = _verify_forward(q, k, v, causal, scale, out)
+        why = _verify_forward(q, k, v, causal, scale, out, lse)
         if why:
             serve.verify_failed(OP, e, why)
             return None
         serve.mark_verified(e)
-    return out.contiguous()
+    return out.contiguous(), None if lse is None else lse.contiguous()
 
 
-def _verify_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float], out: Tensor) -> str:
-    """'' when ``out`` matches the op's fp64 reference within the evaluator's tolerance for the dtype."""
+def _verify_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float], out: Tensor,
+                    lse: Tensor | None = None) -> str:
+    """'' when ``out`` (and ``lse``, where given) match the op's fp64 reference within the evaluator's
+    tolerance for the dtype."""
     from kerneltune.ops import get_op
     from kerneltune.ops.base import Inputs
 
     spec = get_op(OP)
-    inputs = Inputs({"q": q.detach().cpu(), "k": k.detach().cpu(), "v": v.detach().cpu()},
-                    {"causal": causal, "scale": scale})
-    return spec.compare(inputs, spec.reference(inputs), {"out": out.detach().cpu()})
+    args: dict[str, Any] = {"causal": causal, "scale": scale}
+    actual = {"out": out.detach().cpu()}
+    if lse is not None:
+        args["lse"] = True
+        actual["lse"] = lse.detach().cpu()
+    inputs = Inputs({"q": q.detach().cpu(), "k": k.detach().cpu(), "v": v.detach().cpu()}, args)
+    return spec.compare(inputs, spec.reference(inputs), actual)
 
 
 # -- backward -----------------------------------------------------------------------------------------------
 @torch.library.custom_op("kerneltune::attention_backward", mutates_args=())
-def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool,
-                           scale: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                           causal: bool, scale: Optional[float], lse_ok: bool = False
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+    """``lse``: the forward's row logsumexp where ``lse_ok`` (the forward was asked for it), else recomputed
+    here when a backward kernel needs it."""
     if _fits_contract(q, k, v) and grad_out.shape == q.shape:
         choice = serve.choose(OP_BACKWARD, q.device, _dims(q), _dtype(q), {"causal": causal})
         if choice.run is not None:
-            grads = _run_backward_kernel(choice, grad_out, q, k, v, out, causal, scale)
+            given = lse if lse_ok and lse.shape == q.shape[:-1] else row_logsumexp(q, k, causal, scale)
+            grads = _run_backward_kernel(choice, grad_out, q, k, v, out, given, causal, scale)
             if grads is not None:
                 serve.count(OP_BACKWARD, choice.name)
                 return grads
@@ -209,8 +243,9 @@ def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
 
 
 @_attention_backward_op.register_fake
-def _attention_backward_fake(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool,
-                             scale: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+def _attention_backward_fake(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                             causal: bool, scale: Optional[float], lse_ok: bool = False
+                             ) -> tuple[Tensor, Tensor, Tensor]:
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -286,15 +321,13 @@ def exact_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, causal: bo
 
 
 def _run_backward_kernel(choice: serve.Choice, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                         causal: bool, scale: Optional[float]) -> tuple[Tensor, Tensor, Tensor] | None:
-    """A registry ``attention_backward`` kernel: ``run(q, k, v, o, do, lse, causal=, scale=) -> (dq, dk, dv)``.
-    The row logsumexp it needs is recomputed here in fp32 (the forward op returns the output only)."""
+                         lse: Tensor, causal: bool, scale: Optional[float]) -> tuple[Tensor, Tensor, Tensor] | None:
+    """A registry ``attention_backward`` kernel: ``run(q, k, v, o, do, lse, causal=, scale=) -> (dq, dk, dv)``."""
     e = choice.entry
     assert e is not None and choice.run is not None
     q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out))
     try:
-        grads = tuple(choice.run(q, k, v, out, grad_out, row_logsumexp(q, k, causal, scale), causal=causal,
-                                 scale=scale))
+        grads = tuple(choice.run(q, k, v, out, grad_out, lse.contiguous(), causal=causal, scale=scale))
     except Exception as ex:  # noqa: BLE001 - a kernel that raises never takes the caller down
         serve.mark_bad(e, f"{e.name} raised {type(ex).__name__}: {ex}")
         return None
@@ -345,16 +378,19 @@ def _causal_mask(i0: int, i1: int, nk: int, device: torch.device) -> Tensor:
 
 
 # -- autograd -----------------------------------------------------------------------------------------------
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    q, k, v, causal, scale, _ = inputs
-    ctx.save_for_backward(q, k, v, output)
-    ctx.causal, ctx.scale = causal, scale
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    q, k, v, causal, scale, _, want_lse = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale, ctx.lse_ok = causal, scale, want_lse
+    ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-    q, k, v, out = ctx.saved_tensors
-    dq, dk, dv = torch.ops.kerneltune.attention_backward(grad_out.contiguous(), q, k, v, out, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None
+def _backward(ctx: Any, grad_out: Tensor, _grad_lse: Any) -> tuple[Tensor | None, ...]:
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.kerneltune.attention_backward(grad_out.contiguous(), q, k, v, out, lse, ctx.causal,
+                                                         ctx.scale, ctx.lse_ok)
+    return dq, dk, dv, None, None, None, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)

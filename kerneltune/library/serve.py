@@ -194,6 +194,14 @@ def _import_run(e: Entry) -> Callable[..., Any]:
     return run
 
 
+def companion(choice: Choice, name: str) -> Callable[..., Any] | None:
+    """Another function of the served kernel's file (e.g. an attention kernel's ``run_with_lse``), or None."""
+    if choice.run is None:
+        return None
+    fn = getattr(sys.modules.get(getattr(choice.run, "__module__", "") or ""), name, None)
+    return fn if callable(fn) else None
+
+
 def mark_bad(e: Entry, why: str) -> None:
     """Stop serving ``e`` in this process (one warning says why)."""
     with _lock:

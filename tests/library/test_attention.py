@@ -375,12 +375,13 @@ def test_the_reference_backward_raises_sdpas_own_errors_and_leaves_the_dispatch_
     backward; the thread's dispatch keys are the same after the op, returned or raised."""
     q, k, v = (t.detach() for t in inputs((2, 3, 17, 48), torch.float32, 4))
     o = kerneltune.attention(q, k, v)
+    z = torch.zeros(2, 3, 17)  # no lse from the forward (lse_ok False): nothing reads it without a kernel
     keys = torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()
     with pytest.raises(RuntimeError, match="shape"):
-        torch.ops.kerneltune.attention_backward(torch.randn(2, 3, 17, 40), q, k, v, o, True, None)
+        torch.ops.kerneltune.attention_backward(torch.randn(2, 3, 17, 40), q, k, v, o, z, True, None)
     assert (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()) == keys
     g = torch.randn(2, 3, 17, 48)
-    got = torch.ops.kerneltune.attention_backward(g, q, k, v, o, True, None)
+    got = torch.ops.kerneltune.attention_backward(g, q, k, v, o, z, True, None)
     assert (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()) == keys
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     want = torch.autograd.grad(F.scaled_dot_product_attention(*leaves, is_causal=True), leaves, g)
@@ -388,7 +389,7 @@ def test_the_reference_backward_raises_sdpas_own_errors_and_leaves_the_dispatch_
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     with torch.inference_mode():  # inference tensors: the exact backward, no warning
         qi, ki, vi, gi = (t.clone() for t in (q, k, v, g))
-        got = torch.ops.kerneltune.attention_backward(gi, qi, ki, vi, o, True, None)
+        got = torch.ops.kerneltune.attention_backward(gi, qi, ki, vi, o, z, True, None)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
 
@@ -408,14 +409,16 @@ def test_the_fallback_backward_benchmark_reports_both_side_by_side(capsys):
         assert all(v > 0 for v in row["median_ms"].values()) and row["exact_over_sdpa"] > 0
 
 
-def test_the_triton_kernels_serve_both_directions_through_the_library_in_the_interpreter(tmp_path):
-    """The shipped Triton forward and backward (FA2) registered at three shapes (N = 1, ragged N, D = 80),
-    both masks, checked on first use ($KERNELTUNE_VERIFY): a call autograd records takes both kernels, and its
-    output and gradients match fp64 (the backward kernel gets the library's o and row logsumexp)."""
-    in_interpreter("tests.library.test_attention", "both_directions_through_the_library", str(tmp_path))
+@pytest.mark.parametrize("forward", ["triton_flash", "triton_fa2"])
+def test_the_triton_kernels_serve_both_directions_through_the_library_in_the_interpreter(tmp_path, forward):
+    """A shipped Triton forward and the FA2 backward registered at three shapes (N = 1, ragged N, D = 80), both
+    masks, checked on first use ($KERNELTUNE_VERIFY): a call autograd records takes both kernels, and its
+    output and gradients match fp64. The backward kernel gets the forward's row logsumexp: triton_fa2's
+    run_with_lse (nothing recomputes it), or, from triton_flash which has none, one recomputed in the forward."""
+    in_interpreter("tests.library.test_attention", "both_directions_through_the_library", str(tmp_path), forward)
 
 
-def both_directions_through_the_library(tmp: str) -> None:
+def both_directions_through_the_library(tmp: str, forward: str) -> None:
     """(Run in a fresh process under TRITON_INTERPRET=1 by the test above.)"""
     import json
     import shutil
@@ -424,10 +427,14 @@ def both_directions_through_the_library(tmp: str) -> None:
     from kerneltune.library import serve
     from tests.library.conftest import SEEDS, entry_for
 
+    la = importlib.import_module("kerneltune.library.attention")
+    recomputed = []
+    real_lse = la.row_logsumexp
+    la.row_logsumexp = lambda *a: recomputed.append(1) or real_lse(*a)
     reg.shipped_path = lambda: os.path.join(tmp, "none.json")
     shapes = [(1, 1, 1, 64), (2, 3, 77, 64), (2, 2, 40, 80)]
     entries = []
-    for op, rel in (("attention", "attention/triton_flash.py"),
+    for op, rel in (("attention", f"attention/{forward}.py"),
                     ("attention_backward", "attention_backward/triton_fa2_bwd.py")):
         dst = os.path.join(tmp, "candidates", rel)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -452,14 +459,18 @@ def both_directions_through_the_library(tmp: str) -> None:
                     sc = max(float(e.abs().max()), 1e-2)
                     torch.testing.assert_close(a.double() / sc, e / sc, atol=2e-5, rtol=1e-4, msg=f"d{name}")
     assert kt_warnings(caught) == []
-    assert kerneltune.served() == {"attention": {"triton_flash": 6}, "attention_backward": {"triton_fa2_bwd": 6}}
+    assert kerneltune.served() == {"attention": {forward: 6}, "attention_backward": {"triton_fa2_bwd": 6}}
+    assert len(recomputed) == (0 if forward == "triton_fa2" else 6)
 
 
 def test_custom_ops_pass_opcheck():
     """torch's own consistency checks of the custom ops: schema, fake (meta) impl, autograd registration."""
     q, k, v = inputs((1, 2, 5, 8), torch.float32, 3)
     torch.library.opcheck(torch.ops.kerneltune.attention.default, (q, k, v, True, None))
+    torch.library.opcheck(torch.ops.kerneltune.attention.default, (q, k, v, False, 0.5, True, True))
     g = torch.randn(1, 2, 5, 8)
     o = kerneltune.attention(q, k, v).detach()
-    torch.library.opcheck(torch.ops.kerneltune.attention_backward.default,
-                          (g, q.detach(), k.detach(), v.detach(), o, True, 0.5))
+    lse = torch.logsumexp(torch.randn(1, 2, 5, 5), -1)
+    for lse_ok in (False, True):
+        torch.library.opcheck(torch.ops.kerneltune.attention_backward.default,
+                              (g, q.detach(), k.detach(), v.detach(), o, lse, True, 0.5, lse_ok))
