@@ -240,3 +240,29 @@ def test_attention_backward_compiled_baseline_matches_fp64():
     assert spec.compare(inputs, spec.reference(inputs), got) == ""
     wrong = {k: v * 1.01 if k == "dk" else v for k, v in got.items()}
     assert "dk" in spec.compare(inputs, spec.reference(inputs), wrong)
+
+
+def test_run_with_lse_is_found_beside_a_decorated_run(tmp_path):
+    """attention's optional run_with_lse is looked up in the file that defines run, through decorators that keep
+    __wrapped__ (torch.no_grad() on run): the evaluator checks the lse it returns, as the library uses it."""
+    import importlib.util
+
+    src = tmp_path / "cand.py"
+    src.write_text(
+        "import torch\n"
+        "import torch.nn.functional as F\n"
+        "def run_with_lse(q, k, v, causal=True, scale=None):\n"
+        "    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale), "
+        "torch.full(q.shape[:-1], 7.0)\n"
+        "@torch.no_grad()\n"
+        "def run(q, k, v, causal=True, scale=None):\n"
+        "    return run_with_lse(q, k, v, causal, scale)[0]\n")
+    spec_ = importlib.util.spec_from_file_location("kt_cand_decorated", src)
+    mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(mod)
+    spec = get_op("attention")
+    case = next(c for c in spec.check_cases("cpu") if c.args.get("lse") and c.dtype == "float32")
+    inputs = spec.make_inputs(case, 0)
+    got = spec.invoke(mod.run, inputs.tensors, inputs.args)
+    assert set(got) == {"out", "lse"} and float(got["lse"].flatten()[0]) == 7.0
+    assert "lse" in spec.compare(inputs, spec.reference(inputs), got)  # the wrong lse is caught

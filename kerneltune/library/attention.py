@@ -47,7 +47,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
     """
     causal, scale = bool(causal), None if scale is None else float(scale)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if not _fits_contract(q, k, v) or not _may_serve(q, causal, grad):
+    serves, want_lse = _may_serve(q, causal, grad) if _fits_contract(q, k, v) else (False, False)
+    if not serves:
         # Nothing in the registry for this call: torch's SDPA as it is, with its own fused backward (the custom
         # ops, whose reference backward recomputes SDPA's forward, are for calls a registry kernel serves).
         out = sdpa(q, k, v, causal, scale)
@@ -56,10 +57,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
             if out.requires_grad:
                 out.register_hook(_count_reference_backward)
         return out
-    # eagerly, a call that enters the ops with grad has a backward kernel for its shape: the forward hands it
-    # the row logsumexp (a forward kernel's run_with_lse, at no cost). Traced, the ops are entered for every shape
-    # of the site, and an lse computed for a shape no backward kernel reaches would be a wasted fp32 pass
-    want_lse = grad and not torch.compiler.is_compiling()
     return torch.ops.kerneltune.attention(q, k, v, causal, scale, grad, want_lse)[0]
 
 
@@ -67,16 +64,18 @@ def _count_reference_backward(grad: Tensor) -> None:
     serve.count(OP_BACKWARD, serve.REFERENCE)
 
 
-_may_serve_cache: dict[tuple[Any, ...], bool] = {}
+_may_serve_cache: dict[tuple[Any, ...], tuple[bool, bool]] = {}
 
 
-def _may_serve(q: Tensor, causal: bool, grad: bool) -> bool:
-    """_kernel_may_serve, remembered per call signature until the registry's answer may change (a training
-    step makes dozens of identical calls: the fallback must cost next to nothing over SDPA itself). ``grad``:
-    autograd records the call, so the backward is what a kernel must serve."""
+def _may_serve(q: Tensor, causal: bool, grad: bool) -> tuple[bool, bool]:
+    """(whether the call enters the custom ops, whether their forward hands the backward kernel the row
+    logsumexp), remembered per call signature until the registry's answer may change (a training step makes
+    dozens of identical calls: the fallback must cost next to nothing over SDPA itself). ``grad``: autograd
+    records the call, so the backward is what a kernel must serve."""
     op = OP_BACKWARD if grad else OP
     if torch.compiler.is_compiling():  # a traced shape may be symbolic (dynamic=True, or a recompile after a new
-        return _kernel_may_serve_some(q.device.type, q.device.index, _dtype(q), causal, op)  # shape): not by shape
+        # shape): not by shape, and no logsumexp from the forward (whether its shape has kernels is not known)
+        return _kernel_may_serve_some(q.device.type, q.device.index, _dtype(q), causal, op), False
     key = (q.device, q.shape, q.dtype, causal, op, serve.generation())
     hit = _may_serve_cache.get(key)
     if hit is None:
@@ -88,10 +87,16 @@ def _may_serve(q: Tensor, causal: bool, grad: bool) -> bool:
 
 
 def _kernel_may_serve(device_type: str, index: Optional[int], shape: tuple[int, ...], dtype: str, causal: bool,
-                      op: str) -> bool:
-    """Whether the registry would serve ``op`` (the forward, or the backward) for this call (eager calls)."""
+                      op: str) -> tuple[bool, bool]:
+    """(whether the registry would serve ``op``, the forward or the backward, for this call; whether, a
+    backward kernel serving, the forward kernel's file has ``run_with_lse`` to hand it the row logsumexp at no
+    cost: otherwise the backward recomputes it, once, even where a checkpoint runs the forward twice)."""
     device = torch.device(device_type, index) if index is not None else torch.device(device_type)
-    return serve.choose(op, device, dict(zip("BHND", shape)), dtype, {"causal": causal}).run is not None
+    dims, args = dict(zip("BHND", shape)), {"causal": causal}
+    if serve.choose(op, device, dims, dtype, args).run is None:
+        return False, False
+    fwd = serve.choose(OP, device, dims, dtype, args) if op == OP_BACKWARD else None
+    return True, fwd is not None and serve.companion(fwd, "run_with_lse") is not None
 
 
 
@@ -131,8 +136,9 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional
     kernel serves this shape too (else SDPA's backward, after SDPA's forward recomputed, would follow it: the
     kernel's time on top of all of SDPA's); this matters where the decision to enter the op was made without
     the shape (torch.compile: for every shape of a traced site at once) or before a backward kernel was
-    dropped. ``want_lse``: lse is the fp32 (B, H, N) natural-log row logsumexp the backward kernel takes (the
-    forward kernel's ``run_with_lse`` where it has one, else recomputed); otherwise zeros, never read."""
+    dropped. ``want_lse`` (asked where the forward kernel has ``run_with_lse``): lse is the fp32 (B, H, N)
+    natural-log row logsumexp the backward kernel takes, from it (recomputed where the kernel failed);
+    otherwise zeros, never read."""
     out = lse = None
     fits = _fits_contract(q, k, v)
     if fits:
@@ -197,12 +203,13 @@ def _run_kernel(choice: serve.Choice, q: Tensor, k: Tensor, v: Tensor, causal: b
         serve.mark_bad(e, f"{e.name}'s run_with_lse returned an lse of {getattr(lse, 'shape', type(lse))} "
                           f"{getattr(lse, 'dtype', '')}, not {tuple(q.shape[:-1])} torch.float32")
         return None
-    if choice.verify:
+    lse_pending = with_lse is not None and serve.verify_pending(e, "run_with_lse")
+    if choice.verify or lse_pending:  # run and run_with_lse each checked on its own first use
         why = _verify_forward(q, k, v, causal, scale, out, lse)
         if why:
             serve.verify_failed(OP, e, why)
             return None
-        serve.mark_verified(e)
+        serve.mark_verified(e, "run_with_lse" if with_lse is not None else "")
     return out.contiguous(), None if lse is None else lse.contiguous()
 
 

@@ -195,11 +195,19 @@ def _import_run(e: Entry) -> Callable[..., Any]:
 
 
 def companion(choice: Choice, name: str) -> Callable[..., Any] | None:
-    """Another function of the served kernel's file (e.g. an attention kernel's ``run_with_lse``), or None."""
-    if choice.run is None:
-        return None
-    fn = getattr(sys.modules.get(getattr(choice.run, "__module__", "") or ""), name, None)
-    return fn if callable(fn) else None
+    """Another function of the served kernel's file (an attention kernel's ``run_with_lse``), found as the
+    evaluator finds it (ops.base.companion); None where there is none."""
+    from kerneltune.ops.base import companion as find
+
+    return find(choice.run, name)
+
+
+def verify_pending(e: Entry | None, part: str) -> bool:
+    """True when $KERNELTUNE_VERIFY is set and ``part`` of ``e`` (e.g. "run_with_lse") was not checked yet in
+    this process: a kernel first verified through ``run`` has its other entry point checked on its own first
+    use."""
+    with _lock:
+        return e is not None and _flag(ENV_VERIFY) and f"{entry_id(e)}#{part}" not in _verified
 
 
 def mark_bad(e: Entry, why: str) -> None:
@@ -216,9 +224,9 @@ def is_bad(e: Entry | None) -> bool:
         return e is not None and entry_id(e) in _bad
 
 
-def mark_verified(e: Entry) -> None:
+def mark_verified(e: Entry, part: str = "") -> None:
     with _lock:
-        _verified.add(entry_id(e))
+        _verified.add(f"{entry_id(e)}#{part}" if part else entry_id(e))
 
 
 def count(op: str, name: str) -> None:

@@ -31,6 +31,7 @@ from kerneltune.ops.base import (
     Inputs,
     OpSpec,
     Tolerance,
+    companion,
     compare_tensor,
     dtype_name,
     reference_device,
@@ -270,9 +271,9 @@ class Attention(OpSpec):
     # -- worker side -------------------------------------------------------------------------------------
     def invoke(self, fn: Callable[..., Any], tensors: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
         q, k, v = tensors["q"], tensors["k"], tensors["v"]
-        with_lse = getattr(fn, "__globals__", {}).get("run_with_lse") if args.get("lse") else None
+        with_lse = companion(fn, "run_with_lse") if args.get("lse") else None
         lse = None
-        if callable(with_lse):  # the candidate's optional entry point, from the module that defines run
+        if with_lse is not None:  # the candidate's optional entry point, from the module that defines run
             res = with_lse(q, k, v, causal=args["causal"], scale=args["scale"])
             if type(res) is not tuple or len(res) != 2:
                 raise ContractError("run_with_lse() must return a tuple (out, lse)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import math
 import os
 from dataclasses import dataclass, field
@@ -307,3 +308,14 @@ def ceil_div(a: int, b: int) -> int:
 
 def prod(shape: Any) -> int:
     return int(math.prod(shape))
+
+
+def companion(fn: Callable[..., Any] | None, name: str) -> Callable[..., Any] | None:
+    """Another function of the file that defines ``fn`` (a candidate's ``run``), e.g. attention's optional
+    ``run_with_lse``; None where there is none. Looked up in the globals of ``fn`` itself, decorators that keep
+    ``__wrapped__`` (functools.wraps, ``torch.no_grad()``) unwrapped: the evaluator and the library find the same
+    function."""
+    if fn is None:
+        return None
+    found = getattr(inspect.unwrap(fn), "__globals__", {}).get(name)
+    return found if callable(found) else None

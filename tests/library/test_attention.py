@@ -463,6 +463,49 @@ def both_directions_through_the_library(tmp: str, forward: str) -> None:
     assert len(recomputed) == (0 if forward == "triton_fa2" else 6)
 
 
+def lse_forward(name):
+    return (os.path.join(TEST_KERNELS, "attention", f"{name}.py"),
+            {**FWD_48[1], "backend": "torch"})
+
+
+def test_the_backward_kernel_takes_the_forward_kernels_logsumexp_once_checked(user_registry, monkeypatch):
+    """A forward kernel with run_with_lse hands the backward kernel its row logsumexp (nothing recomputes it),
+    checked on the first use of run_with_lse even after run was checked by an inference call; one whose lse is
+    wrong (log2 units) is dropped there with a warning that names it, and the gradients stay right. Without
+    run_with_lse the backward recomputes it, once a step, also where a checkpoint runs the forward twice."""
+    la = importlib.import_module("kerneltune.library.attention")
+    recomputed = []
+    real = la.row_logsumexp
+    monkeypatch.setattr(la, "row_logsumexp", lambda *a: recomputed.append(1) or real(*a))
+    monkeypatch.setenv("KERNELTUNE_VERIFY", "1")
+    call = lambda q, k, v, s: kerneltune.attention(q, k, v, causal=True, scale=s)  # noqa: E731
+    cases = [((2, 3, 17, 48), None), ((2, 3, 17, 48), -0.3)]
+    for name in ("torch_lse", "torch_lse_log2"):
+        user_registry([lse_forward(name), BWD_48])
+        kerneltune.reset_served()
+        recomputed.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():  # run checked first, by an inference call
+                call(*no_grad_inputs((2, 3, 17, 48), torch.float32, 1), None)
+            check_grads(call, torch.float32, cases)
+        msgs = kt_warnings(caught)
+        if name == "torch_lse":
+            assert msgs == [] and recomputed == []
+            assert kerneltune.served() == {"attention": {name: 3}, "attention_backward": {"torch_math": 2}}
+        else:  # dropped at its first run_with_lse: the reference forward, the backward kernel recomputes lse
+            assert len(msgs) == 1 and name in msgs[0] and "lse" in msgs[0], msgs
+            assert kerneltune.served() == {"attention": {name: 1, "reference": 2},
+                                           "attention_backward": {"torch_math": 2}}
+    user_registry([FWD_48, BWD_48])  # numba_cpu: no run_with_lse
+    recomputed.clear()
+    for reentrant in (False, True):
+        q, k, v = inputs((2, 3, 17, 48), torch.float32, 4)
+        out = torch.utils.checkpoint.checkpoint(call, q, k, v, None, use_reentrant=reentrant)
+        out.sum().backward()
+    assert recomputed == [1, 1]
+
+
 def test_custom_ops_pass_opcheck():
     """torch's own consistency checks of the custom ops: schema, fake (meta) impl, autograd registration."""
     q, k, v = inputs((1, 2, 5, 8), torch.float32, 3)
