@@ -463,12 +463,20 @@ def both_directions_through_the_library(tmp: str, forward: str) -> None:
     assert len(recomputed) == (0 if forward == "triton_fa2" else 6)
 
 
-def lse_forward(name):
-    return (os.path.join(TEST_KERNELS, "attention", f"{name}.py"),
-            {**FWD_48[1], "backend": "torch"})
+def lse_forward(tmp_path, name):
+    """tests/library/kernels/attention/torch_lse.py as ``name``: torch_lse_log2 is the same kernel with its
+    logsumexp in log2 units (LSE_UNITS)."""
+    src = os.path.join(TEST_KERNELS, "attention", "torch_lse.py")
+    if name != "torch_lse":
+        path = tmp_path / "kernels" / "attention" / f"{name}.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(open(src).read().replace('LSE_UNITS = "natural"', 'LSE_UNITS = "log2"'))
+        src = str(path)
+    return src, {**FWD_48[1], "backend": "torch"}
 
 
-def test_the_backward_kernel_takes_the_forward_kernels_logsumexp_once_checked(user_registry, monkeypatch):
+def test_the_backward_kernel_takes_the_forward_kernels_logsumexp_once_checked(user_registry, monkeypatch,
+                                                                            tmp_path):
     """A forward kernel with run_with_lse hands the backward kernel its row logsumexp (nothing recomputes it),
     checked on the first use of run_with_lse even after run was checked by an inference call; one whose lse is
     wrong (log2 units) is dropped there with a warning that names it, and the gradients stay right. Without
@@ -481,7 +489,7 @@ def test_the_backward_kernel_takes_the_forward_kernels_logsumexp_once_checked(us
     call = lambda q, k, v, s: kerneltune.attention(q, k, v, causal=True, scale=s)  # noqa: E731
     cases = [((2, 3, 17, 48), None), ((2, 3, 17, 48), -0.3)]
     for name in ("torch_lse", "torch_lse_log2"):
-        user_registry([lse_forward(name), BWD_48])
+        user_registry([lse_forward(tmp_path, name), BWD_48])
         kerneltune.reset_served()
         recomputed.clear()
         with warnings.catch_warnings(record=True) as caught:
