@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kerneltune.library import serve
+from kerneltune.ops.base import companion
 
 OP = "attention"
 OP_BACKWARD = "attention_backward"
@@ -79,26 +80,25 @@ def _may_serve(q: Tensor, causal: bool, grad: bool) -> tuple[bool, bool]:
     key = (q.device, q.shape, q.dtype, causal, op, serve.generation())
     hit = _may_serve_cache.get(key)
     if hit is None:
-        hit = _kernel_may_serve(q.device.type, q.device.index, tuple(q.shape), _dtype(q), causal, op)
+        hit = _kernel_may_serve(q, causal, op)
         if len(_may_serve_cache) > 4096:
             _may_serve_cache.clear()
         _may_serve_cache[key] = hit
     return hit
 
 
-def _kernel_may_serve(device_type: str, index: Optional[int], shape: tuple[int, ...], dtype: str, causal: bool,
-                      op: str) -> tuple[bool, bool]:
+def _kernel_may_serve(q: Tensor, causal: bool, op: str) -> tuple[bool, bool]:
     """(whether the registry would serve ``op``, the forward or the backward, for this call; whether, a
     backward kernel serving, the forward kernel's file has ``run_with_lse`` to hand it the row logsumexp at no
     cost: otherwise the backward recomputes it, once, even where a checkpoint runs the forward twice)."""
-    device = torch.device(device_type, index) if index is not None else torch.device(device_type)
-    dims, args = dict(zip("BHND", shape)), {"causal": causal}
-    if serve.choose(op, device, dims, dtype, args).run is None:
+    if _choose(op, q, causal).run is None:
         return False, False
-    fwd = serve.choose(OP, device, dims, dtype, args) if op == OP_BACKWARD else None
-    return True, fwd is not None and serve.companion(fwd, "run_with_lse") is not None
+    return True, op == OP_BACKWARD and companion(_choose(OP, q, causal).run, "run_with_lse") is not None
 
 
+def _choose(op: str, q: Tensor, causal: bool) -> serve.Choice:
+    """The registry's kernel for ``op`` at this call's device, shape, dtype and mask (``serve.choose``)."""
+    return serve.choose(op, q.device, _dims(q), _dtype(q), {"causal": causal})
 
 
 @torch.compiler.assume_constant_result
@@ -142,9 +142,8 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional
     out = lse = None
     fits = _fits_contract(q, k, v)
     if fits:
-        choice = serve.choose(OP, q.device, _dims(q), _dtype(q), {"causal": causal})
-        if choice.run is not None and (not grad or serve.choose(OP_BACKWARD, q.device, _dims(q), _dtype(q),
-                                                                  {"causal": causal}).run is not None):
+        choice = _choose(OP, q, causal)
+        if choice.run is not None and (not grad or _choose(OP_BACKWARD, q, causal).run is not None):
             got = _run_kernel(choice, q, k, v, causal, scale, want_lse)
             if got is not None:
                 serve.count(OP, choice.name)
@@ -184,7 +183,7 @@ def _run_kernel(choice: serve.Choice, q: Tensor, k: Tensor, v: Tensor, causal: b
     ``run_with_lse``; None when it failed (it is then dropped for this process)."""
     e = choice.entry
     assert e is not None and choice.run is not None
-    with_lse = serve.companion(choice, "run_with_lse") if want_lse else None
+    with_lse = companion(choice.run, "run_with_lse") if want_lse else None
     try:
         qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
         if with_lse is not None:
@@ -238,7 +237,7 @@ def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
     """``lse``: the forward's row logsumexp where ``lse_ok`` (the forward was asked for it), else recomputed
     here when a backward kernel needs it."""
     if _fits_contract(q, k, v) and grad_out.shape == q.shape:
-        choice = serve.choose(OP_BACKWARD, q.device, _dims(q), _dtype(q), {"causal": causal})
+        choice = _choose(OP_BACKWARD, q, causal)
         if choice.run is not None:
             given = lse if lse_ok and lse.shape == q.shape[:-1] else row_logsumexp(q, k, causal, scale)
             grads = _run_backward_kernel(choice, grad_out, q, k, v, out, given, causal, scale)

@@ -51,7 +51,7 @@ class Choice:
     @property
     def verify(self) -> bool:
         """True on the first call of a registry kernel in this process when $KERNELTUNE_VERIFY is set."""
-        return self.entry is not None and _flag(ENV_VERIFY) and entry_id(self.entry) not in _verified
+        return verify_pending(self.entry)
 
 
 def _flag(name: str) -> bool:
@@ -194,20 +194,15 @@ def _import_run(e: Entry) -> Callable[..., Any]:
     return run
 
 
-def companion(choice: Choice, name: str) -> Callable[..., Any] | None:
-    """Another function of the served kernel's file (an attention kernel's ``run_with_lse``), found as the
-    evaluator finds it (ops.base.companion); None where there is none."""
-    from kerneltune.ops.base import companion as find
-
-    return find(choice.run, name)
+def _verified_key(e: Entry, part: str) -> str:
+    return f"{entry_id(e)}#{part}" if part else entry_id(e)
 
 
-def verify_pending(e: Entry | None, part: str) -> bool:
-    """True when $KERNELTUNE_VERIFY is set and ``part`` of ``e`` (e.g. "run_with_lse") was not checked yet in
-    this process: a kernel first verified through ``run`` has its other entry point checked on its own first
-    use."""
+def verify_pending(e: Entry | None, part: str = "") -> bool:
+    """True when $KERNELTUNE_VERIFY is set and ``part`` of ``e`` ("": its ``run``; "run_with_lse": that entry
+    point) was not checked yet in this process: each entry point is checked on its own first use."""
     with _lock:
-        return e is not None and _flag(ENV_VERIFY) and f"{entry_id(e)}#{part}" not in _verified
+        return e is not None and _flag(ENV_VERIFY) and _verified_key(e, part) not in _verified
 
 
 def mark_bad(e: Entry, why: str) -> None:
@@ -226,7 +221,7 @@ def is_bad(e: Entry | None) -> bool:
 
 def mark_verified(e: Entry, part: str = "") -> None:
     with _lock:
-        _verified.add(f"{entry_id(e)}#{part}" if part else entry_id(e))
+        _verified.add(_verified_key(e, part))
 
 
 def count(op: str, name: str) -> None:
