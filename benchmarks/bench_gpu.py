@@ -29,6 +29,12 @@ attention_backward: the same, each timed without its forward (autograd over a re
 kerneltune/ops/attention_backward.py), plus sdpa_fwd_bwd (forward + backward); adamw: adamw_fused (primary),
 adamw_foreach. Ratios are `baseline p50 / candidate p50` from the same interleaved rounds.
 
+What a training step's attention costs (attention_backward's shapes): one more contestant, kerneltune_fwd_bwd
+(kind "training"), is the forward candidate's run_with_lse (what a differentiated call runs: its output and row
+logsumexp go to the backward) followed by the backward candidate's run, checked like the candidate (dq, dk, dv
+against fp64) and timed in the same rounds; its speedup_vs_primary is against sdpa_fwd_bwd, SDPA's forward and
+backward through autograd, the work a training step does with SDPA.
+
 Variants (--also 'attention:GROUP_BY_HEAD=0;attention_backward:BLOCK_N1=128;adamw:CHUNK=16384'): the same candidate
 file at other knob values, checked and timed in the same rounds as one more contestant (kind "variant",
 named after the knobs it changes), so a knob's effect is a ratio measured side by side, not across runs.
@@ -69,6 +75,7 @@ TEMPLATES = {"attention": "candidates/attention/triton_fa2.py",
 DEV = "cuda"       # --dry-run-cpu: "cpu", tiny shapes, fp16, Triton's interpreter (checks this script, not speed)
 HALF = torch.bfloat16
 PRIMARY = {"attention": "sdpa", "attention_backward": "sdpa", "adamw": "adamw_fused"}
+TRAINING = "kerneltune_fwd_bwd"   # attention_backward's rows: the forward candidate (with lse), then the backward
 FIELDS = ["timestamp", "device", "device_key", "capability", "torch", "triton", "kerneltune", "git", "op", "B", "H",
           "N", "D", "causal", "dtype", "shape", "contestant", "kind", "candidate", "candidate_hash", "status", "p20_ms",
           "p50_ms", "p80_ms", "reps", "tflops", "gbps", "pct_matmul_ceiling", "pct_copy_ceiling", "speedup_vs_primary",
@@ -268,8 +275,15 @@ def _attention_shape(op: str, spec: Any, baselines: dict[str, Any], cand: Any, f
         a = (q, k, v, o, do, lse)
     runs = {"candidate": cand.run, **{x: m.run for x, m in variants.items()}, **{x: baselines[x] for x in names}}
     fns = {x: (lambda f=f, a=a, c=causal: f(*a, causal=c)) for x, f in runs.items()}
+    own = ["candidate", *variants]  # kerneltune's contestants: checked against fp64 before timing
+    if op == "attention_backward":  # a training step's attention: the forward that hands over lse, then this
+        def fwd_bwd(qkv: tuple = (q, k, v), do: torch.Tensor = do, c: bool = causal) -> Any:
+            o_, lse_ = fwd_cand.run_with_lse(*qkv, causal=c)
+            return cand.run(*qkv, o_, do, lse_, causal=c)
+        fns[TRAINING] = fwd_bwd
+        own.append(TRAINING)
     whys, errs, broke = {}, {}, {}
-    for x in ["candidate", *variants]:
+    for x in own:
         try:
             whys[x], errs[x] = _check(op, fns[x](), ref, sl, tol)
         except Exception as e:  # noqa: BLE001 - a variant that cannot run is its row; the candidate's shape fails
@@ -286,26 +300,34 @@ def _attention_shape(op: str, spec: Any, baselines: dict[str, Any], cand: Any, f
             pass
     fns = {x: f for x, f in fns.items() if not whys.get(x)}   # a wrong kernel is recorded, never timed
     times, failed = timer.run(fns)
-    cand_p50 = quantiles(times["candidate"])[1] if "candidate" in times else None
-    prim_p50 = quantiles(times[PRIMARY[op]])[1] if PRIMARY[op] in times else None
-    for x in ["candidate", *variants, *names]:
-        kind = "candidate" if x == "candidate" else ("variant" if x in variants else "baseline")
+    p50s = {x: quantiles(t)[1] for x, t in times.items() if t}
+    cand_p50, prim_p50 = p50s.get("candidate"), p50s.get(PRIMARY[op])
+    for x in [*own, *names]:
+        kind = "candidate" if x == "candidate" else ("variant" if x in variants else
+                                                     "training" if x == TRAINING else "baseline")
         bad = _not_timed(x, broke, whys, times, failed)
         if bad:
             emit(op, shape, x, kind, rel_err=errs.get(x) if bad["status"] == "incorrect" else None, **bad)
             continue
         p20, p50, p80 = quantiles(times[x])
-        tfl = flops / (p50 * 1e-3) / 1e12
+        # the training row's work is the forward's and the backward's together, against SDPA's both ways
+        work = flops + (get_op("attention").flops(case) if x == TRAINING else 0)
+        prim = p50s.get("sdpa_fwd_bwd") if x == TRAINING else prim_p50
+        tfl = work / (p50 * 1e-3) / 1e12
         emit(op, shape, x, kind, status="ok", p20_ms=p20, p50_ms=p50, p80_ms=p80, reps=len(times[x]), tflops=tfl,
              gbps=nbytes / (p50 * 1e-3) / 1e9, pct_matmul_ceiling=100 * tfl / _mm_ceiling(ceil),
-             speedup_vs_primary=(prim_p50 / p50) if prim_p50 else None,
-             candidate_speedup=(p50 / cand_p50) if cand_p50 else None, rel_err=errs.get(x))
+             speedup_vs_primary=(prim / p50) if prim else None,
+             candidate_speedup=(p50 / cand_p50) if cand_p50 else None, rel_err=errs.get(x),
+             note="forward (run_with_lse) + backward; speedup_vs_primary is against sdpa_fwd_bwd"
+             if x == TRAINING else None)
     # one line per shape as it ends, for a log read before (or without) the CSV; "vs X: r" is the candidate's
     # speedup over X, as in the summary table
     line = f"  {op} B{b} H{h} N{n} D{d} {'causal' if causal else 'full'}: "
     line += f"candidate {cand_p50:.3f} ms" if cand_p50 else "candidate not timed"
     if cand_p50 and prim_p50:
         line += f"; vs {PRIMARY[op]}: {prim_p50 / cand_p50:.2f}x"
+    if TRAINING in p50s and "sdpa_fwd_bwd" in p50s:
+        line += f"; forward + backward vs sdpa_fwd_bwd: {p50s['sdpa_fwd_bwd'] / p50s[TRAINING]:.2f}x"
     for x in variants:
         line += (f"; vs {x}: {quantiles(times[x])[1] / cand_p50:.2f}x" if cand_p50 and x in times
                  else f"; vs {x}: {_not_timed(x, broke, whys, times, failed)['status']}")
@@ -640,7 +662,7 @@ def main() -> int:
 
 def print_summary(rows: list[dict[str, Any]]) -> None:
     print(f"\n{'op':<19}{'shape':<24}{'cand ms':>9}  {'vs primary':>10}  {'best baseline':<16}{'vs best':>8}  "
-          f"{'% ceil':>7}")
+          f"{'% ceil':>7}   (fwd+bwd: kerneltune's forward with lse + backward, vs sdpa_fwd_bwd)")
     by: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
     gone = [r for r in rows if r["op"] != "ceiling" and not r["shape"]]  # contestants whose probe failed
     for r in rows:
@@ -660,6 +682,10 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
         print(f"{op:<19}{tag:<24}{cand['p50_ms']:>9.3f}  {cand.get('speedup_vs_primary') or 0:>9.2f}x  "
               f"{(best or {}).get('contestant', '—'):<16}{(best['p50_ms'] / cand['p50_ms']) if best else 0:>7.2f}x  "
               f"{pct or 0:>6.1f}%" + (f"  vs {var}" if var else ""))
+        for t in (r for r in rs if r["kind"] == "training"):  # the forward + backward, against SDPA's both ways
+            print(f"{'  fwd+bwd':<19}{tag:<24}" + (f"{t['p50_ms']:>9.3f}  {t.get('speedup_vs_primary') or 0:>9.2f}x  "
+                                                 f"{'sdpa_fwd_bwd':<16}{'':>8}  {t['pct_matmul_ceiling']:>6.1f}%"
+                                                 if t.get("status") == "ok" else f"{t.get('status'):>9}"))
     for r in gone:
         print(f"{r['op']:<19}not timed: {r['contestant']}: {r['status']}, {r['note']}")
 

@@ -5,6 +5,8 @@
 
 attention / attention_backward: per (D, causal) panel, the candidate's speedup over every baseline against N
 (log scale; 1.0 dashed), and the candidate's % of the measured bf16 matmul ceiling on a second axis.
+attention_train (runs with bench_gpu's kerneltune_fwd_bwd rows): the same panels for a training step's attention,
+kerneltune's forward (with lse) + backward against SDPA's forward + backward.
 adamw: median ms (p20-p80 bars) of every contestant and its % of the measured copy bandwidth.
 """
 
@@ -15,6 +17,7 @@ import csv
 import os
 import sys
 from collections import defaultdict
+from typing import Callable
 
 
 def _f(x: str) -> float | None:
@@ -25,27 +28,47 @@ def _f(x: str) -> float | None:
 
 
 def plot_attention(op: str, rows: list[dict[str, str]], out: str) -> str | None:
+    """The candidate's speedup over every baseline, and its % of the matmul ceiling, per (D, causal)."""
+    def series(r: dict[str, str]) -> tuple[str, float | None] | None:
+        return (f"vs {r['contestant']}", _f(r["candidate_speedup"])) if r["kind"] == "baseline" else None
+    return _panels([r for r in rows if r["op"] == op], op, op, series, "candidate", out)
+
+
+def plot_training(rows: list[dict[str, str]], out: str) -> str | None:
+    """A training step's attention: kerneltune's forward (with lse) + backward against SDPA's forward + backward
+    (bench_gpu's kerneltune_fwd_bwd rows), and its % of the matmul ceiling over both directions' work."""
+    def series(r: dict[str, str]) -> tuple[str, float | None] | None:
+        return ("forward + backward vs sdpa_fwd_bwd", _f(r["speedup_vs_primary"])) if r["kind"] == "training" else None
+    return _panels([r for r in rows if r["op"] == "attention_backward"], "attention forward + backward (training)",
+                   "attention_train", series, "training", out)
+
+
+def _panels(rows: list[dict[str, str]], title: str, name: str,
+            series_of: Callable[[dict[str, str]], tuple[str, float | None] | None], pct_kind: str,
+            out: str) -> str | None:
+    """One panel per (D, causal): each series' speedup against N, and pct_kind's % of the bf16 matmul ceiling."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r["op"] == op and r.get("status") == "ok"]
-    if not rows:
+    rows = [r for r in rows if r.get("status") == "ok"]
+    if not any(r["kind"] == pct_kind for r in rows):
         return None
-    panels = sorted({(int(r["D"]), r["causal"] == "True") for r in rows})
+    panels = sorted({(int(r["D"]), r["causal"] == "True") for r in rows if r["kind"] == pct_kind})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)
     for ax, (d, causal) in zip(axes[0], panels):
         sub = [r for r in rows if int(r["D"]) == d and (r["causal"] == "True") == causal]
         series = defaultdict(list)
         pct = []
         for r in sub:
-            if r["kind"] == "baseline" and _f(r["candidate_speedup"]):
-                series[r["contestant"]].append((int(r["N"]), _f(r["candidate_speedup"])))
-            if r["kind"] == "candidate":
+            pt = series_of(r)
+            if pt and pt[1]:
+                series[pt[0]].append((int(r["N"]), pt[1]))
+            if r["kind"] == pct_kind:
                 pct.append((int(r["N"]), _f(r["pct_matmul_ceiling"])))
-        for name, pts in sorted(series.items()):
+        for label, pts in sorted(series.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"vs {name}")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.axhline(1.0, color="grey", ls="--", lw=1)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")  # 0.7x and 1.4x equally far from parity
@@ -61,10 +84,10 @@ def plot_attention(op: str, rows: list[dict[str, str]], out: str) -> str | None:
             ax2.set_ylabel("% of measured bf16 matmul ceiling")
         ax.legend(fontsize=7, loc="upper left", framealpha=0.6)
     dev = rows[0].get("device", "")
-    runs = " + ".join(sorted({r.get("timestamp", "") for r in rows if r.get("op") == op}))
-    fig.suptitle(f"{op} · bf16 · {dev} · torch {rows[0].get('torch', '')} · run(s) {runs}", fontsize=9)
+    runs = " + ".join(sorted({r.get("timestamp", "") for r in rows}))
+    fig.suptitle(f"{title} · bf16 · {dev} · torch {rows[0].get('torch', '')} · run(s) {runs}", fontsize=9)
     fig.tight_layout()
-    path = os.path.join(out, f"{op}.png")
+    path = os.path.join(out, f"{name}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -174,6 +197,23 @@ def markdown(rows: list[dict[str, str]]) -> str:
             lines.append(f"{head} {_f(c['p50_ms']):.3f} | " + " | ".join(vs)
                          + f" | {_f(c['pct_matmul_ceiling']):.1f}% | {_f(c['rel_err']):.1e} |")
         lines += ["", *gone, ""] if gone else [""]
+    train = [k for k in order if k[0] == "attention_backward" and "kerneltune_fwd_bwd" in by[k]]
+    if train:  # bench_gpu's training rows: kerneltune's forward (with lse) + backward, SDPA's both ways
+        lines += ["### attention forward + backward (a training step's attention), bf16", "",
+                  "| D | mask | N | B×H | kerneltune fwd+bwd ms | sdpa_fwd_bwd ms | speedup | % matmul ceiling "
+                  "| rel. error |", "|---|---|---|---|---|---|---|---|---|"]
+        for k in sorted(train, key=lambda k: (-int(by[k]["kerneltune_fwd_bwd"]["D"] or 0),
+                                              by[k]["kerneltune_fwd_bwd"]["causal"] != "True",
+                                              int(by[k]["kerneltune_fwd_bwd"]["N"] or 0))):
+            t, sd = by[k]["kerneltune_fwd_bwd"], by[k].get("sdpa_fwd_bwd")
+            head = f"| {t['D']} | {'causal' if t['causal'] == 'True' else 'full'} | {t['N']} | {t['B']}×{t['H']} |"
+            if t["status"] != "ok":
+                lines.append(f"{head} {t['status']}: {t['note'][:90]} | | | | |")
+                continue
+            sd_ms = f"{_f(sd['p50_ms']):.3f}" if sd and sd["status"] == "ok" else (sd["status"] if sd else "—")
+            lines.append(f"{head} {_f(t['p50_ms']):.3f} | {sd_ms} | {_x(_f(t['speedup_vs_primary']))} | "
+                         f"{_f(t['pct_matmul_ceiling']):.1f}% | {_f(t['rel_err']):.1e} |")
+        lines.append("")
     ad = [r for r in rows if r["op"] == "adamw"]
     if ad:
         lines += ["### adamw, GPT-2 124M (fp32 params and state, 148 tensors)", "",
@@ -214,7 +254,7 @@ def main() -> int:
     out = args.out or os.path.dirname(os.path.abspath(args.csv))
     os.makedirs(out, exist_ok=True)
     for p in (plot_attention("attention", rows, out), plot_attention("attention_backward", rows, out),
-              plot_adamw(rows, out)):
+              plot_training(rows, out), plot_adamw(rows, out)):
         if p:
             print(f"wrote {p}")
     return 0

@@ -159,3 +159,48 @@ def test_the_bench_dry_run_probes_each_contestant_and_records_one_that_fails_wit
     assert all(x["status"] == "ok" for x in timed if x["kind"] != "baseline")
     md = plot_gpu.markdown(plot_gpu.merged(every))
     assert "- not timed: variant BLOCK_M=48 (variant): failed, probe: exit 1:" in md
+
+
+def test_the_training_rows_are_a_table_of_their_own_against_sdpa_forward_and_backward():
+    a = "2026-01-01T00:00:00Z"
+    rows = ceilings(a, 1000) + [
+        row(a, "attention_backward", 4096, "candidate", "candidate", p50="3.0"),
+        row(a, "attention_backward", 4096, "baseline", "sdpa_fwd_bwd", p50="2.4", speedup="0.8"),
+        {**row(a, "attention_backward", 4096, "training", "kerneltune_fwd_bwd", p50="4.0", speedup="1.33"),
+         "speedup_vs_primary": "0.6"},
+        row(a, "attention_backward", 8192, "candidate", "candidate", p50="6.0"),
+        row(a, "attention_backward", 8192, "training", "kerneltune_fwd_bwd", status="incorrect")]
+    md = plot_gpu.markdown(plot_gpu.merged(rows))
+    assert "### attention forward + backward (a training step's attention), bf16" in md
+    assert "| 64 | causal | 4096 | 1×2 | 4.000 | 2.400 | 0.60× | 50.0% | 1.0e-03 |" in md
+    assert "| 64 | causal | 8192 | 1×2 | incorrect: boom |" in md
+    # the training row is not a column of the backward's table (its ratio is of other work)
+    assert "vs kerneltune_fwd_bwd" not in md
+
+
+def test_the_bench_dry_run_times_a_training_steps_attention_beside_sdpa_forward_and_backward(tmp_path):
+    """bench_gpu.py --dry-run-cpu --ops attention_backward: each shape has a kerneltune_fwd_bwd row (the forward
+    candidate's run_with_lse, then the backward candidate), checked against fp64 and timed in the same rounds, its
+    ratio against sdpa_fwd_bwd's p50 of the same run."""
+    import csv
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_gpu.py"), "--dry-run-cpu", "--out",
+                        str(tmp_path), "--ops", "attention_backward", "--rounds", "1", "--turn-ms", "1"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(tmp_path / "issue8.csv", newline="") as f:
+        rows = [x for x in csv.DictReader(f) if x["op"] == "attention_backward"]
+    shapes = {x["shape"] + x["causal"] for x in rows}
+    assert len(shapes) == 2
+    for sh in shapes:
+        by = {x["contestant"]: x for x in rows if x["shape"] + x["causal"] == sh}
+        t, sd = by["kerneltune_fwd_bwd"], by["sdpa_fwd_bwd"]
+        assert t["kind"] == "training" and t["status"] == "ok" and float(t["rel_err"]) < 1e-2
+        assert float(t["speedup_vs_primary"]) == pytest.approx(float(sd["p50_ms"]) / float(t["p50_ms"]), rel=1e-3)
+    assert "forward + backward vs sdpa_fwd_bwd" in r.stdout
