@@ -10,8 +10,13 @@ processes minutes apart differed by 2x on the 2-core CI VM). ``--no-count-adds``
 add of the step counts, which on a CPU is 148 scalar adds (about 160 us for GPT-2 small's larger group)
 and on a GPU one launch.
 
+``--template FILE`` serves an AdamW template's own ``run()`` instead, with its kernel launch a no-op, so its checks,
+addresses and table count too; ``--torch`` steps ``torch.optim.AdamW(fused=True)`` in the same rounds with its
+kernel (``torch._fused_adamw_``) a no-op: the two optimizers' host sides side by side, which decide a step's
+time wherever the host, not the device, is the slower.
+
 Usage: python benchmarks/optim_host.py [--preset gpt2-124m] [--device cpu] [--rounds 25] [--steps 20]
-                                       [--against FILE] [--no-count-adds] [--json]
+                                       [--against FILE] [--template FILE] [--torch] [--no-count-adds] [--json]
 """
 
 from __future__ import annotations
@@ -28,15 +33,41 @@ from typing import Any
 import torch
 
 
-def noop_serving() -> Any:
-    """Every adamw call served by a kernel that does nothing; returns a function that puts serving back."""
+class _NoLaunch:
+    """Stands for a Triton kernel: ``kernel[grid](...)`` does nothing (the host side before it still runs)."""
+
+    def __getitem__(self, grid: Any) -> Any:
+        return lambda *a, **k: None
+
+
+def template_without_launch(path: str) -> Any:
+    """An AdamW template's ``run()`` with every kernel launch in its module a no-op: its checks, addresses and
+    table run as they would, nothing is computed."""
+    import triton
+
+    spec = importlib.util.spec_from_file_location("kerneltune_adamw_template", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"optim_host.py: cannot load {path}: give the path of an adamw candidate file")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    kernels = [n for n, v in vars(mod).items() if isinstance(v, triton.runtime.jit.JITFunction)]
+    if not kernels or not callable(getattr(mod, "run", None)):
+        raise SystemExit(f"optim_host.py: {path} has no run() or no @triton.jit kernel to stand in for")
+    for n in kernels:
+        setattr(mod, n, _NoLaunch())
+    return mod.run
+
+
+def noop_serving(fn: Any = None, name: str = "no-op") -> Any:
+    """Every adamw call served by ``fn`` (default: a kernel that does nothing); returns a function that puts
+    serving back."""
     from kerneltune.library import serve
     from kerneltune.registry import Decision, Entry
 
     entry = Entry(op="adamw", device_key="any", device_name="any", dtype="float32", dims={}, args={}, bucket="any",
                   candidate=os.path.abspath(__file__), source_hash="no-op", params={}, baseline="none",
-                  speedup=1.0, name="no-op")
-    choice = serve.Choice(lambda *a, **k: None, "no-op", entry, Decision(entry, "exact", "the no-op kernel"))
+                  speedup=1.0, name=name)
+    choice = serve.Choice(fn or (lambda *a, **k: None), name, entry, Decision(entry, "exact", f"the {name} kernel"))
     real = serve.choose
 
     def choose(op, device, dims, dtype, args=None):
@@ -73,11 +104,17 @@ def measure(a: argparse.Namespace) -> dict:
     mods = {"this": optim}
     if a.against:
         mods["against"] = load_optim(a.against)
-    restore = noop_serving()
-    real_add = torch._foreach_add_
+    restore = (noop_serving(template_without_launch(a.template), os.path.basename(a.template)) if a.template
+               else noop_serving())
+    real_add, real_fused = torch._foreach_add_, torch._fused_adamw_
     try:
+        fused = a.device.startswith("cuda") or a.torch
         opts = {name: m.AdamW(model.optimizer_groups(0.1), lr=6e-4, betas=(0.9, 0.95), eps=1e-8,
-                              fused=a.device.startswith("cuda")) for name, m in mods.items()}
+                              fused=fused) for name, m in mods.items()}
+        if a.torch:  # torch's fused AdamW, its kernel a no-op too: its own host side alone
+            torch._fused_adamw_ = lambda *args, **kw: None
+            opts["torch"] = torch.optim.AdamW(model.optimizer_groups(0.1), lr=6e-4, betas=(0.9, 0.95), eps=1e-8,
+                                              fused=True)
         for o in opts.values():  # state created, groups remembered
             for _ in range(3):
                 o.step()
@@ -96,7 +133,7 @@ def measure(a: argparse.Namespace) -> dict:
                     best = min(best, (time.perf_counter() - t0) / a.steps)
                 us[name].append(best * 1e6)
     finally:
-        torch._foreach_add_ = real_add
+        torch._foreach_add_, torch._fused_adamw_ = real_add, real_fused
         restore()
     served = kerneltune.served().get("adamw", {})
     out = {"device": a.device, "torch": torch.__version__, "preset": a.preset,
@@ -106,6 +143,9 @@ def measure(a: argparse.Namespace) -> dict:
     if a.against:
         out["against"] = a.against
         out["ratio"] = out["host_us"]["against"]["median"] / out["host_us"]["this"]["median"]
+    if a.torch:
+        out["vs_torch"] = out["host_us"]["torch"]["median"] / out["host_us"]["this"]["median"]
+    out["kernel"] = os.path.relpath(a.template) if a.template else "no-op"
     return out
 
 
@@ -118,23 +158,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--against", default="", metavar="FILE", help="another revision's kerneltune/optim.py")
     ap.add_argument("--no-count-adds", dest="count_adds", action="store_false",
                     help="leave out the foreach add of the step counts")
+    ap.add_argument("--template", default="", metavar="FILE", help="serve this AdamW template's run() with its "
+                    "kernel launch a no-op (its checks, addresses and table counted) instead of a no-op kernel")
+    ap.add_argument("--torch", action="store_true", help="also step torch.optim.AdamW(fused=True) with its kernel "
+                    "(torch._fused_adamw_) a no-op, in the same rounds: its host side against this one's")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    if a.against and not os.path.isfile(a.against):
-        print(f"optim_host.py: --against {a.against}: no such file (git show REV:kerneltune/optim.py > FILE)",
-              file=sys.stderr)
-        return 2
+    for flag, path, how in (("--against", a.against, "git show REV:kerneltune/optim.py > FILE"),
+                            ("--template", a.template, "e.g. candidates/adamw/triton_mt_table.py")):
+        if path and not os.path.isfile(path):
+            print(f"optim_host.py: {flag} {path}: no such file ({how})", file=sys.stderr)
+            return 2
     out = measure(a)
     if a.json:
         print(json.dumps(out, indent=1))
         return 0
-    print(f"{a.preset} ({out['tensors']} tensors) on {a.device}, {a.rounds} rounds; host time per step, the kernel "
-          f"a no-op{'' if a.count_adds else ', count adds left out'}")
+    what = f"{a.template}'s run() with its launch a no-op" if a.template else "the kernel a no-op"
+    print(f"{a.preset} ({out['tensors']} tensors) on {a.device}, {a.rounds} rounds; host time per step, "
+          f"{what}{'' if a.count_adds else ', count adds left out'}")
+    labels = {"this": "this checkout", "against": a.against, "torch": "torch AdamW(fused=True), kernel a no-op"}
     for name, r in out["host_us"].items():
-        label = "this checkout" if name == "this" else a.against
-        print(f"  {label:40s} median {r['median']:8.1f} us   least {r['min']:8.1f} us")
+        print(f"  {labels[name]:40s} median {r['median']:8.1f} us   least {r['min']:8.1f} us")
     if "ratio" in out:
         print(f"  {out['ratio']:.2f}x less host time than {a.against}")
+    if "vs_torch" in out:
+        print(f"  torch's host time / this checkout's: {out['vs_torch']:.2f}")
     return 0
 
 

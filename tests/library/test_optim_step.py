@@ -70,3 +70,49 @@ def test_optim_host_times_this_optimizer_against_another_revision_with_a_noop_ke
     assert out["ratio"] > 0 and out["tensors"] == len(list(GPT(PRESETS["smoke"].model).parameters()))
     assert script.main(["--preset", "smoke", "--against", str(tmp_path / "none.py")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_optim_host_serves_a_templates_run_without_its_launch_beside_torchs_fused_step(capsys):
+    """optim_host.py --template --torch: the template's own run() serves every call (its checks, addresses and
+    table) with its kernel launch a no-op, torch's fused AdamW steps in the same rounds with its kernel a no-op;
+    nothing is computed, and torch's kernel and serving are put back."""
+    import pytest
+    import torch
+
+    from kerneltune.library import serve
+
+    pytest.importorskip("triton")
+    script = load_file("benchmarks/optim_host.py", "optim_host")
+    choose, fused = serve.choose, torch._fused_adamw_
+    assert script.main(["--preset", "smoke", "--rounds", "2", "--steps", "2", "--torch", "--no-count-adds",
+                        "--template", "candidates/adamw/triton_mt_table.py", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert serve.choose is choose and torch._fused_adamw_ is fused
+    assert out["served"] == {"triton_mt_table.py": 2 * 3 * 2 * 2}  # 2 rounds, 3 timings of 2 steps, 2 groups
+    assert set(out["host_us"]) == {"this", "torch"} and out["vs_torch"] > 0
+    assert out["kernel"] == "candidates/adamw/triton_mt_table.py"
+    assert script.main(["--preset", "smoke", "--template", "candidates/adamw/none.py"]) == 2
+    assert "--template candidates/adamw/none.py: no such file" in capsys.readouterr().err
+
+
+def test_a_template_without_its_launch_checks_and_computes_nothing(tmp_path):
+    """The stand-in launch: the template's run() still refuses bad lists (its checks ran) and leaves the
+    tensors as they were (no kernel ran)."""
+    import pytest
+    import torch
+
+    pytest.importorskip("triton")
+    script = load_file("benchmarks/optim_host.py", "optim_host")
+    run = script.template_without_launch("candidates/adamw/triton_mt_table.py")
+    ps = [torch.randn(7, 5), torch.randn(33)]
+    lists = [[p.clone() for p in ps], [torch.randn_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
+             [torch.zeros_like(p) for p in ps]]
+    run(*lists, step=1, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(lists[0], ps)) and all(not m.any() for m in lists[2])
+    with pytest.raises(ValueError, match="equal length"):
+        run(lists[0], lists[1][:1], lists[2], lists[3], step=1, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+            weight_decay=0.1)
+    bad = tmp_path / "k.py"
+    bad.write_text("def run(*a, **k):\n    pass\n")
+    with pytest.raises(SystemExit, match="no @triton.jit kernel"):
+        script.template_without_launch(str(bad))
