@@ -13,6 +13,7 @@
 # Run from the repository root: bash benchmarks/gpu/next_attn.sh   (any variable below can be overridden)
 ALSO="attention:TMA=2,num_warps=4,num_stages=2;attention:TMA=2,num_warps=4,BLOCK_N=128,num_stages=2"
 ALSO+=";attention:TMA=2,num_warps=4,num_stages=3;attention:TMA=1"
+ALSO+=";attention:BLOCK_M=64,num_warps=4,num_stages=2"   # short sequences: two CTAs an SM, half the causal waste
 ALSO+=";attention_backward:TMA=2,num_warps=4,BLOCK_M1=32,BLOCK_N1=128,BLOCK_M2=128,BLOCK_N2=64,num_stages=2"
 ALSO+=";attention_backward:TMA=2,num_warps=4,BLOCK_M1=32,BLOCK_N1=128,BLOCK_M2=128,BLOCK_N2=64,num_stages=3"
 ALSO+=";attention_backward:TMA=1"
