@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from kerneltune.library import serve
+from kerneltune.ops.base import companion
 
 OP = "adamw"
 
@@ -175,7 +176,8 @@ class AdamW(torch.optim.AdamW):
                 if not (all(map(Tensor.is_contiguous, states[0])) and all(map(Tensor.is_contiguous, states[1]))):
                     leftover += params
                     continue
-                if len(params) == len(group["params"]) and not compiling:  # the next step's check: one call
+                if (len(params) == len(group["params"]) and not compiling  # the next step's check: one call
+                        and _meets_contract(device, params, grads, states)):
                     self._remember_group(group, device, params, grads, states)
             exp_avgs, exp_avg_sqs, steps = states
             key = tuple(map(id, steps))
@@ -192,10 +194,13 @@ class AdamW(torch.optim.AdamW):
                     parts.append((t, _choose(sel), sel, [grads[i] for i in idx], [exp_avgs[i] for i in idx],
                                   [exp_avg_sqs[i] for i in idx], ss, tuple(map(id, ss))))
             for t, part, sel, sg, sm, sv, ss, skey in parts:
+                # a step that passed the group's record (its tensors' metadata that of tensors checked against
+                # the adamw contract when it was made) may take the kernel's run_unchecked
+                checked = rec is not None and sel is params
                 ok = _step_with(part, sel, sg, sm, sv, step=int(t) + 1, lr=float(group["lr"]),
                                 beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
                                 eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-                                shapes=rec.shapes if rec is not None and sel is params else None)
+                                shapes=rec.shapes if checked else None, checked=checked)
                 if not ok:  # the kernel failed or was dropped: torch's step takes these (nothing was changed)
                     leftover += sel
                     continue
@@ -373,10 +378,25 @@ def _choose_for(rec: _Group, params: list[Tensor]) -> serve.Choice:
     return rec.choice
 
 
+def _meets_contract(device: torch.device, params: list[Tensor], grads: list[Tensor], states: _States) -> bool:
+    """Whether the group's four lists meet the adamw contract's preconditions, which a kernel's run_unchecked
+    takes on trust: every tensor fp32, contiguous, on ``device``, tensor i of every list of one shape. Checked
+    once, when the group's record is made; the record's metadata check then holds every later step to it."""
+    f32 = torch.float32
+    shapes = list(map(_shape, params))
+    for ts in (params, grads, *states[:2]):
+        if (any(t.dtype is not f32 or t.device != device or not t.is_contiguous() for t in ts)
+                or list(map(_shape, ts)) != shapes):
+            return False
+    return True
+
+
 def _step_with(choice: serve.Choice, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                exp_avg_sqs: list[Tensor], *, step: int, lr: float, beta1: float, beta2: float, eps: float,
-               weight_decay: float, shapes: Optional[tuple[Any, ...]] = None) -> bool:
-    """``adamw_step`` with the serving decision already made (``shapes``: the params' shapes, where known)."""
+               weight_decay: float, shapes: Optional[tuple[Any, ...]] = None, checked: bool = False) -> bool:
+    """``adamw_step`` with the serving decision already made (``shapes``: the params' shapes, where known;
+    ``checked``: the lists meet the contract's preconditions, checked by the caller, so the kernel's
+    ``run_unchecked`` may serve)."""
     if choice.run is None:
         return False
     if torch.compiler.is_compiling():  # a graph sees the custom op: its schema says what it mutates
@@ -387,7 +407,7 @@ def _step_with(choice: serve.Choice, params: list[Tensor], grads: list[Tensor], 
         # 4 lists of 148 tensors (GPT-2 small), as much as the fused step's whole host side; its one effect
         # besides the call, bumping the version counters of what it mutates, is done here as well
         _adamw_impl(choice, params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
-                    shapes=shapes)
+                    shapes=shapes, checked=checked)
         _bump_versions([*params, *exp_avgs, *exp_avg_sqs])
     return not serve.is_bad(choice.entry)
 
@@ -400,15 +420,18 @@ def _adamw_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
 
 def _adamw_impl(choice: serve.Choice, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                 exp_avg_sqs: list[Tensor], step: int, lr: float, beta1: float, beta2: float, eps: float,
-                weight_decay: float, shapes: Optional[tuple[Any, ...]] = None) -> None:
-    """The registry kernel's update, checked on its first call where $KERNELTUNE_VERIFY asks; a kernel that
+                weight_decay: float, shapes: Optional[tuple[Any, ...]] = None, checked: bool = False) -> None:
+    """The registry kernel's update (its ``run_unchecked`` where the caller checked the lists and the kernel's
+    file has one), checked on the first call of each entry point where $KERNELTUNE_VERIFY asks; a kernel that
     raises or disagrees is marked bad and what it changed is put back (see ``backup``)."""
     if choice.run is None:
         return
     hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     e = choice.entry
     assert e is not None
-    verify = choice.verify
+    unchecked = companion(choice.run, "run_unchecked") if checked else None
+    run, part = (unchecked, "run_unchecked") if unchecked is not None else (choice.run, "")
+    verify = serve.verify_pending(e, part) if part else choice.verify
     # a copy to put back, only where it can be needed: the call that is checked ($KERNELTUNE_VERIFY), and the
     # kernel's first call at these shapes in this process, where its compilations happen (a numba kernel may
     # compile its parallel loop at the first large tensor, after updating smaller ones). Cloning 3 x 4 B x
@@ -418,7 +441,7 @@ def _adamw_impl(choice: serve.Choice, params: list[Tensor], grads: list[Tensor],
     backup = ([[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs)]
               if verify or first not in _ran else None)
     try:
-        choice.run(params, grads, exp_avgs, exp_avg_sqs, **hyper)
+        run(params, grads, exp_avgs, exp_avg_sqs, **hyper)
         why = _verify(backup, grads, (params, exp_avgs, exp_avg_sqs), hyper) if verify else ""
     except Exception as ex:  # noqa: BLE001 - a kernel that raises never takes the caller down
         why = f"raised {type(ex).__name__}: {ex}"
@@ -432,7 +455,7 @@ def _adamw_impl(choice: serve.Choice, params: list[Tensor], grads: list[Tensor],
                 t.copy_(old)
         return
     if verify:
-        serve.mark_verified(e)
+        serve.mark_verified(e, part)
     _ran.add(first)
     serve.count(OP, choice.name)
 

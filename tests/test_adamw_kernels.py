@@ -27,6 +27,13 @@ def check_mt_table(point: int) -> None:
         expected = spec.reference(inputs)
         got = spec.invoke(mod.run, {k: [t.clone() for t in v] for k, v in inputs.tensors.items()}, inputs.args)
         assert spec.compare(inputs, expected, got) == "", (point, seed)
+        # run_unchecked (kerneltune.optim's entry point on a step it checked itself): the same update
+        calls, checked = [], mod._checked
+        mod._checked = lambda lists, dev, calls=calls, checked=checked: calls.append(1) or checked(lists, dev)
+        unchecked = {**inputs.args, "unchecked": True}
+        got = spec.invoke(mod.run, {k: [t.clone() for t in v] for k, v in inputs.tensors.items()}, unchecked)
+        mod._checked = checked
+        assert spec.compare(inputs, expected, got) == "" and calls == [], (point, seed)
 
 
 @pytest.mark.parametrize("point", range(len(MT_TABLE_POINTS)))

@@ -10,6 +10,7 @@ import torch
 from kerneltune.library.attention import sdpa
 from kerneltune.ops import get_op
 from kerneltune.ops.base import Case, flatten, unflatten
+from tests.interp import load_file
 
 ATT = get_op("attention")
 ADAMW = get_op("adamw")
@@ -245,8 +246,6 @@ def test_attention_backward_compiled_baseline_matches_fp64():
 def test_run_with_lse_is_found_beside_a_decorated_run(tmp_path):
     """attention's optional run_with_lse is looked up in the file that defines run, through decorators that keep
     __wrapped__ (torch.no_grad() on run): the evaluator checks the lse it returns, as the library uses it."""
-    import importlib.util
-
     src = tmp_path / "cand.py"
     src.write_text(
         "import torch\n"
@@ -257,12 +256,42 @@ def test_run_with_lse_is_found_beside_a_decorated_run(tmp_path):
         "@torch.no_grad()\n"
         "def run(q, k, v, causal=True, scale=None):\n"
         "    return run_with_lse(q, k, v, causal, scale)[0]\n")
-    spec_ = importlib.util.spec_from_file_location("kt_cand_decorated", src)
-    mod = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(mod)
+    mod = load_file(str(src), "kt_cand_decorated")
     spec = get_op("attention")
     case = next(c for c in spec.check_cases("cpu") if c.args.get("lse") and c.dtype == "float32")
     inputs = spec.make_inputs(case, 0)
     got = spec.invoke(mod.run, inputs.tensors, inputs.args)
     assert set(got) == {"out", "lse"} and float(got["lse"].flatten()[0]) == 7.0
     assert "lse" in spec.compare(inputs, spec.reference(inputs), got)  # the wrong lse is caught
+
+
+def test_adamws_run_unchecked_is_what_the_unchecked_cases_check(tmp_path):
+    """adamw's optional run_unchecked (what kerneltune.optim calls on a step it has checked itself) is looked up
+    beside run and checked on the cases marked unchecked; a wrong one (no weight decay) fails there while run
+    passes every other case."""
+    src = tmp_path / "cand.py"
+    src.write_text(
+        "import torch\n"
+        "def _step(ps, gs, ms, vs, step, lr, beta1, beta2, eps, weight_decay):\n"
+        "    with torch.no_grad():\n"
+        "        for p, g, m, v in zip(ps, gs, ms, vs):\n"
+        "            p.mul_(1 - lr * weight_decay)\n"
+        "            m.mul_(beta1).add_(g, alpha=1 - beta1)\n"
+        "            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)\n"
+        "            den = (v.double().sqrt() / (1 - beta2 ** step) ** 0.5 + eps)\n"
+        "            p.sub_((lr / (1 - beta1 ** step) * m.double() / den).float())\n"
+        "def run(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decay):\n"
+        "    _step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay)\n"
+        "def run_unchecked(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decay):\n"
+        "    _step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, 0.0)\n")
+    mod = load_file(str(src), "kt_cand_unchecked")
+    spec = get_op("adamw")
+    cases = spec.check_cases("cpu")
+    unchecked = [c for c in cases if c.args.get("unchecked")]
+    assert unchecked and len({c.name for c in cases}) == len(cases)
+    for case in cases:
+        inputs = spec.make_inputs(case, 3)   # seed 3: weight decay 0.1
+        assert inputs.args["weight_decay"] > 0
+        got = spec.invoke(mod.run, {k: [t.clone() for t in v] for k, v in inputs.tensors.items()}, inputs.args)
+        why = spec.compare(inputs, spec.reference(inputs), got)
+        assert (why != "") == bool(case.args.get("unchecked")), (case.name, why)

@@ -15,7 +15,8 @@ Changes against triton_multitensor.py:
   pinned memory without waiting for the device, queued on the stream that uses it. The cache holds addresses, never values: new values in the same buffers
   are read fresh on every call. The host's work per call is the contract's checks (one C++ call where the
   lists have the metadata of lists that passed before, else one C-level pass per list and property), the
-  addresses of the 4 lists (one pass each), and the launch.
+  addresses of the 4 lists (one pass each), and the launch; run_unchecked (for a caller that has checked the
+  lists itself: kerneltune.optim) leaves out the checks.
 - MOMENTS knob: "f64" (moments updated in fp64 and rounded once, correctly rounded) or "f32" (fp32 FMAs, as
   torch's fused kernel; within the state tolerance).
 
@@ -219,21 +220,15 @@ def run(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, we
     T = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == T):
         raise ValueError("params, grads, exp_avgs, exp_avg_sqs must have equal length")
-    step = int(step)
-    if step < 1:
+    if int(step) < 1:
         raise ValueError("step is 1-based")
     if T == 0:
         return None
     dev = params[0].device
     if dev.type not in ("cuda", "cpu"):
         raise TypeError(f"tensors on {dev.type} are not supported (cuda, or cpu under TRITON_INTERPRET=1)")
-    pars = KERNELTUNE["params"]
-    BLOCK, CHUNK, num_warps = int(pars["BLOCK"]), int(pars["CHUNK"]), int(pars["num_warps"])
-    CHUNK = max(BLOCK, (CHUNK // BLOCK) * BLOCK)
-    if pars.get("CACHE", "evict_first") not in _CACHE_HINTS:
-        raise ValueError(f"CACHE must be one of {sorted(_CACHE_HINTS)}, not {pars.get('CACHE')!r}")
-    evict, store = _CACHE_HINTS[pars.get("CACHE", "evict_first")]
-
+    if KERNELTUNE["params"].get("CACHE", "evict_first") not in _CACHE_HINTS:
+        raise ValueError(f"CACHE must be one of {sorted(_CACHE_HINTS)}, not {KERNELTUNE['params'].get('CACHE')!r}")
     lists = [params, grads, exp_avgs, exp_avg_sqs]
     writeback = []
     if not _checked(lists, dev):  # contiguous is the contract; anything else goes through a copy, written back
@@ -245,9 +240,35 @@ def run(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, we
                     writeback.append((x, y))
                 col.append(y)
             lists[j] = col
+    _launch(lists, dev, step, lr, beta1, beta2, eps, weight_decay)
+    for dst, src in writeback:
+        with torch.no_grad():
+            dst.copy_(src)
+    return None
+
+
+def run_unchecked(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decay):
+    """run() for a caller that has checked its preconditions itself (kerneltune.optim, on a step whose tensors
+    have the metadata of tensors it checked before): lists of equal length, every tensor float32, contiguous,
+    on one CUDA device (or the CPU under the interpreter), tensor i of every list of one shape. Nothing of that
+    is checked again here (the checks of 4 x 148 tensors were a third of run()'s host time); the result is
+    run()'s."""
+    if params:
+        _launch([params, grads, exp_avgs, exp_avg_sqs], params[0].device, step, lr, beta1, beta2, eps,
+                weight_decay)
+    return None
+
+
+def _launch(lists, dev, step, lr, beta1, beta2, eps, weight_decay):
+    """The update of four checked lists of contiguous fp32 tensors: the addresses' table, then one launch."""
+    pars = KERNELTUNE["params"]
+    BLOCK, CHUNK, num_warps = int(pars["BLOCK"]), int(pars["CHUNK"]), int(pars["num_warps"])
+    CHUNK = max(BLOCK, (CHUNK // BLOCK) * BLOCK)
+    evict, store = _CACHE_HINTS[pars.get("CACHE", "evict_first")]
     numels = tuple(map(_T.numel, lists[0]))
     if sum(numels) == 0:
-        return None
+        return
+    step = int(step)
     lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
     eps, weight_decay = float(eps), float(weight_decay)
     ptrs = tuple(map(_T.data_ptr, itertools.chain(*lists)))
@@ -263,7 +284,3 @@ def run(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, we
         CHUNK=CHUNK, BLOCK=BLOCK, ALIGNED=aligned, F64=pars["MOMENTS"] == "f64", EVICT=evict, STORE=store,
         num_warps=num_warps,
     )
-    for dst, src in writeback:
-        with torch.no_grad():
-            dst.copy_(src)
-    return None

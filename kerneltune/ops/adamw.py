@@ -11,6 +11,12 @@ state. Per element (decoupled weight decay, bias correction):
 
 grads are read-only. Work per element: ~16 FLOPs (counted as 16); bytes: read p, g, m, v and write
 p, m, v = 7 × 4 = 28 bytes per parameter (the floor for fp32 state).
+
+Optional entry point: ``run_unchecked(...)``, the same arguments and result as ``run``, for a caller that has
+checked run's preconditions itself (lists of equal length, every tensor fp32, contiguous and on one device,
+tensor i of every list of one shape): it may skip its own checks of them, the host time of a step over many
+tensors. kerneltune.optim calls it only on a step whose tensors have the metadata of tensors it checked (its
+group's record); the evaluator checks it on the cases marked ``unchecked``, as ``run`` on the others.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from kerneltune.ops.base import (
     Inputs,
     OpSpec,
     Tolerance,
+    companion,
     compare_tensor,
     prod,
     reference_device,
@@ -64,10 +71,10 @@ class ContractError(Exception):
     """A candidate broke the op contract: verdict ``rejected``."""
 
 
-def _case(name: str, shapes: list[list[int]]) -> Case:
+def _case(name: str, shapes: list[list[int]], unchecked: bool = False) -> Case:
     n = sum(prod(s) for s in shapes)
-    return Case(name=f"{name} ({n / 1e6:.2f}M params, {len(shapes)} tensors)", dims={"shapes": shapes},
-                dtype="float32")
+    return Case(name=f"{name} ({n / 1e6:.2f}M params, {len(shapes)} tensors)" + (" unchecked" if unchecked else ""),
+                dims={"shapes": shapes}, dtype="float32", args={"unchecked": True} if unchecked else {})
 
 
 class AdamW(OpSpec):
@@ -94,11 +101,15 @@ class AdamW(OpSpec):
         return _case("smoke", [[4, 3], [5]])
 
     def check_cases(self, device: str) -> list[Case]:
+        awkward = [[], [1], [7], [129, 33], [1000], [3, 5, 7], [2, 1, 1, 3]]
         return [
-            _case("awkward", [[], [1], [7], [129, 33], [1000], [3, 5, 7], [2, 1, 1, 3]]),
+            _case("awkward", awkward),
             _case("one tensor", [[4099]]),
             _case("gpt-tiny", gpt_param_shapes(*PRESETS["gpt-tiny"])),
             _case("many small", [[i % 13 + 1] for i in range(200)]),
+            # run_unchecked, where a candidate has it (else run): the lists run's checks would pass
+            _case("awkward", awkward, unchecked=True),
+            _case("gpt-tiny", gpt_param_shapes(*PRESETS["gpt-tiny"]), unchecked=True),
         ]
 
     def timed_cases(self, device: str) -> list[Case]:
@@ -140,6 +151,8 @@ class AdamW(OpSpec):
             "eps": (1e-8, 1e-6)[seed % 2],
             "weight_decay": (0.1, 0.0, 0.01)[seed % 3],
         }
+        if case.args.get("unchecked"):
+            args["unchecked"] = True
         return Inputs(tensors={"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
                       args=args)
 
@@ -200,9 +213,11 @@ class AdamW(OpSpec):
         lists = {k: list(tensors[k]) for k in ("params", "grads", "exp_avgs", "exp_avg_sqs")}
         # the outputs are the tensor objects the caller owns: rebinding list entries does not count
         keep = {k: list(v) for k, v in lists.items()}
-        fn(lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
-           step=args["step"], lr=args["lr"], beta1=args["beta1"], beta2=args["beta2"], eps=args["eps"],
-           weight_decay=args["weight_decay"])
+        # the candidate's optional entry point, from the module that defines run (the library's on a checked step)
+        call = (companion(fn, "run_unchecked") if args.get("unchecked") else None) or fn
+        call(lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
+             step=args["step"], lr=args["lr"], beta1=args["beta1"], beta2=args["beta2"], eps=args["eps"],
+             weight_decay=args["weight_decay"])
         return {k: keep[k] for k in self.outputs}
 
     def baselines(self, device: str = "cpu") -> dict[str, Callable[..., Any]]:

@@ -574,3 +574,90 @@ def test_a_compiled_step_agrees_and_traces_no_metadata_check(user_registry, monk
     for a, b in zip(ps1, ps2):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert kerneltune.served()["adamw"]["numba_cpu"] == 3
+
+
+def _unchecked_kernel(user_registry, wrong: bool = False):
+    """tests/library/kernels/adamw/torch_unchecked.py served for every adamw call; returns its CALLS list."""
+    import os
+
+    import kerneltune.optim as ko
+    from tests.library.conftest import TEST_KERNELS
+
+    user_registry([(os.path.join(TEST_KERNELS, "adamw", "torch_unchecked.py"),
+                    dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0, backend="torch"))])
+    run = ko._choose([torch.zeros(4)]).run
+    assert run is not None and run.__name__ == "run"
+    run.__globals__["WRONG"] = wrong
+    return run.__globals__["CALLS"]
+
+
+def test_a_step_that_passes_the_groups_record_takes_the_kernels_run_unchecked(user_registry):
+    """The first step checks the group per tensor and calls the kernel's run; once the group's record is made
+    (every tensor checked against the contract), later steps that pass its metadata check take run_unchecked;
+    a step whose tensors differ (a strided gradient) takes run again. Every step agrees with torch's AdamW."""
+    calls = _unchecked_kernel(user_registry)
+    torch.manual_seed(3)
+    shapes = [(6, 5), (7,), (1,)]
+    ps1 = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps1]
+    o1, o2 = torch.optim.AdamW(ps1, lr=0.05, weight_decay=0.1), AdamW(ps2, lr=0.05, weight_decay=0.1)
+    for step in range(5):
+        for ps, o in ((ps1, o1), (ps2, o2)):
+            o.zero_grad()
+            sum(((p * (step + 1)).sin()).sum() for p in ps).backward()
+            if step == 3:
+                ps[0].grad = ps[0].grad.t().contiguous().t()  # strided: not the record's metadata
+            o.step()
+    assert_same(torch.nn.ParameterList(ps1), torch.nn.ParameterList(ps2), atol=1e-6, rtol=1e-5)
+    assert_same_state(o1, o2, atol=1e-6, rtol=1e-5)
+    # step 3: the strided gradient's param goes to torch's step, the others to run (tested per tensor, as a
+    # part of the group: no record); step 4 passes the record made at step 0 again
+    assert calls == ["run", "run_unchecked", "run_unchecked", "run", "run_unchecked"]
+
+
+def test_a_group_is_remembered_for_run_unchecked_only_when_every_list_meets_the_contract():
+    """_meets_contract, checked when a group's record is made (what run_unchecked then takes on trust): every
+    tensor of the four lists fp32, contiguous, on the bucket's device, tensor i of every list of one shape."""
+    import kerneltune.optim as ko
+
+    cpu = torch.device("cpu")
+    ps = [torch.randn(4, 3), torch.randn(5)]
+
+    def lists():
+        return [t.clone() for t in ps], [torch.randn_like(t) for t in ps], (
+            [torch.zeros_like(t) for t in ps], [torch.zeros_like(t) for t in ps], [torch.tensor(1.0)] * 2)
+
+    p, g, st = lists()
+    assert ko._meets_contract(cpu, p, g, st)
+    assert not ko._meets_contract(torch.device("meta"), p, g, st)
+    breaks = {"fp64 moment": lambda p, g, st: st[0].__setitem__(1, st[0][1].double()),
+              "fp16 grad": lambda p, g, st: g.__setitem__(0, g[0].half()),
+              "strided second moment": lambda p, g, st: st[1].__setitem__(0, torch.zeros(3, 4).t()),
+              "moment of another shape": lambda p, g, st: st[0].__setitem__(0, torch.zeros(12)),
+              "grad of another shape": lambda p, g, st: g.__setitem__(1, torch.zeros(5, 1)),
+              "fp64 param": lambda p, g, st: p.__setitem__(0, p[0].double())}
+    for name, brk in breaks.items():
+        p, g, st = lists()
+        brk(p, g, st)
+        assert not ko._meets_contract(cpu, p, g, st), name
+
+
+def test_run_unchecked_is_verified_on_its_own_first_use(user_registry, monkeypatch):
+    """KERNELTUNE_VERIFY checks run and run_unchecked each on its first use: a run_unchecked that leaves out the
+    weight decay is caught there, the kernel dropped, what it changed put back, and torch's step agrees."""
+    monkeypatch.setenv("KERNELTUNE_VERIFY", "1")
+    calls = _unchecked_kernel(user_registry, wrong=True)
+    torch.manual_seed(4)
+    p1 = torch.nn.Parameter(torch.randn(9))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    o1, o2 = torch.optim.AdamW([p1], lr=0.05, weight_decay=0.5), AdamW([p2], lr=0.05, weight_decay=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            for p, o in ((p1, o1), (p2, o2)):
+                p.grad = torch.sin(p.detach() * (step + 1))
+                o.step()
+    torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-5)
+    assert_same_state(o1, o2, atol=1e-6, rtol=1e-5)
+    assert calls == ["run", "run_unchecked"]  # dropped after its first, wrong, use
+    assert any("torch_unchecked" in w for w in kt_warnings(caught))
