@@ -317,7 +317,7 @@ def _attention_shape(op: str, spec: Any, baselines: dict[str, Any], cand: Any, f
         emit(op, shape, x, kind, status="ok", p20_ms=p20, p50_ms=p50, p80_ms=p80, reps=len(times[x]), tflops=tfl,
              gbps=None if x == TRAINING else nbytes / (p50 * 1e-3) / 1e9, pct_matmul_ceiling=100 * tfl / _mm_ceiling(ceil),
              speedup_vs_primary=(prim / p50) if prim else None,
-             candidate_speedup=(p50 / cand_p50) if cand_p50 else None, rel_err=errs.get(x),
+             candidate_speedup=(p50 / cand_p50) if cand_p50 and x != TRAINING else None, rel_err=errs.get(x),
              note="forward (run_with_lse) + backward; speedup_vs_primary is against sdpa_fwd_bwd"
              if x == TRAINING else None)
     # one line per shape as it ends, for a log read before (or without) the CSV; "vs X: r" is the candidate's

@@ -10,8 +10,8 @@ processes minutes apart differed by 2x on the 2-core CI VM). ``--no-count-adds``
 add of the step counts, which on a CPU is 148 scalar adds (about 160 us for GPT-2 small's larger group)
 and on a GPU one launch.
 
-``--template FILE`` serves an AdamW template's own ``run()`` instead, with its kernel launch a no-op, so its checks,
-addresses and table count too; ``--torch`` steps ``torch.optim.AdamW(fused=True)`` in the same rounds with its
+``--template FILE`` serves an AdamW template instead (its ``run()``, and its ``run_unchecked`` on the steps the
+optimizer has checked), with its kernel launch a no-op, so its checks, addresses and table count too; ``--torch`` steps ``torch.optim.AdamW(fused=True)`` in the same rounds with its
 kernel (``torch._fused_adamw_``) a no-op: the two optimizers' host sides side by side, which decide a step's
 time wherever the host, not the device, is the slower.
 
@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--against", default="", metavar="FILE", help="another revision's kerneltune/optim.py")
     ap.add_argument("--no-count-adds", dest="count_adds", action="store_false",
                     help="leave out the foreach add of the step counts")
-    ap.add_argument("--template", default="", metavar="FILE", help="serve this AdamW template's run() with its "
-                    "kernel launch a no-op (its checks, addresses and table counted) instead of a no-op kernel")
+    ap.add_argument("--template", default="", metavar="FILE", help="serve this AdamW template (run, run_unchecked) "
+                    "with its kernel launch a no-op (its checks, addresses and table counted) instead of a no-op kernel")
     ap.add_argument("--torch", action="store_true", help="also step torch.optim.AdamW(fused=True) with its kernel "
                     "(torch._fused_adamw_) a no-op, in the same rounds: its host side against this one's")
     ap.add_argument("--json", action="store_true")

@@ -437,7 +437,7 @@ def _adamw_impl(choice: serve.Choice, params: list[Tensor], grads: list[Tensor],
     # compile its parallel loop at the first large tensor, after updating smaller ones). Cloning 3 x 4 B x
     # 124M on every step would cost more than the kernel saves; later calls run code that already ran (a
     # fault on the device ends the process's CUDA context, which no copy would survive)
-    first = (serve.entry_id(e), tuple(map(_shape, params)) if shapes is None else shapes)
+    first = (serve.entry_id(e), part, tuple(map(_shape, params)) if shapes is None else shapes)  # per entry point
     backup = ([[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs)]
               if verify or first not in _ran else None)
     try:

@@ -31,8 +31,10 @@ def check_mt_table(point: int) -> None:
         calls, checked = [], mod._checked
         mod._checked = lambda lists, dev, calls=calls, checked=checked: calls.append(1) or checked(lists, dev)
         unchecked = {**inputs.args, "unchecked": True}
-        got = spec.invoke(mod.run, {k: [t.clone() for t in v] for k, v in inputs.tensors.items()}, unchecked)
-        mod._checked = checked
+        try:
+            got = spec.invoke(mod.run, {k: [t.clone() for t in v] for k, v in inputs.tensors.items()}, unchecked)
+        finally:
+            mod._checked = checked
         assert spec.compare(inputs, expected, got) == "" and calls == [], (point, seed)
 
 

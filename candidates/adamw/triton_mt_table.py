@@ -253,6 +253,8 @@ def run_unchecked(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta
     on one CUDA device (or the CPU under the interpreter), tensor i of every list of one shape. Nothing of that
     is checked again here (the checks of 4 x 148 tensors were a third of run()'s host time); the result is
     run()'s."""
+    if int(step) < 1:
+        raise ValueError("step is 1-based")
     if params:
         _launch([params, grads, exp_avgs, exp_avg_sqs], params[0].device, step, lr, beta1, beta2, eps,
                 weight_decay)

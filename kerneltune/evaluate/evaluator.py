@@ -21,7 +21,7 @@ import os
 import statistics
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -254,8 +254,10 @@ class Evaluator:
                     with self.lock.shared():  # CPU work: never during another's timed turn
                         near = spec.perturb(spec.make_inputs(case, self.opt.seeds), 2000 + i)
                     self._check(worker, spec, case, 2000 + i, left, stage, slot=f"t{i}", last=last, inputs=near)
-                    # ... and entirely new values, in the same buffers
-                    self._check(worker, spec, case, 1000 + i, left, stage, slot=f"t{i}", last=last)
+                    # ... and entirely new values, in the same buffers, through the op's optional entry points
+                    # where the candidate has them (the library's other calls, at the size that is served)
+                    again = replace(case, args={**case.args, **spec.companion_args}) if spec.companion_args else case
+                    self._check(worker, spec, again, 1000 + i, left, stage, slot=f"t{i}", last=last)
                 except Outcome as o:
                     if o.status == "incorrect":
                         raise Outcome(o.status, f"correct before timing, wrong after {worker_calls(res)} calls "

@@ -189,6 +189,7 @@ class Attention(OpSpec):
     outputs = ("out",)
     unchanged = ("q", "k", "v")
     primary_baseline = "sdpa"
+    companion_args = {"lse": True}
 
     # -- cases -----------------------------------------------------------------------------------------
     def smoke_case(self) -> Case:

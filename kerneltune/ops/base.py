@@ -230,6 +230,10 @@ class OpSpec:
     outputs: tuple[str, ...] = ()
     unchanged: tuple[str, ...] = ()
     primary_baseline: str = ""
+    # case args under which ``invoke`` calls the op's optional entry points where a candidate has them (what the
+    # library calls besides run: attention's run_with_lse, adamw's run_unchecked); the evaluator re-verifies each
+    # timed case once through them, so they are checked at the sizes that are served, not only small ones
+    companion_args: dict[str, Any] = {}
 
     # -- cases -------------------------------------------------------------------------------------
     def smoke_case(self) -> Case:

@@ -576,8 +576,9 @@ def test_a_compiled_step_agrees_and_traces_no_metadata_check(user_registry, monk
     assert kerneltune.served()["adamw"]["numba_cpu"] == 3
 
 
-def _unchecked_kernel(user_registry, wrong: bool = False):
-    """tests/library/kernels/adamw/torch_unchecked.py served for every adamw call; returns its CALLS list."""
+def _unchecked_kernel(user_registry, **flags: bool):
+    """tests/library/kernels/adamw/torch_unchecked.py served for every adamw call, its module flags (WRONG,
+    HALF_THEN_RAISE, LENIENT) set; returns its CALLS list."""
     import os
 
     import kerneltune.optim as ko
@@ -587,7 +588,7 @@ def _unchecked_kernel(user_registry, wrong: bool = False):
                     dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0, backend="torch"))])
     run = ko._choose([torch.zeros(4)]).run
     assert run is not None and run.__name__ == "run"
-    run.__globals__["WRONG"] = wrong
+    run.__globals__.update(flags)
     return run.__globals__["CALLS"]
 
 
@@ -646,7 +647,7 @@ def test_run_unchecked_is_verified_on_its_own_first_use(user_registry, monkeypat
     """KERNELTUNE_VERIFY checks run and run_unchecked each on its first use: a run_unchecked that leaves out the
     weight decay is caught there, the kernel dropped, what it changed put back, and torch's step agrees."""
     monkeypatch.setenv("KERNELTUNE_VERIFY", "1")
-    calls = _unchecked_kernel(user_registry, wrong=True)
+    calls = _unchecked_kernel(user_registry, WRONG=True)
     torch.manual_seed(4)
     p1 = torch.nn.Parameter(torch.randn(9))
     p2 = torch.nn.Parameter(p1.detach().clone())
@@ -661,3 +662,40 @@ def test_run_unchecked_is_verified_on_its_own_first_use(user_registry, monkeypat
     assert_same_state(o1, o2, atol=1e-6, rtol=1e-5)
     assert calls == ["run", "run_unchecked"]  # dropped after its first, wrong, use
     assert any("torch_unchecked" in w for w in kt_warnings(caught))
+
+
+def test_a_run_unchecked_that_fails_half_way_on_its_first_call_is_undone_without_kerneltune_verify(user_registry):
+    """run served the first step; run_unchecked's first call (step 2) updates one tensor and raises: the copy
+    taken before each entry point's first call puts it back, the kernel is dropped, and torch's step agrees."""
+    calls = _unchecked_kernel(user_registry, HALF_THEN_RAISE=True)
+    torch.manual_seed(5)
+    ps1 = [torch.nn.Parameter(torch.randn(s)) for s in ((4, 3), (6,))]
+    ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps1]
+    o1, o2 = torch.optim.AdamW(ps1, lr=0.1), AdamW(ps2, lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            for ps, o in ((ps1, o1), (ps2, o2)):
+                for p in ps:
+                    p.grad = torch.cos(p.detach() * (step + 2))
+                o.step()
+    for a, b in zip(ps1, ps2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert_same_state(o1, o2, atol=1e-6, rtol=1e-5)
+    assert calls == ["run", "run_unchecked"]
+    assert any("fails half-way" in w for w in kt_warnings(caught))
+
+
+def test_a_group_that_breaks_the_contract_is_never_given_to_run_unchecked(user_registry):
+    """A kernel whose run takes an fp64 moment (LENIENT) serves a group with one: the group's record is never
+    made for such lists (_meets_contract), so every step goes through run, never run_unchecked, even once the
+    per-tensor tests have passed on those lists."""
+    calls = _unchecked_kernel(user_registry, LENIENT=True)
+    p = torch.nn.Parameter(torch.randn(5))
+    o = AdamW([p], lr=0.1)
+    for step in range(4):
+        p.grad = torch.randn(5)
+        o.step()
+        if step == 0:  # a moment loaded as fp64 (a state_dict from elsewhere)
+            o.state[p]["exp_avg"] = o.state[p]["exp_avg"].double()
+    assert calls == ["run"] * 4
