@@ -16,6 +16,8 @@
 #          counting the optim phases of the call: name it several times for several processes);
 #   parts  the AdamW template's run() part by part (benchmarks/gpu/adamw_host_parts.py: checks, addresses,
 #          table, launch; into train.tgz);
+#   host   kerneltune.optim's host side a step against torch's fused AdamW's, each kernel a no-op (benchmarks/
+#          optim_host.py --torch --template: the template's run and run_unchecked, launches left out; into train.tgz);
 #   fallback  kerneltune.attention's backward where no backward kernel serves, SDPA's own (forward recomputed)
 #          against the exact fp32 one, bf16 (benchmarks/attention_fallback_bwd.py; into train.tgz);
 # train and optim serve from the scratch registry when an earlier adamw phase promoted into it (else the
@@ -141,6 +143,14 @@ phase_parts() {  # the AdamW template's run() part by part, as it is in the tree
   tar -czf "$OUT/train.tgz" -C "$W" train
 }
 
+phase_host() {  # both optimizers' host side a step, each kernel a no-op (benchmarks/optim_host.py --torch --template)
+  mkdir -p "$W/train"
+  timeout 120 python3 benchmarks/optim_host.py --device cuda --no-count-adds --torch --rounds 15 \
+    --template candidates/adamw/triton_mt_table.py --json > "$W/train/optim-host.json"
+  echo "optim host rc=$?"; cat "$W/train/optim-host.json"
+  tar -czf "$OUT/train.tgz" -C "$W" train
+}
+
 phase_fallback() {  # the library's attention backward without a backward kernel: SDPA's own vs exact fp32
   mkdir -p "$W/train"
   timeout 60 python3 benchmarks/attention_fallback_bwd.py --device cuda --dtype bfloat16 --json \
@@ -203,8 +213,8 @@ phase_attn() {
 for ph in $PHASES; do
   echo "== phase $ph at $((SECONDS - T_ALL)) s"
   case $ph in
-    adamw|train|optim|parts|fallback|bench|tests|attn) "phase_$ph" ;;
-    *) echo "unknown phase $ph (adamw, train, optim, parts, fallback, bench, tests, attn)" ;;
+    adamw|train|optim|parts|host|fallback|bench|tests|attn) "phase_$ph" ;;
+    *) echo "unknown phase $ph (adamw, train, optim, parts, host, fallback, bench, tests, attn)" ;;
   esac
 done
 echo "all.sh: $((SECONDS - T_ALL)) s in all; files: $(ls "$OUT" | tr '\n' ' ')"
