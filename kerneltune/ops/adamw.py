@@ -16,7 +16,8 @@ Optional entry point: ``run_unchecked(...)``, the same arguments and result as `
 checked run's preconditions itself (lists of equal length, every tensor fp32, contiguous and on one device,
 tensor i of every list of one shape): it may skip its own checks of them, the host time of a step over many
 tensors. kerneltune.optim calls it only on a step whose tensors have the metadata of tensors it checked (its
-group's record); the evaluator checks it on the cases marked ``unchecked``, as ``run`` on the others.
+group's record); the evaluator checks it on the cases marked ``unchecked``, as ``run`` on the others, and
+once more on each timed case after timing (``companion_args``).
 """
 
 from __future__ import annotations
