@@ -371,6 +371,8 @@ def register(app: typer.Typer) -> None:
                 "reason": d.reason, "warning": d.warning, "skipped": d.skipped,
                 "path": d.entry.path if d.entry else None, "min_speedup": reg.min_speedup(),
                 "registries": [s.path for s in r.sources], "errors": [str(w.message) for w in caught]}
+        if d.entry and spec.companions:  # the optional entry points the served file defines (read, not imported)
+            info["entry_points"] = ["run", *_defined(d.entry.path, spec.companions)]
         if op == "attention":  # kerneltune.attention serves a call autograd records only with a backward kernel
             b = r.decide("attention_backward", device_key, case.dims, case.dtype, args)
             info["differentiated"] = {"forward": info["kernel"] if b.entry else "reference",
@@ -386,6 +388,10 @@ def register(app: typer.Typer) -> None:
                 out.print(f"  file: {d.entry.path}", highlight=False)
             if d.warning:
                 err.print(f"  warning: {d.warning}", highlight=False)
+            if "entry_points" in info:
+                extra = [f"{n} ({spec.companions[n]})" for n in info["entry_points"][1:]]
+                out.print("  entry points: run" + "".join(f", {x}" for x in extra) + (
+                    "" if extra else f" only (no {', '.join(spec.companions)})"), highlight=False)
             if "differentiated" in info:
                 t = info["differentiated"]
                 out.print("  a call autograd records (training): " + (
@@ -393,3 +399,17 @@ def register(app: typer.Typer) -> None:
                     "SDPA both ways (no attention_backward kernel serves it: a forward kernel alone would add its "
                     "time to SDPA's)"), highlight=False)
         raise typer.Exit(0)
+
+
+def _defined(path: str, names: dict[str, str]) -> list[str]:
+    """Which of ``names`` the candidate file at ``path`` defines at its top level (parsed, never imported)."""
+    import ast
+
+    try:
+        with open(path) as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return []
+    found = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    found |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    return [n for n in names if n in found]

@@ -97,6 +97,7 @@ class AdamW(OpSpec):
     unchanged = ("grads",)
     primary_baseline = "adamw_fused"
     companion_args = {"unchecked": True}
+    companions = {"run_unchecked": "kerneltune.optim's steps whose tensors it checked itself"}
 
     # -- cases -----------------------------------------------------------------------------------------
     def smoke_case(self) -> Case:

@@ -190,6 +190,7 @@ class Attention(OpSpec):
     unchanged = ("q", "k", "v")
     primary_baseline = "sdpa"
     companion_args = {"lse": True}
+    companions = {"run_with_lse": "a training call's forward, its lse handed to the backward kernel"}
 
     # -- cases -----------------------------------------------------------------------------------------
     def smoke_case(self) -> Case:

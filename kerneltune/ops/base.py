@@ -234,6 +234,8 @@ class OpSpec:
     # library calls besides run: attention's run_with_lse, adamw's run_unchecked); the evaluator re-verifies each
     # timed case once through them, so they are checked at the sizes that are served, not only small ones
     companion_args: dict[str, Any] = {}
+    # the names of those optional entry points, and what the library calls each one for (`kerneltune explain`)
+    companions: dict[str, str] = {}
 
     # -- cases -------------------------------------------------------------------------------------
     def smoke_case(self) -> Case:

@@ -217,3 +217,27 @@ def test_promote_keeps_a_faster_entry_unless_forced(cli, tmp_path):
     r = cli("promote", str(other), "--registry", registry, "--db", db, "--force", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["added"][0]["replaced"] == "numba_cpu"
     assert [e.name for e in reg.load(registry).entries] == ["numba_other"]
+
+
+def test_explain_names_the_served_files_optional_entry_points(cli, user_registry):
+    """explain says which of the op's optional entry points the served file defines (read, never imported):
+    run_unchecked for adamw (the optimizer's checked steps), run_with_lse for attention (training's forward)."""
+    tiny = dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0)
+    path = user_registry([(os.path.join(TEST_KERNELS, "adamw", "torch_unchecked.py"), {**tiny, "backend": "torch"})],
+                         env=False)
+    info = json.loads(cli("explain", "adamw", "--shape", "4", "--registry", path, "--json").stdout)
+    assert info["kernel"] == "torch_unchecked" and info["entry_points"] == ["run", "run_unchecked"]
+    assert "entry points: run, run_unchecked (kerneltune.optim's" in cli("explain", "adamw", "--shape", "4",
+                                                                          "--registry", path).stdout
+    path = user_registry([("adamw/numba_cpu.py", tiny)], env=False)
+    info = json.loads(cli("explain", "adamw", "--shape", "4", "--registry", path, "--json").stdout)
+    assert info["entry_points"] == ["run"]
+    assert "entry points: run only (no run_unchecked)" in cli("explain", "adamw", "--shape", "4",
+                                                              "--registry", path).stdout
+    lse = (os.path.join(TEST_KERNELS, "attention", "torch_lse.py"),
+           dict(op="attention", dims={"B": 2, "H": 3, "N": 17, "D": 48}, args={"causal": True}, backend="torch"))
+    path = user_registry([lse], env=False)
+    info = json.loads(cli("explain", "attention", "--shape", "2,3,17,48,causal", "--registry", path, "--json").stdout)
+    assert info["entry_points"] == ["run", "run_with_lse"]
+    info = json.loads(cli("explain", "attention", "--shape", "2,3,17,64,causal", "--json").stdout)  # nothing serves
+    assert info["kernel"] == "reference" and "entry_points" not in info
