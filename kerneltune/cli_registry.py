@@ -377,6 +377,8 @@ def register(app: typer.Typer) -> None:
             b = r.decide("attention_backward", device_key, case.dims, case.dtype, args)
             info["differentiated"] = {"forward": info["kernel"] if b.entry else "reference",
                                       "backward": b.entry.name if b.entry else "reference", "reason": b.reason}
+            if not b.entry and "run_with_lse" in info.get("entry_points", []):  # no backward kernel takes its lse
+                info["entry_points_unused"] = ["run_with_lse"]
         if json_out:
             print(json.dumps(info, indent=1))
         else:
@@ -389,7 +391,9 @@ def register(app: typer.Typer) -> None:
             if d.warning:
                 err.print(f"  warning: {d.warning}", highlight=False)
             if "entry_points" in info:
-                extra = [f"{n} ({spec.companions[n]})" for n in info["entry_points"][1:]]
+                unused = info.get("entry_points_unused", [])
+                extra = [f"{n} ({spec.companions[n]}{'; unused here: no backward kernel serves this shape' if n in unused else ''})"
+                         for n in info["entry_points"][1:]]
                 out.print("  entry points: run" + "".join(f", {x}" for x in extra) + (
                     "" if extra else f" only (no {', '.join(spec.companions)})"), highlight=False)
             if "differentiated" in info:
@@ -402,14 +406,33 @@ def register(app: typer.Typer) -> None:
 
 
 def _defined(path: str, names: dict[str, str]) -> list[str]:
-    """Which of ``names`` the candidate file at ``path`` defines at its top level (parsed, never imported)."""
+    """Which of ``names`` the candidate file at ``path`` binds at its top level (parsed, never imported): a def,
+    a class, an import, an assignment to something other than a constant, also inside top-level if/try/with
+    blocks; what the library finds in ``run``'s module (ops.base.companion) as far as reading can tell."""
     import ast
 
     try:
-        with open(path) as f:
+        with open(path, "rb") as f:  # the bytes: ast honours a coding line
             tree = ast.parse(f.read())
     except (OSError, SyntaxError, ValueError):
         return []
-    found = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-    found |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
-    return [n for n in names if n in found]
+    bound: set[str] = set()
+
+    def visit(body: list[ast.stmt]) -> None:
+        for n in body:
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                bound.add(n.name)
+            elif isinstance(n, (ast.Import, ast.ImportFrom)):
+                bound.update((a.asname or a.name).split(".")[0] for a in n.names)
+            elif isinstance(n, (ast.Assign, ast.AnnAssign)) and not isinstance(n.value, (ast.Constant, type(None))):
+                for t in n.targets if isinstance(n, ast.Assign) else [n.target]:
+                    bound.update(x.id for x in ast.walk(t) if isinstance(x, ast.Name))
+            elif isinstance(n, (ast.If, ast.Try, ast.With)):
+                visit(n.body)
+                visit(getattr(n, "orelse", []))
+                visit(getattr(n, "finalbody", []))
+                for h in getattr(n, "handlers", []):
+                    visit(h.body)
+
+    visit(tree.body)
+    return [n for n in names if n in bound]

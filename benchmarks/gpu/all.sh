@@ -145,7 +145,7 @@ phase_parts() {  # the AdamW template's run() part by part, as it is in the tree
 
 phase_host() {  # both optimizers' host side a step, each kernel a no-op (benchmarks/optim_host.py --torch --template)
   mkdir -p "$W/train"
-  timeout 120 python3 benchmarks/optim_host.py --device cuda --no-count-adds --torch --rounds 15 \
+  timeout 45 python3 benchmarks/optim_host.py --device cuda --no-count-adds --torch --rounds 15 \
     --template candidates/adamw/triton_mt_table.py --json > "$W/train/optim-host.json"
   echo "optim host rc=$?"; cat "$W/train/optim-host.json"
   tar -czf "$OUT/train.tgz" -C "$W" train

@@ -238,6 +238,50 @@ def test_explain_names_the_served_files_optional_entry_points(cli, user_registry
            dict(op="attention", dims={"B": 2, "H": 3, "N": 17, "D": 48}, args={"causal": True}, backend="torch"))
     path = user_registry([lse], env=False)
     info = json.loads(cli("explain", "attention", "--shape", "2,3,17,48,causal", "--registry", path, "--json").stdout)
-    assert info["entry_points"] == ["run", "run_with_lse"]
+    assert info["entry_points"] == ["run", "run_with_lse"] and info["entry_points_unused"] == ["run_with_lse"]
+    assert "unused here: no backward kernel" in cli("explain", "attention", "--shape", "2,3,17,48,causal",
+                                                    "--registry", path).stdout
+    bwd = (os.path.join(TEST_KERNELS, "attention_backward", "torch_math.py"),
+           dict(op="attention_backward", dims={"B": 2, "H": 3, "N": 17, "D": 48}, args={"causal": True},
+                backend="torch"))
+    path = user_registry([lse, bwd], env=False)  # a backward kernel serves: the lse is handed over
+    info = json.loads(cli("explain", "attention", "--shape", "2,3,17,48,causal", "--registry", path, "--json").stdout)
+    assert info["entry_points"] == ["run", "run_with_lse"] and "entry_points_unused" not in info
     info = json.loads(cli("explain", "attention", "--shape", "2,3,17,64,causal", "--json").stdout)  # nothing serves
     assert info["kernel"] == "reference" and "entry_points" not in info
+
+
+def test_explain_reads_entry_points_as_the_library_finds_them(tmp_path):
+    """_defined (explain's reading of a file) against ops.base.companion (the library's lookup in run's module) on
+    files that bind the name in other ways: imported, annotated, in a tuple, inside if/try, a latin-1 file; a name
+    bound to a constant is not an entry point for either."""
+    import sys
+
+    from kerneltune.cli_registry import _defined
+    from kerneltune.ops.base import companion
+    from tests.interp import load_file
+
+    (tmp_path / "kt_helpers_mod.py").write_text("def run_unchecked(*a, **k):\n    pass\n")
+    bodies = {
+        "imported": "from kt_helpers_mod import run_unchecked\n",
+        "annotated": "from typing import Callable\ndef _u(*a, **k):\n    pass\nrun_unchecked: Callable = _u\n",
+        "tuple": "def _u(*a, **k):\n    pass\nrun_unchecked, other = _u, 1\n",
+        "in_try": "try:\n    def run_unchecked(*a, **k):\n        pass\nexcept ImportError:\n    pass\n",
+        "in_if": "import os\nif os.sep:\n    def run_unchecked(*a, **k):\n        pass\n",
+        "constant": "run_unchecked = None\n",
+        "absent": "",
+    }
+    sys.path.insert(0, str(tmp_path))
+    try:
+        for name, body in bodies.items():
+            path = tmp_path / f"cand_{name}.py"
+            path.write_text(body + "def run(*a, **k):\n    pass\n")
+            found = companion(load_file(str(path), f"kt_cand_{name}").run, "run_unchecked") is not None
+            assert (_defined(str(path), {"run_unchecked": ""}) == ["run_unchecked"]) == found, name
+            assert found == (name not in ("constant", "absent")), name
+        latin = tmp_path / "cand_latin.py"
+        latin.write_bytes("# -*- coding: latin-1 -*-\n# caf\xe9\ndef run_unchecked(*a, **k):\n    pass\n"
+                          "def run(*a, **k):\n    pass\n".encode("latin-1"))
+        assert _defined(str(latin), {"run_unchecked": ""}) == ["run_unchecked"]
+    finally:
+        sys.path.remove(str(tmp_path))
