@@ -11,8 +11,9 @@ add of the step counts, which on a CPU is 148 scalar adds (about 160 us for GPT-
 and on a GPU one launch.
 
 ``--template FILE`` serves an AdamW template instead (its ``run()``, and its ``run_unchecked`` on the steps the
-optimizer has checked), with its kernel launch a no-op, so its checks, addresses and table count too; ``--torch`` steps ``torch.optim.AdamW(fused=True)`` in the same rounds with its
-kernel (``torch._fused_adamw_``) a no-op: the two optimizers' host sides side by side, which decide a step's
+optimizer has checked), with its kernel launch a no-op, so its checks, addresses and table count too;
+``--torch`` steps ``torch.optim.AdamW(fused=True)`` in the same rounds with its kernel (``torch._fused_adamw_``)
+a no-op: the two optimizers' host sides side by side, which decide a step's
 time wherever the host, not the device, is the slower.
 
 Usage: python benchmarks/optim_host.py [--preset gpt2-124m] [--device cpu] [--rounds 25] [--steps 20]
@@ -45,11 +46,7 @@ def template_without_launch(path: str) -> Any:
     table run as they would, nothing is computed."""
     import triton
 
-    spec = importlib.util.spec_from_file_location("kerneltune_adamw_template", path)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"optim_host.py: cannot load {path}: give the path of an adamw candidate file")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load(path, "kerneltune_adamw_template", "an adamw candidate file")
     kernels = [n for n, v in vars(mod).items() if isinstance(v, triton.runtime.jit.JITFunction)]
     if not kernels or not callable(getattr(mod, "run", None)):
         raise SystemExit(f"optim_host.py: {path} has no run() or no @triton.jit kernel to stand in for")
@@ -83,9 +80,14 @@ def noop_serving(fn: Any = None, name: str = "no-op") -> Any:
 def load_optim(path: str) -> Any:
     """Another revision's ``kerneltune/optim.py`` as a module of its own (it imports the installed package's
     other modules)."""
-    spec = importlib.util.spec_from_file_location("kerneltune_optim_other", path)
+    return _load(path, "kerneltune_optim_other", "an optim.py file")
+
+
+def _load(path: str, name: str, what: str) -> Any:
+    """The file at ``path`` as a fresh module ``name``; ``what`` it should be, for the error."""
+    spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise SystemExit(f"optim_host.py: cannot load {path}: give the path of an optim.py file")
+        raise SystemExit(f"optim_host.py: cannot load {path}: give the path of {what}")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import typer
 
@@ -392,7 +392,7 @@ def register(app: typer.Typer) -> None:
                 err.print(f"  warning: {d.warning}", highlight=False)
             if "entry_points" in info:
                 unused = info.get("entry_points_unused", [])
-                extra = [f"{n} ({spec.companions[n]}{'; unused here: no backward kernel serves this shape' if n in unused else ''})"
+                extra = [f"{n} ({spec.companions[n][1]}{'; unused here: no backward kernel serves this shape' if n in unused else ''})"
                          for n in info["entry_points"][1:]]
                 out.print("  entry points: run" + "".join(f", {x}" for x in extra) + (
                     "" if extra else f" only (no {', '.join(spec.companions)})"), highlight=False)
@@ -405,7 +405,7 @@ def register(app: typer.Typer) -> None:
         raise typer.Exit(0)
 
 
-def _defined(path: str, names: dict[str, str]) -> list[str]:
+def _defined(path: str, names: Iterable[str]) -> list[str]:
     """Which of ``names`` the candidate file at ``path`` binds at its top level (parsed, never imported): a def,
     a class, an import, an assignment to something other than a constant, also inside top-level if/try/with
     blocks; what the library finds in ``run``'s module (ops.base.companion) as far as reading can tell."""

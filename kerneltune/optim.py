@@ -431,7 +431,7 @@ def _adamw_impl(choice: serve.Choice, params: list[Tensor], grads: list[Tensor],
     assert e is not None
     unchecked = companion(choice.run, "run_unchecked") if checked else None
     run, part = (unchecked, "run_unchecked") if unchecked is not None else (choice.run, "")
-    verify = serve.verify_pending(e, part) if part else choice.verify
+    verify = serve.verify_pending(e, part)
     # a copy to put back, only where it can be needed: the call that is checked ($KERNELTUNE_VERIFY), and the
     # kernel's first call at these shapes in this process, where its compilations happen (a numba kernel may
     # compile its parallel loop at the first large tensor, after updating smaller ones). Cloning 3 x 4 B x

@@ -17,7 +17,7 @@ checked run's preconditions itself (lists of equal length, every tensor fp32, co
 tensor i of every list of one shape): it may skip its own checks of them, the host time of a step over many
 tensors. kerneltune.optim calls it only on a step whose tensors have the metadata of tensors it checked (its
 group's record); the evaluator checks it on the cases marked ``unchecked``, as ``run`` on the others, and
-once more on each timed case after timing (``companion_args``).
+once more on each timed case after timing (``companions``).
 """
 
 from __future__ import annotations
@@ -96,8 +96,7 @@ class AdamW(OpSpec):
     outputs = ("params", "exp_avgs", "exp_avg_sqs")
     unchanged = ("grads",)
     primary_baseline = "adamw_fused"
-    companion_args = {"unchecked": True}
-    companions = {"run_unchecked": "kerneltune.optim's steps whose tensors it checked itself"}
+    companions = {"run_unchecked": ("unchecked", "kerneltune.optim's steps whose tensors it checked itself")}
 
     # -- cases -----------------------------------------------------------------------------------------
     def smoke_case(self) -> Case:
@@ -111,7 +110,7 @@ class AdamW(OpSpec):
             _case("gpt-tiny", gpt_param_shapes(*PRESETS["gpt-tiny"])),
             _case("many small", [[i % 13 + 1] for i in range(200)]),
             # run_unchecked, where a candidate has it (else run): the lists run's checks would pass (and the
-            # timed case, once after timing: the evaluator's companion_args)
+            # timed case, once after timing: OpSpec.companions)
             _case("awkward", awkward, unchecked=True),
             _case("gpt-tiny", gpt_param_shapes(*PRESETS["gpt-tiny"]), unchecked=True),
             _case("many small", [[i % 13 + 1] for i in range(200)], unchecked=True),

@@ -189,8 +189,7 @@ class Attention(OpSpec):
     outputs = ("out",)
     unchanged = ("q", "k", "v")
     primary_baseline = "sdpa"
-    companion_args = {"lse": True}
-    companions = {"run_with_lse": "a training call's forward, its lse handed to the backward kernel"}
+    companions = {"run_with_lse": ("lse", "a training call's forward, its lse handed to the backward kernel")}
 
     # -- cases -----------------------------------------------------------------------------------------
     def smoke_case(self) -> Case:

@@ -230,12 +230,16 @@ class OpSpec:
     outputs: tuple[str, ...] = ()
     unchanged: tuple[str, ...] = ()
     primary_baseline: str = ""
-    # case args under which ``invoke`` calls the op's optional entry points where a candidate has them (what the
-    # library calls besides run: attention's run_with_lse, adamw's run_unchecked); the evaluator re-verifies each
-    # timed case once through them, so they are checked at the sizes that are served, not only small ones
-    companion_args: dict[str, Any] = {}
-    # the names of those optional entry points, and what the library calls each one for (`kerneltune explain`)
-    companions: dict[str, str] = {}
+    # the op's optional entry points (what the library calls besides run: attention's run_with_lse, adamw's
+    # run_unchecked): name -> (the case arg under which ``invoke`` calls it where a candidate has it, what the
+    # library calls it for, as `kerneltune explain` says); the evaluator re-verifies each timed case once
+    # under those args, so they are checked at the sizes that are served, not only on small check cases
+    companions: dict[str, tuple[str, str]] = {}
+
+    @property
+    def companion_args(self) -> dict[str, Any]:
+        """The case args that make ``invoke`` call every optional entry point a candidate has."""
+        return {arg: True for arg, _ in self.companions.values()}
 
     # -- cases -------------------------------------------------------------------------------------
     def smoke_case(self) -> Case:
