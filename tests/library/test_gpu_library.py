@@ -115,13 +115,15 @@ def test_compile_on_cuda_serves_the_kernel_without_graph_breaks(cuda_registry):
     assert kerneltune.served() == {"attention": {"triton_flash": 2}, "attention_backward": {"triton_fa2_bwd": 1}}
 
 
-def test_adamw_triton_kernel_matches_fused_torch_over_100_steps(cuda_registry):
+def _adamw_against_fused(steps: int) -> None:
+    """``steps`` steps of a small CUDA model with torch's fused AdamW and with kerneltune.optim.AdamW, same data:
+    the parameters agree at the end."""
     torch.manual_seed(0)
     m1 = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 3)).cuda()
     m2 = copy.deepcopy(m1)
     o1 = torch.optim.AdamW(m1.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
     o2 = kerneltune.optim.AdamW(m2.parameters(), lr=1e-3, weight_decay=0.1)
-    for step in range(100):
+    for step in range(steps):
         x = torch.randn(32, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(step))
         for m, o in ((m1, o1), (m2, o2)):
             o.zero_grad()
@@ -129,6 +131,10 @@ def test_adamw_triton_kernel_matches_fused_torch_over_100_steps(cuda_registry):
             o.step()
     for p, q in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+
+
+def test_adamw_triton_kernel_matches_fused_torch_over_100_steps(cuda_registry):
+    _adamw_against_fused(100)
     assert kerneltune.served()["adamw"] == {"triton_multitensor": 100}
 
 
@@ -145,21 +151,9 @@ def test_adamw_mt_table_template_takes_run_unchecked_on_checked_steps_and_matche
     monkeypatch.setenv("KERNELTUNE_MIN_SPEEDUP", "0")
     monkeypatch.setenv("KERNELTUNE_VERIFY", "1")
     monkeypatch.setattr(ko, "_ran", set())
-    torch.manual_seed(0)
-    m1 = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 3)).cuda()
-    m2 = copy.deepcopy(m1)
-    o1 = torch.optim.AdamW(m1.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
-    o2 = kerneltune.optim.AdamW(m2.parameters(), lr=1e-3, weight_decay=0.1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for step in range(50):
-            x = torch.randn(32, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(step))
-            for m, o in ((m1, o1), (m2, o2)):
-                o.zero_grad()
-                m(x).square().mean().backward()
-                o.step()
+        _adamw_against_fused(50)
     assert kt_warnings(caught) == []
-    for p, q in zip(m1.parameters(), m2.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
     assert kerneltune.served()["adamw"] == {"triton_mt_table": 50}
     assert {part for _, part, _ in ko._ran} == {"", "run_unchecked"}  # run first, then run_unchecked
