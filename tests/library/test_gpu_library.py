@@ -157,3 +157,39 @@ def test_adamw_mt_table_template_takes_run_unchecked_on_checked_steps_and_matche
     assert kt_warnings(caught) == []
     assert kerneltune.served()["adamw"] == {"triton_mt_table": 50}
     assert {part for _, part, _ in ko._ran} == {"", "run_unchecked"}  # run first, then run_unchecked
+
+
+
+def reference_backward_on_autograds_thread(device: str, shape: tuple, dtype: torch.dtype, tol: float) -> None:
+    """Two compiled differentiated calls at ``shape``, where no kernel of the registry (forward and backward
+    entries for the device, dtype and causal mask) reaches: the compiled site enters the custom ops, and the
+    backward op serves the reference, SDPA's own backward, from inside the op with autograd's dispatch keys let
+    back in, on the thread autograd runs the backward on (a device thread of its own on CUDA). Its gradients
+    match SDPA's outside the op, and nothing warns (the exact fp32 backward, with a warning, is what serves
+    where autograd records nothing inside the op)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: kerneltune.attention(q, k, v, causal=True), fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for seed in range(2):
+            torch.manual_seed(seed)
+            q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            out = compiled(q, k, v)
+            g = torch.randn_like(out)
+            out.backward(g)
+            ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            theirs = torch.autograd.grad(F.scaled_dot_product_attention(*ref, is_causal=True), ref, g)
+            for a, b in zip((q.grad, k.grad, v.grad), theirs):
+                torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    assert kt_warnings(caught) == []
+    assert kerneltune.served() == {"attention": {"reference": 2}, "attention_backward": {"reference": 2}}
+
+
+def test_the_reference_backward_runs_sdpas_own_on_autograds_cuda_thread(user_registry, monkeypatch):
+    key = reg.device_key("cuda")
+    user_registry([(path, dict(op=op, dims={"B": 2, "H": 4, "N": 256, "D": 64}, dtype="bfloat16",
+                               args={"causal": True}, device_key=key, backend="triton"))
+                   for op, path in (("attention", "attention/triton_flash.py"),
+                                    ("attention_backward", "attention_backward/triton_fa2_bwd.py"))])
+    monkeypatch.setenv("KERNELTUNE_MIN_SPEEDUP", "0")
+    reference_backward_on_autograds_thread("cuda", (2, 4, 256, 128), torch.bfloat16, 2e-2)
