@@ -6,10 +6,12 @@ complete candidate file per request, feeds the evaluator's verdicts back, repair
 - Reliability: the SDK retries 408/409/429/5xx (529 overloaded included) and connection errors with
   exponential backoff, honouring ``retry-after``/``retry-after-ms`` (anthropic/_base_client.py
   ``_should_retry``/``_calculate_retry_timeout``); ``max_retries`` (default 4) bounds it. What still fails is
-  recorded and the next request tried; ``max_failures`` failures in a row (or an error no retry can fix:
-  a bad key, an unknown model) stop the proposer with a ``stop_reason``.
-- Malformed answers: no ```python block, a KERNELTUNE for another op, or an answer cut off at max_tokens
-  are recorded (cost counted) and produce no candidate; the next request says why. Code that is there but
+  recorded (with the retries made) and the next request tried; so is a 200 whose body is no message (a
+  gateway's HTML page: "invalid response from the API", the body kept). ``max_failures`` failures in a row
+  (or an error no retry can fix: a bad key, an unknown model) stop the proposer with a ``stop_reason``.
+- Malformed answers: an answer cut off at max_tokens (whatever it holds; the message says how to raise the
+  limit), a refusal (stop_reason "refusal"; not sent back to Claude), no ```python block, a KERNELTUNE for
+  another op: recorded (cost counted), no candidate; the next request says why. Code that is there but
   broken (syntax error, no run()) *is* proposed: the evaluator gives it compile_error/rejected, and the
   repair round sends the reason back.
 - Cost: every response's usage is priced (input, output, cache write, cache read); with ``max_cost`` no
@@ -241,33 +243,56 @@ class ClaudeProposer(Proposer):
             pool.shutdown(wait=False, cancel_futures=True)   # Ctrl-C: do not wait for answers nobody reads
 
     def _send(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One request through the SDK (which does the retries). Runs in a worker thread: no store access."""
+        """One request through the SDK (which does the retries). Runs in a worker thread: no store access.
+
+        Every reply has ``retries`` (the retries the SDK made, failed requests included) and ``body`` (the
+        response body when one was read)."""
         import anthropic
 
         t0 = time.monotonic()
+        body: str | None = None
         try:
             kwargs = dict(request)
             if "temperature" in kwargs:   # not a parameter of this SDK's create(): sent as a body field
                 kwargs["extra_body"] = {"temperature": kwargs.pop("temperature")}
             raw = self._client.messages.with_raw_response.create(**kwargs)
             body = raw.text()
-            msg = raw.parse()
-            return {"ok": True, "body": body, "msg": msg, "latency": time.monotonic() - t0,
-                    "request_id": raw.headers.get("request-id"), "retries": getattr(raw, "retries_taken", None)}
+            got = {"body": body, "request_id": raw.headers.get("request-id"),
+                   "retries": getattr(raw, "retries_taken", None)}
+            try:
+                msg = raw.parse()
+                problem = _not_a_message(msg)
+            except (ValueError, anthropic.APIResponseValidationError) as e:   # JSONDecodeError is a ValueError
+                problem = f"{type(e).__name__}: {_one_line(str(e))[:200]}"
+            if problem:   # a gateway's page, a truncated or foreign body: counted, not fatal; the body is kept
+                ctype = raw.headers.get("content-type") or "no content-type"
+                return {"ok": False, "fatal": False, "latency": time.monotonic() - t0, **got,
+                        "error": f"invalid response from the API (HTTP {raw.status_code}, {ctype}): {problem}; "
+                                 f"the body begins {_one_line(body)[:160]!r}"}
+            return {"ok": True, "msg": msg, "latency": time.monotonic() - t0, **got}
         except anthropic.APIStatusError as e:
             try:
                 body = e.response.text
             except Exception:  # noqa: BLE001 - the body is a courtesy
-                body = None
+                pass
             return {"ok": False, "error": f"{type(e).__name__} (HTTP {e.status_code}): {_one_line(e.message)}",
                     "fatal": e.status_code in FATAL_STATUS, "body": body, "latency": time.monotonic() - t0,
-                    "request_id": getattr(e, "request_id", None)}
+                    "request_id": getattr(e, "request_id", None), "retries": _retries_of(e)}
+        except anthropic.APIResponseValidationError as e:   # a 200 the SDK itself would not take (strict client)
+            try:
+                body = e.response.text
+            except Exception:  # noqa: BLE001 - the body is a courtesy
+                pass
+            return {"ok": False, "fatal": False, "body": body, "latency": time.monotonic() - t0,
+                    "request_id": e.response.headers.get("request-id"), "retries": _retries_of(e),
+                    "error": f"invalid response from the API (HTTP {e.status_code}): {_one_line(e.message)[:200]}; "
+                             f"the body begins {_one_line(body or '')[:160]!r}"}
         except anthropic.APIConnectionError as e:   # includes APITimeoutError; already retried by the SDK
-            return {"ok": False, "error": f"{type(e).__name__}: {_one_line(str(e))}", "fatal": False, "body": None,
-                    "latency": time.monotonic() - t0}
+            return {"ok": False, "error": f"{type(e).__name__}: {_one_line(str(e))}", "fatal": False, "body": body,
+                    "latency": time.monotonic() - t0, "retries": _retries_of(e)}
         except Exception as e:  # noqa: BLE001 - anything else is a bug or a setup problem: stop, say what
-            return {"ok": False, "error": f"{type(e).__name__}: {_one_line(str(e))}", "fatal": True, "body": None,
-                    "latency": time.monotonic() - t0}
+            return {"ok": False, "error": f"{type(e).__name__}: {_one_line(str(e))}", "fatal": True, "body": body,
+                    "latency": time.monotonic() - t0, "retries": _retries_of(e)}
 
     def _record(self, job: _Job, request: dict[str, Any], reply: dict[str, Any], **kw: Any) -> int:
         if self.store is None:
@@ -299,12 +324,25 @@ class ClaudeProposer(Proposer):
         cost = cost_of(usage, self.price)
         with self._lock:
             self._spent += cost
-        text = "".join(getattr(b, "text", "") for b in (msg.content or []) if getattr(b, "type", "") == "text")
-        common = dict(text=text, usage=usage, cost_usd=cost, stop_reason=msg.stop_reason)
+        text = "".join(t for t in (getattr(b, "text", None) for b in msg.content if getattr(b, "type", "") == "text")
+                       if isinstance(t, str))
+        stop = getattr(msg, "stop_reason", None)
+        common = dict(text=text, usage=usage, cost_usd=cost, stop_reason=stop)
         parsed = prompts.parse_answer(text, self.op)
-        if parsed.source is not None and msg.stop_reason == "max_tokens":
-            parsed = prompts.Parsed(None, f"the answer was cut off at max_tokens ({self.max_tokens}): write a shorter "
-                                          "file, or raise --max-tokens")
+        # the stop reason first: a cut-off or refused answer is that, whatever its text holds or lacks
+        if stop == "refusal":
+            problem = ("Claude refused to answer (stop_reason refusal): no candidate; the refusal is not sent "
+                       "back to Claude")
+            self._record(job, request, reply, outcome="malformed", problem=problem, **common)
+            self._failed(problem)   # counted and paid for; nothing in it helps the next request
+            return None
+        if stop in ("max_tokens", "model_context_window_exceeded"):
+            where = ("before the file was complete: write a shorter file" if parsed.source is not None else
+                     "before any code block: keep the reasoning short and start the file sooner")
+            limit = (f"max_tokens ({self.max_tokens} output tokens)" if stop == "max_tokens"
+                     else "the model's context window")
+            parsed = prompts.Parsed(None, f"the answer was cut off at {limit} {where}, or raise --max-tokens "
+                                          f"(now {self.max_tokens})")
         if parsed.source is None:
             self._record(job, request, reply, outcome="malformed", problem=parsed.problem, **common)
             self.state.add_malformed(parsed.problem)
@@ -314,7 +352,7 @@ class ClaudeProposer(Proposer):
         mid = self._record(job, request, reply, outcome="candidate", candidate_hash=cand.hash, **common)
         self._failures_in_row = 0
         info = {"model": self.model, "kind": job.kind, "attempt": job.attempt, "message_id": mid, "hash": cand.hash,
-                "parent": job.parent, "usage": usage, "stop_reason": msg.stop_reason}
+                "parent": job.parent, "usage": usage, "stop_reason": stop}
         return Proposal(candidate=cand, origin="claude", parent=job.parent, key=info, cost_usd=cost, info=info)
 
 
@@ -328,6 +366,36 @@ def candidate_of(source: str) -> CandidateFile:
         pass
     cand.name = f"claude-{cand.hash[:8]}"
     return cand
+
+
+_USAGE_KEYS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def _not_a_message(msg: Any) -> str:
+    """Why ``msg`` (what the SDK parsed, leniently) is not a Messages API message ("" when it is one): the
+    proposer reads its content blocks, its usage (to price it) and its stop reason."""
+    content = getattr(msg, "content", None)
+    if not isinstance(content, list):
+        return "not a message (no content list)"
+    usage = getattr(msg, "usage", None)
+    if usage is None:
+        return "not a message (no usage)"
+    for k in _USAGE_KEYS:
+        v = getattr(usage, k, None)
+        if (v is None and k in _USAGE_KEYS[:2]) or (v is not None and (isinstance(v, bool) or not isinstance(v, int))):
+            return f"not a message (usage.{k} is {v!r})"
+    if not isinstance(getattr(msg, "stop_reason", None), (str, type(None))):
+        return "not a message (stop_reason is not a string)"
+    return ""
+
+
+def _retries_of(err: BaseException) -> int | None:
+    """The retries the SDK made before ``err``: the SDK numbers every try in its x-stainless-retry-count header,
+    and an APIStatusError/APIConnectionError carries the request of the last try."""
+    try:
+        return int(err.request.headers["x-stainless-retry-count"])  # type: ignore[attr-defined]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _usage(msg: Any) -> dict[str, Any]:

@@ -244,14 +244,20 @@ class Parsed:
 
 
 def parse_answer(text: str, op: str) -> Parsed:
-    """The candidate file in Claude's answer: the ```python block (the one defining KERNELTUNE or run when
-    there are several, the last such). Malformed: no code block, or a KERNELTUNE for another op."""
+    """The candidate file in Claude's answer: the ```python block. When there are several, the best tier
+    wins: blocks with both ``KERNELTUNE`` and ``def run``, then those with ``KERNELTUNE``, then those with
+    ``def run`` (so a "key change" snippet after the whole file is not taken for it); the last block of that
+    tier; with none of them, the longest block. Malformed: no code block, or a KERNELTUNE for another op."""
     blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(text or "")]
-    blocks = [(lang, body) for lang, body in blocks if lang in ("python", "py", "python3", "")]
-    if not blocks:
+    bodies = [body for lang, body in blocks if lang in ("python", "py", "python3", "")]
+    if not bodies:
         return Parsed(None, "no ```python code block in the answer")
-    good = [b for lang, b in blocks if "KERNELTUNE" in b or re.search(r"^def run\b", b, re.M)]
-    body = (good or [max((b for _, b in blocks), key=len)])[-1]
+
+    def tier(b: str) -> int:
+        return 2 * ("KERNELTUNE" in b) + bool(re.search(r"^def run\b", b, re.M))
+
+    best = max(tier(b) for b in bodies)
+    body = [b for b in bodies if tier(b) == best][-1] if best else max(bodies, key=len)
     source = body.strip("\n") + "\n"
     other = _guess(source).get("op")
     if other is not None and other != op:

@@ -24,16 +24,16 @@ CREATE TABLE IF NOT EXISTS messages (
     kind           TEXT NOT NULL,     -- propose | repair
     model          TEXT NOT NULL,
     request        TEXT NOT NULL,     -- JSON: {model, system, messages, max_tokens, temperature}
-    response       TEXT,              -- the raw JSON body of the response, as received
+    response       TEXT,              -- the raw body of the response as received (JSON, or what a gateway sent)
     text           TEXT,              -- the answer's text blocks, joined
     usage          TEXT,              -- JSON: input, output, cache write, cache read tokens
     cost_usd       REAL NOT NULL DEFAULT 0,
-    stop_reason    TEXT,              -- the API's stop_reason (end_turn, max_tokens …)
+    stop_reason    TEXT,              -- the API's stop_reason (end_turn, max_tokens, refusal …)
     outcome        TEXT NOT NULL,     -- candidate | malformed | error
-    problem        TEXT,              -- why malformed, or the error (redacted)
+    problem        TEXT,              -- why malformed (cut off, refused, no code …), or the error (redacted)
     latency_s      REAL,
     request_id     TEXT,
-    retries        INTEGER,
+    retries        INTEGER,           -- retries the SDK made for this request (failed requests included)
     created        REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_by_run ON messages(run_id, id);

@@ -3,6 +3,7 @@
 ``FakeAPI.actions`` is a queue of what to answer next; each entry is
     ("text", str)                       a 200 message whose content is that text
     ("error", status, headers, body)    an error response (body: the JSON error object)
+    ("raw", status, content_type, text) that body as it is (a gateway's HTML page, JSON of the wrong shape)
     callable(body: dict, n: int)        returns one of the above
 and ``default`` answers when the queue is empty. Every request (its JSON body and headers) is kept in
 ``requests``; ``max_in_flight`` counts the most requests served at once.
@@ -65,7 +66,10 @@ class FakeAPI:
                         action = ("error", 500, {}, error_body("api_error", "the fake API has no answer queued"))
                     if self.path.split("?")[0] != "/v1/messages":
                         action = ("error", 404, {}, error_body("not_found_error", f"no route {self.path}"))
-                    if action[0] == "text":
+                    if action[0] == "raw":
+                        _, status, ctype, raw = action
+                        self._send(status, {"request-id": f"req_fake_{n}"}, raw, ctype)
+                    elif action[0] == "text":
                         usage = action[2] if len(action) > 2 else api.usage
                         stop = action[3] if len(action) > 3 else "end_turn"
                         self._send(200, {"request-id": f"req_fake_{n}"}, message(action[1], body, n, usage, stop))
@@ -76,15 +80,19 @@ class FakeAPI:
                     with api._lock:
                         api._in_flight -= 1
 
-            def _send(self, status: int, headers: dict[str, str], payload: Any) -> None:
-                data = json.dumps(payload).encode()
+            def _send(self, status: int, headers: dict[str, str], payload: Any,
+                      content_type: str = "application/json") -> None:
+                data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
                 self.send_response(status)
-                self.send_header("content-type", "application/json")
+                self.send_header("content-type", content_type)
                 self.send_header("content-length", str(len(data)))
                 for k, v in headers.items():
                     self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):   # the client gave up (its timeout): fine
+                    pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
