@@ -111,8 +111,17 @@ def bootstrap_ci(base_turns: Sequence[Sequence[float]], cand_turns: Sequence[Seq
     return float(lo), float(hi)
 
 
+def finite_positive(x: Any) -> bool:
+    """A number a speedup can be: finite and above 0 (NaN compares False with everything, so a NaN recorded
+    speedup would never be judged a regression)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
 def judge(recorded: float, lo: float, hi: float, tolerance: float) -> str:
-    """'regression' when the recorded speedup is above the CI's upper end by more than the tolerance."""
+    """'regression' when the recorded speedup is above the CI's upper end by more than the tolerance; 'failed'
+    when there is nothing to compare: a recorded speedup that is not a finite positive number, or no CI."""
+    if not finite_positive(recorded) or math.isnan(hi):
+        return STATUS_FAILED
     return STATUS_REGRESSION if recorded > hi * (1.0 + tolerance) else STATUS_OK
 
 
@@ -219,6 +228,9 @@ def measure(ev: Any, entry: Any, case: Any, opts: CheckOptions, recorded: float)
     m.median_speedup = b.get("speedup")
     m.candidate_p50_ms, m.baseline_p50_ms = c.get("median_ms"), b.get("median_ms")
     m.status = judge(recorded, m.ci[0], m.ci[1], opts.tolerance)
+    if m.status == STATUS_FAILED:
+        m.reason = (f"no verdict: the recorded speedup {recorded!r} is not a finite positive number"
+                    if not finite_positive(recorded) else f"no verdict: the speedup's CI is {m.ci}")
     return m
 
 
@@ -229,9 +241,9 @@ def recorded_speedup(entry: Any, opts: CheckOptions) -> tuple[float, float, str]
     bootstrap cannot see). Else the entry's speedup (a ratio of medians, as promote records it), both."""
     chk = (entry.provenance or {}).get("check") or {}
     value = chk.get("speedup")
-    if isinstance(value, (int, float)) and value > 0 and chk.get("quantile") == opts.quantile:
+    if finite_positive(value) and chk.get("quantile") == opts.quantile:
         floor = chk.get("floor")
-        floor = float(floor) if isinstance(floor, (int, float)) and 0 < floor <= value else float(value)
+        floor = float(floor) if finite_positive(floor) and floor <= value else float(value)
         n = chk.get("quiet_runs") or len(chk.get("runs") or [])
         return float(value), floor, f"p{opts.quantile * 100:.0f} ratio: median (lowest) of {n} quiet recording runs"
     return float(entry.speedup), float(entry.speedup), "the entry's speedup (ratio of medians)"
@@ -250,6 +262,13 @@ def check_entry(ev: Any, entry: Any, opts: CheckOptions, progress: Callable[[str
     record."""
     from kerneltune.registry import check_file
 
+    if not finite_positive(entry.speedup):  # an entry made in code (a registry file refuses it when read)
+        return {"entry": label(entry), "name": entry.name, "op": entry.op, "bucket": entry.bucket, "dtype": entry.dtype,
+                "args": entry.args, "device_key": entry.device_key, "candidate": entry.path,
+                "baseline": entry.baseline, "recorded_speedup": None, "recorded_floor": None, "recorded_as": "",
+                "entry_speedup": None, "notes": [], "measurements": [], "status": STATUS_FAILED,
+                "reason": f"its recorded speedup {entry.speedup!r} is not a finite positive number: no regression "
+                          "can be judged against it; re-promote it (kerneltune promote)"}
     recorded, floor, recorded_as = recorded_speedup(entry, opts)
     rec: dict[str, Any] = {"entry": label(entry), "name": entry.name, "op": entry.op, "bucket": entry.bucket,
                            "dtype": entry.dtype, "args": entry.args, "device_key": entry.device_key,
@@ -345,9 +364,11 @@ def record_entries(device: str, registry_path: str, *, runs: int = 5, op: str | 
     from kerneltune.evaluate.device import device_info
 
     key = device_info(device)["key"]
-    r = reg.load(registry_path)
-    if any(s.error for s in r.sources):
-        raise ValueError(next(s.error for s in r.sources if s.error))
+    r = _load_checked(registry_path)
+    bad = next((s for s in r.sources if s.rejected), None)
+    if bad is not None:
+        raise reg.RegistryError(f"{bad.error}; --record rewrites the registry, which would drop it: fix or remove "
+                                "that entry first")
     todo = [e for e in r.for_device(key) if op is None or e.op == op]
     out = []
     eopts = Options(device=device, timeout=opts.timeout, seeds=opts.seeds, rounds=opts.rounds, round_ms=opts.round_ms,
@@ -361,15 +382,16 @@ def record_entries(device: str, registry_path: str, *, runs: int = 5, op: str | 
                 progress(f"{e.name}: run {i + 1}/{runs}")
                 ms.append(measure(ev, e, case, opts, float(e.speedup)))
             failed = [m for m in ms if m.status == STATUS_FAILED]
-            quiet = [m for m in ms if m.status != STATUS_FAILED and not m.busy]
+            quiet = sorted((m for m in ms if m.status != STATUS_FAILED and not m.busy), key=lambda m: m.speedup or 0.0)
+            rep = quiet[(len(quiet) - 1) // 2] if quiet else None
             rec = {"entry": label(e), "runs": [_m_json(m) for m in ms], "updated": False}
             if failed:
                 rec["reason"] = f"failed verification: {failed[0].reason}"
-            elif len(quiet) < 2:
+            elif len(quiet) < 2 or rep is None:
                 rec["reason"] = f"only {len(quiet)} of {runs} runs on a quiet machine: left as it was"
+            elif not finite_positive(rep.median_speedup):  # the entry's speedup must stay one (Entry.from_json)
+                rec["reason"] = f"the median run's ratio of medians is {rep.median_speedup!r}: left as it was"
             else:
-                quiet.sort(key=lambda m: m.speedup or 0.0)
-                rep = quiet[(len(quiet) - 1) // 2]
                 c = rep.result["cases"][0]
                 prov = rep.result["provenance"]
                 e.speedup = float(rep.median_speedup or 0.0)
@@ -427,16 +449,18 @@ def statistics_median(xs: Sequence[float | None]) -> float:
 # -- the whole check -----------------------------------------------------------------------------------------
 def run_check(device: str, *, registry_path: str | None = None, op: str | None = None,
               opts: CheckOptions | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Check every entry of the registry recorded for this device (of ``op``, when given)."""
-    from kerneltune import registry as reg
+    """Check every entry of the registry recorded for this device (of ``op``, when given), and report every
+    malformed entry of it as failed. Raises RegistryError (one line) when a file cannot be read as a registry."""
     from kerneltune.evaluate.device import device_info, versions
     from kerneltune.evaluate.evaluator import Evaluator, Options
 
     opts = opts or CheckOptions()
     progress = progress or (lambda _m: None)
     key = device_info(device)["key"]
-    r = reg.load(registry_path)
+    r = _load_checked(registry_path)
     entries = [e for e in r.for_device(key) if op is None or e.op == op]
+    rejected = [_rejected_record(s, x) for s in r.sources for x in s.rejected
+                if op is None or x.get("op") in (None, op)]
     t0 = time.monotonic()
     report: dict[str, Any] = {
         "device": device_info(device), "device_key": key, "registries": [s.path for s in r.sources],
@@ -451,10 +475,40 @@ def run_check(device: str, *, registry_path: str | None = None, op: str | None =
             for e in entries:
                 report["entries"].append(check_entry(ev, e, opts, progress,
                                                      fresh=lambda: Evaluator(eopts, progress=progress)))
+    report["entries"] += rejected
     counts = {s: sum(1 for x in report["entries"] if x["status"] == s)
               for s in (STATUS_OK, STATUS_REGRESSION, STATUS_FAILED, STATUS_INCONCLUSIVE)}
-    report["summary"] = {**counts, "checked": len(entries), "duration_s": round(time.monotonic() - t0, 1)}
+    report["summary"] = {**counts, "checked": len(report["entries"]), "duration_s": round(time.monotonic() - t0, 1)}
     return report
+
+
+def _load_checked(registry_path: str | None) -> Any:
+    """The registry to check (``registry_path`` alone, else the user registry and the shipped one), read without
+    the library's warnings (the check reports for itself). A file that cannot be read as a registry at all (not
+    JSON, not a registry, another format, a $KERNELTUNE_REGISTRY that does not exist) raises RegistryError with
+    its one-line message; malformed entries are in the sources' ``rejected`` lists."""
+    import warnings
+
+    from kerneltune import registry as reg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", reg.KernelTuneWarning)
+        r = reg.load(registry_path)
+    broken = next((s for s in r.sources if s.error and not s.rejected), None)
+    if broken is not None:
+        raise reg.RegistryError(broken.error)
+    return r
+
+
+def _rejected_record(src: Any, x: dict[str, Any]) -> dict[str, Any]:
+    """A failed check record for an entry the registry file holds but that cannot be read (reg.read_file)."""
+    name = x.get("name") or f"entries[{x['index']}]"
+    what = " ".join(v for v in (x.get("op"), x.get("bucket"), x.get("dtype")) if v)
+    return {"entry": f"{name} ({what})" if what else name, "name": x.get("name") or "", "op": x.get("op"),
+            "bucket": x.get("bucket"), "dtype": x.get("dtype"), "args": {}, "device_key": x.get("device_key") or "?",
+            "candidate": None, "baseline": None, "registry": src.path, "recorded_speedup": None,
+            "recorded_floor": None, "recorded_as": "", "entry_speedup": None, "notes": [], "measurements": [],
+            "status": STATUS_FAILED, "reason": f"the registry cannot use this entry: {x['reason']}"}
 
 
 def exit_code(report: dict[str, Any], strict: bool = False) -> int:
@@ -568,9 +622,15 @@ def cli_check(*, device: str, op: str | None, registry: str | None, opts: CheckO
     if registry and not os.path.isfile(registry):
         print(f"error: --registry {registry}: no such file", file=sys.stderr)
         return 2
-    with err.status("starting") as status:
-        report = run_check(device, registry_path=registry, op=op, opts=opts,
-                           progress=lambda m: status.update(m) if not json_out else None)
+    from kerneltune.registry import RegistryError
+
+    try:
+        with err.status("starting") as status:
+            report = run_check(device, registry_path=registry, op=op, opts=opts,
+                               progress=lambda m: status.update(m) if not json_out else None)
+    except RegistryError as e:  # a file that is not a registry: nothing can be checked, which is not a pass
+        print(f"error: cannot check the registry: {e}", file=sys.stderr)
+        return 2
     if csv_path:
         from kerneltune.report import append_rows
 
@@ -598,8 +658,12 @@ def _record_command(*, device: str, op: str | None, registry: str | None, opts: 
         print(f"error: --registry {path}: no such file", file=sys.stderr)
         return 2
     err = Console(stderr=True)
-    with err.status("recording") as status:
-        recs = record_entries(device, path, op=op, opts=opts, progress=lambda m: status.update(m))
+    try:
+        with err.status("recording") as status:
+            recs = record_entries(device, path, op=op, opts=opts, progress=lambda m: status.update(m))
+    except reg.RegistryError as e:
+        print(f"error: cannot record into the registry: {e}", file=sys.stderr)
+        return 2
     if json_out:
         print(json.dumps({"registry": path, "entries": recs}, indent=1, default=str))
     for x in recs:
@@ -633,9 +697,11 @@ def _print_report(out: Any, report: dict[str, Any], opts: CheckOptions) -> None:
         ms = x.get("measurements") or [{}]
         m = ms[-1]
         ci = x.get("ci")
-        low = x.get("recorded_floor", x["recorded_speedup"])
+        recorded = x["recorded_speedup"]
+        low = x.get("recorded_floor", recorded)
         t.add_row(x["entry"], f"[{_STYLE[x['status']]}]{x['status']}[/]",
-                  f"{x['recorded_speedup']:.3g}×" + (f" (≥{low:.3g})" if low < x["recorded_speedup"] else ""),
+                  "—" if recorded is None else
+                  f"{recorded:.3g}×" + (f" (≥{low:.3g})" if low is not None and low < recorded else ""),
                   f"{x['speedup']:.3g}×" if x.get("speedup") is not None else "—",
                   f"{ci[0]:.3g}–{ci[1]:.3g}" if ci else "—",
                   f"{x['change']:+.0%}" if x.get("change") is not None else "—",

@@ -20,8 +20,11 @@ reach (``NEAREST_REACH``: attention, the same head dim and two octaves of N and 
 Only entries recorded for this device key, whose backend runs on this device kind, whose measured speedup
 is at least the minimum (1.0, or ``$KERNELTUNE_MIN_SPEEDUP``) and whose candidate file still hashes to the
 source that passed, are ever chosen; a bucket whose own measurements are all below
-the minimum gets the reference (a faster bucket elsewhere is no evidence for it). A user registry
-(``$KERNELTUNE_REGISTRY``) comes before the shipped one. A corrupt file warns once and counts as empty.
+the minimum gets the reference (a faster bucket elsewhere is no evidence for it). Among entries equally
+placed (the exact bucket, or nearest buckets at one distance) a user registry's (``$KERNELTUNE_REGISTRY``) comes
+before the shipped one's, then the higher speedup. A CUDA call looks at the entries of its own GPU's key.
+A corrupt file warns once and counts as empty; a malformed entry (a missing field, a speedup that is not a
+finite positive number) warns once and is left out, the file's other entries kept.
 """
 
 from __future__ import annotations
@@ -70,11 +73,30 @@ def device_kind(device: Any) -> str:
 
 
 def device_key(device: Any) -> str:
-    """The normalised key of this machine's ``device`` ('cpu' or 'cuda'): CPU model and threads, or GPU
-    name and compute capability (the key the evaluator stores with every measurement)."""
+    """The normalised key of this machine's ``device`` ('cpu', 'cuda', 'cuda:1', a torch.device): CPU model and
+    threads, or the name and compute capability of that very GPU (the key the evaluator stores with every
+    measurement). A CUDA device without an index is the current device, as torch places a tensor made on it."""
     from kerneltune.evaluate.device import device_info
 
-    return str(device_info(device_kind(device))["key"])
+    kind = device_kind(device)
+    if kind == "cuda":
+        return str(device_info(f"cuda:{_cuda_index(device)}")["key"])
+    return str(device_info(kind)["key"])
+
+
+def _cuda_index(device: Any) -> int:
+    """The index of a CUDA device ('cuda', 'cuda:1', torch.device('cuda', 1)); none given: the current device."""
+    index = getattr(device, "index", None) if not isinstance(device, str) else None
+    if isinstance(device, str) and ":" in device:
+        try:
+            index = int(device.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"device {device!r}: not a CUDA device index") from None
+    if index is None:
+        import torch
+
+        index = torch.cuda.current_device()
+    return int(index)
 
 
 def _as_key(device: Any) -> str:
@@ -235,8 +257,15 @@ class Entry:
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
         missing = [k for k in required if k not in d]
         if missing:
-            raise RegistryError(f"{where}: missing field(s) {', '.join(missing)}; re-promote it with "
-                                "`kerneltune promote`")
+            raise RegistryError(f"{where}: missing field(s) {', '.join(missing)}; remove that entry or re-promote "
+                                "its kernel with `kerneltune promote`")
+        speedup = d["speedup"]
+        if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not math.isfinite(speedup) \
+                or speedup <= 0:
+            # NaN compares False with everything (no minimum, no regression gate would ever apply to it) and an
+            # infinite one would outrank every other entry: a speedup is a measured ratio of two times
+            raise RegistryError(f"{where}: speedup {speedup!r} is not a finite positive number (baseline median / "
+                                "kernel median); remove that entry or re-promote its kernel with `kerneltune promote`")
         try:
             e = cls(**{k: v for k, v in d.items() if k in known}, root=root, source=source)
             e.speedup = float(e.speedup)
@@ -290,7 +319,9 @@ def file_hash(text: str) -> str:
     return source_hash(text, file_meta(text).get("params"))
 
 
-_FILE_CHECKS: dict[tuple[str, int, int], str] = {}
+# (path, mtime, size) -> (the hash of the evaluated source in the file, or None; why it cannot be read). The
+# file's hash is kept, not a verdict: entries naming one file may record different source hashes.
+_FILE_HASHES: dict[tuple[str, int, int], tuple[str | None, str]] = {}
 
 
 def check_file(entry: Entry) -> str:
@@ -301,16 +332,21 @@ def check_file(entry: Entry) -> str:
     except OSError:
         return f"candidate file {path} is missing (registry {entry.source or '?'}); re-promote it or remove the entry"
     key = (path, st.st_mtime_ns, st.st_size)
-    if key not in _FILE_CHECKS:
+    kept = _FILE_HASHES.get(key)
+    if kept is None:
         try:
             with open(path, encoding="utf-8") as f:
-                text = strip_header(f.read())
-            ok = file_hash(text) == entry.source_hash
-            _FILE_CHECKS[key] = "" if ok else (f"candidate file {path} changed since it was promoted (its hash is not "
-                                               f"source_hash {entry.source_hash[:12]}); re-evaluate and re-promote it")
+                kept = (file_hash(strip_header(f.read())), "")
         except (OSError, UnicodeDecodeError) as e:
-            _FILE_CHECKS[key] = f"candidate file {path} cannot be read ({e}); re-promote it"
-    return _FILE_CHECKS[key]
+            kept = (None, f"candidate file {path} cannot be read ({e}); re-promote it")
+        _FILE_HASHES[key] = kept
+    digest, unreadable = kept
+    if digest is None:
+        return unreadable
+    if digest != entry.source_hash:
+        return (f"candidate file {path} changed since it was promoted (its hash is not source_hash "
+                f"{str(entry.source_hash)[:12]}); re-evaluate and re-promote it")
+    return ""
 
 
 # -- where registries live -------------------------------------------------------------------------------
@@ -376,10 +412,17 @@ class Decision:
 
 @dataclass
 class Source:
+    """One registry file as read: ``root`` its candidates root (``candidates_root`` the value the file declares,
+    written back by ``Registry.save``), ``entries`` how many entries were read, ``error`` what is wrong with it
+    ('' when nothing), ``rejected`` the malformed entries left out (index, why, and op, device_key, name when
+    the entry has them)."""
+
     path: str
     root: str
     entries: int = 0
     error: str = ""
+    candidates_root: str | None = None
+    rejected: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Registry:
@@ -454,7 +497,7 @@ class Registry:
         if any(e.bucket == want for e in fits) and not any(e.bucket == want for e in eligible):
             # measured at this very bucket and slower than the floor: a faster bucket elsewhere says nothing here
             eligible = []
-        rank = {id(e): i for i, e in enumerate(self.entries)}  # user registry before shipped
+        rank = self._source_rank()  # a user registry's entry before the shipped one's
         target = norm_dims(op, dims)
         near: list[Entry] = []
         far: list[Entry] = []
@@ -464,8 +507,11 @@ class Registry:
             eligible = near
             skipped.append(f"{', '.join(sorted({e.name + ' at ' + e.bucket for e in far}))}: too far from {asked} "
                            f"({_reach_text(op)})")
-        ordered = sorted(eligible, key=lambda e: (e.bucket != want, distance(op, e.dims, target),
-                                                  rank[id(e)], -e.speedup))
+        # docs/library.md, lookup step 4: the exact bucket (one per registry), else the nearest; then a user
+        # registry's entry before the shipped one's; then the higher speedup
+        ordered = sorted(eligible, key=lambda e: (e.bucket != want,
+                                                  0.0 if e.bucket == want else distance(op, e.dims, target),
+                                                  rank.get(e.source, len(rank)), -e.speedup))
         for e in ordered:
             why = check_file(e) if check_files else ""
             if why:
@@ -481,6 +527,16 @@ class Registry:
             return Decision(None, "reference", msg, warning=msg, skipped=skipped + problems)
         return Decision(None, "reference", "; ".join(skipped) + ": the reference serves", skipped=skipped)
 
+    def _source_rank(self) -> dict[str, int]:
+        """The place of each registry file in the lookup: the order of ``sources`` (the user registry, then the
+        shipped one), then the order in which other files first appear among the entries."""
+        rank: dict[str, int] = {}
+        for s in self.sources:
+            rank.setdefault(s.path, len(rank))
+        for e in self.entries:
+            rank.setdefault(e.source, len(rank))
+        return rank
+
     def add(self, entry: Entry) -> Entry | None:
         """Add ``entry``; an entry with the same (op, device, dtype, args, bucket) is replaced and returned."""
         for i, e in enumerate(self.entries):
@@ -491,9 +547,11 @@ class Registry:
         return None
 
     def save(self, path: str) -> None:
-        """Write every entry to ``path`` (atomically); candidate paths become relative to its candidates root."""
+        """Write every entry to ``path`` (atomically); candidate paths become relative to its candidates root: the
+        ``candidates_root`` the file declared when it was read (written back), else candidates/ beside it."""
         path = os.path.abspath(path)
-        root = candidates_root(path)
+        declared = next((s.candidates_root for s in self.sources if s.path == path and s.candidates_root), None)
+        root = candidates_root(path, declared)
         out = []
         for e in self.entries:
             d = e.to_json()
@@ -502,9 +560,11 @@ class Registry:
             out.append(d)
         from kerneltune import __version__
 
-        doc = {"format": FORMAT, "kerneltune": __version__, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                  time.gmtime()),
-               "entries": out}
+        doc: dict[str, Any] = {"format": FORMAT, "kerneltune": __version__,
+                               "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if declared:
+            doc["candidates_root"] = declared
+        doc["entries"] = out
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".registry-", suffix=".json", dir=os.path.dirname(path))
@@ -533,8 +593,10 @@ def _runs_on(backend: str, kind: str) -> bool:
 
 
 def read_file(path: str) -> tuple[list[Entry], Source]:
-    """The entries of one registry file. A missing file is an empty registry; a corrupt one is empty with
-    ``Source.error`` set (the caller warns)."""
+    """The entries of one registry file. A missing file is an empty registry; a corrupt one (not JSON, not a
+    registry, another format) is empty with ``Source.error`` set (the caller warns). A malformed entry is left out
+    and listed in ``Source.rejected``, ``Source.error`` naming it; the file's other entries are read (each is
+    checked on its own before it serves: its backend, its speedup, its file's hash)."""
     path = os.path.abspath(path)
     src = Source(path=path, root=candidates_root(path))
     if not os.path.exists(path):
@@ -552,14 +614,26 @@ def read_file(path: str) -> tuple[list[Entry], Source]:
         src.error = (f"{path}: registry format {doc.get('format')!r}, this kerneltune reads format {FORMAT}; "
                      "upgrade kerneltune or re-promote")
         return [], src
-    src.root = candidates_root(path, doc.get("candidates_root"))
+    declared = doc.get("candidates_root")
+    if declared is not None and not isinstance(declared, str):
+        src.error = f"{path}: candidates_root {declared!r} is not a folder name (a JSON string); fix or delete it"
+        return [], src
+    src.candidates_root = declared or None
+    src.root = candidates_root(path, declared)
     entries = []
     for i, d in enumerate(doc["entries"]):
         try:
             entries.append(Entry.from_json(d, root=src.root, source=path, where=f"{path}: entries[{i}]"))
         except RegistryError as ex:
-            src.error = str(ex)
-            return [], src
+            raw = d if isinstance(d, dict) else {}
+            src.rejected.append({"index": i, "reason": str(ex),
+                                 **{k: raw[k] for k in ("op", "device_key", "name", "bucket", "dtype")
+                                    if isinstance(raw.get(k), str)}})
+    if src.rejected:
+        more = len(src.rejected) - 1
+        src.error = (src.rejected[0]["reason"] + (f" (and {more} more malformed entr{'y' if more == 1 else 'ies'})"
+                                                  if more else "")
+                     + f"; left out, the other {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} still read")
     src.entries = len(entries)
     return entries, src
 

@@ -4,6 +4,7 @@ evaluator, and the real thing: a slowed copy of a winner fails, the unchanged wi
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -369,3 +370,103 @@ def test_shipped_registry_passes():
     r = kt("bench", "--check", "--json")
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert all(x["status"] in ("ok", "inconclusive") for x in json.loads(r.stdout)["entries"])
+
+
+# -- a registry the check cannot read, and entries whose recorded speedup cannot gate anything ------------------
+@pytest.mark.parametrize("content, words, how", [
+    ('{"format": 1, "entries": [ {"op": "attention", ', "not a readable registry", "fix or delete it"),  # truncated
+    ('{"entries": "oops"}', "a JSON object with an 'entries' list", "fix or delete it"),
+    ('{"format": 7, "entries": []}', "registry format 7", "upgrade kerneltune"),
+], ids=["truncated", "entries-not-a-list", "future-format"])
+def test_a_registry_that_cannot_be_read_is_a_usage_error_with_one_line(tmp_path, content, words, how):
+    """Not 'nothing to check' and exit 0: a CI gate reading a broken registry must fail, saying which file,
+    what is wrong with it and what to do."""
+    path = tmp_path / "registry.json"
+    path.write_text(content)
+    r = kt("bench", "--check", "--registry", str(path), "--json", timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert len(lines) == 1 and str(path) in lines[0] and words in lines[0] and how in lines[0], r.stderr
+    # --record says the same, the same way (it used to end in a traceback)
+    res = cli("bench", "--check", "--record", "--registry", str(path))
+    assert res.exit_code == 2 and str(path) in res.stderr and words in res.stderr, (res.exit_code, res.output)
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def _registry_doc(tmp_path, *entries) -> str:
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps({"format": 1, "entries": list(entries)}))
+    return str(path)
+
+
+def _scripted(monkeypatch, results):
+    """The evaluator bench --check builds answers from ``results`` (a kernel 7x slower than its baseline)."""
+    import kerneltune.evaluate.evaluator as evaluator
+
+    ev = ScriptedEvaluator(results)
+    monkeypatch.setattr(evaluator, "Evaluator", lambda *a, **k: ev)
+    return ev
+
+
+@pytest.mark.parametrize("speedup", [float("nan"), float("inf"), 0.0, -2.0], ids=["nan", "inf", "zero", "negative"])
+def test_an_entry_with_a_speedup_that_cannot_gate_fails_the_check(tmp_path, quiet, monkeypatch, entry_file, speedup):
+    """NaN > x is False: such an entry passed every check whatever its speed (here 7x slower than its baseline).
+    It is reported as failed, and the JSON report stays strict JSON."""
+    e = {**_entry(path=entry_file).to_json(), "speedup": speedup, "name": "bad_speedup"}
+    path = _registry_doc(tmp_path, e)
+    _scripted(monkeypatch, [_result(7.0, seed=i) for i in range(6)])
+    r = cli("bench", "--check", "--registry", path, "--json")
+    assert r.exit_code == 1, (r.exit_code, r.output)
+    rep = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"{c} in the JSON report"))
+    assert rep["summary"]["failed"] == 1 and rep["summary"]["checked"] == 1, rep["summary"]
+    x = rep["entries"][0]
+    assert x["status"] == "failed" and "speedup" in x["reason"] and x["name"] == "bad_speedup", x
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("FAILED")]
+    assert len(lines) == 1 and "bad_speedup" in lines[0] and KEY in lines[0] and path in lines[0], r.stderr
+    # the table says it too
+    _scripted(monkeypatch, [_result(7.0, seed=i) for i in range(6)])
+    r = cli("bench", "--check", "--registry", path)
+    assert r.exit_code == 1 and "bad_speedup" in r.stdout and "failed" in r.stdout, r.output
+
+
+def test_a_malformed_entry_fails_the_check_and_the_others_are_still_checked(tmp_path, quiet, monkeypatch):
+    ok = _entry(path=str(tmp_path / "ok.py")).to_json()
+    broken = {"op": "adamw", "device_key": KEY, "name": "broken"}  # fields missing
+    path = _registry_doc(tmp_path, ok, broken)
+    seen = []
+    monkeypatch.setattr(ck, "check_entry", lambda ev, e, *a, **k: seen.append(e.name) or {
+        "entry": ck.label(e), "name": e.name, "status": "ok", "device_key": e.device_key, "reason": "", "notes": [],
+        "recorded_speedup": e.speedup, "measurements": []})
+
+    class NoEvaluator:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    import kerneltune.evaluate.evaluator as evaluator
+
+    monkeypatch.setattr(evaluator, "Evaluator", NoEvaluator)
+    rep = ck.run_check("cpu", registry_path=path)
+    assert seen == ["k"], seen
+    assert [x["status"] for x in rep["entries"]] == ["ok", "failed"], rep["entries"]
+    assert "entries[1]" in rep["entries"][1]["reason"] and "missing field" in rep["entries"][1]["reason"]
+    assert ck.exit_code(rep) == 1 and rep["summary"]["checked"] == 2
+
+
+def test_judge_and_check_entry_refuse_a_recorded_speedup_that_is_not_finite_and_positive(quiet, entry_file):
+    for bad in (math.nan, math.inf, 0.0, -1.0):
+        assert ck.judge(bad, 0.9, 1.0, 0.10) == "failed", bad
+        ev = ScriptedEvaluator([])
+        rec = ck.check_entry(ev, _entry(speedup=bad, path=entry_file), ck.CheckOptions(), lambda m: None)
+        assert rec["status"] == "failed" and "speedup" in rec["reason"] and ev.calls == 0, rec
+        assert rec["recorded_speedup"] is None
+    # a recorded check statistic that is not finite is not like for like: the entry's speedup is used
+    e = _entry(speedup=0.3, check={"quantile": 0.1, "speedup": math.inf, "floor": math.inf})
+    assert ck.recorded_speedup(e, ck.CheckOptions())[:2] == (0.3, 0.3)
+    e = _entry(speedup=0.3, check={"quantile": 0.1, "speedup": 0.33, "floor": math.nan})
+    assert ck.recorded_speedup(e, ck.CheckOptions())[:2] == (0.33, 0.33)

@@ -27,17 +27,28 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-@functools.lru_cache(maxsize=None)
 def device_info(device: str) -> dict[str, Any]:
-    """name, kind, key (a normalised id used for caches and the registry) and details."""
-    if device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        name = p.name
-        cc = f"{p.major}.{p.minor}"
-        key = f"cuda:{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}:sm{p.major}{p.minor}"
-        return {"kind": "cuda", "name": name, "key": key, "compute_capability": cc,
-                "memory_gib": round(p.total_memory / 2**30, 1), "multiprocessors": p.multi_processor_count,
-                "cuda": torch.version.cuda}
+    """name, kind, key (a normalised id used for caches and the registry) and details of 'cpu', 'cuda' (the
+    current CUDA device) or 'cuda:N' (GPU N: a machine's GPUs need not be one model)."""
+    if device == "cuda" or device.startswith("cuda:"):
+        index = torch.cuda.current_device() if device == "cuda" else int(device.split(":", 1)[1])
+        return _cuda_info(index)
+    return _cpu_info()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_info(index: int) -> dict[str, Any]:
+    p = torch.cuda.get_device_properties(index)
+    name = p.name
+    cc = f"{p.major}.{p.minor}"
+    key = f"cuda:{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}:sm{p.major}{p.minor}"
+    return {"kind": "cuda", "name": name, "key": key, "compute_capability": cc,
+            "memory_gib": round(p.total_memory / 2**30, 1), "multiprocessors": p.multi_processor_count,
+            "cuda": torch.version.cuda}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_info() -> dict[str, Any]:
     threads = torch.get_num_threads()
     model = cpu_model()
     key = f"cpu:{re.sub(r'[^a-z0-9]+', '-', model.lower()).strip('-')}:{threads}t"

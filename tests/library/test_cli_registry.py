@@ -285,3 +285,22 @@ def test_explain_reads_entry_points_as_the_library_finds_them(tmp_path):
         assert _defined(str(latin), {"run_unchecked": ""}) == ["run_unchecked"]
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_promote_into_a_registry_with_its_own_candidates_root_keeps_it_and_stays_relative(cli, tmp_path):
+    """A registry that declares "candidates_root": promote copies under it and writes it back, with the entry's
+    candidate relative to it, so the folder can move (it used to lose the key and write absolute paths)."""
+    import shutil
+
+    db, folder = str(tmp_path / "kt.db"), tmp_path / "reg"
+    folder.mkdir()
+    (folder / "registry.json").write_text(json.dumps({"format": 1, "candidates_root": "kernels", "entries": []}))
+    record(db, SEED)
+    r = cli("promote", SEED, "--registry", str(folder / "registry.json"), "--db", db, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["file"] == str(folder / "kernels" / "adamw" / "numba_cpu.py")
+    doc = json.loads((folder / "registry.json").read_text())
+    assert doc["candidates_root"] == "kernels" and [e["candidate"] for e in doc["entries"]] == ["adamw/numba_cpu.py"]
+    shutil.move(str(folder), str(tmp_path / "moved"))
+    back = reg.load(str(tmp_path / "moved" / "registry.json"))
+    assert [reg.check_file(e) for e in back.entries] == [""]

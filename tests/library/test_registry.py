@@ -182,3 +182,179 @@ def test_the_shipped_registry_is_consistent(monkeypatch):
         assert e.bucket == reg.bucket(e.op, e.dims)
         assert e.device_key.split(":")[0] in ("cpu", "cuda") and reg._runs_on(e.backend, e.device_key.split(":")[0])
         assert e.speedup > 0 and e.median_ms and e.versions.get("torch") and e.provenance.get("evaluation")
+
+
+# -- reviewed bugs: the file check per source_hash, candidates_root kept by save, the lookup's tie-breaks, the CUDA
+# -- device index, a malformed entry, and a speedup that is not a finite positive number
+def test_the_file_check_compares_each_entrys_own_hash(tmp_path):
+    """Two entries name one file; only one was measured for its source. Whichever is checked first, the other
+    keeps its own verdict (the file's hash is what is kept between checks, not one entry's verdict)."""
+    src = open(os.path.join(SEEDS, "attention", "numba_cpu.py")).read()
+    for order in ("good first", "stale first"):
+        folder = tmp_path / order.replace(" ", "_") / "attention"
+        folder.mkdir(parents=True)
+        (folder / "k.py").write_text(src)
+        good = reg.Entry.from_json(entry_for(str(folder / "k.py"), "attention", dims=ATT, args={"causal": True}),
+                                   root=str(folder.parent))
+        stale = reg.Entry.from_json({**entry_for(str(folder / "k.py"), "attention", dims=ATT, args={"causal": True}),
+                                     "source_hash": "0" * 64}, root=str(folder.parent))
+        checks = [good, stale] if order == "good first" else [stale, good]
+        verdicts = {id(e): reg.check_file(e) for e in checks}
+        assert verdicts[id(good)] == "", (order, verdicts)
+        assert "changed since it was promoted" in verdicts[id(stale)], (order, verdicts)
+        # and asked again (from the kept hash), the same answers
+        assert reg.check_file(good) == "" and "changed since it was promoted" in reg.check_file(stale)
+        # the stale entry never serves, in either order
+        d = reg.Registry([stale]).decide("attention", "cpu", ATT, "float32", {"causal": True})
+        assert d.entry is None and "changed since it was promoted" in (d.warning or ""), d
+
+
+def test_save_keeps_a_declared_candidates_root_and_the_registry_moves_with_its_folder(tmp_path):
+    import shutil
+
+    folder = tmp_path / "reg"
+    (folder / "kernels" / "attention").mkdir(parents=True)
+    shutil.copy(os.path.join(SEEDS, "attention", "numba_cpu.py"), folder / "kernels" / "attention" / "k.py")
+    e = entry_for(str(folder / "kernels" / "attention" / "k.py"), "attention", dims=ATT, args={"causal": True})
+    e["candidate"] = "attention/k.py"
+    path = folder / "registry.json"
+    path.write_text(json.dumps({"format": 1, "candidates_root": "kernels", "entries": [e]}))
+    r = reg.load(str(path))
+    assert r.sources[0].root == str(folder / "kernels") and reg.check_file(r.entries[0]) == ""
+    r.save(str(path))  # what `kerneltune promote --registry PATH` does after adding its entries
+    doc = json.load(open(path))
+    assert doc["candidates_root"] == "kernels" and doc["entries"][0]["candidate"] == "attention/k.py", doc
+    moved = tmp_path / "moved"
+    shutil.move(str(folder), str(moved))
+    back = reg.load(str(moved / "registry.json"))
+    assert back.entries[0].path == str(moved / "kernels" / "attention" / "k.py")
+    assert reg.check_file(back.entries[0]) == ""
+    # a registry without one keeps writing none (candidates/ beside it, the default)
+    plain = tmp_path / "plain.json"
+    reg.Registry().save(str(plain))
+    assert "candidates_root" not in json.load(open(plain))
+
+
+def _entry_at(dims, *, speedup, name, source=""):
+    cand = os.path.join(SEEDS, "attention", "numba_cpu.py")
+    return reg.Entry.from_json({**entry_for(cand, "attention", dims=dims, args={"causal": True}, speedup=speedup),
+                                "name": name}, root=SEEDS, source=source)
+
+
+def test_equally_near_buckets_go_to_the_higher_speedup_whatever_the_file_order():
+    """docs/library.md, lookup step 4: nearest bucket, then the user registry's entry, then the higher speedup."""
+    asked = {"B": 1, "H": 4, "N": 1024, "D": 64}
+    slow = _entry_at({"B": 1, "H": 4, "N": 512, "D": 64}, speedup=1.05, name="slow")   # one octave below
+    fast = _entry_at({"B": 1, "H": 4, "N": 2048, "D": 64}, speedup=3.0, name="fast")   # one octave above
+    for entries in ([slow, fast], [fast, slow]):
+        d = reg.Registry(entries).decide("attention", "cpu", asked, "float32", {"causal": True})
+        assert d.kind == "nearest" and d.entry.name == "fast", (d.reason, [e.name for e in entries])
+    # a nearer bucket comes before a faster one further away (still within reach)
+    nearer = _entry_at({"B": 1, "H": 4, "N": 512, "D": 64}, speedup=1.1, name="nearer")      # one octave
+    further = _entry_at({"B": 1, "H": 4, "N": 4096, "D": 64}, speedup=3.0, name="further")   # two octaves
+    d = reg.Registry([further, nearer]).decide("attention", "cpu", asked, "float32", {"causal": True})
+    assert d.entry.name == "nearer", d.reason
+
+
+def test_a_user_registrys_entry_comes_before_the_shipped_ones_at_the_same_nearness(tmp_path):
+    user, shipped = str(tmp_path / "user.json"), str(tmp_path / "shipped.json")
+    sources = [reg.Source(path=user, root=SEEDS), reg.Source(path=shipped, root=SEEDS)]
+    asked = {"B": 1, "H": 4, "N": 1024, "D": 64}
+    mine = _entry_at({"B": 1, "H": 4, "N": 512, "D": 64}, speedup=1.05, name="mine", source=user)
+    theirs = _entry_at({"B": 1, "H": 4, "N": 2048, "D": 64}, speedup=3.0, name="theirs", source=shipped)
+    for entries in ([theirs, mine], [mine, theirs]):  # the rank is the registry's, not the place in the list
+        d = reg.Registry(entries, sources).decide("attention", "cpu", asked, "float32", {"causal": True})
+        assert d.kind == "nearest" and d.entry.name == "mine", d.reason
+    # in the exact bucket too: the user's entry for the bucket, whatever shape in it each was timed at
+    mine = _entry_at({"B": 1, "H": 4, "N": 1000, "D": 64}, speedup=1.05, name="mine", source=user)
+    theirs = _entry_at(asked, speedup=3.0, name="theirs", source=shipped)
+    d = reg.Registry([theirs, mine], sources).decide("attention", "cpu", asked, "float32", {"causal": True})
+    assert d.kind == "exact" and d.entry.name == "mine", d.reason
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """A machine with two different GPUs (mocked: no CUDA needed): cuda:0 an H100, cuda:1 an A100; the current
+    device is cuda:1."""
+    from types import SimpleNamespace
+
+    import kerneltune.evaluate.device as dev
+
+    props = {0: SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, total_memory=80 << 30,
+                                multi_processor_count=132),
+             1: SimpleNamespace(name="NVIDIA A100-SXM4-40GB", major=8, minor=0, total_memory=40 << 30,
+                                multi_processor_count=108)}
+
+    def get_props(device=None):
+        i = getattr(device, "index", device)
+        return props[torch.cuda.current_device() if i is None else int(i)]
+
+    def clear():
+        for f in vars(dev).values():
+            if hasattr(f, "cache_clear"):
+                f.cache_clear()
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", get_props)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    clear()
+    yield {0: "cuda:nvidia-h100-80gb-hbm3:sm90", 1: "cuda:nvidia-a100-sxm4-40gb:sm80"}
+    clear()
+
+
+def test_the_device_key_of_a_cuda_device_is_its_own_gpus(two_gpus):
+    assert reg.device_key(torch.device("cuda", 0)) == two_gpus[0]
+    assert reg.device_key(torch.device("cuda", 1)) == two_gpus[1]
+    assert reg.device_key("cuda:0") == two_gpus[0] and reg.device_key("cuda:1") == two_gpus[1]
+    # no index: the current device (as torch places a tensor created on "cuda")
+    assert reg.device_key(torch.device("cuda")) == two_gpus[1] and reg.device_key("cuda") == two_gpus[1]
+    # the decision for a call on cuda:1 looks at cuda:1's entries, not GPU 0's
+    cand = os.path.join(SEEDS, "attention", "numba_cpu.py")
+    h100 = reg.Entry.from_json({**entry_for(cand, "attention", dims=ATT, args={"causal": True}, backend="torch",
+                                            device_key=two_gpus[0]), "name": "h100_kernel"}, root=SEEDS)
+    r = reg.Registry([h100])
+    assert r.decide("attention", torch.device("cuda", 0), ATT, "float32", {"causal": True}).entry is h100
+    d = r.decide("attention", torch.device("cuda", 1), ATT, "float32", {"causal": True})
+    assert d.entry is None and f"not for this one ({two_gpus[1]})" in d.reason, d.reason
+    assert r.servable(("attention",), torch.device("cuda", 1), "float32", {"causal": True}) == []
+
+
+def test_a_malformed_entry_is_left_out_with_one_warning_and_the_others_serve(user_registry):
+    """One bad entry (a missing field) does not take the file's other entries with it: they are as valid as they
+    were, and each is checked on its own (its file's hash) before it serves. The bad one is named, once."""
+    from tests.library.conftest import TEST_KERNELS
+
+    path = user_registry([(os.path.join(TEST_KERNELS, "attention", "torch_lse.py"),
+                           dict(op="attention", dims=ATT, args={"causal": True}, backend="torch"))])
+    doc = json.load(open(path))
+    doc["entries"].append({"op": "attention", "device_key": reg.device_key("cpu")})  # the rest went missing
+    open(path, "w").write(json.dumps(doc))
+    serve.reload()
+    msgs = calls_warnings()
+    assert len(msgs) == 1 and path in msgs[0] and "entries[1]" in msgs[0] and "missing field" in msgs[0], msgs
+    assert kerneltune.served() == {"attention": {"torch_lse": 3}}
+    entries, src = reg.read_file(path)
+    assert [e.name for e in entries] == ["torch_lse"] and src.entries == 1 and "entries[1]" in src.error
+    assert [x["index"] for x in src.rejected] == [1] and src.rejected[0]["device_key"] == reg.device_key("cpu")
+
+
+@pytest.mark.parametrize("speedup", [float("nan"), float("inf"), 0.0, -1.5, "fast", None],
+                         ids=["nan", "inf", "zero", "negative", "text", "null"])
+def test_an_entry_whose_speedup_is_not_a_finite_positive_number_is_rejected(tmp_path, monkeypatch, speedup):
+    """A NaN speedup compares False with everything, so the regression gate (recorded > CI end) could never fire
+    for it; an infinite one would outrank every other entry. Such an entry is refused when read."""
+    cand = os.path.join(SEEDS, "attention", "numba_cpu.py")
+    good = entry_for(cand, "attention", dims=ATT, args={"causal": True})
+    bad = {**good, "speedup": speedup, "bucket": "D64 N256 BH8", "dims": {"B": 2, "H": 4, "N": 256, "D": 64}}
+    with pytest.raises(reg.RegistryError, match=r"entries\[1\].*speedup"):
+        reg.Entry.from_json(bad, where="r.json: entries[1]")
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps({"format": 1, "candidates_root": SEEDS, "entries": [good, bad]}))
+    entries, src = reg.read_file(str(path))
+    assert len(entries) == 1 and entries[0].speedup == 1.5
+    assert str(path) in src.error and "entries[1]" in src.error and "speedup" in src.error, src.error
+    monkeypatch.setenv(reg.ENV_MIN_SPEEDUP, "0")  # even serving any kernel that passed, it never serves
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = reg.load(str(path))
+    d = r.decide("attention", "cpu", {"B": 2, "H": 4, "N": 256, "D": 64}, "float32", {"causal": True})
+    assert d.entry is None or d.entry.speedup == 1.5, d.reason
