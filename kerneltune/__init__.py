@@ -33,13 +33,18 @@ __all__ = ["__version__", "attention", "optim", "served", "reset_served", "decis
 def __getattr__(name: str) -> Any:
     import importlib
 
-    if name == "optim":
-        return importlib.import_module("kerneltune.optim")
     if name in _LAZY:
         mod, attr = _LAZY[name]
         value = getattr(importlib.import_module(mod), attr)
         globals()[name] = value
         return value
+    if not name.startswith("_"):
+        # a submodule (kerneltune.optim, .library, .registry …), imported on first use like the names above:
+        # importing it binds it here, so this runs once per submodule
+        import importlib.util
+
+        if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'kerneltune' has no attribute {name!r}")
 
 

@@ -441,7 +441,8 @@ def _adamw_impl(choice: serve.Choice, params: list[Tensor], grads: list[Tensor],
     backup = ([[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs)]
               if verify or first not in _ran else None)
     try:
-        run(params, grads, exp_avgs, exp_avg_sqs, **hyper)
+        with serve.device_guard(params[0].device):  # a launch on the tensors' GPU where it is not the current one
+            run(params, grads, exp_avgs, exp_avg_sqs, **hyper)
         why = _verify(backup, grads, (params, exp_avgs, exp_avg_sqs), hyper) if verify else ""
     except Exception as ex:  # noqa: BLE001 - a kernel that raises never takes the caller down
         why = f"raised {type(ex).__name__}: {ex}"

@@ -52,6 +52,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
     if not serves:
         # Nothing in the registry for this call: torch's SDPA as it is, with its own fused backward (the custom
         # ops, whose reference backward recomputes SDPA's forward, are for calls a registry kernel serves).
+        # SDPA's output as it is: for transposed inputs it keeps their layout, which the caller's usual
+        # transpose back makes contiguous without a copy (a .contiguous() here would add one to every call)
         out = sdpa(q, k, v, causal, scale)
         if not torch.compiler.is_compiling():
             serve.count(OP, serve.REFERENCE)
@@ -186,10 +188,11 @@ def _run_kernel(choice: serve.Choice, q: Tensor, k: Tensor, v: Tensor, causal: b
     with_lse = companion(choice.run, "run_with_lse") if want_lse else None
     try:
         qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
-        if with_lse is not None:
-            out, lse = with_lse(qc, kc, vc, causal=causal, scale=scale)
-        else:
-            out, lse = choice.run(qc, kc, vc, causal=causal, scale=scale), None
+        with serve.device_guard(q.device):  # a launch on q's GPU where it is not the current one
+            if with_lse is not None:
+                out, lse = with_lse(qc, kc, vc, causal=causal, scale=scale)
+            else:
+                out, lse = choice.run(qc, kc, vc, causal=causal, scale=scale), None
     except Exception as ex:  # noqa: BLE001 - a kernel that raises never takes the caller down
         serve.mark_bad(e, f"{e.name} raised {type(ex).__name__}: {ex}")
         return None
@@ -202,13 +205,13 @@ def _run_kernel(choice: serve.Choice, q: Tensor, k: Tensor, v: Tensor, causal: b
         serve.mark_bad(e, f"{e.name}'s run_with_lse returned an lse of {getattr(lse, 'shape', type(lse))} "
                           f"{getattr(lse, 'dtype', '')}, not {tuple(q.shape[:-1])} torch.float32")
         return None
-    lse_pending = with_lse is not None and serve.verify_pending(e, "run_with_lse")
-    if choice.verify or lse_pending:  # run and run_with_lse each checked on its own first use
+    part = "run_with_lse" if with_lse is not None else ""  # the entry point that ran
+    if serve.verify_pending(e, part):  # run and run_with_lse each checked on its own first use, and only then
         why = _verify_forward(q, k, v, causal, scale, out, lse)
         if why:
             serve.verify_failed(OP, e, why)
             return None
-        serve.mark_verified(e, "run_with_lse" if with_lse is not None else "")
+        serve.mark_verified(e, part)
     return out.contiguous(), None if lse is None else lse.contiguous()
 
 
@@ -332,8 +335,10 @@ def _run_backward_kernel(choice: serve.Choice, grad_out: Tensor, q: Tensor, k: T
     e = choice.entry
     assert e is not None and choice.run is not None
     q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out))
+    lse = lse.contiguous()
     try:
-        grads = tuple(choice.run(q, k, v, out, grad_out, lse.contiguous(), causal=causal, scale=scale))
+        with serve.device_guard(q.device):  # a launch on q's GPU where it is not the current one
+            grads = tuple(choice.run(q, k, v, out, grad_out, lse, causal=causal, scale=scale))
     except Exception as ex:  # noqa: BLE001 - a kernel that raises never takes the caller down
         serve.mark_bad(e, f"{e.name} raised {type(ex).__name__}: {ex}")
         return None

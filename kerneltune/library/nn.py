@@ -11,7 +11,7 @@ Nothing is patched at import and no torch function is replaced: only the modules
 
 from __future__ import annotations
 
-import types
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +82,10 @@ def patch_attention(model: nn.Module) -> list[Patched]:
             continue
         note = "attention dropout > 0: training calls stay on torch SDPA" if float(getattr(m, "dropout", 0) or 0) else ""
         if not getattr(m, _PATCHED, False):
-            m.forward = types.MethodType(_forward, m)  # this instance only; its class is untouched
+            # this instance only; its class is untouched. A partial of the module-level function, not a bound
+            # method: pickle saves that by reference (kerneltune.library.nn._forward) and the module by value,
+            # so torch.save(model) loads back patched (a bound method pickles as getattr(m, '_forward'))
+            m.forward = functools.partial(_forward, m)
             setattr(m, _PATCHED, True)
         done.append(Patched(name, type(m).__name__, note))
     return done

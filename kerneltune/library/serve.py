@@ -1,16 +1,19 @@
 """Which kernel serves a library call, and the record of what served.
 
-For each distinct (op, device, shape bucket, dtype, args) a process asks the registry once
-(``Registry.decide``) and remembers the answer; a registry kernel is imported from its candidate file
-(trusted code: it passed the evaluator on this device) the first time it serves. Anything that goes
-wrong — a corrupt registry, a missing or changed file, a kernel that fails to import, raises, or
-(with ``$KERNELTUNE_VERIFY``) disagrees with the reference on its first call — warns once and the
-reference serves from then on. ``served()`` counts the calls each kernel answered.
+For each distinct (op, device, shape, dtype, args) a process asks the registry once (``Registry.decide``)
+and remembers the answer (per exact shape, not per bucket: whether a nearest bucket is within reach depends on
+the exact N and B*H; per CUDA device index, since two GPUs of a process may be different models); a registry
+kernel is imported from its candidate file (trusted code: it passed the evaluator on this device) the first
+time it serves. Anything that goes wrong — a corrupt registry, a missing or changed file, a kernel that fails
+to import, raises, or (with ``$KERNELTUNE_VERIFY``) disagrees with the reference on its first call — warns once
+and the reference serves from then on. ``served()`` counts the calls each kernel answered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -31,7 +34,7 @@ log = logging.getLogger("kerneltune")
 _lock = threading.RLock()
 _served: dict[str, Counter[str]] = {}
 _registry: tuple[str, reg.Registry] | None = None
-_decisions: dict[tuple[Any, ...], Decision] = {}
+_decisions: dict[tuple[Any, ...], tuple[Decision, str, dict[str, Any]]] = {}  # choose's key -> (decision, bucket, dims)
 _kernels: dict[str, Callable[..., Any]] = {}
 _bad: dict[str, str] = {}          # entry id -> why it no longer serves in this process
 _generation = 0                    # bumped whenever a decision may change: see generation()
@@ -117,20 +120,25 @@ def reload() -> None:
 
 
 def choose(op: str, device: Any, dims: dict[str, Any], dtype: str, args: dict[str, Any] | None = None) -> Choice:
-    """The kernel that serves ``op`` for this call (cached per bucket)."""
+    """The kernel that serves ``op`` for this call (the registry's decision cached per device, exact shape, dtype
+    and arguments: ``Registry.decide`` tests a nearest bucket's reach on the exact N and B*H, so two shapes of
+    one bucket may be decided differently)."""
     env = _env_key()
     r = registry(env[0])
-    key = (op, reg.device_kind(device), reg.bucket(op, dims), str(dtype), reg._args_key(args), *env)
+    key = (op, *_device_slot(device), _dims_key(op, dims), str(dtype), reg._args_key(args), *env)
     with _lock:
-        d = _decisions.get(key)
-    if d is None:
+        hit = _decisions.get(key)
+    if hit is None:
         d = r.decide(op, device, dims, dtype, args)
+        b, nd = reg.bucket(op, dims), reg.norm_dims(op, dims)
         with _lock:
-            _decisions[key] = d
+            _decisions[key] = (d, b, nd)
         if d.warning:
             warn_once(d.warning)
-        _log(f"{op} {key[2]} {dtype} {reg._args_text(args or {})} on {reg._as_key(device)}: "
+        _log(f"{op} {b} {nd} {dtype} {reg._args_text(args or {})} on {reg._as_key(device)}: "
              f"{d.entry.name if d.entry else REFERENCE} ({d.reason})")
+    else:
+        d = hit[0]
     e = d.entry
     if e is None or entry_id(e) in _bad:
         return Choice(None, REFERENCE, None, d)
@@ -138,6 +146,48 @@ def choose(op: str, device: Any, dims: dict[str, Any], dtype: str, args: dict[st
     if fn is None:
         return Choice(None, REFERENCE, None, d)
     return Choice(fn, e.name, e, d)
+
+
+def _device_slot(device: Any) -> tuple[str, int | None]:
+    """(kind, CUDA device index; None on CPU): a decision is made per GPU, since the registry's device key is
+    that GPU's own (model and compute capability), and two GPUs of one process may differ."""
+    kind = reg.device_kind(device)
+    if kind == "cpu":
+        return kind, None
+    index = device.split(":", 1)[1] if isinstance(device, str) and ":" in device else getattr(device, "index", None)
+    if index is None:  # 'cuda': the current device, as torch takes it
+        import torch
+
+        return kind, (torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return kind, int(index)
+
+
+def _dims_key(op: str, dims: dict[str, Any]) -> tuple[Any, ...]:
+    """The call's exact shape as the registry reads it (``registry.norm_dims``: attention B, H, N, D; adamw numel
+    and tensors), hashable: ``Registry.decide`` reads ``dims`` only through them, so one key, one decision."""
+    d = reg.norm_dims(op, dims) if "shapes" in dims else dims
+    try:
+        key = tuple(sorted(d.items()))
+        hash(key)
+    except TypeError:  # a list in dims (not a shape this library asks about): its JSON text
+        return (json.dumps(d, sort_keys=True, default=str),)
+    return key
+
+
+_NO_GUARD = contextlib.nullcontext()
+
+
+def device_guard(device: Any) -> Any:
+    """A context in which a kernel launched for tensors on ``device`` runs on that device: ``torch.cuda.device``
+    where ``device`` is a CUDA device other than the current one (Triton and other launchers take the current
+    device, not the tensors'), else a no-op (the common case: CPU, or the current GPU)."""
+    if getattr(device, "type", None) != "cuda":
+        return _NO_GUARD
+    import torch
+
+    if device.index is None or device.index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(device)
 
 
 def _log(msg: str) -> None:
@@ -241,15 +291,17 @@ def reset_served() -> None:
 
 
 def decisions() -> list[dict[str, Any]]:
-    """Every serving decision this process made: op, bucket, dtype, args, kernel, kind, reason."""
+    """Every serving decision this process made (one per device, exact shape, dtype and arguments): op, device,
+    bucket, dims, dtype, args, kernel, kind, reason."""
     with _lock:
         items = list(_decisions.items())
         bad = dict(_bad)
     out = []
-    for key, d in items:
+    for key, (d, b, dims) in items:
         e = d.entry
         why = bad.get(entry_id(e)) if e is not None else None
-        out.append({"op": key[0], "device": key[1], "bucket": key[2], "dtype": key[3], "args": key[4],
+        out.append({"op": key[0], "device": key[1] if key[2] is None else f"{key[1]}:{key[2]}", "bucket": b,
+                    "dims": dims, "dtype": key[4], "args": key[5],
                     "kernel": REFERENCE if (e is None or why) else e.name, "kind": "reference" if why else d.kind,
                     "reason": why or d.reason})
     return out

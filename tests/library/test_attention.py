@@ -3,6 +3,8 @@ dtype the CPU runs, a registry kernel forced to serve, and torch.compile without
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import math
 import os
@@ -525,3 +527,133 @@ def test_custom_ops_pass_opcheck():
     for lse_ok in (False, True):
         torch.library.opcheck(torch.ops.kerneltune.attention_backward.default,
                               (g, q.detach(), k.detach(), v.detach(), o, lse, True, 0.5, lse_ok))
+
+
+def _sdpa_with_grads(q, k, v, causal, g):
+    """torch SDPA's output and gradients: the independent reference."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*leaves, is_causal=causal)
+    return out.detach(), torch.autograd.grad(out, leaves, g)
+
+
+def test_kerneltune_verify_checks_each_entry_point_on_its_first_use_only(user_registry, monkeypatch, tmp_path):
+    """Training calls (autograd records them, a backward kernel serves) take the forward kernel's run_with_lse:
+    KERNELTUNE_VERIFY checks it on the first such call, not on every one; an inference call then takes run,
+    checked on its own first use, and once; the backward kernel is checked once too. Values and gradients match
+    SDPA's throughout."""
+    la = importlib.import_module("kerneltune.library.attention")
+    checked, exact = [], []
+    real_verify, real_exact = la._verify_forward, la.exact_backward
+    monkeypatch.setattr(la, "_verify_forward", lambda *a: checked.append("run" if a[6] is None else "run_with_lse")
+                        or real_verify(*a))
+    monkeypatch.setattr(la, "exact_backward", lambda *a: exact.append(1) or real_exact(*a))
+    monkeypatch.setenv("KERNELTUNE_VERIFY", "1")
+    user_registry([lse_forward(tmp_path, "torch_lse"), BWD_48])
+    shape = (2, 3, 17, 48)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):  # training steps
+            q, k, v = inputs(shape, torch.float32, 30 + step)
+            out = kerneltune.attention(q, k, v, causal=True)
+            g = torch.randn(shape, generator=torch.Generator().manual_seed(step))
+            want, want_grads = _sdpa_with_grads(q, k, v, True, g)
+            torch.testing.assert_close(out.detach(), want, atol=2e-5, rtol=1e-4)
+            for a, e in zip(grads(out, (q, k, v), g), want_grads):
+                torch.testing.assert_close(a, e, atol=2e-5, rtol=1e-4)
+        assert checked == ["run_with_lse"] and exact == [1]
+        for step in range(3):  # inference calls: run
+            q, k, v = no_grad_inputs(shape, torch.float32, 40 + step)
+            torch.testing.assert_close(kerneltune.attention(q, k, v, causal=True),
+                                       F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-5, rtol=1e-4)
+    assert kt_warnings(caught) == []
+    assert checked == ["run_with_lse", "run"] and exact == [1]
+    assert kerneltune.served() == {"attention": {"torch_lse": 7}, "attention_backward": {"torch_math": 4}}
+
+
+def test_the_output_is_a_new_tensor_on_every_path_contiguous_where_a_kernel_serves(user_registry, monkeypatch,
+                                                                                    tmp_path):
+    """(B, N, H, D) inputs viewed as (B, H, N, D), as nanoGPT-style code passes them: where no kernel serves
+    and with KERNELTUNE_DISABLE, SDPA's output as it is (its layout: no copy added); where kernels serve,
+    inference and training, a contiguous one. Never an input's storage, and SDPA's values and gradients."""
+    B, N, H, D = 2, 17, 3, 48
+    kernel = [False]
+
+    def call(grad):
+        base = [torch.randn(B, N, H, D, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        leaves = [t.requires_grad_(grad) for t in base]
+        q, k, v = (t.transpose(1, 2) for t in leaves)
+        assert not q.is_contiguous()
+        with torch.set_grad_enabled(grad):
+            out = kerneltune.attention(q, k, v, causal=True)
+        assert out.shape == (B, H, N, D) and (out.is_contiguous() or not kernel[0])
+        assert all(out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() for t in leaves)
+        want = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True)
+        torch.testing.assert_close(out.detach(), want, atol=2e-5, rtol=1e-4)
+        if grad:
+            g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+            _, want_grads = _sdpa_with_grads(q, k, v, True, g)
+            for a, e in zip(torch.autograd.grad(out, leaves, g), want_grads):
+                torch.testing.assert_close(a, e.transpose(1, 2), atol=2e-5, rtol=1e-4)
+
+    for grad in (False, True):  # no registry: SDPA
+        call(grad)
+    assert kerneltune.served() == {"attention": {"reference": 2}, "attention_backward": {"reference": 1}}
+    user_registry([lse_forward(tmp_path, "torch_lse"), BWD_48])
+    monkeypatch.setenv("KERNELTUNE_DISABLE", "1")
+    kerneltune.reset_served()
+    for grad in (False, True):
+        call(grad)
+    assert kerneltune.served() == {"attention": {"reference": 2}, "attention_backward": {"reference": 1}}
+    monkeypatch.delenv("KERNELTUNE_DISABLE")
+    kerneltune.reset_served()
+    kernel[0] = True
+    for grad in (False, True):
+        call(grad)
+    assert kerneltune.served() == {"attention": {"torch_lse": 2}, "attention_backward": {"torch_math": 1}}
+
+
+def test_kernels_are_launched_under_the_device_guard_of_their_tensors(user_registry, monkeypatch, tmp_path):
+    """The forward (run and run_with_lse) and backward kernels run inside serve.device_guard(q.device), which
+    makes q's GPU the current one where it is not (tests/library/test_serve.py tests the guard itself with a
+    mocked CUDA); here a recording guard on CPU, the results still SDPA's."""
+    from kerneltune.library import serve
+
+    user_registry([lse_forward(tmp_path, "torch_lse"), BWD_48])
+    events, depth = [], [0]
+
+    @contextlib.contextmanager
+    def guard(device):
+        events.append(("guard", str(device)))
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    def recorded(fn, name):
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            events.append((name, depth[0] == 1))
+            return fn(*a, **kw)
+
+        return wrapper
+
+    la = importlib.import_module("kerneltune.library.attention")
+    q = torch.zeros(2, 3, 17, 48)
+    fwd, bwd = la._choose(la.OP, q, True), la._choose(la.OP_BACKWARD, q, True)
+    monkeypatch.setitem(fwd.run.__globals__, "run_with_lse", recorded(fwd.run.__globals__["run_with_lse"], "fwd lse"))
+    monkeypatch.setitem(serve._kernels, serve.entry_id(fwd.entry), recorded(fwd.run, "fwd run"))
+    monkeypatch.setitem(serve._kernels, serve.entry_id(bwd.entry), recorded(bwd.run, "bwd run"))
+    monkeypatch.setattr(serve, "device_guard", guard)
+    q, k, v = inputs((2, 3, 17, 48), torch.float32, 3)
+    out = kerneltune.attention(q, k, v, causal=True)
+    g = torch.randn(out.shape)
+    got = grads(out, (q, k, v), g)
+    with torch.no_grad():
+        out2 = kerneltune.attention(q, k, v, causal=True)
+    want, want_grads = _sdpa_with_grads(q, k, v, True, g)
+    for a, e in zip((out.detach(), out2, *got), (want, want, *want_grads)):
+        torch.testing.assert_close(a, e, atol=2e-5, rtol=1e-4)
+    assert events == [("guard", "cpu"), ("fwd lse", True), ("guard", "cpu"), ("bwd run", True),
+                      ("guard", "cpu"), ("fwd run", True), ("fwd lse", True)]  # torch_lse's run calls run_with_lse
+    assert kerneltune.served() == {"attention": {"torch_lse": 2}, "attention_backward": {"torch_math": 1}}

@@ -89,3 +89,32 @@ def test_attention_dropout_in_training_stays_on_torch_and_says_so():
     m.eval()
     m(torch.randn(2, 5, 30))
     assert kerneltune.served() == {"attention": {"reference": 2}}
+
+
+def test_a_patched_model_saved_whole_loads_back_patched_with_the_same_outputs(tmp_path):
+    """torch.save(model) of a patched model (the whole module, pickled) loads back, still patched: the same
+    outputs as the model saved and as nanoGPT's own SDPA forward, kerneltune.attention serving, unpatchable."""
+    torch.manual_seed(2)
+    model = Model()
+    ref = copy.deepcopy(model)  # unpatched: nanoGPT's forward on SDPA
+    kerneltune.patch_attention(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    x = torch.randn(3, 11, 30)
+    want, before = ref(x), model(x)
+    kerneltune.reset_served()
+    got = loaded(x)
+    assert kerneltune.served() == {"attention": {"reference": 2}}  # the loaded modules call kerneltune.attention
+    torch.testing.assert_close(got, before, atol=0, rtol=0)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    want.sum().backward()
+    for (n, p), q in zip(loaded.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=n)
+    # the loaded module's forward is its own (not the saved instance's), and unpatching works on it
+    assert loaded.h[0]["attn"].forward.args[0] is loaded.h[0]["attn"]
+    assert copy.deepcopy(loaded).h[1]["attn"](x).shape == x.shape
+    assert kerneltune.unpatch_attention(loaded) == ["h.0.attn", "h.1.attn"]
+    kerneltune.reset_served()
+    torch.testing.assert_close(loaded(x), want, atol=1e-5, rtol=1e-5)
+    assert kerneltune.served() == {}

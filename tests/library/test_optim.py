@@ -699,3 +699,33 @@ def test_a_group_that_breaks_the_contract_is_never_given_to_run_unchecked(user_r
         if step == 0:  # a moment loaded as fp64 (a state_dict from elsewhere)
             o.state[p]["exp_avg"] = o.state[p]["exp_avg"].double()
     assert calls == ["run"] * 4
+
+
+def test_the_kernel_is_launched_under_the_device_guard_of_its_tensors(user_registry, monkeypatch):
+    """run and run_unchecked run inside serve.device_guard(the params' device), which makes their GPU the current
+    one where it is not (tests/library/test_serve.py tests the guard itself); here a recording guard on CPU, every
+    step still torch's AdamW's."""
+    import contextlib
+
+    from kerneltune.library import serve
+
+    calls = _unchecked_kernel(user_registry)
+
+    @contextlib.contextmanager
+    def guard(device):
+        calls.append(f"enter {device}")
+        yield
+        calls.append("exit")
+
+    monkeypatch.setattr(serve, "device_guard", guard)
+    torch.manual_seed(5)
+    p1 = torch.nn.Parameter(torch.randn(6))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    o1, o2 = torch.optim.AdamW([p1], lr=0.05, weight_decay=0.1), AdamW([p2], lr=0.05, weight_decay=0.1)
+    for step in range(2):
+        for p, o in ((p1, o1), (p2, o2)):
+            p.grad = torch.cos(p.detach() * (step + 1))
+            o.step()
+    torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-5)
+    assert_same_state(o1, o2, atol=1e-6, rtol=1e-5)
+    assert calls == ["enter cpu", "run", "exit", "enter cpu", "run_unchecked", "exit"]

@@ -38,3 +38,24 @@ def test_the_wheel_ships_the_registry_and_its_candidates(tmp_path):
                        env={**env, "PYTHONPATH": str(target)})
     assert r.returncode == 0, r.stderr
     assert "{'attention': {'reference': 1}}" in r.stdout
+
+
+def test_the_documented_submodules_are_there_after_a_plain_import():
+    """docs/library.md names kerneltune.library.reload() and kerneltune.registry.KernelTuneWarning: a fresh
+    `import kerneltune` reaches them (imported on first use; kerneltune.registry without torch)."""
+    code = ("import sys, kerneltune\n"
+            "assert 'torch' not in sys.modules\n"
+            "assert issubclass(kerneltune.registry.KernelTuneWarning, Warning)\n"
+            "assert 'torch' not in sys.modules\n"
+            "kerneltune.library.reload()\n"
+            "assert kerneltune.optim.AdamW and kerneltune.library.serve.reload is kerneltune.library.reload\n"
+            "try:\n"
+            "    kerneltune.no_such_module\n"
+            "except AttributeError as ex:\n"
+            "    assert 'no_such_module' in str(ex)\n"
+            "else:\n"
+            "    raise AssertionError('no AttributeError')\n"
+            "print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KERNELTUNE")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
