@@ -295,3 +295,77 @@ def test_adamws_run_unchecked_is_what_the_unchecked_cases_check(tmp_path):
         got = spec.invoke(mod.run, {k: [t.clone() for t in v] for k, v in inputs.tensors.items()}, inputs.args)
         why = spec.compare(inputs, spec.reference(inputs), got)
         assert (why != "") == bool(case.args.get("unchecked")), (case.name, why)
+
+
+def _scaled(inputs, name, c):
+    from kerneltune.ops.base import Inputs
+
+    return Inputs({**inputs.tensors, name: (inputs.tensors[name].double() * c).to(inputs.tensors[name].dtype)},
+                  inputs.args)
+
+
+@pytest.mark.parametrize("op,dims,dtype", [
+    ("attention", {"B": 2, "H": 3, "N": 37, "D": 40}, "float32"),
+    ("attention", {"B": 1, "H": 2, "N": 65, "D": 64}, "bfloat16"),
+    ("attention_backward", {"B": 2, "H": 3, "N": 29, "D": 48}, "float32"),
+    ("attention_backward", {"B": 1, "H": 2, "N": 33, "D": 64}, "float16"),
+])
+def test_timed_calls_digests_pass_a_result_that_passes_and_fail_skipped_or_cached_ones(op, dims, dtype):
+    """The timed calls' check (OpSpec.digest / check_digests): the outputs are linear in the scaled input, so a
+    timed call's answer is the reference's times its factor; a result within the dtype's tolerance (the fp64
+    reference at the scaled input, rounded to the dtype) passes on every call, while zeros, half the work, or
+    the answer for another call's factor (a cache that ignores the scaled input) fail."""
+    spec = get_op(op)
+    case = Case(name="t", dims=dims, dtype=dtype, args={"causal": True})
+    inputs = spec.make_inputs(case, 5)
+    ref = spec.digest_reference(inputs, spec.reference(inputs))
+    seed = 1234
+    honest, zeros, half, stale = [], [], [], []
+    for i in range(6):
+        c = spec.rep_scale(seed, i)
+        assert 1.0625 <= c < 1.5
+        got = spec.reference(_scaled(inputs, spec.scaled_input, c))
+        got = {k: v.to(getattr(torch, dtype)) for k, v in got.items() if k in spec.outputs}
+        honest.append(spec.digest(got).tolist())
+        zeros.append(spec.digest({k: torch.zeros_like(v) for k, v in got.items()}).tolist())
+        cut = {k: v.clone() for k, v in got.items()}
+        for v in cut.values():
+            v[..., : v.shape[-2] // 2, :] = 0
+        half.append(spec.digest(cut).tolist())
+        old = spec.reference(_scaled(inputs, spec.scaled_input, spec.rep_scale(seed, i + 1)))
+        stale.append(spec.digest({k: v.to(getattr(torch, dtype)) for k, v in old.items() if k in spec.outputs}).tolist())
+    assert spec.check_digests(ref, honest, seed) == ""
+    for wrong in (zeros, half, stale):
+        assert "what the timed calls computed" in spec.check_digests(ref, wrong, seed)
+    assert "timed call 3 of 6" in spec.check_digests(ref, honest[:2] + zeros[2:3] + honest[3:], seed)
+
+
+def test_adamw_timed_calls_digest_is_the_change_over_the_requests_steps():
+    """adamw's timed request: k steps in a row from the state the slot held; its digest, of the change, is the
+    reference's k steps within k times the check's norm limits, and a request that skipped one step of k (or
+    left the moments alone) is outside them."""
+    spec = get_op("adamw")
+    case = spec.parse_case("64x48;48;7x5", "float32")
+    inputs = spec.make_inputs(case, 4)
+    before = {k: inputs.tensors[k] for k in spec.in_place}
+    for k in (1, 3):
+        ref = spec.digest_reference(inputs, spec.reference_calls(inputs, k), k)
+        state = {n: [t.clone() for t in inputs.tensors[n]] for n in ("params", "grads", "exp_avgs", "exp_avg_sqs")}
+        for _ in range(k):  # the candidate's k steps: torch's own AdamW arithmetic in fp32
+            _fp32_step(state, inputs.args)
+        assert spec.check_digests(ref, [spec.digest(state, before).tolist()], 0) == ""
+        fewer = {n: [t.clone() for t in inputs.tensors[n]] for n in state}
+        for _ in range(k - 1):
+            _fp32_step(fewer, inputs.args)
+        frozen = {**state, "exp_avgs": [t.clone() for t in inputs.tensors["exp_avgs"]]}
+        for wrong in (fewer, frozen):
+            assert "timed calls' change of" in spec.check_digests(ref, [spec.digest(wrong, before).tolist()], 0)
+
+
+def _fp32_step(s, a):
+    b1, b2, lr, wd, eps, t = a["beta1"], a["beta2"], a["lr"], a["weight_decay"], a["eps"], a["step"]
+    for p, g, m, v in zip(s["params"], s["grads"], s["exp_avgs"], s["exp_avg_sqs"]):
+        p.mul_(1 - lr * wd)
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        p.addcdiv_(m, (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(eps), value=-lr / (1 - b1 ** t))

@@ -40,7 +40,7 @@ from kerneltune.evaluate.static import (
     source_hash,
 )
 from kerneltune.ops import Case, OpSpec, get_op
-from kerneltune.ops.base import flatten, unflatten
+from kerneltune.ops.base import Inputs, flatten, rel_seed, unflatten
 
 LARGE_CASE_BYTES = 1 << 30  # a timed case moving this much is checked with one seed before timing (two after)
 STATUSES = ("passed", "incorrect", "rejected", "compile_error", "crashed", "timeout", "unsupported")
@@ -220,6 +220,8 @@ class Evaluator:
             checks = [c for c in spec.check_cases(self.device) if c.dtype in cap.dtypes]
             skipped = sorted({c.dtype for c in spec.check_cases(self.device)} - set(cap.dtypes))
             last: dict[str, Any] = {}
+            after: dict[str, Any] = {}  # slot -> its in-place outputs after its last check (where timing starts)
+            last_factor: dict[str, float] = {}  # slot -> the scaled input's factor on the candidate's last timed call
             n_checks = 0
             one_seed: list[str] = []
             for i, case in enumerate(checks + timed):
@@ -232,7 +234,7 @@ class Evaluator:
                     one_seed.append(case.name)
                 for seed in range(self.opt.seeds if large else 1, self.opt.seeds + 1):
                     self.progress(f"{cand.name}: check {case.name} seed {seed}")
-                    self._check(worker, spec, case, seed, left, stage, slot=slot, last=last)
+                    self._check(worker, spec, case, seed, left, stage, slot=slot, last=last, after=after)
                     n_checks += 1
             res["checks"] = {"calls": n_checks + 1, "cases": [c.name for c in checks + timed],
                              "seeds": self.opt.seeds, "dtypes_not_checked": skipped,
@@ -245,14 +247,18 @@ class Evaluator:
             res["cases"] = []
             with self.lock.exclusive():
                 for i, case in enumerate(timed):
-                    res["cases"].append(self._time_case(worker, spec, case, f"t{i}", left, cand.name, eval_id))
+                    res["cases"].append(self._time_case(worker, spec, case, f"t{i}", left, cand.name, eval_id,
+                                                        after.get(f"t{i}"), last_factor))
             stage = "reverify"
             for i, case in enumerate(timed):
                 self.progress(f"{cand.name}: re-verify {case.name}")
                 try:
-                    # the values timed, with ~1% of the elements changed (a fingerprint cache misses it) ...
+                    # the values of the last timed call, with ~1% of the elements changed (a cache keyed on a
+                    # fingerprint of a few values hits, and returns that call's answer) ...
                     with self.lock.shared():  # CPU work: never during another's timed turn
-                        near = spec.perturb(spec.make_inputs(case, self.opt.seeds), 2000 + i)
+                        timed_values = spec.scale_input(spec.make_inputs(case, self.opt.seeds),
+                                                        last_factor.get(f"t{i}", 1.0))
+                        near = spec.perturb(timed_values, 2000 + i)
                     self._check(worker, spec, case, 2000 + i, left, stage, slot=f"t{i}", last=last, inputs=near)
                     # ... and entirely new values, in the same buffers, through the op's optional entry points
                     # where the candidate has them (the library's other calls, at the size that is served)
@@ -318,7 +324,8 @@ class Evaluator:
 
     # -- stages ------------------------------------------------------------------------------------------
     def _check(self, worker: WorkerProcess, spec: OpSpec, case: Case, seed: int, left: Callable[[], float],
-               stage: str, *, slot: str | None, last: dict[str, Any], inputs: Any = None) -> None:
+               stage: str, *, slot: str | None, last: dict[str, Any], inputs: Any = None,
+               after: dict[str, Any] | None = None) -> None:
         msg_inputs = inputs
         with self.lock.shared():  # a large reference may run on the device: never during another's timing
             inputs = msg_inputs if msg_inputs is not None else spec.make_inputs(case, seed)
@@ -360,6 +367,8 @@ class Evaluator:
                                           f"old result {where}", stage)
             raise Outcome("incorrect", f"{why} {where}", stage)
         last[key] = inputs
+        if slot and after is not None and spec.in_place:
+            after[slot] = {k: actual[k] for k in spec.in_place}
 
     def _baseline_worker(self, spec: OpSpec) -> WorkerProcess:
         w = self._baseline_workers.get(spec.name)
@@ -390,7 +399,8 @@ class Evaluator:
         return self._ceilings
 
     def _time_case(self, worker: WorkerProcess, spec: OpSpec, case: Case, slot: str, left: Callable[[], float],
-                   label: str, eval_id: int) -> dict[str, Any]:
+                   label: str, eval_id: int, after: dict[str, Any] | None = None,
+                   last_factor: dict[str, float] | None = None) -> dict[str, Any]:
         bw = self._baseline_worker(spec)
         names = [n for n in bw.baseline_names if self.opt.baselines is None or n in self.opt.baselines]  # type: ignore[attr-defined]
         if spec.primary_baseline not in names:
@@ -412,26 +422,48 @@ class Evaluator:
             if why:  # a secondary baseline that cannot run this case (a pinned backend, a compiler) is left out
                 dropped[name] = why if not reply.get("ok") else f"disagrees with the reference: {why}"
                 names.remove(name)
+        # every timed call is vouched for: the candidate's digests against the reference's (see OpSpec.digest);
+        # an in-place op's timed calls start where its last check left the slot, one step from there
+        start = Inputs({**inputs.tensors, **after}, inputs.args) if spec.in_place and after else inputs
+        vouch_refs: dict[int, dict[str, Any]] = {}
+        vouch_seeds = itertools.count(rel_seed(eval_id, slot, case.name) % (1 << 40))
+
+        def vouch_ref(calls: int) -> dict[str, Any]:  # in-place: one per number of calls in a request
+            if calls not in vouch_refs:  # (the timing lock is held: nothing else uses the device)
+                vouch_refs[calls] = spec.digest_reference(
+                    start, expected if start is inputs and calls == 1 else spec.reference_calls(start, calls), calls)
+            return vouch_refs[calls]
         contestants: list[tuple[str, WorkerProcess, str, str]] = [("candidate", worker, "run", slot)]
         contestants += [(n, bw, n, f"{bslot}:{n}") for n in names]
+        def timed_turn(label_c: str, w: WorkerProcess, fn: str, s: str, n: int, warmup: int) -> dict[str, Any]:
+            seed = next(vouch_seeds)  # the baselines' turns are vouched the same way: the same work around each call
+            r, _ = w.request({"cmd": "time", "fn": fn, "slot": s, "reps": n, "warmup": warmup, "vouch": seed},
+                             timeout=left())
+            if not r.get("ok"):
+                raise Outcome(r["status"], f"{r['reason']} [{case.name}, while timing]", "time")
+            if label_c == "candidate":
+                if last_factor is not None and n + warmup:  # the values its last call saw
+                    last_factor[slot] = spec.rep_scale(seed, n - 1 if n else -warmup)
+                digests = r.get("digests") or []
+                calls, want = (n + warmup, 1 if n + warmup else 0) if spec.in_place else (1, n)
+                why = (f"{len(digests)} digests came back for {want}" if len(digests) != want else
+                       spec.check_digests(vouch_ref(calls), digests, seed) if want else "")
+                if why:
+                    raise Outcome("incorrect", f"{why} [{case.name}, while timing]", "time")
+            return r
+
         with self._isolated_turns() as turn:
             # calibrate: how many calls fill one turn of a round
             reps: dict[str, int] = {}
             for label_c, w, fn, s in contestants:
                 self.progress(f"{label}: calibrating {label_c} on {case.name}")
                 turn(w)
-                r, _ = w.request({"cmd": "time", "fn": fn, "slot": s, "reps": 1, "warmup": 2}, timeout=left())
-                if not r.get("ok"):
-                    raise Outcome(r["status"], r["reason"], "time")
+                r = timed_turn(label_c, w, fn, s, 1, 2)
                 t = max(min(r["times_ms"]), 1e-4)
                 reps[label_c] = int(min(max(math.ceil(self.opt.round_ms / t), 1), 5000))
             rounds = max(self.opt.rounds, math.ceil(self.opt.min_reps / max(min(reps.values()), 1)))
-
-            def timed_turn(w, fn, s, n, warmup):
-                r, _ = w.request({"cmd": "time", "fn": fn, "slot": s, "reps": n, "warmup": warmup}, timeout=left())
-                if not r.get("ok"):
-                    raise Outcome(r["status"], f"{r['reason']} [{case.name}, while timing]", "time")
-                return r
+            for calls in (1, reps["candidate"]):  # before the turns: the evaluator's wall clock times each turn
+                vouch_ref(calls)
 
             timed = "timed twice"
             for attempt in (1, 2):
@@ -448,14 +480,16 @@ class Evaluator:
                             # of its own, so the cross-check below sees only timed calls. Estimating it at the
                             # candidate's pace misjudged a call whose time varies: an honest 20 ms candidate that
                             # reads /proc was rejected.
-                            timed_turn(w, fn, s, 0, 1)
+                            timed_turn(label_c, w, fn, s, 0, 1)
                             t_start = time.perf_counter()
-                            r = timed_turn(w, fn, s, reps[label_c], 0)
+                            r = timed_turn(label_c, w, fn, s, reps[label_c], 0)
                             wall = (time.perf_counter() - t_start) * 1e3
                             tm = timing[label_c]
                             times = [float(x) for x in r["times_ms"]]
                             tm.per_turn.append(times)
-                            tm.turns.append((wall, sum(times), len(times)))
+                            # the worker's vouching (restoring, summing up outputs) is not the candidate's work
+                            vouch_ms = min(max(float(r.get("vouch_ms") or 0.0), 0.0), wall)
+                            tm.turns.append((wall - vouch_ms, sum(times), len(times)))
                 finally:  # its sampling thread ends with the timing, however the timing ends
                     load = meter.stop()
                 # foreign CPU load judges CPU timings; a GPU's own timing is judged by the baseline's spread alone

@@ -53,6 +53,8 @@ class Worker:
         self.role = cfg["role"]  # "candidate" | "baseline"
         self.fns: dict[str, Callable[..., Any]] = {}
         self.slots: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        # slot -> the values its timed calls start from (vouched timing: see _vouched)
+        self.pristine: dict[str, dict[str, Any]] = {}
         self.tripped: list[str] = []
         self.flush_buf = None
         self.calls = 0
@@ -107,8 +109,14 @@ class Worker:
             for k, v in vars(mod).items():
                 if callable(v) and not k.startswith("__"):
                     g[f"{mod.__name__}.{k}"] = v
-        for k in ("invoke", "compare", "reference", "make_inputs", "baselines"):
+        for k in ("invoke", "compare", "reference", "make_inputs", "baselines", "digest", "rep_scale"):
             g[f"spec.{k}"] = getattr(self.spec, k)
+        for k in ("_foreach_norm", "_foreach_copy_", "mul", "stack"):
+            g[f"torch.{k}"] = getattr(torch, k)
+        g["torch.linalg.vector_norm"] = torch.linalg.vector_norm
+        from kerneltune.ops import base as _base
+
+        g["kerneltune.ops.base._norms"] = _base._norms  # what the timed calls' digests are made of
         for k in vars(Worker):
             if callable(getattr(Worker, k)) and not k.startswith("__"):
                 g[f"Worker.{k}"] = getattr(Worker, k)
@@ -263,6 +271,7 @@ class Worker:
         if slot and slot in self.slots:
             tensors, _ = self.slots[slot]
             if flat:  # new values into the same buffers: an output cache keyed by address must miss
+                self.pristine.pop(slot, None)
                 new = unflatten(flat)
                 for k, v in new.items():
                     if isinstance(v, list):
@@ -334,40 +343,106 @@ class Worker:
             raise Verdict("crashed", f"run() raised {_short_exc(e, self.cfg['workdir'])}") from None
 
     def time(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """``reps`` timed calls after ``warmup`` untimed ones. With ``vouch`` (a seed), what the timed calls
+        computed comes back too, summed up outside the timed interval (``digests``), for the parent to compare
+        with the reference's: an op with a ``scaled_input`` gets it times a fresh factor before every call and a
+        digest of every timed call's outputs; an op updating in place starts the request from the values its
+        slot held at its first vouched request and returns one digest, of the change over the request's calls."""
         torch = self.torch
-        tensors, args = self.slots[msg["slot"]]
+        slot = msg["slot"]
+        tensors, args = self.slots[slot]
         fn = self.fns[msg["fn"]]
         reps, warmup = int(msg["reps"]), int(msg.get("warmup", 0))
-        invoke = self._invoke
+        invoke, clock = self._invoke, self._clock
+        t_v = clock()  # the vouching's own time (spent_ns), which the parent's check of the timer leaves out
+        vouch = self._vouched(slot, tensors, int(msg["vouch"])) if msg.get("vouch") is not None else None
+        spent_ns = clock() - t_v
+        vouch_scale, vouch_digest = (vouch[0], vouch[1]) if vouch and self.spec.scaled_input else (None, None)
+        digests: list[Any] = []
+
+        def scale(i: int | None) -> None:
+            nonlocal spent_ns
+            t = clock()
+            vouch_scale(i)  # type: ignore[misc]
+            spent_ns += clock() - t
+
+        def digest(out: Any) -> None:
+            nonlocal spent_ns
+            t = clock()
+            digests.append(vouch_digest(out))  # type: ignore[misc]
+            spent_ns += clock() - t
+
         threads_before = self._thread_ids()
-        for _ in range(warmup):
+        for i in range(warmup):
+            if vouch_scale:
+                scale(-1 - i)
             invoke(fn, tensors, args)
         self._sync()
         times: list[float] = []
-        clock = self._clock
         wall0 = clock()
         if self.device == "cuda":
             if self.flush_buf is None:  # larger than L2 (50 MB on H100): every rep starts cold
                 self.flush_buf = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                       for _ in range(reps)]
-            for start, end in events:
+            for i, (start, end) in enumerate(events):
+                if vouch_scale:
+                    scale(i)
                 self.flush_buf.zero_()
                 start.record()
-                invoke(fn, tensors, args)
+                out = invoke(fn, tensors, args)
                 end.record()
+                if vouch_digest:
+                    digest(out)
             torch.cuda.synchronize()
             times = [s.elapsed_time(e) for s, e in events]
         else:
-            for _ in range(reps):
+            for i in range(reps):
+                if vouch_scale:
+                    scale(i)
                 t0 = clock()
-                invoke(fn, tensors, args)
+                out = invoke(fn, tensors, args)
                 times.append((clock() - t0) / 1e6)
+                if vouch_digest:
+                    digest(out)
         wall_ms = (clock() - wall0) / 1e6
+        reply: dict[str, Any] = {"ok": True, "times_ms": times, "wall_ms": wall_ms}
+        if vouch:
+            t = clock()
+            if vouch_scale:
+                vouch_scale(None)  # the slot's values as they were
+            if self.spec.in_place:
+                digests.append(vouch[1](tensors))
+            reply["digests"] = torch.stack(digests).cpu().tolist() if digests else []
+            reply["vouch_ms"] = (spent_ns + clock() - t) / 1e6
         self._leftovers(threads_before)
         self._tamper()
         self.calls += reps + warmup
-        return {"ok": True, "times_ms": times, "wall_ms": wall_ms}
+        return reply
+
+    def _vouched(self, slot: str, tensors: dict[str, Any], seed: int) -> tuple[Callable[[Any], None],
+                                                                              Callable[[Any], Any]]:
+        """A vouched timed request begins here: the slot's in-place outputs are put back to the values they had
+        at its first vouched request. Returns (scale, digest): ``scale(i)`` writes ``scaled_input`` times call
+        ``i``'s factor (``scale(None)``: as it was); ``digest(out)`` sums up outputs (their change since the
+        request began, for in-place ones)."""
+        torch, spec = self.torch, self.spec
+        keep = self.pristine.get(slot)
+        if keep is None:
+            names = list(spec.in_place) + ([spec.scaled_input] if spec.scaled_input else [])
+            keep = {n: [t.clone() for t in tensors[n]] if isinstance(tensors[n], list) else tensors[n].clone()
+                    for n in names}
+            self.pristine[slot] = keep
+        for n in spec.in_place:
+            torch._foreach_copy_(tensors[n], keep[n])
+        self._sync()
+        before = {n: keep[n] for n in spec.in_place} or None
+        scaled, mul = spec.scaled_input, torch.mul
+
+        def scale(i: int | None) -> None:
+            mul(keep[scaled], 1.0 if i is None else spec.rep_scale(seed, i), out=tensors[scaled])
+
+        return scale, lambda out: spec.digest(out, before)
 
     def ceilings(self) -> dict[str, Any]:
         from kerneltune.evaluate.roofline import measure_ceilings
@@ -377,6 +452,7 @@ class Worker:
     def clear(self, msg: dict[str, Any]) -> dict[str, Any]:
         prefix = str(msg.get("prefix", ""))
         self.slots = {k: v for k, v in self.slots.items() if not k.startswith(prefix)}
+        self.pristine = {k: v for k, v in self.pristine.items() if not k.startswith(prefix)}
         return {"ok": True}
 
     def serve(self, fd_in: int, fd_out: int) -> None:

@@ -94,6 +94,7 @@ class AdamW(OpSpec):
     )
     forbidden_aten = ("_fused_adamw_", "_fused_adam_", "_fused_adamw", "_fused_adam")
     outputs = ("params", "exp_avgs", "exp_avg_sqs")
+    in_place = outputs  # each timed call starts from the same state, put back before it
     unchanged = ("grads",)
     primary_baseline = "adamw_fused"
     companions = {"run_unchecked": ("unchecked", "kerneltune.optim's steps whose tensors it checked itself")}
@@ -211,6 +212,18 @@ class AdamW(OpSpec):
                         why += " (this tensor was not updated at all)"
                     return why
         return ""
+
+    def norm_limits(self, inputs: Inputs, expected: dict[str, Any]) -> dict[str, float]:
+        """compare's norm tests: the params' relative to their change (plus one ulp of the stored value), the
+        state's relative to its value."""
+        eps = torch.finfo(torch.float32).eps
+        change = math.sqrt(sum(float(torch.linalg.vector_norm(e.double() - b.to(e.device, torch.float64))) ** 2
+                               for e, b in zip(expected["params"], inputs.tensors["params"])))
+        size = {name: math.sqrt(sum(float(torch.linalg.vector_norm(e.double())) ** 2 for e in expected[name]))
+                for name in self.outputs}
+        return {"params": _TOL.norm_rtol * change + eps * size["params"],
+                "exp_avgs": _STATE_TOL.norm_rtol * size["exp_avgs"],
+                "exp_avg_sqs": _STATE_TOL.norm_rtol * size["exp_avg_sqs"]}
 
     # -- worker side -------------------------------------------------------------------------------------
     def invoke(self, fn: Callable[..., Any], tensors: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:

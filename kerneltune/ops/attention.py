@@ -171,7 +171,8 @@ class Attention(OpSpec):
     name = "attention"
     signature = "run(q, k, v, causal=True, scale=None) -> Tensor"
     summary = "attention forward: softmax(q kᵀ·scale [+ causal mask]) v over (B, H, N, D) tensors"
-    forbidden_source = ("scaled_dot_product", "multi_head_attention_forward")
+    forbidden_source = ("scaled_dot_product", "multi_head_attention_forward", "_flash_attention",
+                        "_efficient_attention", "_native_multi_head_attention")
     forbidden_attrs = (
         ("torch.nn.functional", "scaled_dot_product_attention"),
         ("torch._C._nn", "scaled_dot_product_attention"),
@@ -184,9 +185,17 @@ class Attention(OpSpec):
         "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_fused_attention_overrideable",
+        "_scaled_dot_product_attention_math_for_mps",
         "_fused_sdp_choice",
+        # the kernels behind the SDPA backends, callable without SDPA (q, k, v as (B, N, H, D))
+        "_flash_attention_forward",
+        "_flash_attention_forward_no_dropout_inplace",
+        "_efficient_attention_forward",
+        "_native_multi_head_attention",
     )
     outputs = ("out",)
+    scaled_input = "v"  # out is linear in v: each timed call gets v times a fresh factor
     unchanged = ("q", "k", "v")
     primary_baseline = "sdpa"
     companions = {"run_with_lse": ("lse", "a training call's forward, its lse handed to the backward kernel")}

@@ -236,6 +236,15 @@ class OpSpec:
     # under those args, so they are checked at the sizes that are served, not only on small check cases
     companions: dict[str, tuple[str, str]] = {}
 
+    # The timed calls are checked too (the evaluator's "vouch"): each timed call's outputs are summed up in
+    # the worker (``digest``) and compared with the reference's. ``scaled_input``: the input multiplied by a
+    # fresh factor before each timed call, every output linear in it (attention's v, the backward's dO), so
+    # no two timed calls see the same values and a cache keyed on the values misses; ``in_place``: the
+    # outputs updated in place (adamw's params and state), put back before each timed call, so every timed
+    # call is the same step and its change is what is summed up.
+    scaled_input: str | None = None
+    in_place: tuple[str, ...] = ()
+
     @property
     def companion_args(self) -> dict[str, Any]:
         """The case args that make ``invoke`` call every optional entry point a candidate has."""
@@ -284,6 +293,86 @@ class OpSpec:
     def compare(self, inputs: Inputs, expected: dict[str, Any], actual: dict[str, Any]) -> str:
         raise NotImplementedError
 
+    # -- the timed calls' check (both sides) ---------------------------------------------------------------
+    def rep_scale(self, seed: int, i: int) -> float:
+        """The factor of ``scaled_input`` on call ``i`` of a timed request (1.0 for an op without one): in
+        [1.0625, 1.5), a multiple of 2**-14, drawn from the request's seed."""
+        if self.scaled_input is None:
+            return 1.0
+        return 1.0 + (1024 + rel_seed("rep", seed, i) % 7168) / 16384
+
+    def scale_input(self, inputs: Inputs, factor: float) -> Inputs:
+        """``inputs`` with ``scaled_input`` times ``factor``, as the worker writes it before a timed call
+        (``torch.mul`` in the input's dtype: the same values)."""
+        if self.scaled_input is None or factor == 1.0:
+            return inputs
+        t = inputs.tensors[self.scaled_input]
+        return Inputs({**inputs.tensors, self.scaled_input: torch.mul(t, factor)}, dict(inputs.args))
+
+    def digest(self, outputs: dict[str, Any], before: dict[str, Any] | None = None) -> torch.Tensor:
+        """[L1 norm, L2 norm] of each output in ``outputs`` order, fp64, on the outputs' device: of its change
+        where ``before`` holds its value before an in-place call. Cheap beside the call (a few passes over the
+        outputs), and what a call that skipped or faked its work cannot match without doing it."""
+        vals: list[torch.Tensor] = []
+        for name in self.outputs:
+            xs = _as_list(outputs[name])
+            if before is not None and name in before:
+                bs = _as_list(before[name])
+                xs = [x - b if (x.dtype, x.device) == (b.dtype, b.device) else x.double() - b.to(x.device, torch.float64)
+                      for x, b in zip(xs, bs)]
+            if xs:
+                l1 = torch.stack(_norms(xs, 1)).sum()
+                l2 = torch.stack(_norms(xs, 2)).square().sum().sqrt()
+            else:
+                l1 = l2 = torch.zeros((), dtype=torch.float64)
+            vals += [l1, l2]
+        return torch.stack(vals)
+
+    def norm_limits(self, inputs: Inputs, expected: dict[str, Any]) -> dict[str, float]:
+        """Per output: the largest L2 distance from the reference that ``compare``'s norm test lets pass,
+        norm_rtol times the reference's norm (ops with another norm test override this)."""
+        tol = self.tolerance(dtype_name(str(_as_list(next(iter(inputs.tensors.values())))[0].dtype)[6:]))
+        return {name: tol.norm_rtol * _l2(expected[name]) for name in self.outputs}
+
+    def reference_calls(self, inputs: Inputs, calls: int) -> dict[str, Any]:
+        """The reference of ``calls`` calls in a row from ``inputs``, each updating the ``in_place`` outputs (the
+        reference itself for an op without them, or for one call)."""
+        out = self.reference(inputs)
+        for _ in range(calls - 1 if self.in_place else 0):
+            inputs = Inputs({**inputs.tensors, **{n: out[n] for n in self.in_place}}, inputs.args)
+            out = self.reference(inputs)
+        return out
+
+    def digest_reference(self, inputs: Inputs, expected: dict[str, Any], calls: int = 1) -> dict[str, Any]:
+        """What a vouched timing's digests are checked against (``check_digests``): the digest of ``expected``,
+        the reference for ``inputs`` (for an in-place op, of ``calls`` calls from ``inputs``: the change), and
+        how far a result that passes ``compare`` can be from it: |‖a‖ − ‖e‖| <= ‖a − e‖ <= the norm limit for
+        L2 and sqrt(numel) times it for L1, each ``calls`` times over for the calls' errors in a row."""
+        before = {k: _as_list(inputs.tensors[k]) for k in self.in_place} or None
+        want = [float(x) for x in self.digest(expected, before)]
+        limit = self.norm_limits(inputs, self.reference(inputs) if calls > 1 else expected)
+        allowed = []
+        for name in self.outputs:
+            n = sum(t.numel() for t in _as_list(expected[name]))
+            allowed += [calls * math.sqrt(n) * limit[name], calls * limit[name]]
+        return {"want": want, "allowed": allowed}
+
+    def check_digests(self, ref: dict[str, Any], digests: list[list[float]], seed: int) -> str:
+        """'' when every digest of a vouched timed request is within ``ref``'s limits of the reference's (each
+        times its call's factor, where the op has a ``scaled_input``); else which, and by how much."""
+        for i, got in enumerate(digests):
+            c = self.rep_scale(seed, i)
+            for j, (e, lim) in enumerate(zip(ref["want"], ref["allowed"])):
+                e, a = c * e, float(got[j]) if j < len(got) else float("nan")
+                allowed = c * lim + 1e-6 * abs(e) + 1e-30
+                if not abs(a - e) <= allowed:  # NaN fails
+                    name, what = self.outputs[j // 2], ("L1 norm", "L2 norm")[j % 2]
+                    which = (f"the timed calls' change of {name}" if self.in_place else
+                             f"timed call {i + 1} of {len(digests)}: {name}'s")
+                    return (f"{which} {what} {a:.6g}, the reference's {e:.6g} (at most {allowed:.3g} apart for a "
+                            f"result that passes): what the timed calls computed is not what the checked calls return")
+        return ""
+
     # -- in the worker ---------------------------------------------------------------------------------
     def invoke(self, fn: Callable[..., Any], tensors: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
         """Call ``fn`` the way the contract says; return the outputs by name (in the worker)."""
@@ -302,6 +391,26 @@ class OpSpec:
 
     def describe(self, case: Case) -> str:
         return case.name
+
+
+def _as_list(x: Any) -> list[torch.Tensor]:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _norms(xs: list[torch.Tensor], order: int) -> list[torch.Tensor]:
+    """Each tensor's L``order`` norm, accumulated and returned in fp64 (one foreach launch where torch has it for
+    these tensors, else one norm each)."""
+    if len(xs) > 1:
+        try:
+            return list(torch._foreach_norm(xs, order, dtype=torch.float64))
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass
+    return [torch.linalg.vector_norm(x, order, dtype=torch.float64) for x in xs]
+
+
+def _l2(x: Any) -> float:
+    xs = _as_list(x)
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t.double())) ** 2 for t in xs))
 
 
 def rel_seed(*parts: Any) -> int:

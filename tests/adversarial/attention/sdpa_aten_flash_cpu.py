@@ -1,4 +1,4 @@
-"""Calls aten's CPU flash-attention kernel behind SDPA (_scaled_dot..._flash_attention_for_cpu)
+"""Calls aten's CPU flash kernel behind SDPA (the for_cpu variant of the flash backend)
 directly under an obfuscated name, with a silent fallback."""
 import math
 
@@ -18,7 +18,7 @@ def _attn(q, k, v, causal, scale):
         s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     return (torch.softmax(s, dim=-1) @ v.float()).to(q.dtype)
 
-_NAME = "_scaled_dot" + "_product_flash_attention_for_cpu"
+_NAME = "_scaled_dot" + "_product_fl" + "ash_attention_for_cpu"  # no name the static scan knows
 
 
 def run(q, k, v, causal=True, scale=None):
