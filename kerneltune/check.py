@@ -556,6 +556,12 @@ def to_json(report: dict[str, Any]) -> str:
 
 
 # -- rows for the results CSV ----------------------------------------------------------------------------------
+def _primary_baseline(op: str | None) -> str | None:
+    from kerneltune.ops import get_op, op_names
+
+    return get_op(op).primary_baseline if op in op_names() else None
+
+
 def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per contestant (candidate, baseline) per entry measured, in the results-CSV format
     (kerneltune.report.FIELDS), from each entry's last measurement."""
@@ -574,8 +580,11 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({**common, "contestant": x["name"], "kind": "candidate", "p50_ms": m["candidate_p50_ms"],
                      "speedup_vs_primary": m["median_speedup"], "check_speedup": m["speedup"],
                      "recorded_speedup": x["recorded_speedup"], "status": x["status"]})
+        # the primary baseline's p50 over this contestant's: 1.0 when the entry's baseline is the primary (its
+        # p50 is not measured here otherwise); the candidate's ratio over it goes in candidate_speedup
         rows.append({**common, "contestant": x["baseline"], "kind": "baseline", "p50_ms": m["baseline_p50_ms"],
-                     "speedup_vs_primary": m["median_speedup"]})
+                     "speedup_vs_primary": 1.0 if x["baseline"] == _primary_baseline(x["op"]) else None,
+                     "candidate_speedup": m["median_speedup"]})
     return rows
 
 

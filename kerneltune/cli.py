@@ -6,8 +6,10 @@ Exit codes: 0 success (every candidate passed), 1 a candidate did not pass / a c
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
+import math
 import os
 import sys
 import time
@@ -44,31 +46,22 @@ def _check_device(device: str) -> str:
     return device
 
 
-def _open_store(db: Optional[str]) -> Any:
+def _open_store(db: Optional[str], create: bool = True) -> Any:
+    """The store (``create=False``: reading commands, which never make one: a missing file is an error)."""
     from kerneltune.store.db import Store, StoreError
 
     try:
-        return Store(db)
+        return Store(db, create=create)
     except StoreError as e:
         usage_error(str(e))
 
 
 def _parse_shapes(op: str, shapes: Optional[list[str]], dtype: Optional[str], device: str = "cpu") -> Any:
     from kerneltune.ops import get_op
-    from kerneltune.ops.base import dtype_name
+    from kerneltune.search.runner import timed_cases
 
-    if not shapes and not dtype:
-        return None
-    spec = get_op(op)
-    try:
-        if not shapes:  # the default shapes in another dtype
-            import dataclasses
-
-            dt = dtype_name(dtype or "float32")
-            if op == "adamw" and dt != "float32":
-                raise ValueError(f"adamw takes fp32 params and state only, not {dtype!r}")
-            return [dataclasses.replace(c, dtype=dt, name=c.name.replace(c.dtype, dt)) for c in spec.timed_cases(device)]
-        return [spec.parse_case(s, dtype or "float32") for s in shapes]
+    try:  # the shapes given, or with only --dtype the op's default shapes in that dtype (as a search times them)
+        return timed_cases(get_op(op), device, shapes, dtype)
     except ValueError as e:
         usage_error(str(e))
 
@@ -128,8 +121,10 @@ def eval_cmd(
 ) -> None:
     """Verify and time candidate files; exit 0 only when every candidate passed."""
     device = _check_device(device)
-    if timeout <= 0 or seeds < 1 or memory_limit <= 0:
-        usage_error("--timeout, --memory-limit and --seeds must be positive")
+    from kerneltune.search.runner import valid_timeout
+
+    if not valid_timeout(timeout) or seeds < 1 or not (memory_limit > 0 and math.isfinite(memory_limit)):
+        usage_error("--timeout, --memory-limit and --seeds must be positive (and finite)")
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         usage_error(f"{missing[0]}: no such file (give paths to candidate .py files)")
@@ -262,12 +257,21 @@ def bench_cmd(
 
 
 def bench_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One flat row per (candidate, case, contestant), with provenance: the CSV and --json format."""
-    rows = []
+    """One flat row per (candidate, case, contestant), with provenance: the CSV and --json format (docs/ci.md).
+    ``speedup_vs_primary`` is the op's primary baseline's p50 over this contestant's (1.0 on the primary's own
+    row); a baseline row also carries ``candidate_speedup``, the candidate's speedup over that baseline."""
+    from kerneltune.check import git_commit
+    from kerneltune.ops import get_op, op_names
+
+    rows: list[dict[str, Any]] = []
+    commit = git_commit() if any(r.get("cases") for r in results) else "unknown"
     for r in results:
         prov = r["provenance"]
+        primary = get_op(r["op"]).primary_baseline if r.get("op") in op_names() else None
         for case in r.get("cases", []):
-            common = {"timestamp": prov["timestamp"], "device": prov["device"]["name"], "device_key": prov["device"]["key"],
+            prim_p50 = (case["baselines"].get(primary) or {}).get("median_ms") if primary else None
+            common = {"timestamp": prov["timestamp"], "commit": commit, "source": "bench",
+                      "device": prov["device"]["name"], "device_key": prov["device"]["key"],
                       "torch": prov["versions"]["torch"], "triton": prov["versions"].get("triton"),
                       "numba": prov["versions"].get("numba"), "kerneltune": prov["versions"]["kerneltune"],
                       "threads": prov.get("threads"), "op": r["op"], "shape": case["name"], "dtype": case["case"]["dtype"],
@@ -282,7 +286,9 @@ def bench_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for name, b in case["baselines"].items():
                 rows.append({**common, "contestant": name, "kind": "baseline", "p20_ms": b["p20_ms"],
                              "p50_ms": b["median_ms"], "p80_ms": b["p80_ms"],
-                             "speedup_vs_primary": b["speedup"],  # candidate speedup over this baseline
+                             "speedup_vs_primary": 1.0 if name == primary else (
+                                 prim_p50 / b["median_ms"] if prim_p50 and b["median_ms"] else None),
+                             "candidate_speedup": b["speedup"],  # the candidate's speedup over this baseline
                              "pct_of_roof": b["roofline"].get("pct_of_roof"), "gbps": b["roofline"]["gbps"],
                              "tflops": b["roofline"]["tflops"]})
     return rows
@@ -382,10 +388,14 @@ def search_cmd(
     db: Optional[str] = DbOpt,
 ) -> None:
     """Search for a faster kernel within a budget, with a live leaderboard; resumable after any stop."""
-    from kerneltune.search.runner import Search, SearchConfig, SearchError
+    from kerneltune.search.runner import Search, SearchConfig, SearchError, valid_timeout
     from kerneltune.search.strategies import parse_options
     from kerneltune.search.view import LiveView
 
+    if not valid_timeout(timeout):
+        usage_error(f"--timeout {timeout}: give the seconds per candidate as a finite number above 0")
+    if max_cost is not None and not (max_cost >= 0 and math.isfinite(max_cost)):
+        usage_error(f"--max-cost {max_cost}: give a finite number of USD, 0 or more")
     store = _open_store(db)
     run_id = None
     if resume:
@@ -397,6 +407,16 @@ def search_cmd(
         cfg = SearchConfig.from_json(json.loads(row["options"]))
         run_id = row["id"]
         _check_device(cfg.device)
+        # a run stopped by --time or --max-cost goes on with a new limit when one is given (stored with the run)
+        try:
+            if time_limit:
+                cfg.time_s = parse_duration(time_limit)
+        except ValueError as e:
+            usage_error(str(e))
+        if max_cost is not None:
+            cfg.max_cost = max_cost
+        if time_limit or max_cost is not None:
+            store.set_run_options(run_id, dataclasses.asdict(cfg))
     else:
         from kerneltune.ops import op_names
 
@@ -430,9 +450,16 @@ def search_cmd(
     for line in [getattr(search.proposer, "chosen_because", "")] + list(getattr(search.proposer, "notes", [])):
         if line:
             err.print(line, highlight=False)
-    with LiveView(enabled=True) as view:
-        search.on_update = view.update
-        summary = search.run()
+    try:
+        with LiveView(enabled=True) as view:
+            search.on_update = view.update
+            summary = search.run()
+    except Exception as e:  # noqa: BLE001 - the run is stored as failed, resumable: say so in one line
+        store.close()
+        why = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: the search stopped: {type(e).__name__}: {why}; every finished evaluation is stored; "
+              f"resume with: {search.resume_command()}", file=sys.stderr)
+        raise typer.Exit(1) from None
     store.close()
     if json_out:
         print(json.dumps(summary, indent=1, default=str))
@@ -448,9 +475,12 @@ def search_cmd(
                       f"the ratio: not ranked (kerneltune show NAME; evaluate them again when it is quiet)[/]",
                       highlight=False)
     if summary["status"] == "interrupted":
-        err.print(f"interrupted: every finished evaluation is stored; resume with: kerneltune search --resume "
-                  f"{summary['run']}" + (f" --db {db}" if db else ""), highlight=False)
+        err.print(f"interrupted: every finished evaluation is stored; resume with: {summary['resume']}",
+                  highlight=False)
         raise typer.Exit(130)
+    if summary["status"] == "stopped":
+        err.print(f"{summary['stop_reason']}: the run can go on with {summary['resume']} (with --time or --max-cost "
+                  f"for a new limit)", highlight=False)
     if summary["status"] == "failed":
         print(f"error: {summary['stop_reason']}", file=sys.stderr)
         raise typer.Exit(1)
@@ -472,7 +502,7 @@ _QUIET = "json_extract({}.result, '$.noisy') IS NULL"
 @app.command("runs")
 def runs_cmd(json_out: bool = JsonOpt, db: Optional[str] = DbOpt) -> None:
     """Searches in the store: status, progress, best speedup, cost."""
-    store = _open_store(db)
+    store = _open_store(db, create=False)
     rows = []
     for r in store.runs():
         stats = store.conn.execute(
@@ -513,14 +543,22 @@ def leaderboard_cmd(
     db: Optional[str] = DbOpt,
 ) -> None:
     """Passed candidates of OP on this device, best speedup first (each candidate's latest evaluation)."""
+    from kerneltune.ops import op_names
+
+    if op not in op_names():
+        usage_error(f"unknown op {op!r}: use one of {', '.join(op_names())}")
     device = _check_device(device)
-    store = _open_store(db)
+    store = _open_store(db, create=False)
     key = _device_key(device)
     rows = store.conn.execute(
         "SELECT e.*, c.name, c.origin, c.params, c.backend FROM evaluations e JOIN candidates c ON c.hash = e.candidate_hash"
         " WHERE e.op = ? AND e.device_key = ? AND e.status = 'passed' AND e.speedup IS NOT NULL"
+        # the candidate's latest verdict, as Store.latest_evaluation (the search cache) and promote see it: a
+        # failure counts at any shape (failures are stored without one), a pass at its own shape; a noisy pass
+        # is no verdict on the speed and does not hide an earlier quiet one
         " AND e.id = (SELECT MAX(id) FROM evaluations e2 WHERE e2.candidate_hash = e.candidate_hash"
-        f" AND e2.device_key = e.device_key AND e2.shape IS e.shape AND {_QUIET.format('e2')})"
+        " AND e2.device_key = e.device_key AND (e2.status != 'passed'"
+        f" OR (e2.shape IS e.shape AND {_QUIET.format('e2')})))"
         " ORDER BY e.speedup DESC LIMIT ?",
         (op, key, limit)).fetchall()
     from kerneltune.evaluate.evaluator import missing_checks
@@ -560,7 +598,7 @@ def show_cmd(candidate: str = typer.Argument(..., help="hash, hash prefix or nam
     from kerneltune.store.messages import messages_for
     from kerneltune.store.messages import summary as message_summary
 
-    store = _open_store(db)
+    store = _open_store(db, create=False)
     row = store.candidate(candidate)
     if row is None:
         usage_error(f"no candidate {candidate!r} in {store.path} (use a hash prefix or a name from the leaderboard)")

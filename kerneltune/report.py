@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import math
 import os
 import statistics
 import sys
@@ -23,7 +24,7 @@ FIELDS = ["timestamp", "commit", "source", "device", "device_key", "torch", "tri
           "threads", "op", "shape", "dtype", "candidate", "candidate_hash", "contestant", "kind", "p20_ms",
           "p50_ms", "p80_ms", "speedup_vs_primary", "pct_of_roof", "gbps", "tflops"]
 NUMERIC = {"p20_ms", "p50_ms", "p80_ms", "speedup_vs_primary", "pct_of_roof", "gbps", "tflops", "check_speedup",
-           "recorded_speedup", "foreign_load"}
+           "recorded_speedup", "foreign_load", "candidate_speedup"}
 DEFAULT_CSV = os.path.join(".benchmarks", "kerneltune-results.csv")
 
 
@@ -62,22 +63,57 @@ def append_rows(path: str, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+class ReportError(Exception):
+    """A results CSV that cannot be read at all (one line: the file and what is wrong)."""
+
+
 def read_rows(paths: Iterable[str]) -> list[dict[str, Any]]:
-    """Every row of every CSV, numbers as floats (None when empty), with 'file' set."""
+    """Every row of every CSV, numbers as floats (None when empty), with 'file' and 'line' set. The commit is
+    the row's ``commit``, else ``git`` (benchmarks/bench_gpu.py's column), else 'unknown'. ReportError when a
+    file is not a UTF-8 CSV."""
     rows = []
     for p in paths:
-        with open(p, newline="") as f:
-            for r in csv.DictReader(f):
-                row: dict[str, Any] = {k: (v if v != "" else None) for k, v in r.items() if k is not None}
-                for k in NUMERIC & row.keys():
-                    try:
-                        row[k] = float(row[k]) if row[k] is not None else None
-                    except ValueError:
-                        row[k] = None
-                row["commit"] = row.get("commit") or "unknown"
-                row["file"] = p
-                rows.append(row)
+        try:
+            with open(p, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                for r in reader:
+                    row: dict[str, Any] = {k: (v if v != "" else None) for k, v in r.items()
+                                           if k is not None and isinstance(v, str)}
+                    for k in NUMERIC & row.keys():
+                        try:
+                            row[k] = float(row[k]) if row[k] is not None else None
+                        except ValueError:
+                            row[k] = None
+                    row["commit"] = row.get("commit") or row.get("git") or "unknown"
+                    row["file"] = p
+                    row["line"] = reader.line_num
+                    rows.append(row)
+        except UnicodeDecodeError as e:
+            raise ReportError(f"{p}: not a UTF-8 text CSV (byte {e.start}: {e.reason}); pass a results CSV that "
+                              "kerneltune bench --csv, bench --check --csv or pytest benchmarks/ wrote") from None
+        except csv.Error as e:
+            raise ReportError(f"{p}: not a readable CSV ({e}); pass a results CSV") from None
     return rows
+
+
+def usable(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows a report can use, and one note per row it cannot: a candidate row without an op, shape or
+    candidate, or with a speedup that is not a finite number above 0 (a ratio of times cannot be 0)."""
+    good, bad = [], []
+    for r in rows:
+        why = ""
+        if r.get("kind") == "candidate":
+            missing = [k for k in ("op", "shape", "candidate") if not r.get(k)]
+            sp = r.get("speedup_vs_primary")
+            if missing:
+                why = f"no {', '.join(missing)}"
+            elif sp is not None and not (math.isfinite(sp) and sp > 0):
+                why = f"speedup_vs_primary {sp!r} is not a finite number above 0"
+        if why:
+            bad.append(f"{r.get('file')}:{r.get('line')}: {why}")
+        else:
+            good.append(r)
+    return good, bad
 
 
 def default_csvs() -> list[str]:
@@ -214,7 +250,7 @@ def plot_history(series: dict[tuple[str, str, str, str], list[tuple[str, float, 
 # -- the report ----------------------------------------------------------------------------------------------
 def build_report(csv_paths: list[str], out_dir: str, drop_warn: float = 0.10) -> dict[str, Any]:
     """Write speedup-<op>.png, history.png and report.md under ``out_dir``; return what was written and shown."""
-    rows = read_rows(csv_paths)
+    rows, skipped = usable(read_rows(csv_paths))
     os.makedirs(out_dir, exist_ok=True)
     now = latest(rows)
     files: list[str] = []
@@ -236,14 +272,15 @@ def build_report(csv_paths: list[str], out_dir: str, drop_warn: float = 0.10) ->
                               "to_commit": pts[-1][0], "from": pts[-2][1], "to": pts[-1][1], "change": change})
     md = os.path.join(out_dir, "report.md")
     with open(md, "w") as f:
-        f.write(_markdown(csv_paths, rows, now, hist, drops, files, drop_warn))
+        f.write(_markdown(csv_paths, rows, now, hist, drops, files, drop_warn, skipped))
     files.append(md)
-    return {"files": files, "rows": len(rows), "csv": csv_paths, "latest": now, "drops": drops, "plotted": plotted}
+    return {"files": files, "rows": len(rows), "csv": csv_paths, "latest": now, "drops": drops, "plotted": plotted,
+            "skipped": skipped}
 
 
 def _markdown(csv_paths: list[str], rows: list[dict[str, Any]], now: list[dict[str, Any]],
               hist: dict[tuple[str, str, str, str], list[tuple[str, float, int]]], drops: list[dict[str, Any]],
-              files: list[str], drop_warn: float) -> str:
+              files: list[str], drop_warn: float, skipped: Optional[list[str]] = None) -> str:
     from kerneltune.ops import get_op, op_names
 
     primary = {op: get_op(op).primary_baseline for op in op_names()}
@@ -257,6 +294,9 @@ def _markdown(csv_paths: list[str], rows: list[dict[str, Any]], now: list[dict[s
              f"{len(rows)} rows from {', '.join(f'`{p}`' for p in csv_paths)}. Speedup = the primary baseline's median "
              "over the candidate's, both measured in the same run (interleaved round by round by `kerneltune bench` "
              "and `bench --check`; one after the other in the pytest-benchmark suite), never across runs.", ""]
+    if skipped:
+        lines += [f"{len(skipped)} malformed row(s) skipped:", ""] + [f"- {w}" for w in skipped[:20]]
+        lines += ([f"- … and {len(skipped) - 20} more"] if len(skipped) > 20 else []) + [""]
     noisy = sum(1 for r in rows if r.get("kind") == "candidate" and r.get("noisy"))
     if noisy:
         lines += [f"{noisy} candidate row(s) left out: timed twice on a machine too busy to trust the ratio "
@@ -305,7 +345,14 @@ def report_cmd(
     if missing:
         print(f"error: --csv {missing[0]}: no such file", file=sys.stderr)
         raise typer.Exit(2)
-    info = build_report(paths, out_dir)
+    try:
+        info = build_report(paths, out_dir)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    if info["skipped"]:
+        print(f"note: {len(info['skipped'])} malformed row(s) skipped (listed in report.md), the first: "
+              f"{info['skipped'][0]}", file=sys.stderr)
     if json_out:
         print(json.dumps(info, indent=1, default=str))
     else:

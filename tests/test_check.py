@@ -470,3 +470,16 @@ def test_judge_and_check_entry_refuse_a_recorded_speedup_that_is_not_finite_and_
     assert ck.recorded_speedup(e, ck.CheckOptions())[:2] == (0.3, 0.3)
     e = _entry(speedup=0.3, check={"quantile": 0.1, "speedup": 0.33, "floor": math.nan})
     assert ck.recorded_speedup(e, ck.CheckOptions())[:2] == (0.33, 0.33)
+
+
+def test_csv_rows_speedup_vs_primary_on_the_baseline_row_is_the_documented_one():
+    """docs/ci.md: `speedup_vs_primary` is the primary baseline's p50 over this contestant's, so 1.0 on the
+    primary's own row; the candidate's ratio over the baseline is `candidate_speedup`."""
+    m = {"median_speedup": 0.4, "speedup": 0.38, "candidate_p50_ms": 5.0, "baseline_p50_ms": 2.0}
+    entry = {"op": "adamw", "name": "k", "bucket": "P1", "dtype": "float32", "baseline": "adamw_fused",
+             "recorded_speedup": 0.4, "status": "ok", "measurements": [m]}
+    report = {"timestamp": "t", "commit": "c", "versions": {}, "device": {"name": "X"}, "device_key": KEY,
+              "entries": [entry]}
+    cand, base = ck.csv_rows(report)
+    assert cand["speedup_vs_primary"] == 0.4 and cand["kind"] == "candidate"
+    assert base["kind"] == "baseline" and base["speedup_vs_primary"] == 1.0 and base["candidate_speedup"] == 0.4

@@ -119,3 +119,79 @@ def test_bench_rows_and_table_carry_the_noise_gates_word():
         cli_mod._print_bench("adamw", [res, quiet], [])
     lines = cap.get().splitlines()
     assert any("k1 (noisy)" in ln for ln in lines) and not any("k2 (noisy)" in ln for ln in lines)
+
+
+def _bench_result():
+    roof = {"pct_of_roof": None, "gbps": 1.0, "tflops": 0.1}
+    b = lambda ms, sp: {"median_ms": ms, "p20_ms": ms * 0.9, "p80_ms": ms * 1.1, "speedup": sp, "roofline": roof}  # noqa: E731
+    case = {"name": "c0", "case": {"dtype": "float32"}, "median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1,
+            "speedup": 2.0, "roofline": roof, "baselines": {"adamw_fused": b(2.0, 2.0), "adamw_foreach": b(4.0, 4.0)}}
+    return {"name": "k1", "hash": "ab" * 32, "op": "adamw", "status": "passed", "reason": "", "cases": [case],
+            "provenance": {"timestamp": "t", "device": {"name": "X", "key": "cpu:x"}, "threads": 2,
+                           "versions": {"torch": "2", "kerneltune": "0"}}}
+
+
+def test_bench_rows_carry_commit_source_and_the_documented_speedup_vs_primary():
+    """docs/ci.md: every row has `commit` and `source`; `speedup_vs_primary` is the primary baseline's p50 over
+    this contestant's (1.0 on the primary's row); the candidate's ratio over a baseline is `candidate_speedup`."""
+    from kerneltune import cli as cli_mod
+    from kerneltune.check import git_commit
+
+    rows = cli_mod.bench_rows([_bench_result()])
+    assert all(r["commit"] == git_commit() and r["source"] == "bench" for r in rows)
+    got = {r["contestant"]: r["speedup_vs_primary"] for r in rows}
+    assert got == {"k1": 2.0, "adamw_fused": 1.0, "adamw_foreach": 0.5}
+    assert {r["contestant"]: r.get("candidate_speedup") for r in rows if r["kind"] == "baseline"} == {
+        "adamw_fused": 2.0, "adamw_foreach": 4.0}
+
+
+def _lb_eval(store, h, status, speedup=None, shape=None, noisy=None):
+    from kerneltune.evaluate.device import device_info
+
+    store.add_evaluation({"hash": h, "op": "adamw", "status": status, "reason": "" if status == "passed" else "x",
+                          "speedup": speedup, "shape": shape, "median_ms": 1.0 if speedup else None,
+                          "baseline": "adamw_fused" if speedup else None, "noisy": noisy,
+                          "provenance": {"device": device_info("cpu")}})
+
+
+def test_leaderboard_drops_a_pass_that_a_later_failure_replaced(tmp_path):
+    """Failures are stored without a shape: the leaderboard's latest evaluation is Store.latest_evaluation's
+    (the search cache's, promote's), so a later `incorrect` takes the candidate off the board."""
+    from kerneltune.store import Store
+
+    db = str(tmp_path / "kt.db")
+    store = Store(db)
+    for h in ("aa" * 32, "bb" * 32):
+        store.add_candidate(hash=h, op="adamw", backend="torch", name=h[:4], source="x", path=None, summary="",
+                            params={}, origin="user", parent=None)
+    _lb_eval(store, "aa" * 32, "passed", 1.5, "gpt-tiny")
+    _lb_eval(store, "aa" * 32, "incorrect")  # found wrong later
+    _lb_eval(store, "bb" * 32, "passed", 1.2, "gpt-tiny")
+    _lb_eval(store, "bb" * 32, "passed", 3.0, "gpt-tiny", noisy="busy")  # a noisy pass hides nothing
+    store.close()
+    r = CliRunner().invoke(app, ["leaderboard", "adamw", "--db", db, "--json"])
+    assert r.exit_code == 0, r.output
+    board = json.loads(r.stdout)["leaderboard"]
+    assert [(b["hash"][:2], b["speedup"]) for b in board] == [("bb", 1.2)]
+
+
+def test_reading_commands_never_make_a_store_and_refuse_a_foreign_one(tmp_path):
+    import sqlite3
+
+    cli = CliRunner()
+    missing = str(tmp_path / "missing.db")
+    for argv in (["runs"], ["leaderboard", "adamw"], ["show", "abcdef"]):
+        r = cli.invoke(app, [*argv, "--db", missing])
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "no such store" in r.stderr, r.output
+        assert not os.path.exists(missing)
+    foreign = str(tmp_path / "other.db")
+    con = sqlite3.connect(foreign)
+    con.execute("CREATE TABLE runs(x)")
+    con.commit()
+    con.close()
+    before = open(foreign, "rb").read()
+    r = cli.invoke(app, ["runs", "--db", foreign])
+    assert r.exit_code == 2 and "not a kerneltune store" in r.stderr, r.output
+    assert open(foreign, "rb").read() == before  # nothing added to another program's database
+    r = cli.invoke(app, ["leaderboard", "adamww", "--db", foreign])
+    assert r.exit_code == 2 and "unknown op 'adamww'" in r.stderr

@@ -143,3 +143,39 @@ def test_report_command(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kerneltune.cli", "report", "--csv", str(tmp_path / "none.csv")],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_a_gpu_bench_rows_git_column_is_its_commit(tmp_path):
+    """benchmarks/bench_gpu.py writes the commit as `git`: the history keeps its commits apart."""
+    p = str(tmp_path / "gpu.csv")
+    rows = [{**row(commit="", speedup=s, ts=f"2026-01-0{i}T00:00:00Z"), "git": g}
+            for i, (g, s) in enumerate([("aaa", 2.0), ("bbb", 1.0)], 1)]
+    rp.append_rows(p, rows)
+    assert [r["commit"] for r in rp.read_rows([p])] == ["aaa", "bbb"]
+    info = rp.build_report([p], str(tmp_path / "out"))
+    assert len(info["drops"]) == 1 and info["drops"][0]["to_commit"] == "bbb"
+
+
+def test_report_on_malformed_csvs_says_so_in_one_line_or_skips_the_bad_rows(tmp_path):
+    from typer.testing import CliRunner
+
+    from kerneltune.cli import app
+
+    def report(p):
+        r = CliRunner().invoke(app, ["report", "--csv", p, "--out", str(tmp_path / "o"), "--json"])
+        r.returncode = r.exit_code
+        return r
+
+    binary = tmp_path / "bin.csv"
+    binary.write_bytes(b"\xff\xfe\x00garbage\x89PNG\n")
+    r = report(str(binary))
+    assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    p = str(tmp_path / "r.csv")
+    rp.append_rows(p, [row(speedup=0.0), row(shape="", cand="other"), row(cand="good", speedup=1.5),
+                       row(cand="nan", speedup=float("nan"))])
+    r = report(p)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["rows"] == 1 and len(info["skipped"]) == 3 and [x["candidate"] for x in info["latest"]] == ["good"]
+    assert r.stderr.startswith("note: 3 malformed row(s) skipped")
+    assert "3 malformed row(s) skipped" in open(info["files"][-1]).read()

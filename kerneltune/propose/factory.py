@@ -115,8 +115,9 @@ def _claude(cfg: Any, store: Any, run_id: str | None) -> Proposer:
 
     spec = get_op(cfg.op)
     try:
-        shape = (spec.parse_case(cfg.shapes[0], cfg.dtype or "float32") if cfg.shapes
-                 else spec.timed_cases(cfg.device)[0]).name
+        from kerneltune.search.runner import timed_cases
+
+        shape = (timed_cases(spec, cfg.device, cfg.shapes, cfg.dtype) or spec.timed_cases(cfg.device))[0].name
         kwargs = options_from(cfg.proposer_options or {})
         return ClaudeProposer(cfg.op, cfg.device, store=store, run_id=run_id, candidate_dirs=list(cfg.candidate_dirs),
                               shape=shape, max_cost=cfg.max_cost, **kwargs)

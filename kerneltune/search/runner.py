@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import secrets
 import threading
 import time
@@ -62,6 +64,7 @@ class Progress:
     budget: int
     done: int = 0
     cached: int = 0
+    replayed: int = 0   # finished in an earlier session of this run (--resume): counted, not evaluated now
     in_flight: int = 0
     by_status: dict[str, int] = field(default_factory=dict)
     board: list[dict[str, Any]] = field(default_factory=list)   # passed results, best first
@@ -75,9 +78,15 @@ class Progress:
     def best(self) -> dict[str, Any] | None:
         return self.board[0] if self.board else None
 
-    def record(self, result: dict[str, Any], cached: bool) -> None:
+    @property
+    def evaluated(self) -> int:
+        """Results evaluated in this session (not answered from the store, not replayed from an earlier one)."""
+        return self.done - self.cached - self.replayed
+
+    def record(self, result: dict[str, Any], cached: bool, replayed: bool = False) -> None:
         self.done += 1
         self.cached += int(cached)
+        self.replayed += int(replayed)
         self.by_status[result["status"]] = self.by_status.get(result["status"], 0) + 1
         if result.get("noisy"):  # timed twice on a busy machine: shown, never ranked
             self.noisy += 1
@@ -102,11 +111,36 @@ class SearchError(Exception):
     pass
 
 
+# stop reasons of a run that can go on: it ends 'stopped' (resumable), not 'done'
+LIMIT_REASONS = ("time limit", "cost limit")
+
+
 def make_proposer(cfg: SearchConfig, store: Any = None, run_id: str | None = None) -> Proposer:
     """templates | claude | replay | auto: see kerneltune.propose.factory (errors: SearchError, one line)."""
     from kerneltune.propose.factory import make_proposer as _make
 
     return _make(cfg, store, run_id)
+
+
+def timed_cases(spec: Any, device: str, shapes: list[str] | None, dtype: str | None) -> list[Any] | None:
+    """The timed cases a search (or eval/bench) asks for: the shapes given (in ``dtype``, else float32), else
+    with only a dtype the op's default timed cases for ``device`` in that dtype, else None (the op's defaults).
+    ValueError (one line) on a bad shape or dtype."""
+    from kerneltune.ops.base import dtype_name
+
+    if shapes:
+        return [spec.parse_case(s, dtype or "float32") for s in shapes]
+    if not dtype:
+        return None
+    dt = dtype_name(dtype)
+    if spec.name == "adamw" and dt != "float32":
+        raise ValueError(f"adamw takes fp32 params and state only, not {dtype!r}")
+    return [dataclasses.replace(c, dtype=dt, name=c.name.replace(c.dtype, dt)) for c in spec.timed_cases(device)]
+
+
+def valid_timeout(timeout: Any) -> bool:
+    """A per-candidate timeout: a finite number of seconds above 0 (NaN compares false with everything)."""
+    return isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and math.isfinite(timeout) and timeout > 0
 
 
 def new_run_id(op: str) -> str:
@@ -128,7 +162,7 @@ class Search:
         self.progress = Progress(self.run_id, cfg.op, cfg.device, cfg.budget, proposer=self.proposer.name)
         self.stop_reason = ""
         self._stop = threading.Event()
-        cases = [self.spec.parse_case(s, cfg.dtype or "float32") for s in cfg.shapes] or None
+        cases = timed_cases(self.spec, cfg.device, cfg.shapes, cfg.dtype)
         opts = Options(device=cfg.device, timeout=cfg.timeout, baselines=[self.spec.primary_baseline], shapes=cases)
         self.evaluator = Evaluator(opts, store=None)
         self.shape = (cases or self.spec.timed_cases(cfg.device))[0].name
@@ -158,7 +192,7 @@ class Search:
                 self.proposer.replay(key, _as_fitness(result) if result else result)
                 if result:
                     result.setdefault("params", info.get("params"))
-                    self.progress.record(result, cached=False)
+                    self.progress.record(result, cached=False, replayed=True)
             else:
                 cand_row = self.store.candidate(row["candidate_hash"])
                 cand = CandidateFile(path=cand_row["path"], name=cand_row["name"], source=cand_row["source"],
@@ -188,6 +222,9 @@ class Search:
         return self._stop.is_set()
 
     def run(self) -> dict[str, Any]:
+        """Search until the budget, a limit, the proposer's end, Ctrl-C or an error. Ctrl-C returns status
+        'interrupted' at once (the workers are killed, not waited for); any other exception marks the run
+        'failed' (resumable) and propagates; a --time or --max-cost limit leaves it 'stopped' (resumable)."""
         cfg = self.cfg
         if self.resuming:
             self.store.set_run_status(self.run_id, "running")
@@ -198,50 +235,75 @@ class Search:
             pending = []
         inflight: dict[Future[dict[str, Any]], tuple[Proposal, int]] = {}
         status = "done"
+        # not a `with` block: leaving one waits for every evaluation in flight, and on Ctrl-C they must be killed
+        # first (workers run in their own session and never see the SIGINT), then left behind
+        pool = ThreadPoolExecutor(max_workers=max(1, cfg.jobs), thread_name_prefix="kt-eval")
         try:
-            with ThreadPoolExecutor(max_workers=max(1, cfg.jobs), thread_name_prefix="kt-eval") as pool:
-                while True:
-                    while len(inflight) < max(1, cfg.jobs) and not self._limits_reached(len(inflight)):
-                        want = min(max(1, cfg.jobs) - len(inflight), cfg.budget - self.progress.done - len(inflight))
-                        item = pending.pop(0) if pending else self._next_proposal(want)
-                        if item is None:
-                            break
-                        proposal, pid = item
-                        if self._use_cached(proposal, pid):
-                            continue
-                        fut = pool.submit(self.evaluator.evaluate, proposal.candidate, origin=proposal.origin,
-                                          parent=proposal.parent, run_id=self.run_id)
-                        inflight[fut] = (proposal, pid)
-                    self.progress.in_flight = len(inflight)
-                    self.on_update(self.progress)
-                    if not inflight:
+            while True:
+                while len(inflight) < max(1, cfg.jobs) and not self._limits_reached(len(inflight)):
+                    want = min(max(1, cfg.jobs) - len(inflight), cfg.budget - self.progress.done - len(inflight))
+                    item = pending.pop(0) if pending else self._next_proposal(want)
+                    if item is None:
                         break
-                    done, _ = wait(list(inflight), timeout=0.5, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        proposal, pid = inflight.pop(fut)
-                        try:
-                            result = fut.result()
-                        except BaselineError as e:
-                            # nothing can be timed on this device: stop now (the evaluations in flight are
-                            # killed); the proposals without a verdict stay for --resume
-                            status = "failed"
-                            self.stop(str(e))
-                            self.evaluator.abort()
-                            continue
-                        self._finish(proposal, pid, result, cached=False)
-                    if status == "failed":
-                        for fut in inflight:
-                            fut.cancel()
-                        break
+                    proposal, pid = item
+                    if self._use_cached(proposal, pid):
+                        continue
+                    fut = pool.submit(self.evaluator.evaluate, proposal.candidate, origin=proposal.origin,
+                                      parent=proposal.parent, run_id=self.run_id)
+                    inflight[fut] = (proposal, pid)
+                self.progress.in_flight = len(inflight)
+                self.on_update(self.progress)
+                if not inflight:
+                    break
+                done, _ = wait(list(inflight), timeout=0.5, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    proposal, pid = inflight.pop(fut)
+                    try:
+                        result = fut.result()
+                    except BaselineError as e:
+                        # nothing can be timed on this device: stop now (the evaluations in flight are
+                        # killed); the proposals without a verdict stay for --resume
+                        status = "failed"
+                        self.stop(str(e))
+                        self.evaluator.abort()
+                        continue
+                    self._finish(proposal, pid, result, cached=False)
+                if status == "failed":
+                    break
+            if status == "done" and self.stop_reason.startswith(LIMIT_REASONS) and self.progress.done < cfg.budget:
+                status = "stopped"  # --time or --max-cost: the run can go on (--resume)
         except KeyboardInterrupt:
             status = "interrupted"
-            self.stop("interrupted (Ctrl-C)")
+            self._interrupt(inflight)
+        except BaseException as e:
+            status = "failed"
+            self.stop(f"stopped by an error: {type(e).__name__}: {e}")
             self.evaluator.abort()
+            raise
         finally:
+            # evaluations still in flight were killed above (or there are none): do not wait for them
+            pool.shutdown(wait=not inflight, cancel_futures=True)
             self.evaluator.close()
             note = self.stop_reason or ("budget spent" if self.progress.done >= cfg.budget else "proposer exhausted")
             self.store.set_run_status(self.run_id, status, note=note, cost_usd=self.proposer.cost_usd)
         return self.summary(status)
+
+    def _interrupt(self, inflight: dict[Future[dict[str, Any]], tuple[Proposal, int]]) -> None:
+        """Ctrl-C: keep the verdicts that were already given, then kill the evaluations in flight (whatever
+        they return after that is not a verdict); their proposals stay pending for --resume."""
+        finished = [(f, inflight.pop(f)) for f in list(inflight) if f.done()]
+        try:
+            for fut, (proposal, pid) in finished:
+                try:
+                    result = fut.result()
+                except BaseException:  # noqa: BLE001 - no verdict: stays pending
+                    continue
+                self._finish(proposal, pid, result, cached=False)
+        finally:  # a second Ctrl-C while storing them still kills the workers
+            self.stop("interrupted (Ctrl-C)")
+            self.evaluator.abort()
+            for fut in inflight:
+                fut.cancel()
 
     def _next_proposal(self, want: int = 1) -> tuple[Proposal, int] | None:
         """The next proposal, stored. Asks the proposer for ``want`` at once (a paid proposer sends that many
@@ -271,6 +333,10 @@ class Search:
             return False  # timed on a busy machine: measure again
         if result.get("status") == "passed" and missing_checks(self.spec, result, self.cfg.device):
             return False  # passed checks that have grown since (new check cases): check it again
+        if result.get("status") == "timeout":
+            measured = result.get("provenance", {}).get("timeout_s")
+            if not isinstance(measured, (int, float)) or measured < self.cfg.timeout:
+                return False  # ran out of a shorter (or unknown) --timeout than this run's: try it with this one
         self.store.link_proposal(pid, int(row["id"]))
         self._finish(proposal, pid, result, cached=True)
         return True
@@ -279,6 +345,8 @@ class Search:
         if self._stop.is_set() and self.stop_reason.startswith("interrupted"):
             return  # killed by us, not a verdict: the proposal stays pending for --resume
         if not cached:
+            # the limit it ran under is provenance: a timeout verdict holds only for limits up to that one
+            result = {**result, "provenance": {**result.get("provenance", {}), "timeout_s": self.cfg.timeout}}
             self.store.add_evaluation_for(result, run_id=self.run_id, proposal_id=pid)
         result = {**result, "params": proposal.info.get("params")}
         self.proposer.tell(proposal, _as_fitness(result))
@@ -286,18 +354,26 @@ class Search:
         self.progress.record(result, cached)
         self.on_update(self.progress)
 
+    def resume_command(self) -> str:
+        """How to continue this run, with the store it is in."""
+        import shlex
+
+        path = getattr(self.store, "path", None)
+        return f"kerneltune search --resume {self.run_id}" + (f" --db {shlex.quote(str(path))}" if path else "")
+
     def summary(self, status: str) -> dict[str, Any]:
         p = self.progress
-        elapsed = time.monotonic() - p.started
-        evaluated = p.done - p.cached
+        elapsed = time.monotonic() - p.started  # this session's time (a resumed run's earlier sessions not counted)
+        evaluated = p.evaluated  # evaluated in this session: not cached, not replayed from an earlier session
         return {
             "run": self.run_id, "op": self.cfg.op, "device": device_info(self.cfg.device)["name"],
             "device_key": self.device_key, "status": status, "stop_reason": self.stop_reason or None,
             "proposer": self.cfg.proposer, "strategy": self.cfg.strategy, "budget": self.cfg.budget,
-            "results": p.done, "evaluated": evaluated, "cached": p.cached, "by_status": p.by_status,
+            "results": p.done, "evaluated": evaluated, "cached": p.cached, "replayed": p.replayed,
+            "by_status": p.by_status,
             "best": p.best, "leaderboard": p.board[:10], "noisy": p.noisy, "baseline": self.spec.primary_baseline, "shape": self.shape,
             "elapsed_s": round(elapsed, 1),
             "evaluations_per_min": round(evaluated / (elapsed / 60), 2) if elapsed > 0 else None,
             "cost_usd": round(self.proposer.cost_usd, 4),
-            "resume": f"kerneltune search --resume {self.run_id}" if status != "done" else None,
+            "resume": self.resume_command() if status != "done" else None,
         }

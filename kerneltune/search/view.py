@@ -19,11 +19,11 @@ from kerneltune.search.runner import Progress
 
 def render(p: Progress) -> Any:
     elapsed = time.monotonic() - p.started
-    evaluated = p.done - p.cached
-    rate = evaluated / (elapsed / 60) if elapsed > 1 else 0.0
+    rate = p.evaluated / (elapsed / 60) if elapsed > 1 else 0.0  # this session's evaluations over its time
     head = Text.assemble(
         (f"{p.run_id}", "bold"), f"  {p.op} on {p.device} · proposer {p.proposer}\n",
-        f"{p.done}/{p.budget} results ({p.cached} cached, {p.in_flight} running) · {elapsed:5.0f} s · "
+        f"{p.done}/{p.budget} results ({p.cached} cached, " + (f"{p.replayed} from before the resume, " if p.replayed else "")
+        + f"{p.in_flight} running) · {elapsed:5.0f} s · "
         f"{rate:.1f} evaluations/min",
         (f" · ${p.cost_usd:.4f}" if p.cost_usd else ""),
     )

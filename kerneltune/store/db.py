@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS runs (
     proposer   TEXT NOT NULL,
     strategy   TEXT,
     options    TEXT NOT NULL,         -- JSON: everything needed to resume
-    status     TEXT NOT NULL,         -- running | done | interrupted | failed
+    status     TEXT NOT NULL,         -- running | done | stopped (--time, --max-cost) | interrupted | failed
     note       TEXT,
     cost_usd   REAL NOT NULL DEFAULT 0,
     created    REAL NOT NULL,
@@ -98,22 +98,44 @@ class StoreError(Exception):
     pass
 
 
+def _expected_columns() -> dict[str, set[str]]:
+    """Each table of the schema and its columns (read from the schema itself, in memory)."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(_SCHEMA)
+        return {t: _columns(conn, t) for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"
+                                                               " AND name NOT LIKE 'sqlite_%'")}
+    finally:
+        conn.close()
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+
+
 class Store:
-    def __init__(self, path: str | None = None) -> None:
+    def __init__(self, path: str | None = None, *, create: bool = True) -> None:
+        """Open (and with ``create``, make) the store at ``path``. StoreError (one line) when the file is not a
+        kerneltune store (another SQLite database, not SQLite at all), or, without ``create``, does not exist
+        or holds no store yet: reading commands never make a store, nor add tables to another database."""
         self.path = path or default_db_path()
         parent = os.path.dirname(os.path.abspath(self.path))
+        if not create and not os.path.isfile(self.path):
+            raise StoreError(f"{self.path}: no such store (nothing has been evaluated into it); pass the --db a "
+                             "search or eval wrote")
         try:
             os.makedirs(parent, exist_ok=True)
             self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
             self.conn.row_factory = sqlite3.Row
             self.conn.execute("PRAGMA busy_timeout = 60000")
-            self.conn.execute("PRAGMA journal_mode = WAL")
-            self.conn.execute("PRAGMA synchronous = NORMAL")
-            self.conn.execute("PRAGMA foreign_keys = ON")
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StoreError(f"{self.path}: store schema v{version} is newer than this kerneltune "
                                  f"(v{SCHEMA_VERSION}); upgrade kerneltune or use another --db")
+            self._check_tables(create)  # before anything is written to a file that may be another's database
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            self.conn.execute("PRAGMA foreign_keys = ON")
             with self._tx():
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
@@ -123,6 +145,23 @@ class Store:
             raise StoreError(f"{self.path}: not a usable kerneltune store ({e}); pass another --db") from None
         except OSError as e:
             raise StoreError(f"{self.path}: cannot open the store ({e.strerror}); pass a writable --db") from None
+
+    def _check_tables(self, create: bool) -> None:
+        """A table of ours that exists must have our columns (else this is another program's database); without
+        ``create`` every table must exist."""
+        have = {t for (t,) in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for table, cols in _expected_columns().items():
+            if table not in have:
+                if not create:
+                    self.conn.close()
+                    raise StoreError(f"{self.path}: not a kerneltune store (no {table} table); pass the --db a "
+                                     "search or eval wrote")
+                continue
+            lacking = sorted(cols - _columns(self.conn, table))
+            if lacking:
+                self.conn.close()
+                raise StoreError(f"{self.path}: not a kerneltune store (its {table} table has no column "
+                                 f"{', '.join(lacking)}); pass another --db")
 
     def _tx(self) -> Any:
         conn = self.conn
@@ -177,6 +216,12 @@ class Store:
         with self._tx():
             self.conn.execute("UPDATE runs SET status = ?, note = COALESCE(?, note), cost_usd = COALESCE(?, cost_usd),"
                               " updated = ? WHERE id = ?", (status, note, cost_usd, time.time(), run_id))
+
+    def set_run_options(self, run_id: str, options: dict[str, Any]) -> None:
+        """Replace a run's stored options (a resume with a new --time or --max-cost)."""
+        with self._tx():
+            self.conn.execute("UPDATE runs SET options = ?, updated = ? WHERE id = ?",
+                              (json.dumps(options), time.time(), run_id))
 
     def add_proposal(self, run_id: str, candidate_hash: str, *, origin: str, parent: str | None,
                      info: dict[str, Any], cost_usd: float = 0.0) -> int:
