@@ -306,60 +306,69 @@ def _scaled(inputs, name, c):
 
 @pytest.mark.parametrize("op,dims,dtype", [
     ("attention", {"B": 2, "H": 3, "N": 37, "D": 40}, "float32"),
-    ("attention", {"B": 1, "H": 2, "N": 65, "D": 64}, "bfloat16"),
+    ("attention", {"B": 1, "H": 8, "N": 65, "D": 64}, "bfloat16"),
     ("attention_backward", {"B": 2, "H": 3, "N": 29, "D": 48}, "float32"),
-    ("attention_backward", {"B": 1, "H": 2, "N": 33, "D": 64}, "float16"),
+    ("attention_backward", {"B": 1, "H": 4, "N": 33, "D": 64}, "float16"),
 ])
-def test_timed_calls_digests_pass_a_result_that_passes_and_fail_skipped_or_cached_ones(op, dims, dtype):
-    """The timed calls' check (OpSpec.digest / check_digests): the outputs are linear in the scaled input, so a
-    timed call's answer is the reference's times its factor; a result within the dtype's tolerance (the fp64
-    reference at the scaled input, rounded to the dtype) passes on every call, while zeros, half the work, or
-    the answer for another call's factor (a cache that ignores the scaled input) fail."""
+def test_timed_calls_digests_pass_a_result_that_passes_and_fail_skipped_cached_or_downgraded_ones(op, dims, dtype):
+    """The timed calls' check (OpSpec.digest with a sketch / check_digest): each timed call's scaled input has a
+    factor a row, and the outputs' sketch is the reference's G·(s ∘ B·W); a result within the dtype's tolerance
+    (the fp64 reference at the call's inputs, rounded to the dtype) passes on every call, while zeros, half the
+    rows, one head copied over the others, another call's answer (a cache that ignores the scaled input, even
+    rescaled by the mean factor), or (fp32) a bf16 computation, fail."""
     spec = get_op(op)
+    dt = getattr(torch, dtype)
     case = Case(name="t", dims=dims, dtype=dtype, args={"causal": True})
     inputs = spec.make_inputs(case, 5)
-    ref = spec.digest_reference(inputs, spec.reference(inputs))
+    ref = spec.digest_reference(inputs, spec.reference(inputs), seed=77)
+    sketch = spec.sketch(inputs.tensors["q"], 77)
     seed = 1234
-    honest, zeros, half, stale = [], [], [], []
-    for i in range(6):
-        c = spec.rep_scale(seed, i)
-        assert 1.0625 <= c < 1.5
-        got = spec.reference(_scaled(inputs, spec.scaled_input, c))
-        got = {k: v.to(getattr(torch, dtype)) for k, v in got.items() if k in spec.outputs}
-        honest.append(spec.digest(got).tolist())
-        zeros.append(spec.digest({k: torch.zeros_like(v) for k, v in got.items()}).tolist())
-        cut = {k: v.clone() for k, v in got.items()}
-        for v in cut.values():
-            v[..., : v.shape[-2] // 2, :] = 0
-        half.append(spec.digest(cut).tolist())
-        old = spec.reference(_scaled(inputs, spec.scaled_input, spec.rep_scale(seed, i + 1)))
-        stale.append(spec.digest({k: v.to(getattr(torch, dtype)) for k, v in old.items() if k in spec.outputs}).tolist())
-    assert spec.check_digests(ref, honest, seed) == ""
-    for wrong in (zeros, half, stale):
-        assert "what the timed calls computed" in spec.check_digests(ref, wrong, seed)
-    assert "timed call 3 of 6" in spec.check_digests(ref, honest[:2] + zeros[2:3] + honest[3:], seed)
+    x = inputs.tensors[spec.scaled_input]
+    rows = x.numel() // x.shape[-1]
+
+    def outputs(i, cast=dt):
+        got = spec.reference(spec.scale_input(inputs, seed, i))
+        return {k: v.to(cast).to(dt) for k, v in got.items() if k in spec.outputs}
+
+    for i in range(5):
+        s = spec.rep_scales(seed, i, rows)
+        assert float(s.min()) >= 1.0625 and float(s.max()) < 1.5 and len(set(s.tolist())) > 1
+        assert torch.equal(spec.scaled(x, seed, i), spec.scaled(x.clone(), seed, i))
+        good = outputs(i)
+        assert spec.check_digest(ref, spec.digest(good, sketch=sketch).tolist(), s) == ""
+        other = outputs(i + 100)
+        ratio = float(spec.rep_scales(seed, i, rows).mean() / spec.rep_scales(seed, i + 100, rows).mean())
+        wrong = [{k: torch.zeros_like(v) for k, v in good.items()},
+                 {k: torch.cat([v[..., : v.shape[-2] // 2, :], torch.zeros_like(v[..., v.shape[-2] // 2:, :])], -2)
+                  for k, v in good.items()},
+                 {k: v[:, :1].expand_as(v).contiguous() for k, v in good.items()},
+                 other, {k: (v.double() * ratio).to(dt) for k, v in other.items()}]
+        if dtype == "float32":
+            wrong.append(outputs(i, torch.bfloat16))
+        for w in wrong:
+            assert "what the timed calls computed" in spec.check_digest(ref, spec.digest(w, sketch=sketch).tolist(), s)
 
 
-def test_adamw_timed_calls_digest_is_the_change_over_the_requests_steps():
-    """adamw's timed request: k steps in a row from the state the slot held; its digest, of the change, is the
-    reference's k steps within k times the check's norm limits, and a request that skipped one step of k (or
-    left the moments alone) is outside them."""
+def test_adamw_timed_calls_digest_is_the_change_over_a_blocks_steps():
+    """adamw's timed calls: blocks of k <= VOUCH_BLOCK steps in a row from the state the slot held; a block's
+    digest, of the change, is the reference's k steps within k times the check's norm limits, and a block that
+    skipped one step (or left the moments alone) is outside them."""
     spec = get_op("adamw")
     case = spec.parse_case("64x48;48;7x5", "float32")
     inputs = spec.make_inputs(case, 4)
     before = {k: inputs.tensors[k] for k in spec.in_place}
-    for k in (1, 3):
+    for k in (1, 3, 8):
         ref = spec.digest_reference(inputs, spec.reference_calls(inputs, k), k)
         state = {n: [t.clone() for t in inputs.tensors[n]] for n in ("params", "grads", "exp_avgs", "exp_avg_sqs")}
         for _ in range(k):  # the candidate's k steps: torch's own AdamW arithmetic in fp32
             _fp32_step(state, inputs.args)
-        assert spec.check_digests(ref, [spec.digest(state, before).tolist()], 0) == ""
+        assert spec.check_digest(ref, spec.digest(state, before).tolist()) == ""
         fewer = {n: [t.clone() for t in inputs.tensors[n]] for n in state}
         for _ in range(k - 1):
             _fp32_step(fewer, inputs.args)
         frozen = {**state, "exp_avgs": [t.clone() for t in inputs.tensors["exp_avgs"]]}
         for wrong in (fewer, frozen):
-            assert "timed calls' change of" in spec.check_digests(ref, [spec.digest(wrong, before).tolist()], 0)
+            assert "what the timed calls computed" in spec.check_digest(ref, spec.digest(wrong, before).tolist())
 
 
 def _fp32_step(s, a):

@@ -40,8 +40,9 @@ from kerneltune.evaluate.static import (
     source_hash,
 )
 from kerneltune.ops import Case, OpSpec, get_op
-from kerneltune.ops.base import Inputs, flatten, rel_seed, unflatten
+from kerneltune.ops.base import VOUCH_BLOCK, Inputs, flatten, rel_seed, unflatten
 
+_MAX_DIGESTS = 64  # a vouched request's timed calls digested (evaluate.worker._Vouch.MAX_DIGESTS)
 LARGE_CASE_BYTES = 1 << 30  # a timed case moving this much is checked with one seed before timing (two after)
 STATUSES = ("passed", "incorrect", "rejected", "compile_error", "crashed", "timeout", "unsupported")
 
@@ -81,6 +82,8 @@ class Outcome(Exception):
 @dataclass
 class _Timing:
     turns: list[tuple[float, float, int]] = field(default_factory=list)  # (wall ms, reported ms, calls) per turn
+    # per turn: the worker's vouching (ms) for its digests and once a request, the digests, and (ms) per call
+    fixed: list[tuple[float, int, float]] = field(default_factory=list)
     per_turn: list[list[float]] = field(default_factory=list)  # the timed calls of each turn, in round order
 
     @property
@@ -221,7 +224,7 @@ class Evaluator:
             skipped = sorted({c.dtype for c in spec.check_cases(self.device)} - set(cap.dtypes))
             last: dict[str, Any] = {}
             after: dict[str, Any] = {}  # slot -> its in-place outputs after its last check (where timing starts)
-            last_factor: dict[str, float] = {}  # slot -> the scaled input's factor on the candidate's last timed call
+            last_call: dict[str, tuple[int, int]] = {}  # slot -> (seed, index) of the candidate's last timed call
             n_checks = 0
             one_seed: list[str] = []
             for i, case in enumerate(checks + timed):
@@ -248,7 +251,7 @@ class Evaluator:
             with self.lock.exclusive():
                 for i, case in enumerate(timed):
                     res["cases"].append(self._time_case(worker, spec, case, f"t{i}", left, cand.name, eval_id,
-                                                        after.get(f"t{i}"), last_factor))
+                                                        after.get(f"t{i}"), last_call))
             stage = "reverify"
             for i, case in enumerate(timed):
                 self.progress(f"{cand.name}: re-verify {case.name}")
@@ -256,8 +259,9 @@ class Evaluator:
                     # the values of the last timed call, with ~1% of the elements changed (a cache keyed on a
                     # fingerprint of a few values hits, and returns that call's answer) ...
                     with self.lock.shared():  # CPU work: never during another's timed turn
-                        timed_values = spec.scale_input(spec.make_inputs(case, self.opt.seeds),
-                                                        last_factor.get(f"t{i}", 1.0))
+                        timed_values = spec.make_inputs(case, self.opt.seeds)
+                        if f"t{i}" in last_call:
+                            timed_values = spec.scale_input(timed_values, *last_call[f"t{i}"])
                         near = spec.perturb(timed_values, 2000 + i)
                     self._check(worker, spec, case, 2000 + i, left, stage, slot=f"t{i}", last=last, inputs=near)
                     # ... and entirely new values, in the same buffers, through the op's optional entry points
@@ -400,7 +404,7 @@ class Evaluator:
 
     def _time_case(self, worker: WorkerProcess, spec: OpSpec, case: Case, slot: str, left: Callable[[], float],
                    label: str, eval_id: int, after: dict[str, Any] | None = None,
-                   last_factor: dict[str, float] | None = None) -> dict[str, Any]:
+                   last_call: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
         bw = self._baseline_worker(spec)
         names = [n for n in bw.baseline_names if self.opt.baselines is None or n in self.opt.baselines]  # type: ignore[attr-defined]
         if spec.primary_baseline not in names:
@@ -422,32 +426,51 @@ class Evaluator:
             if why:  # a secondary baseline that cannot run this case (a pinned backend, a compiler) is left out
                 dropped[name] = why if not reply.get("ok") else f"disagrees with the reference: {why}"
                 names.remove(name)
-        # every timed call is vouched for: the candidate's digests against the reference's (see OpSpec.digest);
-        # an in-place op's timed calls start where its last check left the slot, one step from there
+        # every timed call is vouched for: the candidate's digests against the reference's (OpSpec.digest,
+        # docs/measurement.md); an in-place op's timed calls start where its last check left the slot
         start = Inputs({**inputs.tensors, **after}, inputs.args) if spec.in_place and after else inputs
         vouch_refs: dict[int, dict[str, Any]] = {}
         vouch_seeds = itertools.count(rel_seed(eval_id, slot, case.name) % (1 << 40))
+        sketch_seed = rel_seed("sketch", eval_id, slot, case.name) % (1 << 40)
 
-        def vouch_ref(calls: int) -> dict[str, Any]:  # in-place: one per number of calls in a request
+        def vouch_ref(calls: int) -> dict[str, Any]:  # in-place: one per number of calls in a block (<= 8)
             if calls not in vouch_refs:  # (the timing lock is held: nothing else uses the device)
                 vouch_refs[calls] = spec.digest_reference(
-                    start, expected if start is inputs and calls == 1 else spec.reference_calls(start, calls), calls)
+                    start, expected if start is inputs and calls == 1 else spec.reference_calls(start, calls), calls,
+                    seed=sketch_seed)
             return vouch_refs[calls]
+
+        def vouch_check(r: dict[str, Any], seed: int, n: int, warmup: int) -> str:
+            digests = r.get("digests") or []
+            if spec.in_place:
+                blocks = r.get("blocks") or []
+                if sum(blocks) != n + warmup or len(blocks) != len(digests) or any(b > VOUCH_BLOCK for b in blocks):
+                    return f"digests of {blocks} calls came back for {n + warmup}"
+                return next((w for d, b in zip(digests, blocks) if (w := spec.check_digest(vouch_ref(b), d))), "")
+            digested = r.get("digested") or []
+            if (len(digested) != len(digests) or len(set(digested)) != len(digested)
+                    or len(digested) != min(n, _MAX_DIGESTS) or any(not 0 <= i < n for i in digested)):
+                return f"digests of {len(digests)} calls came back for {n} timed calls"
+            rows = inputs.tensors[spec.scaled_input].numel() // inputs.tensors[spec.scaled_input].shape[-1]
+            for d, i in zip(digests, digested):
+                why = spec.check_digest(vouch_ref(1), d, spec.rep_scales(seed, i, rows))
+                if why:
+                    return f"timed call {i + 1} of {n}: {why}"
+            return ""
+
         contestants: list[tuple[str, WorkerProcess, str, str]] = [("candidate", worker, "run", slot)]
         contestants += [(n, bw, n, f"{bslot}:{n}") for n in names]
+
         def timed_turn(label_c: str, w: WorkerProcess, fn: str, s: str, n: int, warmup: int) -> dict[str, Any]:
             seed = next(vouch_seeds)  # the baselines' turns are vouched the same way: the same work around each call
-            r, _ = w.request({"cmd": "time", "fn": fn, "slot": s, "reps": n, "warmup": warmup, "vouch": seed},
-                             timeout=left())
+            r, _ = w.request({"cmd": "time", "fn": fn, "slot": s, "reps": n, "warmup": warmup, "vouch": seed,
+                              "sketch": sketch_seed}, timeout=left())
             if not r.get("ok"):
                 raise Outcome(r["status"], f"{r['reason']} [{case.name}, while timing]", "time")
             if label_c == "candidate":
-                if last_factor is not None and n + warmup:  # the values its last call saw
-                    last_factor[slot] = spec.rep_scale(seed, n - 1 if n else -warmup)
-                digests = r.get("digests") or []
-                calls, want = (n + warmup, 1 if n + warmup else 0) if spec.in_place else (1, n)
-                why = (f"{len(digests)} digests came back for {want}" if len(digests) != want else
-                       spec.check_digests(vouch_ref(calls), digests, seed) if want else "")
+                if last_call is not None and n + warmup:  # the values its last call saw
+                    last_call[slot] = (seed, n - 1 if n else -warmup)
+                why = vouch_check(r, seed, n, warmup)
                 if why:
                     raise Outcome("incorrect", f"{why} [{case.name}, while timing]", "time")
             return r
@@ -462,7 +485,8 @@ class Evaluator:
                 t = max(min(r["times_ms"]), 1e-4)
                 reps[label_c] = int(min(max(math.ceil(self.opt.round_ms / t), 1), 5000))
             rounds = max(self.opt.rounds, math.ceil(self.opt.min_reps / max(min(reps.values()), 1)))
-            for calls in (1, reps["candidate"]):  # before the turns: the evaluator's wall clock times each turn
+            rc = reps["candidate"]  # the references, before the turns: the evaluator's wall clock times each turn
+            for calls in {1, min(rc, VOUCH_BLOCK), rc % VOUCH_BLOCK or 1}:
                 vouch_ref(calls)
 
             timed = "timed twice"
@@ -487,9 +511,10 @@ class Evaluator:
                             tm = timing[label_c]
                             times = [float(x) for x in r["times_ms"]]
                             tm.per_turn.append(times)
-                            # the worker's vouching (restoring, summing up outputs) is not the candidate's work
-                            vouch_ms = min(max(float(r.get("vouch_ms") or 0.0), 0.0), wall)
-                            tm.turns.append((wall - vouch_ms, sum(times), len(times)))
+                            tm.turns.append((wall, sum(times), len(times)))
+                            tm.fixed.append((min(max(float(r.get("vouch_fixed_ms") or 0.0), 0.0), wall),
+                                             max(len(r.get("digests") or []), 1),
+                                             min(max(float(r.get("vouch_call_ms") or 0.0), 0.0), wall)))
                 finally:  # its sampling thread ends with the timing, however the timing ends
                     load = meter.stop()
                 # foreign CPU load judges CPU timings; a GPU's own timing is judged by the baseline's spread alone
@@ -506,6 +531,7 @@ class Evaluator:
         self._check_timer(timing, names, case)
         cand = timing["candidate"].stats(self.opt.samples)
         out: dict[str, Any] = {"case": case.to_json(), "name": case.name, **cand, "baselines": {}}
+        out["vouched"] = True  # every timed call's result was checked (missing_checks: older results were not)
         out["foreign_load"] = load
         # without PID namespaces a process that left a worker's session and tree (double fork, setsid) is not
         # found, so not stopped: the turns ran alone only as far as the evaluator could see
@@ -573,15 +599,32 @@ class Evaluator:
         account for the wall time the turn took, given the per-call overhead the trusted baseline worker shows
         (IPC, L2 flush). The best turn decides, so a machine busy with other work does not trip it; a patched
         timer under-reports in every turn."""
-        def untimed_per_call(t: _Timing) -> list[float]:
-            return [max(w - s, 0.0) / max(n, 1) for w, s, n in t.turns]
+        # the vouching's work once a request (an in-place op's restore and last digest; the at most 64 sketches
+        # of a request's calls) is allowed for: the baselines' own, and the candidate's up to 1.5 times the
+        # baselines' largest cost a digest, for its own number of digests (its figure comes from its process, so
+        # it cannot stretch the allowance); the scaled input's writing before each call likewise, a call; an
+        # in-place op's blocks are in base_over
+        per_digest = 1.5 * max((f / d for b in baselines for f, d, _ in timing[b].fixed), default=0.0)
+        per_call = 1.5 * max((c / max(n, 1) for b in baselines for (_, _, n), (_, _, c)
+                              in zip(timing[b].turns, timing[b].fixed)), default=0.0)
+
+        def allowed(t: _Timing, i: int, capped: bool) -> float:
+            if not t.fixed:
+                return 0.0
+            f, d, c = t.fixed[i]
+            n = t.turns[i][2]
+            return min(f, per_digest * d + 2.0) + min(c, per_call * n + 1.0) if capped else f + c
+
+        def untimed_per_call(t: _Timing, capped: bool = False) -> list[float]:
+            return [max(w - s - allowed(t, i, capped), 0.0) / max(n, 1) for i, (w, s, n) in enumerate(t.turns)]
 
         base = [min(untimed_per_call(timing[b])) for b in baselines if timing[b].turns]
         base_over = max(base) if base else 0.0
         c = timing["candidate"]
-        best = min(range(len(c.turns)), key=lambda i: untimed_per_call(c)[i])
+        untimed = untimed_per_call(c, True)
+        best = min(range(len(c.turns)), key=lambda i: untimed[i])
         wall, reported, calls = c.turns[best]
-        unexplained = wall - reported - calls * base_over
+        unexplained = wall - reported - allowed(c, best, True) - calls * base_over
         if unexplained > 0.15 * wall and unexplained > 10:
             raise Outcome("rejected", f"timer tampering: in its best turn the candidate reported {reported:.1f} ms of "
                                       f"work for {calls} calls that took {wall:.1f} ms of the evaluator's wall clock "
@@ -680,8 +723,15 @@ def worker_calls(res: dict[str, Any]) -> int:
 
 def missing_checks(spec: Any, result: dict[str, Any], device: str) -> list[str]:
     """The op's check cases (on ``device``, in the dtypes the evaluation could run) that a stored result did
-    not go through: a pass from before the op gained them is no pass of today's checks."""
+    not go through, and ``VOUCHED`` where its timed calls were not checked: a pass from before the op gained
+    them is no pass of today's checks."""
     checks = result.get("checks") or {}
     skipped = set(checks.get("dtypes_not_checked") or [])
     done = set(checks.get("cases") or [])
-    return [c.name for c in spec.check_cases(device) if c.dtype not in skipped and c.name not in done]
+    missing = [c.name for c in spec.check_cases(device) if c.dtype not in skipped and c.name not in done]
+    if any(not c.get("vouched") for c in result.get("cases") or []):  # timed before the timed calls were checked
+        missing.append(VOUCHED)
+    return missing
+
+
+VOUCHED = "the timed calls' check"  # what missing_checks names for a result timed before it (docs/measurement.md)

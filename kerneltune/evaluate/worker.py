@@ -53,8 +53,10 @@ class Worker:
         self.role = cfg["role"]  # "candidate" | "baseline"
         self.fns: dict[str, Callable[..., Any]] = {}
         self.slots: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-        # slot -> the values its timed calls start from (vouched timing: see _vouched)
+        # vouched timing (_Vouch): slot -> the values its timed calls start from, its sketch and sketch seed
         self.pristine: dict[str, dict[str, Any]] = {}
+        self.sketches: dict[str, Any] = {}
+        self.sketch_seeds: dict[str, int] = {}
         self.tripped: list[str] = []
         self.flush_buf = None
         self.calls = 0
@@ -73,6 +75,13 @@ class Worker:
         self._clock = time.perf_counter_ns
         self._send, self._recv = protocol.send, protocol.recv
         self._frames = sys._current_frames
+        from kerneltune.ops import base as _base
+
+        self._tf_modes, self._td_modes = torch._C._len_torch_function_stack, torch._C._len_torch_dispatch_stack
+        dump = torch._C._dispatch_dump
+        self._aten_now = lambda: tuple(_dump_or_none(dump, op) for op in _base.VOUCH_ATEN)
+        self.vouch_bound = dict(_base._F)
+        self.vouch_aten = self._aten_now()
         self._handlers = {"load": self.load, "call": self.call, "time": self.time, "ceilings": self.ceilings,
                           "clear": self.clear}
 
@@ -109,7 +118,7 @@ class Worker:
             for k, v in vars(mod).items():
                 if callable(v) and not k.startswith("__"):
                     g[f"{mod.__name__}.{k}"] = v
-        for k in ("invoke", "compare", "reference", "make_inputs", "baselines", "digest", "rep_scale"):
+        for k in ("invoke", "compare", "reference", "make_inputs", "baselines", "digest", "rep_scales", "scaled"):
             g[f"spec.{k}"] = getattr(self.spec, k)
         for k in ("_foreach_norm", "_foreach_copy_", "mul", "stack"):
             g[f"torch.{k}"] = getattr(torch, k)
@@ -344,39 +353,26 @@ class Worker:
 
     def time(self, msg: dict[str, Any]) -> dict[str, Any]:
         """``reps`` timed calls after ``warmup`` untimed ones. With ``vouch`` (a seed), what the timed calls
-        computed comes back too, summed up outside the timed interval (``digests``), for the parent to compare
-        with the reference's: an op with a ``scaled_input`` gets it times a fresh factor before every call and a
-        digest of every timed call's outputs; an op updating in place starts the request from the values its
-        slot held at its first vouched request and returns one digest, of the change over the request's calls."""
+        compute comes back too, summed up outside the timed interval (``digests``: see _Vouch), for the parent to
+        compare with the reference's."""
         torch = self.torch
         slot = msg["slot"]
         tensors, args = self.slots[slot]
         fn = self.fns[msg["fn"]]
         reps, warmup = int(msg["reps"]), int(msg.get("warmup", 0))
         invoke, clock = self._invoke, self._clock
-        t_v = clock()  # the vouching's own time (spent_ns), which the parent's check of the timer leaves out
-        vouch = self._vouched(slot, tensors, int(msg["vouch"])) if msg.get("vouch") is not None else None
-        spent_ns = clock() - t_v
-        vouch_scale, vouch_digest = (vouch[0], vouch[1]) if vouch and self.spec.scaled_input else (None, None)
-        digests: list[Any] = []
-
-        def scale(i: int | None) -> None:
-            nonlocal spent_ns
-            t = clock()
-            vouch_scale(i)  # type: ignore[misc]
-            spent_ns += clock() - t
-
-        def digest(out: Any) -> None:
-            nonlocal spent_ns
-            t = clock()
-            digests.append(vouch_digest(out))  # type: ignore[misc]
-            spent_ns += clock() - t
-
+        if msg.get("sketch") is not None:
+            self.sketch_seeds.setdefault(slot, int(msg["sketch"]))
+        t_v = clock()
+        vouch = _Vouch(self, slot, tensors, int(msg["vouch"]), reps) if msg.get("vouch") is not None else None
+        fixed_ns = clock() - t_v  # the vouching's cost once a request (the parent's timer check allows for it)
         threads_before = self._thread_ids()
         for i in range(warmup):
-            if vouch_scale:
-                scale(-1 - i)
-            invoke(fn, tensors, args)
+            if vouch:
+                vouch.before(-1 - i)
+            out = invoke(fn, tensors, args)
+            if vouch:
+                vouch.after(out, None)
         self._sync()
         times: list[float] = []
         wall0 = clock()
@@ -386,63 +382,36 @@ class Worker:
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                       for _ in range(reps)]
             for i, (start, end) in enumerate(events):
-                if vouch_scale:
-                    scale(i)
+                if vouch:
+                    vouch.before(i)
                 self.flush_buf.zero_()
                 start.record()
                 out = invoke(fn, tensors, args)
                 end.record()
-                if vouch_digest:
-                    digest(out)
+                if vouch:
+                    vouch.after(out, i)
             torch.cuda.synchronize()
             times = [s.elapsed_time(e) for s, e in events]
         else:
             for i in range(reps):
-                if vouch_scale:
-                    scale(i)
+                if vouch:
+                    vouch.before(i)
                 t0 = clock()
                 out = invoke(fn, tensors, args)
                 times.append((clock() - t0) / 1e6)
-                if vouch_digest:
-                    digest(out)
+                if vouch:
+                    vouch.after(out, i)
         wall_ms = (clock() - wall0) / 1e6
         reply: dict[str, Any] = {"ok": True, "times_ms": times, "wall_ms": wall_ms}
         if vouch:
-            t = clock()
-            if vouch_scale:
-                vouch_scale(None)  # the slot's values as they were
-            if self.spec.in_place:
-                digests.append(vouch[1](tensors))
-            reply["digests"] = torch.stack(digests).cpu().tolist() if digests else []
-            reply["vouch_ms"] = (spent_ns + clock() - t) / 1e6
+            t_v = clock()
+            reply.update(vouch.finish())
+            reply["vouch_fixed_ms"] = (fixed_ns + vouch.spent_ns + clock() - t_v) / 1e6
+            reply["vouch_call_ms"] = vouch.per_call_ns / 1e6
         self._leftovers(threads_before)
         self._tamper()
         self.calls += reps + warmup
         return reply
-
-    def _vouched(self, slot: str, tensors: dict[str, Any], seed: int) -> tuple[Callable[[Any], None],
-                                                                              Callable[[Any], Any]]:
-        """A vouched timed request begins here: the slot's in-place outputs are put back to the values they had
-        at its first vouched request. Returns (scale, digest): ``scale(i)`` writes ``scaled_input`` times call
-        ``i``'s factor (``scale(None)``: as it was); ``digest(out)`` sums up outputs (their change since the
-        request began, for in-place ones)."""
-        torch, spec = self.torch, self.spec
-        keep = self.pristine.get(slot)
-        if keep is None:
-            names = list(spec.in_place) + ([spec.scaled_input] if spec.scaled_input else [])
-            keep = {n: [t.clone() for t in tensors[n]] if isinstance(tensors[n], list) else tensors[n].clone()
-                    for n in names}
-            self.pristine[slot] = keep
-        for n in spec.in_place:
-            torch._foreach_copy_(tensors[n], keep[n])
-        self._sync()
-        before = {n: keep[n] for n in spec.in_place} or None
-        scaled, mul = spec.scaled_input, torch.mul
-
-        def scale(i: int | None) -> None:
-            mul(keep[scaled], 1.0 if i is None else spec.rep_scale(seed, i), out=tensors[scaled])
-
-        return scale, lambda out: spec.digest(out, before)
 
     def ceilings(self) -> dict[str, Any]:
         from kerneltune.evaluate.roofline import measure_ceilings
@@ -452,7 +421,9 @@ class Worker:
     def clear(self, msg: dict[str, Any]) -> dict[str, Any]:
         prefix = str(msg.get("prefix", ""))
         self.slots = {k: v for k, v in self.slots.items() if not k.startswith(prefix)}
-        self.pristine = {k: v for k, v in self.pristine.items() if not k.startswith(prefix)}
+        for d in (self.pristine, self.sketches, self.sketch_seeds):
+            for k in [k for k in d if k.startswith(prefix)]:
+                del d[k]
         return {"ok": True}
 
     def serve(self, fd_in: int, fd_out: int) -> None:
@@ -489,6 +460,122 @@ class Worker:
             except BaseException as e:  # noqa: BLE001
                 send(fd_out, {"ok": False, "status": "crashed",
                               "reason": f"results could not be sent: {_short_exc(e, '')}"})
+
+
+class _Vouch:
+    """The timed calls' check, in the worker (OpSpec.scaled_input / in_place; docs/measurement.md). Made at the
+    start of a vouched request: an in-place op's outputs are put back to the values they had at the slot's first
+    vouched request. ``before(i)`` (outside the timed interval) writes ``scaled_input`` times call ``i``'s factor;
+    ``after(out, i)`` sketches timed call ``i``'s outputs (every call up to MAX_DIGESTS a request, else that many
+    drawn from the seed), or, for an in-place op, every VOUCH_BLOCK calls digests the block's change and puts the
+    values back; ``finish()`` the rest, and the reply's fields. Everything it runs was bound before any candidate
+    code existed, with __torch_function__ off; a torch function or dispatch mode left active, or a change at the
+    dispatcher of the operators it uses, is tampering."""
+
+    MAX_DIGESTS = 64
+
+    def __init__(self, worker: Worker, slot: str, tensors: dict[str, Any], seed: int, reps: int) -> None:
+        from kerneltune.ops import base
+
+        self.w, self.spec, self.tensors, self.seed = worker, worker.spec, tensors, seed
+        self.f, self.block = base._F, base.VOUCH_BLOCK
+        spec = self.spec
+        keep = worker.pristine.get(slot)
+        if keep is None:
+            names = list(spec.in_place) + ([spec.scaled_input] if spec.scaled_input else [])
+            keep = {n: [t.clone() for t in tensors[n]] if isinstance(tensors[n], list) else tensors[n].clone()
+                    for n in names}
+            worker.pristine[slot] = keep
+        self.keep = keep
+        self.before_state = {n: keep[n] for n in spec.in_place} or None
+        self._check()
+        self._restore()
+        self.sketch = None
+        if spec.scaled_input is not None:
+            first = spec.outputs[0]
+            like = tensors[spec.scaled_input] if first not in tensors else tensors[first]
+            self.sketch = worker.sketches.get(slot)
+            if self.sketch is None:  # the slot's own, from its sketch seed (sent with its first request)
+                self.sketch = worker.sketches[slot] = spec.sketch(like, worker.sketch_seeds.get(slot, 0))
+        if reps <= self.MAX_DIGESTS:
+            self.chosen: set[int] | None = None
+        else:
+            g = worker.torch.Generator().manual_seed(seed)
+            self.chosen = set(worker.torch.randperm(reps, generator=g)[: self.MAX_DIGESTS].tolist())
+        self.digests: list[Any] = []
+        self.digested: list[int] = []
+        self.blocks: list[int] = []
+        self.in_block = 0
+        self.spent_ns = 0  # the digests' time (see after)
+        self.per_call_ns = 0  # the scaled input's writing, every call
+
+    def _check(self) -> None:
+        w = self.w
+        if w._tf_modes() or w._td_modes():
+            raise Verdict("rejected", "tampering: a torch function or dispatch mode was left active around run() "
+                                      "(it would see the evaluator's own computations)")
+        if any(self.f[k] is not v for k, v in w.vouch_bound.items()) or w._aten_now() != w.vouch_aten:
+            raise Verdict("rejected", "tampering: the functions or dispatcher kernels the evaluator checks the timed "
+                                      "calls with were replaced")
+
+    def _restore(self) -> None:
+        for n in self.spec.in_place:
+            self.f["foreach_copy"](self.tensors[n], self.keep[n])
+        if self.spec.in_place:
+            self.w._sync()
+
+    def before(self, i: int | None) -> None:
+        name = self.spec.scaled_input
+        if name is None:
+            return
+        t = self.w._clock()
+        x, dst = self.keep[name], self.tensors[name]
+        if i is None:
+            self.f["copy"](dst, x)
+            return
+        rows = self.spec.rep_scales(self.seed, i, x.numel() // max(x.shape[-1], 1))
+        self.f["mul"](x, self.f["to"](self.f["to"](rows, x.dtype), x.device).view(*x.shape[:-1], 1), out=dst)
+        self.per_call_ns += self.w._clock() - t
+
+    def after(self, out: dict[str, Any], i: int | None) -> None:
+        spec = self.spec
+        if spec.in_place:
+            self.in_block += 1
+            if self.in_block == self.block:
+                self._block_done()
+        elif i is not None and (self.chosen is None or i in self.chosen):
+            # at most MAX_DIGESTS a request, whatever its calls: their cost (device time included: the call is
+            # waited for first, outside the count) is the request's, which the timer check allows for
+            w = self.w
+            w._sync()
+            t = w._clock()
+            self._check()
+            self.digests.append(spec.digest(out, sketch=self.sketch))
+            self.digested.append(i)
+            w._sync()
+            self.spent_ns += w._clock() - t
+
+    def _block_done(self) -> None:
+        self._check()
+        self.digests.append(self.spec.digest(self.tensors, self.before_state))
+        self.blocks.append(self.in_block)
+        self.in_block = 0
+        self._restore()
+
+    def finish(self) -> dict[str, Any]:
+        if self.spec.in_place and self.in_block:
+            self._block_done()
+        self.before(None)  # the scaled input as it was
+        f = self.f
+        flat = [f["tolist"](f["to"](d, "cpu")) for d in self.digests]
+        return {"digests": flat, "digested": self.digested, "blocks": self.blocks}
+
+
+def _dump_or_none(dump: Callable[[str], str], op: str) -> str | None:
+    try:
+        return dump(op)
+    except RuntimeError:  # an operator this torch does not have
+        return None
 
 
 def _resolve_guard(worker: Worker, name: str) -> Any:

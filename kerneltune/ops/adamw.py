@@ -94,7 +94,7 @@ class AdamW(OpSpec):
     )
     forbidden_aten = ("_fused_adamw_", "_fused_adam_", "_fused_adamw", "_fused_adam")
     outputs = ("params", "exp_avgs", "exp_avg_sqs")
-    in_place = outputs  # each timed call starts from the same state, put back before it
+    in_place = outputs  # the timed calls start from the timing state, put back every VOUCH_BLOCK calls
     unchanged = ("grads",)
     primary_baseline = "adamw_fused"
     companions = {"run_unchecked": ("unchecked", "kerneltune.optim's steps whose tensors it checked itself")}

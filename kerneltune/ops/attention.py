@@ -195,7 +195,7 @@ class Attention(OpSpec):
         "_native_multi_head_attention",
     )
     outputs = ("out",)
-    scaled_input = "v"  # out is linear in v: each timed call gets v times a fresh factor
+    scaled_input = "v"  # each timed call gets v with a fresh factor a key row: out = P·diag(s)·v (vouch_bases)
     unchanged = ("q", "k", "v")
     primary_baseline = "sdpa"
     companions = {"run_with_lse": ("lse", "a training call's forward, its lse handed to the backward kernel")}
@@ -258,6 +258,14 @@ class Attention(OpSpec):
         if inputs.args.get("lse"):
             return {"out": out, "lse": lse}  # (B, H, N, D), (B, H, N)
         return {"out": out}
+
+    def vouch_bases(self, inputs: Inputs, expected: dict[str, Any], u: torch.Tensor
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        from kerneltune.ops.attention_backward import sketch_bases
+
+        t = inputs.tensors
+        g = sketch_bases(t["q"], t["k"], t["v"], inputs.args["causal"], inputs.args["scale"], u)
+        return {"out": (g["P"], t["v"].to(torch.float64).reshape(-1, t["v"].shape[-1]))}  # U·out = G·(s ∘ v)
 
     def tolerance(self, dtype: str) -> Tolerance:
         return _TOL[dtype]

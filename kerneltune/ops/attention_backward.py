@@ -104,6 +104,50 @@ def attention_bwd_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: to
     return dq, dk, dv
 
 
+def sketch_bases(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None,
+                 u: torch.Tensor, do: torch.Tensor | None = None, o: torch.Tensor | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """The timed calls' check (OpSpec.vouch_bases): with the rows of U (K × B·H·N, fp64) laid over the rows of
+    every head, U·blockdiag(P) ("P", the forward's: U·out = G·v) and, with ``do``, U·blockdiag(Pᵀ) ("Pt":
+    U·dv = G·dO) and scale·U·blockdiag(dSᵀ) ("dSt": U·dk = G·q), dS from ``o`` as the reference takes it.
+    fp64 on the CPU; head by head in row blocks, on the GPU when the parent has one, as the references."""
+    b, h, n, d = q.shape
+    sc = 1.0 / math.sqrt(d) if scale is None else scale
+    dev = _reference_device(float(b) * h * n * n * d) if b * h * n * n * 8 > _REF_BYTES else torch.device("cpu")
+    kk = u.shape[0]
+    names = ("P",) if do is None else ("P", "Pt", "dSt")
+    out = {x: torch.zeros(kk, b * h * n, dtype=torch.float64) for x in names}
+    rows = max(1, min(n, _REF_BYTES // (8 * n)))
+    for bi in range(b):
+        for hi in range(h):
+            c0 = (bi * h + hi) * n
+            uh = u[:, c0:c0 + n].to(dev, torch.float64)  # (K, N)
+            qh, kh, vh = (x[bi, hi].to(dev).to(torch.float64) for x in (q, k, v))
+            gp = torch.zeros(kk, n, dtype=torch.float64, device=dev)
+            gpt = torch.zeros(kk, n, dtype=torch.float64, device=dev)
+            gds = torch.zeros(kk, n, dtype=torch.float64, device=dev)
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                kend = r1 if causal else n
+                s = (qh[r0:r1] @ kh[:kend].T) * sc
+                if causal:
+                    i = torch.arange(r0, r1, device=dev)[:, None]
+                    s = s.masked_fill(torch.arange(kend, device=dev)[None, :] > i, float("-inf"))
+                p = torch.softmax(s, dim=-1)  # (R, kend)
+                gp[:, :kend] += uh[:, r0:r1] @ p
+                if do is not None:
+                    doh = do[bi, hi, r0:r1].to(dev, torch.float64)
+                    oh = p @ vh[:kend] if o is None else o[bi, hi, r0:r1].to(dev, torch.float64)
+                    ds = p * (doh @ vh[:kend].T - (doh * oh).sum(-1, keepdim=True))
+                    gpt[:, r0:r1] = uh[:, :kend] @ p.T
+                    gds[:, r0:r1] = (uh[:, :kend] @ ds.T) * sc
+            out["P"][:, c0:c0 + n] = gp.cpu()
+            if do is not None:
+                out["Pt"][:, c0:c0 + n] = gpt.cpu()
+                out["dSt"][:, c0:c0 + n] = gds.cpu()
+    return out
+
+
 class AttentionBackward(OpSpec):
     name = "attention_backward"
     signature = "run(q, k, v, o, do, lse, causal=True, scale=None) -> (dq, dk, dv)"
@@ -120,7 +164,7 @@ class AttentionBackward(OpSpec):
         "_efficient_attention_backward",
     )
     outputs = ("dq", "dk", "dv")
-    scaled_input = "do"  # dq, dk, dv are linear in dO (o and lse fixed): each timed call gets dO times a factor
+    scaled_input = "do"  # each timed call gets dO with a fresh factor a query row (o and lse fixed; vouch_bases)
     unchanged = ("q", "k", "v", "o", "do", "lse")
     primary_baseline = "sdpa"
 
@@ -210,6 +254,14 @@ class AttentionBackward(OpSpec):
                    "dk": scale * math.sqrt(d) * rms_in["do"] * rms_in["v"] * rms_in["q"],
                    "dv": rms_in["do"]}
         return {name: 1e-2 * natural[name] for name in self.outputs}
+
+    def vouch_bases(self, inputs: Inputs, expected: dict[str, Any], u: torch.Tensor
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """dO' = s ∘ dO (a factor a query row): dq' = s ∘ dq, dk' = scale·dS'ᵀq with dS' = s ∘ dS, dv' = Pᵀ(s ∘ dO)."""
+        t = inputs.tensors
+        g = sketch_bases(t["q"], t["k"], t["v"], inputs.args["causal"], inputs.args["scale"], u, t["do"], t["o"])
+        flat = lambda x: x.to(torch.float64).reshape(-1, x.shape[-1])  # noqa: E731
+        return {"dq": (u, flat(expected["dq"])), "dk": (g["dSt"], flat(t["q"])), "dv": (g["Pt"], flat(t["do"]))}
 
     def norm_limits(self, inputs: Inputs, expected: dict[str, Any]) -> dict[str, float]:
         tol = self.tolerance(dtype_name(str(inputs.tensors["q"].dtype)[6:]))

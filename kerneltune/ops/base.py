@@ -236,12 +236,13 @@ class OpSpec:
     # under those args, so they are checked at the sizes that are served, not only on small check cases
     companions: dict[str, tuple[str, str]] = {}
 
-    # The timed calls are checked too (the evaluator's "vouch"): each timed call's outputs are summed up in
-    # the worker (``digest``) and compared with the reference's. ``scaled_input``: the input multiplied by a
-    # fresh factor before each timed call, every output linear in it (attention's v, the backward's dO), so
-    # no two timed calls see the same values and a cache keyed on the values misses; ``in_place``: the
-    # outputs updated in place (adamw's params and state), put back before each timed call, so every timed
-    # call is the same step and its change is what is summed up.
+    # The timed calls are checked too (the evaluator's "vouch", docs/measurement.md): what they compute is summed
+    # up in the worker (``digest``) and compared with the reference's. ``scaled_input``: the input multiplied by
+    # a fresh factor before each timed call, every output linear in it (attention's v, the backward's dO), so no
+    # two timed calls see the same values; their outputs are sketched (a random ±1 projection of the rows and
+    # of the columns), which estimates each call's distance from the reference. ``in_place``: the outputs
+    # updated in place (adamw's params and state), put back every ``VOUCH_BLOCK`` calls; each block's change
+    # is summed up (L1, L2 norms) against the reference's steps.
     scaled_input: str | None = None
     in_place: tuple[str, ...] = ()
 
@@ -294,39 +295,67 @@ class OpSpec:
         raise NotImplementedError
 
     # -- the timed calls' check (both sides) ---------------------------------------------------------------
-    def rep_scale(self, seed: int, i: int) -> float:
-        """The factor of ``scaled_input`` on call ``i`` of a timed request (1.0 for an op without one): in
-        [1.0625, 1.5), a multiple of 2**-14, drawn from the request's seed."""
-        if self.scaled_input is None:
-            return 1.0
-        return 1.0 + (1024 + rel_seed("rep", seed, i) % 7168) / 16384
+    def rep_scales(self, seed: int, i: int, rows: int) -> torch.Tensor:
+        """The factors of ``scaled_input``'s rows on call ``i`` of a timed request (fp64, one a row: of v, each
+        key's; of dO, each query's): 1 + k/128 for k drawn from [8, 64) per row, exact in every float dtype, so
+        x·s rounds alike everywhere. A factor a row, not one a call: no cached answer can be rescaled to it."""
+        g = torch.Generator().manual_seed(rel_seed("rep", seed, i))
+        return 1.0 + torch.randint(8, 64, (rows,), generator=g, dtype=torch.float64) / 128
 
-    def scale_input(self, inputs: Inputs, factor: float) -> Inputs:
-        """``inputs`` with ``scaled_input`` times ``factor``, as the worker writes it before a timed call
-        (``torch.mul`` in the input's dtype: the same values)."""
-        if self.scaled_input is None or factor == 1.0:
+    def scaled(self, x: torch.Tensor, seed: int, i: int) -> torch.Tensor:
+        """``x`` (the scaled input's values) with call ``i``'s factors, in x's dtype and device (``torch.mul``
+        of x and the factors in x's dtype: what the worker writes, bit for bit)."""
+        f = self.rep_scales(seed, i, x.numel() // max(x.shape[-1], 1)).to(x.dtype)
+        return torch.mul(x, f.to(x.device).view(*x.shape[:-1], 1))
+
+    def scale_input(self, inputs: Inputs, seed: int, i: int) -> Inputs:
+        """``inputs`` as timed call ``i`` of the request with ``seed`` saw them."""
+        if self.scaled_input is None:
             return inputs
         t = inputs.tensors[self.scaled_input]
-        return Inputs({**inputs.tensors, self.scaled_input: torch.mul(t, factor)}, dict(inputs.args))
+        return Inputs({**inputs.tensors, self.scaled_input: self.scaled(t, seed, i)}, dict(inputs.args))
 
-    def digest(self, outputs: dict[str, Any], before: dict[str, Any] | None = None) -> torch.Tensor:
-        """[L1 norm, L2 norm] of each output in ``outputs`` order, fp64, on the outputs' device: of its change
-        where ``before`` holds its value before an in-place call. Cheap beside the call (a few passes over the
-        outputs), and what a call that skipped or faked its work cannot match without doing it."""
-        vals: list[torch.Tensor] = []
-        for name in self.outputs:
-            xs = _as_list(outputs[name])
-            if before is not None and name in before:
-                bs = _as_list(before[name])
-                xs = [x - b if (x.dtype, x.device) == (b.dtype, b.device) else x.double() - b.to(x.device, torch.float64)
-                      for x, b in zip(xs, bs)]
-            if xs:
-                l1 = torch.stack(_norms(xs, 1)).sum()
-                l2 = torch.stack(_norms(xs, 2)).square().sum().sqrt()
-            else:
-                l1 = l2 = torch.zeros((), dtype=torch.float64)
-            vals += [l1, l2]
-        return torch.stack(vals)
+    def vouch_bases(self, inputs: Inputs, expected: dict[str, Any], u: torch.Tensor
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """For an op with a ``scaled_input``: per output, (G, B) with U·out = G·(s ∘ B) for the row factors s of
+        any timed call (G: K × rows, B: rows × last dim, fp64): what makes each call's expected sketch cheap."""
+        raise NotImplementedError
+
+    def sketch(self, like: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, W): random ±1 matrices, fp64, on ``like``'s device, for outputs shaped like ``like`` seen as
+        (rows, last dim): ``U @ X @ W`` is SKETCH numbers whose mean square is ‖X‖² in expectation."""
+        g = torch.Generator().manual_seed(rel_seed("sketch", seed))
+        rows, cols = like.numel() // max(like.shape[-1], 1), like.shape[-1]
+        u = torch.randint(0, 2, (SKETCH[0], rows), generator=g, dtype=torch.float64) * 2 - 1
+        w = torch.randint(0, 2, (cols, SKETCH[1]), generator=g, dtype=torch.float64) * 2 - 1
+        return u.to(like.device), w.to(like.device)
+
+    def digest(self, outputs: dict[str, Any], before: dict[str, Any] | None = None,
+               sketch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """A call's outputs summed up, fp64, on their device. With ``sketch`` (U, W): ``U @ X @ W`` of each output
+        X seen as (rows, last dim). Without: [L1, L2] of each output (of its change since ``before``, for in-place
+        ones). Runs with torch functions bound before any candidate code and __torch_function__ off."""
+        f = _F
+        with f["no_torch_function"]():
+            vals: list[torch.Tensor] = []
+            for name in self.outputs:
+                if sketch is not None:
+                    x = outputs[name]
+                    x = f["to"](f["reshape"](x, (-1, x.shape[-1])), sketch[0].device, torch.float64)
+                    vals.append(f["reshape"](f["mm"](f["mm"](sketch[0], x), sketch[1]), (-1,)))
+                    continue
+                xs = _as_list(outputs[name])
+                if before is not None and name in before:
+                    xs = [f["sub"](x, b) if (x.dtype, x.device) == (b.dtype, b.device) else
+                          f["sub"](f["to"](x, torch.float64), f["to"](b, x.device, torch.float64))
+                          for x, b in zip(xs, _as_list(before[name]))]
+                if xs:
+                    l1 = f["sum"](f["stack"](_norms(xs, 1)))
+                    l2 = f["sqrt"](f["sum"](f["square"](f["stack"](_norms(xs, 2)))))
+                else:
+                    l1 = l2 = f["zeros"]((), dtype=torch.float64)
+                vals.append(f["stack"]([l1, l2]))
+            return f["cat"](vals)
 
     def norm_limits(self, inputs: Inputs, expected: dict[str, Any]) -> dict[str, float]:
         """Per output: the largest L2 distance from the reference that ``compare``'s norm test lets pass,
@@ -343,34 +372,57 @@ class OpSpec:
             out = self.reference(inputs)
         return out
 
-    def digest_reference(self, inputs: Inputs, expected: dict[str, Any], calls: int = 1) -> dict[str, Any]:
-        """What a vouched timing's digests are checked against (``check_digests``): the digest of ``expected``,
-        the reference for ``inputs`` (for an in-place op, of ``calls`` calls from ``inputs``: the change), and
-        how far a result that passes ``compare`` can be from it: |‖a‖ − ‖e‖| <= ‖a − e‖ <= the norm limit for
-        L2 and sqrt(numel) times it for L1, each ``calls`` times over for the calls' errors in a row."""
+    def digest_reference(self, inputs: Inputs, expected: dict[str, Any], calls: int = 1,
+                         seed: int | None = None) -> dict[str, Any]:
+        """What a timed call's digest is checked against (``check_digest``), from ``expected``, the reference for
+        ``inputs`` (for an in-place op, of ``calls`` calls from ``inputs``), and how far a result that passes
+        ``compare`` can be: its norm test bounds ‖a − e‖ by the norm limit. An op with a ``scaled_input``: the
+        sketch's (U, W from ``seed``) bases, each call's expected sketch G·(s ∘ B·W); the sketch's root mean square
+        difference estimates ‖a − e‖. In place: the L1/L2 norms of the change, |‖a‖ − ‖e‖| <= ‖a − e‖ <= the
+        limit for L2, sqrt(numel) times it for L1, ``calls`` times over."""
+        limit = self.norm_limits(inputs, self.reference(inputs) if calls > 1 else expected)
+        if self.scaled_input is not None:
+            first = _as_list(expected[self.outputs[0]])[0]
+            u, w = self.sketch(first.cpu(), seed or 0)
+            bases = self.vouch_bases(inputs, expected, u)
+            return {"bases": [(g, b @ w) for g, b in (bases[n] for n in self.outputs)],
+                    "limit": [limit[n] for n in self.outputs]}
         before = {k: _as_list(inputs.tensors[k]) for k in self.in_place} or None
         want = [float(x) for x in self.digest(expected, before)]
-        limit = self.norm_limits(inputs, self.reference(inputs) if calls > 1 else expected)
         allowed = []
         for name in self.outputs:
             n = sum(t.numel() for t in _as_list(expected[name]))
             allowed += [calls * math.sqrt(n) * limit[name], calls * limit[name]]
         return {"want": want, "allowed": allowed}
 
-    def check_digests(self, ref: dict[str, Any], digests: list[list[float]], seed: int) -> str:
-        """'' when every digest of a vouched timed request is within ``ref``'s limits of the reference's (each
-        times its call's factor, where the op has a ``scaled_input``); else which, and by how much."""
-        for i, got in enumerate(digests):
-            c = self.rep_scale(seed, i)
-            for j, (e, lim) in enumerate(zip(ref["want"], ref["allowed"])):
-                e, a = c * e, float(got[j]) if j < len(got) else float("nan")
-                allowed = c * lim + 1e-6 * abs(e) + 1e-30
-                if not abs(a - e) <= allowed:  # NaN fails
-                    name, what = self.outputs[j // 2], ("L1 norm", "L2 norm")[j % 2]
-                    which = (f"the timed calls' change of {name}" if self.in_place else
-                             f"timed call {i + 1} of {len(digests)}: {name}'s")
-                    return (f"{which} {what} {a:.6g}, the reference's {e:.6g} (at most {allowed:.3g} apart for a "
-                            f"result that passes): what the timed calls computed is not what the checked calls return")
+    def check_digest(self, ref: dict[str, Any], got: list[float], factors: torch.Tensor | None = None) -> str:
+        """'' when one timed call's (or block's) digest ``got`` is within ``ref``'s limits of the reference's (for
+        a call with row ``factors``); else which output, and by how much."""
+        if self.scaled_input is not None:
+            a = torch.tensor(got, dtype=torch.float64)
+            k = a.numel() // max(len(self.outputs), 1)
+            for j, name in enumerate(self.outputs):
+                g, bw = ref["bases"][j]
+                e = (g @ (factors[:, None] * bw)).reshape(-1) if factors is not None else (g @ bw).reshape(-1)
+                if a.numel() != k * len(self.outputs) or e.numel() != k:
+                    return f"a digest of {a.numel()} numbers came back, {e.numel() * len(self.outputs)} expected"
+                est = float((a[j * k:(j + 1) * k] - e).square().mean().sqrt())  # estimates ‖a − e‖; NaN fails
+                # a passing result is within the limit at factor 1; the factors (< 1.5) scale the outputs with
+                # them, and the sketch's estimate is within ~±20% (64 numbers): twice that is the bound
+                allowed = 3.0 * ref["limit"][j] + 1e-12 * float(e.abs().max()) + 1e-30
+                if not est <= allowed:
+                    return (f"{name} is about {est:.3g} from the reference's (its sketch; a result that passes is "
+                            f"within about {ref['limit'][j]:.3g}): what the timed calls computed is not what the "
+                            f"checked calls return")
+            return ""
+        for j, (e, lim) in enumerate(zip(ref["want"], ref["allowed"])):
+            a = float(got[j]) if j < len(got) else float("nan")
+            allowed = lim + 1e-6 * abs(e) + 1e-30
+            if not abs(a - e) <= allowed:  # NaN fails
+                name, what = self.outputs[j // 2], ("L1 norm", "L2 norm")[j % 2]
+                return (f"the change of {name} over the timed calls: {what} {a:.6g}, the reference's {e:.6g} (at "
+                        f"most {allowed:.3g} apart for a result that passes): what the timed calls computed is not "
+                        f"what the checked calls return")
         return ""
 
     # -- in the worker ---------------------------------------------------------------------------------
@@ -397,15 +449,32 @@ def _as_list(x: Any) -> list[torch.Tensor]:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+# What the timed calls' check computes with, bound when this module is imported (in a worker, before any
+# candidate code exists): replacing torch's functions or methods by name later changes nothing it calls.
+_F: dict[str, Any] = {
+    "mm": torch.mm, "to": torch.Tensor.to, "reshape": torch.Tensor.reshape, "sub": torch.sub, "stack": torch.stack,
+    "cat": torch.cat, "sum": torch.sum, "square": torch.square, "sqrt": torch.sqrt, "zeros": torch.zeros,
+    "vector_norm": torch.linalg.vector_norm, "foreach_norm": torch._foreach_norm, "mul": torch.mul,
+    "foreach_copy": torch._foreach_copy_, "copy": torch.Tensor.copy_, "tolist": torch.Tensor.tolist,
+    "no_torch_function": torch._C.DisableTorchFunction,
+}
+SKETCH = (8, 8)  # a sketch's rows and columns: 64 numbers an output, whose mean square estimates ‖X‖²
+VOUCH_BLOCK = 8  # an in-place op's timed calls are put back to their start every so many calls
+# the aten operators the check runs through (their dispatcher entries are compared before and after each call)
+VOUCH_ATEN = ("aten::mm", "aten::_to_copy", "aten::view", "aten::sub.Tensor", "aten::stack", "aten::cat",
+              "aten::sum", "aten::square", "aten::sqrt", "aten::linalg_vector_norm", "aten::_foreach_norm.Scalar",
+              "aten::mul.out", "aten::_foreach_copy_", "aten::copy_")
+
+
 def _norms(xs: list[torch.Tensor], order: int) -> list[torch.Tensor]:
     """Each tensor's L``order`` norm, accumulated and returned in fp64 (one foreach launch where torch has it for
     these tensors, else one norm each)."""
     if len(xs) > 1:
         try:
-            return list(torch._foreach_norm(xs, order, dtype=torch.float64))
+            return list(_F["foreach_norm"](xs, order, dtype=torch.float64))
         except (RuntimeError, TypeError, NotImplementedError):
             pass
-    return [torch.linalg.vector_norm(x, order, dtype=torch.float64) for x in xs]
+    return [_F["vector_norm"](x, order, dtype=torch.float64) for x in xs]
 
 
 def _l2(x: Any) -> float:

@@ -20,9 +20,11 @@ SEED = os.path.join(SEEDS, "adamw", "numba_cpu.py")
 
 
 def record(db: str, path: str, *, status: str = "passed", device_key: str | None = None, timed: bool = True,
-           speedups: tuple[float, ...] = (0.8,), noisy: str | None = None, checked: list[str] | None = None) -> str:
+           speedups: tuple[float, ...] = (0.8,), noisy: str | None = None, checked: list[str] | None = None,
+           vouched: bool = True) -> str:
     """Store a candidate and one evaluation of it, shaped like the evaluator's result; return its hash.
-    ``checked``: the check cases it went through (default: every one the op has now)."""
+    ``checked``: the check cases it went through (default: every one the op has now); ``vouched``: its timed
+    calls were checked (the evaluator's results since 2026-11-28)."""
     cand = read_candidate(path)
     inspect_source(cand)
     store = Store(db)
@@ -33,7 +35,8 @@ def record(db: str, path: str, *, status: str = "passed", device_key: str | None
         shapes = [[64, 32], [32]] if i == 0 else [[4096, 1024]] * 8
         cases.append({"case": {"name": f"case{i}", "dims": {"shapes": shapes}, "dtype": "float32", "args": {}},
                       "name": f"case{i}", "median_ms": 2.0 / sp, "p20_ms": 1.9 / sp, "p80_ms": 2.1 / sp, "speedup": sp,
-                      "baselines": {"adamw_fused": {"median_ms": 2.0}}, **({"noisy": noisy} if noisy else {})})
+                      "baselines": {"adamw_fused": {"median_ms": 2.0}}, "vouched": vouched,
+                      **({"noisy": noisy} if noisy else {})})
     key = device_key or reg.device_key("cpu")
     store.add_evaluation({
         "hash": cand.hash, "op": cand.op, "status": status, "reason": "" if status == "passed" else "params[0]: wrong",
@@ -154,6 +157,9 @@ def test_promote_refuses_a_pass_from_older_checks_or_one_a_later_verdict_contrad
     board = cli("leaderboard", "adamw", "--device", "cpu", "--db", db, "--json")
     assert [b["checks_current"] for b in json.loads(board.stdout)["leaderboard"]] == [False]
     assert "(older checks)" in cli("leaderboard", "adamw", "--device", "cpu", "--db", db).stdout
+    record(db, SEED, vouched=False)                    # timed before the timed calls were checked
+    r = cli("promote", SEED, "--registry", registry, "--db", db)
+    assert r.exit_code == 1 and "gained 1 case(s) (the timed calls' check)" in r.output, r.output
     record(db, SEED)                                   # evaluated again: today's checks
     board = cli("leaderboard", "adamw", "--device", "cpu", "--db", db, "--json")
     assert [b["checks_current"] for b in json.loads(board.stdout)["leaderboard"]] == [True]
