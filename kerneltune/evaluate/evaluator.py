@@ -461,19 +461,26 @@ class Evaluator:
         contestants: list[tuple[str, WorkerProcess, str, str]] = [("candidate", worker, "run", slot)]
         contestants += [(n, bw, n, f"{bslot}:{n}") for n in names]
 
-        def timed_turn(label_c: str, w: WorkerProcess, fn: str, s: str, n: int, warmup: int) -> dict[str, Any]:
+        def timed_turn(label_c: str, w: WorkerProcess, fn: str, s: str, n: int, warmup: int,
+                       check: bool = True) -> dict[str, Any]:
             seed = next(vouch_seeds)  # the baselines' turns are vouched the same way: the same work around each call
             r, _ = w.request({"cmd": "time", "fn": fn, "slot": s, "reps": n, "warmup": warmup, "vouch": seed,
                               "sketch": sketch_seed}, timeout=left())
             if not r.get("ok"):
                 raise Outcome(r["status"], f"{r['reason']} [{case.name}, while timing]", "time")
+            r["_vouch"] = (seed, n, warmup)
+            if label_c == "candidate" and last_call is not None and n + warmup:  # the values its last call saw
+                last_call[slot] = (seed, n - 1 if n else -warmup)
+            if check:
+                checked(label_c, r)
+            return r
+
+        def checked(label_c: str, r: dict[str, Any]) -> None:
+            """The candidate's digests (a parent's computation: outside the turn's wall-clock time)."""
             if label_c == "candidate":
-                if last_call is not None and n + warmup:  # the values its last call saw
-                    last_call[slot] = (seed, n - 1 if n else -warmup)
-                why = vouch_check(r, seed, n, warmup)
+                why = vouch_check(r, *r["_vouch"])
                 if why:
                     raise Outcome("incorrect", f"{why} [{case.name}, while timing]", "time")
-            return r
 
         with self._isolated_turns() as turn:
             # calibrate: how many calls fill one turn of a round
@@ -506,8 +513,9 @@ class Evaluator:
                             # reads /proc was rejected.
                             timed_turn(label_c, w, fn, s, 0, 1)
                             t_start = time.perf_counter()
-                            r = timed_turn(label_c, w, fn, s, reps[label_c], 0)
+                            r = timed_turn(label_c, w, fn, s, reps[label_c], 0, check=False)
                             wall = (time.perf_counter() - t_start) * 1e3
+                            checked(label_c, r)
                             tm = timing[label_c]
                             times = [float(x) for x in r["times_ms"]]
                             tm.per_turn.append(times)
