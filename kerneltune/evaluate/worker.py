@@ -118,8 +118,12 @@ class Worker:
             for k, v in vars(mod).items():
                 if callable(v) and not k.startswith("__"):
                     g[f"{mod.__name__}.{k}"] = v
-        for k in ("invoke", "compare", "reference", "make_inputs", "baselines", "digest", "rep_scales", "scaled"):
+        for k in ("invoke", "compare", "reference", "make_inputs", "baselines", "digest", "rep_scales", "scaled",
+                  "sketch"):
             g[f"spec.{k}"] = getattr(self.spec, k)
+        for k in vars(_Vouch):
+            if callable(getattr(_Vouch, k)) and not k.startswith("__"):
+                g[f"_Vouch.{k}"] = getattr(_Vouch, k)
         for k in ("_foreach_norm", "_foreach_copy_", "mul", "stack"):
             g[f"torch.{k}"] = getattr(torch, k)
         g["torch.linalg.vector_norm"] = torch.linalg.vector_norm
@@ -488,9 +492,9 @@ class _Vouch:
             worker.pristine[slot] = keep
         self.keep = keep
         self.before_state = {n: keep[n] for n in spec.in_place} or None
+        self.sketch: tuple[Any, Any] | None = None
         self._check()
         self._restore()
-        self.sketch = None
         if spec.scaled_input is not None:
             first = spec.outputs[0]
             like = tensors[spec.scaled_input] if first not in tensors else tensors[first]
@@ -509,11 +513,20 @@ class _Vouch:
         self.spent_ns = 0  # the digests' time (see after)
         self.per_call_ns = 0  # the scaled input's writing, every call
 
-    def _check(self) -> None:
+    def _check_modes(self) -> None:
         w = self.w
         if w._tf_modes() or w._td_modes():
             raise Verdict("rejected", "tampering: a torch function or dispatch mode was left active around run() "
                                       "(it would see the evaluator's own computations)")
+        for t in self.sketch or ():
+            if type(t) is not w.torch.Tensor:  # noqa: E721 - a subclass would see its products
+                raise Verdict("rejected", "tampering: the evaluator's sketch matrices were replaced")
+
+    def _check(self) -> None:
+        """Before the request's first digest and at its end: no mode, the bound functions and the dispatcher's
+        kernels of the operators the check runs through as they were (per digest: no mode)."""
+        w = self.w
+        self._check_modes()
         if any(self.f[k] is not v for k, v in w.vouch_bound.items()) or w._aten_now() != w.vouch_aten:
             raise Verdict("rejected", "tampering: the functions or dispatcher kernels the evaluator checks the timed "
                                       "calls with were replaced")
@@ -533,8 +546,8 @@ class _Vouch:
         if i is None:
             self.f["copy"](dst, x)
             return
-        rows = self.spec.rep_scales(self.seed, i, x.numel() // max(x.shape[-1], 1))
-        self.f["mul"](x, self.f["to"](self.f["to"](rows, x.dtype), x.device).view(*x.shape[:-1], 1), out=dst)
+        rows = self.spec.rep_scales(self.seed, i, x.numel() // max(x.shape[-1], 1), x.device)  # on the device
+        self.f["mul"](x, self.f["to"](rows, x.dtype).view(*x.shape[:-1], 1), out=dst)
         self.per_call_ns += self.w._clock() - t
 
     def after(self, out: dict[str, Any], i: int | None) -> None:
@@ -544,19 +557,17 @@ class _Vouch:
             if self.in_block == self.block:
                 self._block_done()
         elif i is not None and (self.chosen is None or i in self.chosen):
-            # at most MAX_DIGESTS a request, whatever its calls: their cost (device time included: the call is
-            # waited for first, outside the count) is the request's, which the timer check allows for
+            # at most MAX_DIGESTS a request, whatever its calls: their host time is the request's, which the
+            # timer check allows for (on a GPU they are queued after the call's end event: nothing waits)
             w = self.w
-            w._sync()
             t = w._clock()
-            self._check()
+            self._check_modes()
             self.digests.append(spec.digest(out, sketch=self.sketch))
             self.digested.append(i)
-            w._sync()
             self.spent_ns += w._clock() - t
 
     def _block_done(self) -> None:
-        self._check()
+        self._check_modes()
         self.digests.append(self.spec.digest(self.tensors, self.before_state))
         self.blocks.append(self.in_block)
         self.in_block = 0
@@ -567,7 +578,9 @@ class _Vouch:
             self._block_done()
         self.before(None)  # the scaled input as it was
         f = self.f
-        flat = [f["tolist"](f["to"](d, "cpu")) for d in self.digests]
+        self._check()
+        with f["no_torch_function"]():
+            flat = [f["tolist"](f["to"](d, "cpu")) for d in self.digests]
         return {"digests": flat, "digested": self.digested, "blocks": self.blocks}
 
 
@@ -584,6 +597,8 @@ def _resolve_guard(worker: Worker, name: str) -> Any:
         return getattr(worker.spec, attr)
     if head == "Worker":
         return getattr(Worker, attr)
+    if head == "_Vouch":
+        return getattr(_Vouch, attr)
     if head == __name__:
         return getattr(sys.modules[__name__], attr)
     return getattr(_resolve(head), attr)
