@@ -40,9 +40,8 @@ from kerneltune.evaluate.static import (
     source_hash,
 )
 from kerneltune.ops import Case, OpSpec, get_op
-from kerneltune.ops.base import VOUCH_BLOCK, Inputs, flatten, rel_seed, unflatten
+from kerneltune.ops.base import VOUCH_BLOCK, VOUCH_DIGESTS, Inputs, flatten, rel_seed, unflatten
 
-_MAX_DIGESTS = 64  # a vouched request's timed calls digested (evaluate.worker._Vouch.MAX_DIGESTS)
 LARGE_CASE_BYTES = 1 << 30  # a timed case moving this much is checked with one seed before timing (two after)
 STATUSES = ("passed", "incorrect", "rejected", "compile_error", "crashed", "timeout", "unsupported")
 
@@ -439,15 +438,11 @@ class Evaluator:
             if not spec.in_place:
                 vouch_refs[calls] = spec.digest_reference(start, expected, 1, seed=sketch_seed)
                 return vouch_refs[calls]
-            cur, one = start, None  # one chain of reference steps, a digest reference after each
-            for k in range(1, VOUCH_BLOCK + 1):
-                out = spec.reference(cur)
+            one = None  # one chain of reference steps, a digest reference after each
+            for k, out in enumerate(itertools.islice(spec.reference_chain(start), calls), 1):
                 one = one or out
                 if k not in vouch_refs:
                     vouch_refs[k] = spec.digest_reference(start, out, k, one_call=one)
-                if k >= calls:
-                    break
-                cur = Inputs({**cur.tensors, **{n: out[n] for n in spec.in_place}}, cur.args)
             return vouch_refs[calls]
 
         def vouch_check(r: dict[str, Any], seed: int, n: int, warmup: int) -> str:
@@ -459,7 +454,7 @@ class Evaluator:
                 return next((w for d, b in zip(digests, blocks) if (w := spec.check_digest(vouch_ref(b), d))), "")
             digested = r.get("digested") or []
             if (len(digested) != len(digests) or len(set(digested)) != len(digested)
-                    or len(digested) != min(n, _MAX_DIGESTS) or any(not 0 <= i < n for i in digested)):
+                    or len(digested) != min(n, VOUCH_DIGESTS) or any(not 0 <= i < n for i in digested)):
                 return f"digests of {len(digests)} calls came back for {n} timed calls"
             rows = inputs.tensors[spec.scaled_input].numel() // inputs.tensors[spec.scaled_input].shape[-1]
             for d, i in zip(digests, digested):

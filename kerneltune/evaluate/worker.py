@@ -470,13 +470,11 @@ class _Vouch:
     """The timed calls' check, in the worker (OpSpec.scaled_input / in_place; docs/measurement.md). Made at the
     start of a vouched request: an in-place op's outputs are put back to the values they had at the slot's first
     vouched request. ``before(i)`` (outside the timed interval) writes ``scaled_input`` times call ``i``'s factor;
-    ``after(out, i)`` sketches timed call ``i``'s outputs (every call up to MAX_DIGESTS a request, else that many
+    ``after(out, i)`` sketches timed call ``i``'s outputs (every call up to VOUCH_DIGESTS a request, else that many
     drawn from the seed), or, for an in-place op, every VOUCH_BLOCK calls digests the block's change and puts the
     values back; ``finish()`` the rest, and the reply's fields. Everything it runs was bound before any candidate
     code existed, with __torch_function__ off; a torch function or dispatch mode left active, or a change at the
     dispatcher of the operators it uses, is tampering."""
-
-    MAX_DIGESTS = 64
 
     def __init__(self, worker: Worker, slot: str, tensors: dict[str, Any], seed: int, reps: int) -> None:
         from kerneltune.ops import base
@@ -501,11 +499,11 @@ class _Vouch:
             self.sketch = worker.sketches.get(slot)
             if self.sketch is None:  # the slot's own, from its sketch seed (sent with its first request)
                 self.sketch = worker.sketches[slot] = spec.sketch(like, worker.sketch_seeds.get(slot, 0))
-        if reps <= self.MAX_DIGESTS:
+        if reps <= base.VOUCH_DIGESTS:
             self.chosen: set[int] | None = None
         else:
             g = worker.torch.Generator().manual_seed(seed)
-            self.chosen = set(worker.torch.randperm(reps, generator=g)[: self.MAX_DIGESTS].tolist())
+            self.chosen = set(worker.torch.randperm(reps, generator=g)[: base.VOUCH_DIGESTS].tolist())
         self.digests: list[Any] = []
         self.digested: list[int] = []
         self.blocks: list[int] = []
@@ -557,7 +555,7 @@ class _Vouch:
             if self.in_block == self.block:
                 self._block_done()
         elif i is not None and (self.chosen is None or i in self.chosen):
-            # at most MAX_DIGESTS a request, whatever its calls: their host time is the request's, which the
+            # at most VOUCH_DIGESTS a request, whatever its calls: their host time is the request's, which the
             # timer check allows for (on a GPU they are queued after the call's end event: nothing waits)
             w = self.w
             t = w._clock()

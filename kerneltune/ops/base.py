@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -370,14 +371,18 @@ class OpSpec:
         tol = self.tolerance(dtype_name(str(_as_list(next(iter(inputs.tensors.values())))[0].dtype)[6:]))
         return {name: tol.norm_rtol * _l2(expected[name]) for name in self.outputs}
 
-    def reference_calls(self, inputs: Inputs, calls: int) -> dict[str, Any]:
-        """The reference of ``calls`` calls in a row from ``inputs``, each updating the ``in_place`` outputs (the
-        reference itself for an op without them, or for one call)."""
-        out = self.reference(inputs)
-        for _ in range(calls - 1 if self.in_place else 0):
-            inputs = Inputs({**inputs.tensors, **{n: out[n] for n in self.in_place}}, inputs.args)
+    def reference_chain(self, inputs: Inputs) -> Iterator[dict[str, Any]]:
+        """The references of calls in a row from ``inputs``, each call from the ``in_place`` outputs of the one
+        before (an op without them: the same reference every time)."""
+        while True:
             out = self.reference(inputs)
-        return out
+            yield out
+            if self.in_place:
+                inputs = Inputs({**inputs.tensors, **{n: out[n] for n in self.in_place}}, inputs.args)
+
+    def reference_calls(self, inputs: Inputs, calls: int) -> dict[str, Any]:
+        """The reference of ``calls`` calls in a row from ``inputs`` (``reference_chain``'s ``calls``-th)."""
+        return next(itertools.islice(self.reference_chain(inputs), calls - 1, None))
 
     def digest_reference(self, inputs: Inputs, expected: dict[str, Any], calls: int = 1,
                          seed: int | None = None, one_call: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -468,6 +473,7 @@ _F: dict[str, Any] = {
 }
 SKETCH = (8, 8)  # a sketch's rows and columns: 64 numbers an output, whose mean square estimates ‖X‖²
 VOUCH_BLOCK = 8  # an in-place op's timed calls are put back to their start every so many calls
+VOUCH_DIGESTS = 64  # the most timed calls of one request whose outputs are sketched (drawn from its seed)
 # the aten operators the check runs through (their dispatcher entries are compared before and after each call)
 VOUCH_ATEN = ("aten::mm", "aten::_to_copy", "aten::view", "aten::sub.Tensor", "aten::stack", "aten::cat",
               "aten::sum", "aten::square", "aten::sqrt", "aten::linalg_vector_norm", "aten::_foreach_norm.Scalar",
