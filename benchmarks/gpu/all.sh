@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every open GPU check in ONE call of about TOTAL seconds (default 520) on a lent H100. Phases, run in the
+# Every open GPU check in ONE call of about TOTAL seconds (default 520) on a lent Hopper GPU (H100 or H200). Phases, run in the
 # order PHASES names them (default "adamw train bench attn"), after `kerneltune doctor` (which sandbox
 # layers CUDA runs under on this host):
 #   adamw  `kerneltune search adamw` on GPT-2 small's parameters (each candidate through the full evaluator;
@@ -44,6 +44,7 @@
 #   PHASES="bench adamw train" BENCH_ARGS="--only-n 512,1024,2048 --compile-n 1024" bash benchmarks/gpu/all.sh
 # Afterwards, here: promote the AdamW winner from the returned store into the shipped registry with
 #   kerneltune promote NAME --device-key cuda:nvidia-h100-80gb-hbm3:sm90 --db <search.tgz>/search/store.db
+#   (on an H200: --device-key cuda:nvidia-h200:sm90; the key all.log's `kerneltune registry` shows)
 set -u
 OUT=${OUT:-/tmp/ktout}; mkdir -p "$OUT"
 TOTAL=${TOTAL:-520}; T_ADAM=${T_ADAM:-200}; T_ATTN=${T_ATTN:-150}; STEPS=${STEPS:-60}

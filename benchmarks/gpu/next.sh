@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next GPU call (docs/benchmarks.md, "Open"): one command on a lent H100, for the AdamW
+# The next GPU call (docs/benchmarks.md, "Open"): one command on a lent H100 or H200, for the AdamW
 # step's host side: one optimizer step with the shipped entry (triton_mt_table-5083c73e, whose template
 # checked every tensor on every call), the AdamW search over the template as it is now (lists whose metadata
 # passed before are checked in one C++ call), starting at the shipped winner's knobs and two neighbours,
