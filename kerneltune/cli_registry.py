@@ -95,12 +95,14 @@ def promote(store: Any, ref: str, registry_path: str, *, device: Optional[str] =
     keys = [device_key] if device_key else _this_machine_keys(device)
     evals = list(store.evaluations(candidate_hash=row["hash"]))
     passed = [e for e in evals if e["status"] == "passed" and e["device_key"] in keys]
-    # a pass that a later verdict contradicts (wrong, or caught cheating) is not what the file does now
-    worse = [e for e in evals if e["status"] in ("incorrect", "rejected") and e["device_key"] in keys]
+    # a pass that a later verdict contradicts (wrong, caught cheating, crashed, timed out) is not what the file
+    # does now: the leaderboard and the search's cache take the latest verdict too
+    worse = [e for e in evals if e["status"] != "passed" and e["device_key"] in keys]
     if passed and worse and worse[-1]["id"] > passed[-1]["id"]:
         w = worse[-1]
         raise PromoteError(f"{row['name']} ({row['hash'][:12]}) passed, but its latest verdict on {w['device_key']} "
-                           f"is {w['status']} ({w['reason'][:120]}); a kernel that fails a check is not promoted")
+                           f"is {w['status']} ({w['reason'][:120]}); a kernel whose latest evaluation failed is not "
+                           f"promoted: evaluate it again (kerneltune eval)")
     stale = {e["id"]: missing_checks(get_op(row["op"]), json.loads(e["result"]), reg.device_kind(e["device_key"]))
              for e in passed}
     if passed and all(stale.values()):
@@ -215,12 +217,13 @@ def _entry(row: Any, ev: Any, result: dict[str, Any], case: dict[str, Any], path
 
 # -- reporting -------------------------------------------------------------------------------------------------
 def entry_status(e: reg.Entry, here: set[str], minimum: float) -> str:
-    """serves | other device | below minimum | <file problem>."""
-    if e.device_key not in here:
-        return "other device"
+    """serves | other device | below minimum | <file problem> (every entry's file is checked, another device's
+    too: a CI machine without that GPU is where a deleted or edited shipped kernel must be caught)."""
     why = reg.check_file(e)
     if why:
         return "file missing" if "missing" in why else "file changed" if "changed" in why else "file unreadable"
+    if e.device_key not in here:
+        return "other device"
     return "serves" if e.speedup >= minimum else "below minimum"
 
 

@@ -2,7 +2,8 @@
 
 Registered in cli.py. Under torchrun (RANK/WORLD_SIZE set) every process runs this command and the
 first one logs and writes files. Exit codes: 0 done (--compare: the loss curves agree within the
-tolerance), 1 --compare found them apart, 2 usage error (one line on stderr).
+tolerance), 1 --compare found them apart, 2 usage error (one line on stderr), 3 --compare did not finish
+(a kernel or the machine failed: its traceback, then one line).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import math
 import os
 import sys
+import traceback
 from typing import Optional
 
 import typer
@@ -46,7 +48,7 @@ def train_cmd(
     from kerneltune.cli import _check_device
     from kerneltune.train import kernels as kernel_choice
     from kerneltune.train import loop
-    from kerneltune.train.compare import PlotUnavailable
+    from kerneltune.train.compare import PlotUnavailable, json_safe
     from kerneltune.train.data import DataError, load_corpus
     from kerneltune.train.presets import PRESETS, ConfigError, TrainConfig, resolve
 
@@ -60,6 +62,7 @@ def train_cmd(
         _fail(f"--tolerance {tolerance}: must be a finite number >= 0")
     if stop_at is not None and stop_at < 0:
         _fail(f"--stop-at {stop_at}: must be >= 0")
+    _check_out_dir(out_dir)
     ckpt = None
     try:
         if resume:
@@ -71,9 +74,11 @@ def train_cmd(
             ckpt = loop.load_checkpoint(resume)
             cfg = TrainConfig.from_dict(ckpt["config"])
             cfg.kernels = kernels or cfg.kernels
-            if device is not None:
-                cfg.device = _check_device(device)
-                cfg.dtype = "bfloat16" if cfg.device == "cuda" else "float32"
+            cfg.device = _check_device(device or cfg.device)  # a GPU's checkpoint on a machine without one: exit 2
+            dtype = "bfloat16" if cfg.device.startswith("cuda") else "float32"
+            if dtype != cfg.dtype:
+                _fail(f"--resume {resume}: the run trained in {cfg.dtype}; on {cfg.device} it would go on in {dtype}: "
+                      f"resume it on the kind of device it started on")
             corpus = load_corpus(cfg.data)
             if corpus.info["sha256"] != ckpt["corpus"]["sha256"]:
                 _fail(f"--resume {resume}: trained on {ckpt['corpus']['name']} (sha256 {ckpt['corpus']['sha256'][:12]}), "
@@ -91,7 +96,14 @@ def train_cmd(
         if compare:
             from kerneltune.train.compare import compare as run_compare
 
-            summary = run_compare(s, out_dir=out_dir, tolerance=tolerance)
+            try:
+                summary = run_compare(s, out_dir=out_dir, tolerance=tolerance)
+            except (DataError, ConfigError, loop.TrainError, kernel_choice.KernelsUnavailable, PlotUnavailable):
+                raise
+            except Exception as e:  # noqa: BLE001 - exit 1 means "the curves are apart": a crash must not read so
+                traceback.print_exc()
+                print(f"error: --compare did not finish: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+                raise typer.Exit(3) from None
             code = 0 if summary["loss"]["within_tolerance"] else 1
         else:
             summary = loop.train(s, checkpoint=checkpoint, resume=ckpt, stop_at=stop_at)
@@ -102,13 +114,26 @@ def train_cmd(
     finally:
         loop.teardown_distributed()
     if json_out and d.master:
-        print(json.dumps(summary, indent=1, default=str))
+        print(json.dumps(json_safe(summary), indent=1, default=str, allow_nan=False))
     raise typer.Exit(code)
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """--out must be a directory this process can write, checked before any training (not after it)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        _fail(f"--out {out_dir}: exists and is not a directory; name a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        _fail(f"--out {out_dir}: cannot create it ({e.strerror}); name a writable directory")
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        _fail(f"--out {out_dir}: not writable; name a writable directory")
 
 
 def write_train_summary(s, summary: dict, out_dir: str) -> dict:
     """train.json next to the run: the summary plus what the data and the machine were."""
     from kerneltune.evaluate.device import device_info, versions
+    from kerneltune.train.compare import json_safe
 
     ent = s.corpus.unigram_entropy()
     summary = {"kind": "kerneltune-train", "versions": versions(),
@@ -118,7 +143,7 @@ def write_train_summary(s, summary: dict, out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     summary["files"] = {"json": os.path.join(out_dir, "train.json")}
     with open(summary["files"]["json"], "w") as f:
-        json.dump(summary, f, indent=1, default=str)
+        json.dump(json_safe(summary), f, indent=1, default=str, allow_nan=False)
     s.log(f"final val loss {summary['final_val_loss']:.4f} nats (step {summary['final_val_step']}) vs unigram entropy "
           f"{ent['nats']:.4f} nats ({ent['bits']:.3f} bits/token); wrote {summary['files']['json']}")
     return summary

@@ -301,7 +301,7 @@ def decisions() -> list[dict[str, Any]]:
         e = d.entry
         why = bad.get(entry_id(e)) if e is not None else None
         out.append({"op": key[0], "device": key[1] if key[2] is None else f"{key[1]}:{key[2]}", "bucket": b,
-                    "dims": dims, "dtype": key[4], "args": key[5],
+                    "dims": dims, "dtype": key[4], "args": json.loads(key[5]),
                     "kernel": REFERENCE if (e is None or why) else e.name, "kind": "reference" if why else d.kind,
                     "reason": why or d.reason})
     return out

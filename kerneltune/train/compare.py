@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from datetime import datetime, timezone
@@ -74,11 +75,27 @@ def compare(s: Setup, *, out_dir: str, tolerance: Optional[float] = None) -> dic
     if s.d.master:
         os.makedirs(out_dir, exist_ok=True)
         summary["files"] = {"json": os.path.join(out_dir, "compare.json"), "png": os.path.join(out_dir, "compare.png")}
+        with open(summary["files"]["json"], "w") as f:  # the numbers first: a failing plot loses none of them
+            json.dump(json_safe(summary), f, indent=1, allow_nan=False)
         plot(summary, summary["files"]["png"])
-        with open(summary["files"]["json"], "w") as f:
-            json.dump(summary, f, indent=1)
         s.log(f"wrote {summary['files']['json']} and {summary['files']['png']}")
     return summary
+
+
+def json_safe(x):
+    """x with every non-finite float as None: compare.json is strict JSON (a loss that went NaN is null)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def _worst(diffs: list) -> float:
+    """The largest difference, NaN (a loss that was not finite) above every number: max() would skip it."""
+    return max(diffs, key=lambda d: (math.isnan(d), d)) if diffs else 0.0
 
 
 def summarize(s: Setup, ref: Run, tun: Run, served: dict, fpt: int, tol: float, wall: float) -> dict:
@@ -87,15 +104,19 @@ def summarize(s: Setup, ref: Run, tun: Run, served: dict, fpt: int, tol: float, 
     hr, ht = ref.history, tun.history
     d_train = [abs(a - b) for a, b in zip(hr["loss"], ht["loss"])]
     d_val = [abs(a - b) for a, b in zip(hr["val_loss"], ht["val_loss"])]
-    i_train = max(range(len(d_train)), key=d_train.__getitem__) if d_train else None
+    i_train = max(range(len(d_train)), key=lambda i: (math.isnan(d_train[i]), d_train[i])) if d_train else None
+    # a loss that is not finite (a kernel that overflowed, say) fails the comparison, in either run
+    nonfinite = {name: [st for st, v in zip(h["step"], h["loss"]) if not math.isfinite(v)]
+                 + [f"val@{st}" for st, v in zip(h["val_step"], h["val_loss"]) if not math.isfinite(v)]
+                 for name, h in (("reference", hr), ("tuned", ht))}
     t_ref = timing(ref, s.tokens_per_step, fpt, s.peak)
     t_tun = timing(tun, s.tokens_per_step, fpt, s.peak)
     # per-step ratio as well: both runs took step i back to back, so its ratio is the least disturbed
     skip = timing_warmup(len(hr["ms"]))
     ratios = [a / b for a, b in zip(hr["ms"][skip:], ht["ms"][skip:])]
     speedup = t_ref["median_step_ms"] / t_tun["median_step_ms"] if t_tun.get("median_step_ms") else None
-    max_train = max(d_train) if d_train else 0.0
-    max_val = max(d_val) if d_val else 0.0
+    max_train, max_val = _worst(d_train), _worst(d_val)
+    finite = not (nonfinite["reference"] or nonfinite["tuned"])
     return {
         "kind": "kerneltune-train-compare",
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -120,7 +141,8 @@ def summarize(s: Setup, ref: Run, tun: Run, served: dict, fpt: int, tol: float, 
             "final_val_reference": hr["val_loss"][-1], "final_val_tuned": ht["val_loss"][-1],
             "final_val_diff": ht["val_loss"][-1] - hr["val_loss"][-1],
             "final_train_diff": (ht["loss"][-1] - hr["loss"][-1]) if hr["loss"] else None,
-            "within_tolerance": max_train <= tol and max_val <= tol,
+            "nonfinite_steps": nonfinite,
+            "within_tolerance": finite and max_train <= tol and max_val <= tol,
         },
         "wall_s": wall,
         "curves": {"step": hr["step"], "train_reference": hr["loss"], "train_tuned": ht["loss"],
@@ -133,7 +155,9 @@ def verdict_line(sm: dict) -> str:
     lo = sm["loss"]
     sp = "n/a" if sm["speedup"] is None else f"×{sm['speedup']:.3f}"
     ent = sm["unigram_entropy"]["nats"]
-    return (f"speedup {sp} (median step time, reference / tuned, {sm['timing']['tuned'].get('warmup_steps_excluded')} "
+    bad = "; ".join(f"{name}'s loss not finite at step {', '.join(map(str, st[:5]))}{' …' if len(st) > 5 else ''}"
+                    for name, st in lo.get("nonfinite_steps", {}).items() if st)
+    return (f"{bad + ': OUTSIDE tolerance; ' if bad else ''}speedup {sp} (median step time, reference / tuned, {sm['timing']['tuned'].get('warmup_steps_excluded')} "
             f"warm-up steps left out); loss curves differ by at most {lo['max_abs_diff_train_curve']:.4f} (train, "
             f"step {lo['max_abs_diff_train_curve_at_step']}) and {lo['max_abs_diff_val']:.4f} (val) nats: "
             f"{'within' if lo['within_tolerance'] else 'OUTSIDE'} tolerance {lo['tolerance_nats']}; final val loss "

@@ -125,9 +125,10 @@ class Batches:
         self.block_size, self.batch_size, self.seed, self.device = block_size, batch_size, seed, device
         self.splits = {"train": corpus.train, "val": corpus.val}
         for split, data in self.splits.items():
-            if data.size < block_size + 2:
+            if data.size < block_size + 1:
                 raise DataError(f"{corpus.name}: the {split} split has {data.size} tokens, fewer than one "
-                                f"block of {block_size} + 1; give more data or a smaller --block-size")
+                                f"block of {block_size} + 1; give more data (--data) or a preset with a shorter "
+                                f"context (--preset)")
         self._cache: dict = {}
 
     def offsets(self, split: str, step: int) -> np.ndarray:

@@ -201,7 +201,7 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise TrainError(f"--resume {path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data: no code runs
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
         raise TrainError(f"--resume {path}: not a kerneltune train checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:

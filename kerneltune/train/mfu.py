@@ -15,10 +15,21 @@ import time
 import torch
 
 # dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendors' data sheets
+# (matched longest name first: "L40S" before "L40" before "L4", "H800 PCIe" before "H800")
 DATASHEET_BF16 = (
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
-    ("GH200", 989e12), ("A100", 312e12), ("A10G", 70e12), ("L4", 121e12), ("L40S", 362e12),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800 PCIe", 756e12),
+    ("H800", 989e12), ("GH200", 989e12), ("A100", 312e12), ("A10G", 70e12), ("L4", 121e12), ("L40", 181e12),
+    ("L40S", 362e12),
 )
+
+
+def datasheet_bf16(name: str) -> float:
+    """The data sheet's dense bf16 peak of a GPU by its name (0.0: not known); the longest matching entry wins,
+    so an "NVIDIA L40S" is not taken for an L4."""
+    for key, flops in sorted(DATASHEET_BF16, key=lambda kv: -len(kv[0])):
+        if key in name:
+            return flops
+    return 0.0
 
 
 def measured_matmul_flops(device: str, dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
@@ -46,9 +57,9 @@ def device_peak(device: str) -> tuple[float, str]:
 def _device_peak(device: str, threads: int) -> tuple[float, str]:
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(torch.device(device))
-        for key, flops in DATASHEET_BF16:
-            if key in name:
-                return flops, f"{name} bf16 dense data sheet {flops / 1e12:.0f} TFLOP/s"
+        flops = datasheet_bf16(name)
+        if flops:
+            return flops, f"{name} bf16 dense data sheet {flops / 1e12:.0f} TFLOP/s"
         flops = measured_matmul_flops(device, torch.bfloat16, n=4096)
         return flops, f"{name} measured bf16 matmul {flops / 1e12:.0f} TFLOP/s"
     flops = measured_matmul_flops("cpu", torch.float32)

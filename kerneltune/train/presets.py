@@ -94,8 +94,9 @@ def resolve(preset: str, *, steps: Optional[int] = None, batch_size: Optional[in
     p = PRESETS[preset]
     steps = p.steps if steps is None else steps
     batch_size = p.batch_size if batch_size is None else batch_size
-    if micro_batch is None:
-        micro_batch = max(1, min(p.micro_batch, batch_size // world))
+    if micro_batch is None:  # the largest that divides each process's share, at most the preset's
+        share = max(1, batch_size // world)
+        micro_batch = max(d for d in range(1, min(p.micro_batch, share) + 1) if share % d == 0)
     lr = p.lr if lr is None else lr
     eval_interval = min(p.eval_interval, steps) if eval_interval is None else eval_interval
     for name, v in (("--steps", steps), ("--batch-size", batch_size), ("--micro-batch", micro_batch),

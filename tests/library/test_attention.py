@@ -132,7 +132,8 @@ def test_a_registry_numba_kernel_serves_when_forced_and_matches(user_registry, m
         kerneltune.attention(*no_grad_inputs((1, 1, 1, 40), torch.float32, 7), causal=True)  # beyond reach
     assert kt_warnings(caught) == []
     assert kerneltune.served() == {"attention": {"numba_cpu": 2, "reference": 2}}
-    kinds = {(d["bucket"], d["args"]): (d["kernel"], d["kind"]) for d in kerneltune.decisions() if d["op"] == "attention"}
+    kinds = {(d["bucket"], d["args"]["causal"]): (d["kernel"], d["kind"])
+             for d in kerneltune.decisions() if d["op"] == "attention"}
     assert ("numba_cpu", "exact") in kinds.values() and ("numba_cpu", "nearest") in kinds.values()
     monkeypatch.setenv("KERNELTUNE_DISABLE", "1")
     kerneltune.reset_served()

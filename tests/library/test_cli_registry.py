@@ -166,6 +166,11 @@ def test_promote_refuses_a_pass_from_older_checks_or_one_a_later_verdict_contrad
     record(db, SEED, status="incorrect")               # ... and then found wrong
     r = cli("promote", SEED, "--registry", registry, "--db", db)
     assert r.exit_code == 1 and "its latest verdict on cpu:" in r.output and "is incorrect" in r.output
+    record(db, SEED, speedups=(1.2,))
+    record(db, SEED, status="crashed")                 # a later crash counts as the leaderboard counts it
+    r = cli("promote", SEED, "--registry", registry, "--db", db)
+    assert r.exit_code == 1 and "is crashed" in r.output and not os.path.exists(registry), r.output
+    assert json.loads(cli("leaderboard", "adamw", "--device", "cpu", "--db", db, "--json").stdout)["leaderboard"] == []
     record(db, SEED, speedups=(1.3,))                  # evaluated once more: the latest verdict a pass again
     r = cli("promote", SEED, "--registry", registry, "--db", db, "--json")
     assert r.exit_code == 0 and [a["speedup"] for a in json.loads(r.stdout)["added"]] == [1.3]
@@ -310,3 +315,31 @@ def test_promote_into_a_registry_with_its_own_candidates_root_keeps_it_and_stays
     shutil.move(str(folder), str(tmp_path / "moved"))
     back = reg.load(str(tmp_path / "moved" / "registry.json"))
     assert [reg.check_file(e) for e in back.entries] == [""]
+
+
+def test_registry_checks_the_files_of_other_devices_entries_too(tmp_path):
+    """The CI check (exit 1 on a missing or changed file) must catch an edited kernel that serves only on a GPU
+    the CI machine lacks: the shipped registry's H100 entries, read on a CPU."""
+    shipped = os.path.join(os.path.dirname(os.path.abspath(reg.__file__)), "registry.json")  # (conftest hides it)
+    with open(shipped) as f:
+        doc = json.load(f)
+    gpu = [e for e in doc["entries"] if e["device_key"].startswith("cuda:")]
+    if not gpu:
+        pytest.skip("the shipped registry holds no GPU entry")
+    root = tmp_path / "candidates"
+    for e in gpu:
+        os.makedirs(root / os.path.dirname(e["candidate"]), exist_ok=True)
+        with open(os.path.join(os.path.dirname(shipped), "..", "candidates", e["candidate"])) as src:
+            (root / e["candidate"]).write_text(src.read())
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps({**doc, "entries": gpu, "candidates_root": "candidates"}))
+    run = CliRunner().invoke
+    r = run(app, ["registry", "--registry", str(path), "--json"])
+    assert r.exit_code == 0 and {x["status"] for x in json.loads(r.stdout)["entries"]} == {"other device"}, r.output
+    with open(root / gpu[0]["candidate"], "a") as f:
+        f.write("\n# edited\n")
+    r = run(app, ["registry", "--registry", str(path), "--json"])
+    assert r.exit_code == 1 and "file changed" in {x["status"] for x in json.loads(r.stdout)["entries"]}, r.output
+    os.remove(root / gpu[0]["candidate"])
+    r = run(app, ["registry", "--registry", str(path), "--json"])
+    assert r.exit_code == 1 and "file missing" in {x["status"] for x in json.loads(r.stdout)["entries"]}, r.output

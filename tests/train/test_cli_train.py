@@ -66,12 +66,15 @@ def test_resume_through_the_command_line(tmp_path):
     (["--steps", "0"], "at least 1"),
     (["--preset", "smoke", "--batch-size", "6", "--micro-batch", "4", "--steps", "1"], "not a multiple"),
     (["--preset", "cpu-tiny", "--data", "{tmp}/short.txt"], "fewer than one block"),
+    (["--preset", "smoke", "--out", "{tmp}/afile"], "is not a directory"),
+    (["--preset", "smoke", "--compare", "--out", "{tmp}/afile/sub"], "cannot create it"),
     (["--data", "{tmp}/big.bin"], "vocabulary"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, words):
     (tmp_path / "odd.bin").write_bytes(b"abc")
     (tmp_path / "short.txt").write_bytes(b"def f(): pass\n" * 5)
     (tmp_path / "any.pt").write_bytes(b"")
+    (tmp_path / "afile").write_bytes(b"")
     np.array([1, 2, 3] * 400, dtype=np.uint16).tofile(tmp_path / "big.bin")
     args = [a.format(tmp=tmp_path) for a in args]
     if words == "vocabulary":  # tokens beyond the vocabulary are not an error: the model's vocabulary grows
@@ -81,7 +84,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, words):
         assert r.exit_code == 0, r.output
         assert json.loads(r.stdout)["config"]["model"]["vocab_size"] == 320
         return
-    r = kt(*args, "--out", str(tmp_path))
+    r = kt(*args, *([] if "--out" in args else ["--out", str(tmp_path)]))
     assert r.exit_code == 2, (args, r.output)
     assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
@@ -111,3 +114,43 @@ def test_compare_json_and_exit_code_follow_the_tolerance(tmp_path):
     sm = json.loads(r.stdout)
     assert r.exit_code == (0 if sm["loss"]["within_tolerance"] else 1), r.stderr
     assert sm["loss"]["tolerance_nats"] == 0.0 and os.path.isfile(sm["files"]["png"])
+
+
+def test_resume_refuses_a_device_that_changes_the_dtype(tmp_path, monkeypatch):
+    """A CPU run (fp32) resumed on a GPU would go on in bf16; a GPU's checkpoint where there is none: exit 2."""
+    import torch
+
+    ckpt = str(tmp_path / "c.pt")
+    assert kt("--preset", "smoke", "--steps", "4", "--checkpoint", ckpt, "--stop-at", "2",
+              "--out", str(tmp_path)).exit_code == 0
+    saved = torch.load(ckpt, weights_only=True)
+    saved["config"]["device"], saved["config"]["dtype"] = "cuda", "bfloat16"
+    torch.save(saved, str(tmp_path / "gpu.pt"))
+    r = kt("--resume", str(tmp_path / "gpu.pt"), "--out", str(tmp_path))
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    monkeypatch.setattr("kerneltune.cli._check_device", lambda d: d)  # as if this machine had a GPU
+    r = kt("--resume", ckpt, "--device", "cuda", "--out", str(tmp_path))
+    assert r.exit_code == 2 and "float32" in r.stderr and "bfloat16" in r.stderr, r.output
+
+
+def test_a_compare_that_crashes_exits_3_not_1(tmp_path, monkeypatch):
+    """Exit 1 says the loss curves are apart; a kernel that raises must not read so."""
+    from kerneltune.train import kernels as kernel_choice
+
+    def tuned(device):
+        def attend(q, k, v, causal=True):
+            raise RuntimeError("the kernel broke")
+        r = kernel_choice.reference(device)
+        return kernel_choice.Kernels("tuned", attend, r.make_adamw, lambda: {}, lambda: None)
+    monkeypatch.setattr(kernel_choice, "tuned", tuned)
+    r = kt("--preset", "smoke", "--steps", "2", "--compare", "--out", str(tmp_path))
+    assert r.exit_code == 3, r.output
+    assert r.stderr.strip().splitlines()[-1] == "error: --compare did not finish: RuntimeError: the kernel broke"
+
+
+def test_default_micro_batch_divides_the_batch():
+    from kerneltune.train.presets import resolve
+
+    for bs, world in ((6, 1), (24, 1), (8, 2), (7, 1)):
+        cfg = resolve("smoke", batch_size=bs, world=world)
+        assert (bs // world) % cfg.micro_batch == 0 and cfg.micro_batch <= 4, (bs, world, cfg.micro_batch)

@@ -67,3 +67,43 @@ def test_missing_matplotlib_is_a_clear_error_before_training(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     with pytest.raises(cmp.PlotUnavailable, match="pip install matplotlib"):
         cmp.compare(None, out_dir="unused")
+
+
+def _nan_after(calls_before_nan):
+    """A tuned choice whose attention answers NaN after some calls (a bf16 kernel that overflowed, say)."""
+    from kerneltune.train.model import sdpa_attend
+
+    n = {"calls": 0}
+
+    def attend(q, k, v, causal=True):
+        n["calls"] += 1
+        y = sdpa_attend(q, k, v, causal)
+        return y * float("nan") if n["calls"] > calls_before_nan else y
+
+    def tuned(device):
+        r = kernel_choice.reference(device)
+        return kernel_choice.Kernels("tuned", attend, r.make_adamw,
+                                     lambda: {"attention": {"goes-nan": n["calls"]}}, lambda: None)
+    return tuned
+
+
+@pytest.mark.parametrize("calls_before_nan", [0, 10])
+def test_a_loss_that_goes_nan_fails_the_compare_and_the_json_stays_strict(tmp_path, monkeypatch, calls_before_nan):
+    monkeypatch.setattr(kernel_choice, "tuned", _nan_after(calls_before_nan))
+    cfg = resolve("smoke", steps=6, eval_interval=3)
+    s = loop.make_setup(cfg, stdlib_corpus(), loop.Dist(), "cpu", stream=io.StringIO())
+    sm = cmp.compare(s, out_dir=str(tmp_path))
+    lo = sm["loss"]
+    assert lo["within_tolerance"] is False
+    assert lo["nonfinite_steps"]["reference"] == [] and lo["nonfinite_steps"]["tuned"]
+    assert "not finite" in cmp.verdict_line(sm) and "OUTSIDE" in cmp.verdict_line(sm)
+
+    def refuse(tok):
+        raise AssertionError(f"compare.json holds {tok}: not JSON")
+    on_disk = json.loads((tmp_path / "compare.json").read_text(), parse_constant=refuse)
+    assert on_disk["loss"]["within_tolerance"] is False and None in on_disk["curves"]["train_tuned"]
+
+
+def test_worst_difference_carries_nan():
+    assert cmp._worst([0.0, float("nan"), 0.5]) != cmp._worst([0.0, 0.5])
+    assert cmp._worst([0.0, 0.25, 0.5]) == 0.5 and cmp._worst([]) == 0.0
