@@ -22,7 +22,8 @@ A flagged entry is measured again (``confirm`` times, default 2, each a fresh ev
 after waiting for the machine to be quiet) and is a regression only if every measurement flags it. Each measurement records
 the CPU time that processes other than this one and its workers used meanwhile ("foreign load", from
 /proc/stat); a regression seen only while the machine was busy is reported as inconclusive, not as a
-failure. A candidate that no longer passes verification fails whatever the load.
+failure, and a busy measurement cannot clear one a quiet measurement flagged. A candidate that no longer
+passes verification fails whatever the load.
 """
 
 from __future__ import annotations
@@ -256,6 +257,10 @@ def label(entry: Any) -> str:
     return f"{entry.name} ({what})"
 
 
+# the keys docs/ci.md promises in every entry of the report, null until something is measured
+_NOTHING_MEASURED: dict[str, Any] = {"shape": None, "speedup": None, "ci": None, "change": None}
+
+
 def check_entry(ev: Any, entry: Any, opts: CheckOptions, progress: Callable[[str], None],
                 fresh: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Measure one entry (again, if flagged: with a ``fresh()`` evaluator when given) and decide; a JSON-able
@@ -266,7 +271,7 @@ def check_entry(ev: Any, entry: Any, opts: CheckOptions, progress: Callable[[str
         return {"entry": label(entry), "name": entry.name, "op": entry.op, "bucket": entry.bucket, "dtype": entry.dtype,
                 "args": entry.args, "device_key": entry.device_key, "candidate": entry.path,
                 "baseline": entry.baseline, "recorded_speedup": None, "recorded_floor": None, "recorded_as": "",
-                "entry_speedup": None, "notes": [], "measurements": [], "status": STATUS_FAILED,
+                "entry_speedup": None, **_NOTHING_MEASURED, "notes": [], "measurements": [], "status": STATUS_FAILED,
                 "reason": f"its recorded speedup {entry.speedup!r} is not a finite positive number: no regression "
                           "can be judged against it; re-promote it (kerneltune promote)"}
     recorded, floor, recorded_as = recorded_speedup(entry, opts)
@@ -274,7 +279,7 @@ def check_entry(ev: Any, entry: Any, opts: CheckOptions, progress: Callable[[str
                            "dtype": entry.dtype, "args": entry.args, "device_key": entry.device_key,
                            "candidate": entry.path, "baseline": entry.baseline, "recorded_speedup": recorded,
                            "recorded_floor": floor, "recorded_as": recorded_as, "entry_speedup": float(entry.speedup),
-                           "notes": []}
+                           **_NOTHING_MEASURED, "notes": []}
     if not os.path.isfile(entry.path):
         rec.update(status=STATUS_FAILED, reason=f"candidate file {entry.path} is missing", measurements=[])
         return rec
@@ -304,19 +309,30 @@ def check_entry(ev: Any, entry: Any, opts: CheckOptions, progress: Callable[[str
         except RuntimeError as e:  # the trusted baseline worker itself failed
             m = Measurement(status=STATUS_FAILED, reason=f"baseline error: {e}")
         measurements.append(m)
-        if m.status != STATUS_REGRESSION:
+        # a busy measurement's wide interval reads "ok" about anything: it cannot clear what a quiet one flagged,
+        # so that is confirmed further (and stays inconclusive if no quiet measurement settles it)
+        quiet_flag = any(x.status == STATUS_REGRESSION and not x.busy for x in measurements)
+        if m.status == STATUS_FAILED or (m.status == STATUS_OK and not (m.busy and quiet_flag)):
             break
     rec["measurements"] = [_m_json(m) for m in measurements]
     last = measurements[-1]
     if last.status == STATUS_FAILED:
         rec.update(status=STATUS_FAILED, reason=last.reason)
-    elif last.status == STATUS_OK:
+    elif last.status == STATUS_OK and not (last.busy and quiet_flag):
         rec["status"] = STATUS_OK
         if len(measurements) > 1:
-            rec["notes"].append(f"flagged by {len(measurements) - 1} measurement(s), cleared by the next")
+            flagged = sum(m.status == STATUS_REGRESSION for m in measurements)
+            rec["notes"].append(f"flagged by {flagged} measurement(s), cleared by the last")
         if last.busy:
-            rec["notes"].append(f"the machine was busy (other processes used {last.foreign_load:.0%} of the CPUs): "
-                                "a regression could hide in the noise")
+            rec["notes"].append(f"the machine was busy ({_busy_why(last, opts)}): a regression could hide in the noise")
+    elif quiet_flag and any(m.status == STATUS_OK for m in measurements):
+        flag = next(m for m in measurements if m.status == STATUS_REGRESSION and not m.busy)
+        busy = [m for m in measurements if m.status == STATUS_OK]
+        rec["status"] = STATUS_INCONCLUSIVE
+        rec["reason"] = (f"speedup {flag.speedup:.3g}× on a quiet machine is {1 - flag.speedup / recorded:.0%} below "
+                         f"the recorded {recorded:.3g}×, but {len(busy)} of {len(measurements) - 1} confirmation(s) "
+                         f"ran on a busy machine ({_busy_why(busy[-1], opts)}) and could not confirm or clear it: "
+                         "measure again on a quiet machine")
     elif all(m.busy for m in measurements):
         rec["status"] = STATUS_INCONCLUSIVE
         rec["reason"] = (f"speedup {last.speedup:.3g}× looks {1 - last.speedup / recorded:.0%} below the recorded "
@@ -336,6 +352,13 @@ def check_entry(ev: Any, entry: Any, opts: CheckOptions, progress: Callable[[str
         rec["change"] = last.speedup / recorded - 1.0 if recorded > 0 else None
     rec.setdefault("reason", "")
     return rec
+
+
+def _busy_why(m: Measurement, opts: CheckOptions) -> str:
+    """Why a measurement counts as busy: the foreign load (None without /proc), else the evaluator's noise gate."""
+    if m.foreign_load is not None and m.foreign_load > opts.max_foreign_load:
+        return f"other processes used {m.foreign_load:.0%} of the CPUs"
+    return f"the evaluator found the timing noisy: {(m.result or {}).get('noisy') or 'see the measurement'}"
 
 
 def _m_json(m: Measurement) -> dict[str, Any]:
@@ -394,17 +417,22 @@ def record_entries(device: str, registry_path: str, *, runs: int = 5, op: str | 
             else:
                 c = rep.result["cases"][0]
                 prov = rep.result["provenance"]
-                e.speedup = float(rep.median_speedup or 0.0)
-                e.p20_ms, e.median_ms, e.p80_ms = c["p20_ms"], c["median_ms"], c["p80_ms"]
-                e.versions, e.timestamp = prov["versions"], prov["timestamp"]
                 when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
                 old = (e.provenance or {}).get("check") or {}
+                # compared with the versions the entry holds now, before this session's replace them: a new torch
+                # starts a new record
                 same = (old.get("quantile") == opts.quantile and (e.provenance or {}).get("candidate_hash") ==
                         rep.result["hash"] and (e.versions or {}).get("torch") == prov["versions"].get("torch"))
                 limit = opts.max_foreign_load
+                # each run keeps its busy verdict: the evaluator's 'noisy' (on GPU the only noise signal) is not
+                # in the foreign load
                 history, quiet_values = merge_runs(old.get("runs") if same else None,
-                                                   [[m.speedup, m.median_speedup, m.foreign_load, when] for m in ms],
-                                                   limit)
+                                                   [[m.speedup, m.median_speedup, m.foreign_load, when, m.busy]
+                                                    for m in ms], limit)
+                if not quiet_values:  # a guard: the session's quiet runs are quiet in merge_runs too (same test)
+                    rec["reason"] = "no run of the record on a quiet machine: left as it was"
+                    out.append(rec)
+                    continue
                 e.speedup = float(rep.median_speedup or 0.0)
                 e.p20_ms, e.median_ms, e.p80_ms = c["p20_ms"], c["median_ms"], c["p80_ms"]
                 e.versions, e.timestamp = prov["versions"], prov["timestamp"]
@@ -418,7 +446,7 @@ def record_entries(device: str, registry_path: str, *, runs: int = 5, op: str | 
                                 "check": {"statistic": "quantile ratio", "quantile": opts.quantile,
                                           "speedup": statistics_median(quiet_values), "floor": min(quiet_values),
                                           "quiet_runs": len(quiet_values),
-                                          "runs": history,  # [quantile ratio, median ratio, foreign load, when]
+                                          "runs": history,  # [quantile ratio, median ratio, foreign load, when, busy]
                                           "rounds": opts.rounds, "round_ms": opts.round_ms,
                                           "max_foreign_load": limit, "commit": git_commit(),
                                           "recorded": when, "sessions": sessions[-10:]}}
@@ -432,11 +460,17 @@ def record_entries(device: str, registry_path: str, *, runs: int = 5, op: str | 
 def merge_runs(old: list[list[Any]] | None, new: list[list[Any]], limit: float,
                keep: int = 30) -> tuple[list[list[Any]], list[float]]:
     """Recording accumulates: the runs of earlier sessions (same source and torch) followed by the new ones, the
-    last ``keep``; and the quantile ratios of those that ran on a quiet machine (foreign load <= ``limit``).
-    A run is [quantile ratio, median ratio, foreign load, when]; older files have no 'when'."""
+    last ``keep``; and the quantile ratios of those that ran on a quiet machine: not busy (Measurement.busy, the
+    same test that picks the representative run). A run is [quantile ratio, median ratio, foreign load, when,
+    busy]; older files have no 'when' and no 'busy': for them a foreign load above ``limit`` is busy (an unknown
+    load, no /proc, is not, as in ``measure``)."""
     history = [list(x) + [None] * (4 - len(x)) for x in (old or [])] + [list(x) for x in new]
     history = history[-keep:]
-    quiet = [float(x[0]) for x in history if x[0] is not None and x[2] is not None and x[2] <= limit]
+
+    def busy(x: list[Any]) -> bool:
+        return bool(x[4]) if len(x) > 4 and x[4] is not None else x[2] is not None and x[2] > limit
+
+    quiet = [float(x[0]) for x in history if x[0] is not None and not busy(x)]
     return history, quiet
 
 
@@ -507,7 +541,8 @@ def _rejected_record(src: Any, x: dict[str, Any]) -> dict[str, Any]:
     return {"entry": f"{name} ({what})" if what else name, "name": x.get("name") or "", "op": x.get("op"),
             "bucket": x.get("bucket"), "dtype": x.get("dtype"), "args": {}, "device_key": x.get("device_key") or "?",
             "candidate": None, "baseline": None, "registry": src.path, "recorded_speedup": None,
-            "recorded_floor": None, "recorded_as": "", "entry_speedup": None, "notes": [], "measurements": [],
+            "recorded_floor": None, "recorded_as": "", "entry_speedup": None, **_NOTHING_MEASURED, "notes": [],
+            "measurements": [],
             "status": STATUS_FAILED, "reason": f"the registry cannot use this entry: {x['reason']}"}
 
 
@@ -575,16 +610,17 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         common = {"timestamp": report["timestamp"], "commit": report["commit"], "source": "bench --check",
                   "device": report["device"]["name"], "device_key": report["device_key"], "torch": v.get("torch"),
                   "triton": v.get("triton"), "numba": v.get("numba"), "kerneltune": v.get("kerneltune"),
-                  "threads": report["device"].get("threads"), "op": x["op"], "shape": x.get("shape", x["bucket"]),
+                  "threads": report["device"].get("threads"), "op": x["op"], "shape": x.get("shape") or x["bucket"],
                   "dtype": x["dtype"], "candidate": x["name"], "candidate_hash": (m.get("evaluation") or {}).get("hash", "")[:16]}
+        # the primary baseline's p50 over each contestant's: known only when the entry's baseline is the primary
+        # (its p50 is not measured here otherwise): then the candidate's ratio over it, and 1.0 on its own row;
+        # else empty on both (the candidate's ratio over the entry's baseline goes in candidate_speedup)
+        primary = x["baseline"] == _primary_baseline(x["op"])
         rows.append({**common, "contestant": x["name"], "kind": "candidate", "p50_ms": m["candidate_p50_ms"],
-                     "speedup_vs_primary": m["median_speedup"], "check_speedup": m["speedup"],
+                     "speedup_vs_primary": m["median_speedup"] if primary else None, "check_speedup": m["speedup"],
                      "recorded_speedup": x["recorded_speedup"], "status": x["status"]})
-        # the primary baseline's p50 over this contestant's: 1.0 when the entry's baseline is the primary (its
-        # p50 is not measured here otherwise); the candidate's ratio over it goes in candidate_speedup
         rows.append({**common, "contestant": x["baseline"], "kind": "baseline", "p50_ms": m["baseline_p50_ms"],
-                     "speedup_vs_primary": 1.0 if x["baseline"] == _primary_baseline(x["op"]) else None,
-                     "candidate_speedup": m["median_speedup"]})
+                     "speedup_vs_primary": 1.0 if primary else None, "candidate_speedup": m["median_speedup"]})
     return rows
 
 
@@ -607,9 +643,11 @@ def check_command(*, op: str | None, device: str, registry: str | None, toleranc
                      "--shapes, --dtype and --candidates")
     if op is not None and op not in op_names():
         return usage(f"unknown op {op!r}: use one of {', '.join(op_names())}, or none for every op")
-    if not tolerance >= 0 or not 0.5 <= confidence < 1 or confirm < 0 or not 0 < max_foreign_load <= 1 or timeout <= 0:
+    # written so that NaN fails each test (it compares false with everything)
+    if (not tolerance >= 0 or not 0.5 <= confidence < 1 or confirm < 0 or not 0 < max_foreign_load <= 1
+            or not 0 < timeout < math.inf):
         return usage("--tolerance >= 0, 0.5 <= --confidence < 1, --confirm >= 0, 0 < --max-foreign-load <= 1 and "
-                     "--timeout > 0, please")
+                     "a finite --timeout > 0, please")
     opts = CheckOptions(tolerance=tolerance, confidence=confidence, confirm=confirm, max_foreign_load=max_foreign_load,
                         timeout=timeout)
     if record:

@@ -483,3 +483,140 @@ def test_csv_rows_speedup_vs_primary_on_the_baseline_row_is_the_documented_one()
     cand, base = ck.csv_rows(report)
     assert cand["speedup_vs_primary"] == 0.4 and cand["kind"] == "candidate"
     assert base["kind"] == "baseline" and base["speedup_vs_primary"] == 1.0 and base["candidate_speedup"] == 0.4
+
+
+# -- recording and confirming on a scripted evaluator -------------------------------------------------------------
+def _recording(cand_ms: float, *, seed: int = 0, noisy: str | None = None, torch: str = "2.13.0+cpu") -> dict:
+    """A scripted evaluation with what `record_entries` reads besides the samples: percentiles and provenance."""
+    res = _result(cand_ms, seed=seed)
+    res["cases"][0].update(p20_ms=cand_ms, p80_ms=cand_ms)
+    res["provenance"] = {"versions": {"torch": torch}, "timestamp": "t", "threads": 2}
+    res["noisy"] = noisy
+    return res
+
+
+def _record(monkeypatch, tmp_path, entry_file, results, **prov) -> dict:
+    """Record a one-entry registry (an adamw entry for this device recorded under torch 2.13.0+cpu) with the
+    scripted ``results``; the entry's provenance['check'] as written."""
+    e = _entry(speedup=0.9, path=entry_file, candidate_hash="h" * 64, **prov)
+    e.versions = {"torch": "2.13.0+cpu"}
+    path = str(tmp_path / "registry.json")
+    reg.Registry([e]).save(path)
+    _scripted(monkeypatch, results)
+    recs = ck.record_entries("cpu", path, opts=ck.CheckOptions(resamples=300, wait_quiet_s=0))
+    assert len(recs) == 1 and recs[0]["updated"], recs
+    return reg.load(path).entries[0].provenance["check"]
+
+
+def test_record_leaves_a_run_the_evaluator_found_noisy_out_of_the_floor(quiet, monkeypatch, tmp_path, entry_file):
+    """A run the evaluator's noise gate flagged on a machine with little foreign load (on GPU the only noise
+    signal) is not picked as the representative run, and must not set the floor either."""
+    results = [_recording(7.0, noisy="timed twice, still spread")] + [_recording(1.1, seed=i) for i in range(1, 5)]
+    chk = _record(monkeypatch, tmp_path, entry_file, results)
+    assert chk["quiet_runs"] == 4 and chk["floor"] > 0.8, chk  # not 1/7: the noisy run
+    assert [x[4] for x in chk["runs"]] == [True, False, False, False, False]  # the busy verdict is kept
+
+
+def test_record_starts_a_new_record_for_a_new_torch(quiet, monkeypatch, tmp_path, entry_file):
+    """docs/ci.md: a new source or torch version starts a new record; the same keeps the earlier runs."""
+    old = {"quantile": 0.1, "speedup": 0.5, "floor": 0.4, "runs": [[0.5, 0.5, 0.0, "t0"], [0.4, 0.4, 0.0, "t0"]],
+           "recorded": "t0"}
+    chk = _record(monkeypatch, tmp_path, entry_file, [_recording(1.1, seed=i, torch="9.9.9") for i in range(5)],
+                  check=old)
+    assert len(chk["runs"]) == 5 and chk["floor"] > 0.8, chk  # the runs under torch 2.13 are gone
+    chk = _record(monkeypatch, tmp_path, entry_file, [_recording(1.1, seed=i) for i in range(5)], check=old)
+    assert len(chk["runs"]) == 7 and chk["floor"] == 0.4, chk  # same torch: they stay
+
+
+def test_record_without_a_load_meter(quiet, monkeypatch, tmp_path, entry_file):
+    """No /proc (LoadMeter.stop() gives None): an unknown load does not make a run busy, in the pick of the
+    representative run and in the floor alike (it used to end in a StatisticsError traceback)."""
+    quiet["load"] = None
+    chk = _record(monkeypatch, tmp_path, entry_file, [_recording(1.1, seed=i) for i in range(5)])
+    assert chk["quiet_runs"] == 5 and [x[2] for x in chk["runs"]] == [None] * 5, chk
+
+
+def test_merge_runs_reads_the_busy_flag_and_falls_back_to_the_load():
+    old = [[0.30, 0.29, 0.01], [0.27, 0.26, 0.6], [0.29, 0.28, None]]  # no busy flag: the load decides
+    new = [[0.10, 0.10, 0.01, "t2", True], [0.31, 0.30, None, "t2", False], [0.32, 0.31, 0.9, "t2", False]]
+    history, quiet = ck.merge_runs(old, new, 0.25)
+    assert history[0] == [0.30, 0.29, 0.01, None] and len(history) == 6
+    # old: the 0.6 load is busy, an unknown load is not; new: the flag decides (0.10 was noisy at a low load)
+    assert quiet == [0.30, 0.29, 0.31, 0.32]
+
+
+def _m(status: str, speedup: float, busy: bool, load: float) -> ck.Measurement:
+    return ck.Measurement(status=status, speedup=speedup, ci=(speedup * 0.98, speedup * 1.02) if not busy else
+                          (0.1, 3.0), foreign_load=load, busy=busy)
+
+
+@pytest.mark.parametrize("seq, confirm, status", [
+    # flagged on a quiet machine; the confirmation ran busy and its wide interval reads "ok": not a clearance
+    (["quiet-flag", "busy-ok"], 1, "inconclusive"),
+    (["quiet-flag", "busy-ok", "busy-ok"], 2, "inconclusive"),
+    (["quiet-flag", "busy-ok", "quiet-flag"], 2, "inconclusive"),  # not every measurement flagged it
+    (["quiet-flag", "busy-ok", "quiet-ok"], 2, "ok"),              # a quiet measurement clears it
+    (["quiet-flag", "quiet-flag", "quiet-flag"], 2, "regression"),
+    (["busy-flag", "busy-ok"], 2, "ok"),                           # nothing quiet to overrule: as before
+    (["noisy-ok"], 2, "ok"),  # busy by the evaluator's noise gate, no load meter: the note must not need a load
+], ids=["busy-confirmation", "two-busy", "busy-between-flags", "quiet-clears", "regression", "busy-flag",
+        "noisy-no-meter"])
+def test_a_busy_confirmation_does_not_clear_a_quiet_flag(monkeypatch, entry_file, seq, confirm, status):
+    made = {"quiet-flag": ("regression", 0.45, False, 0.01), "busy-ok": ("ok", 0.6, True, 0.7),
+            "quiet-ok": ("ok", 0.95, False, 0.01), "busy-flag": ("regression", 0.45, True, 0.7),
+            "noisy-ok": ("ok", 0.95, True, None)}
+    it = iter([_m(*made[s]) for s in seq])
+    monkeypatch.setattr(ck, "measure", lambda *a: next(it))
+    monkeypatch.setattr(ck, "wait_quiet", lambda *a, **k: 0.0)
+    rec = ck.check_entry(None, _entry(speedup=0.9, path=entry_file), ck.CheckOptions(confirm=confirm),
+                         lambda m: None, fresh=lambda: ScriptedEvaluator([]))
+    assert rec["status"] == status and len(rec["measurements"]) == len(seq), rec
+    summary = {s: int(rec["status"] == s) for s in ("ok", "regression", "failed", "inconclusive")}
+    assert ck.exit_code({"summary": {**summary, "checked": 1}}, strict=True) == (status != "ok")
+    if seq[:2] == ["quiet-flag", "busy-ok"] and status == "inconclusive":
+        assert "0.45× on a quiet machine" in rec["reason"] and "70% of the CPUs" in rec["reason"], rec
+    if seq == ["noisy-ok"]:
+        assert "noisy" in rec["notes"][-1], rec
+
+
+def test_every_entry_of_the_json_report_has_the_documented_keys(quiet, entry_file):
+    """docs/ci.md: per entry `speedup`, `ci`, `change` (and `shape`), null when nothing was measured."""
+    keys = {"shape", "speedup", "ci", "change", "status", "reason", "recorded_speedup", "notes", "measurements"}
+    e = _entry(speedup=0.3, path=entry_file)
+    recs = [ck.check_entry(ScriptedEvaluator([_result(3.5, status="incorrect")]), e, ck.CheckOptions(), print),
+            ck.check_entry(ScriptedEvaluator([]), _entry(path=entry_file + ".gone"), ck.CheckOptions(), print),
+            ck.check_entry(ScriptedEvaluator([]), _entry(speedup=math.nan, path=entry_file), ck.CheckOptions(), print),
+            ck._rejected_record(type("S", (), {"path": "r.json"})(), {"index": 0, "reason": "missing field 'op'"})]
+    for rec in recs:
+        assert rec["status"] == "failed" and keys <= set(rec), (keys - set(rec), rec)
+        assert all(rec[k] is None for k in ("speedup", "ci", "change")), rec
+    assert recs[0]["shape"] and recs[1]["shape"] is None
+
+
+def test_csv_rows_speedup_vs_primary_on_the_candidate_row_needs_the_primary_baseline():
+    """An entry timed against another baseline than the op's primary: the candidate's ratio over it is not a
+    speedup over the primary (empty, as on the baseline row); candidate_speedup keeps it."""
+    m = {"median_speedup": 0.4, "speedup": 0.38, "candidate_p50_ms": 5.0, "baseline_p50_ms": 2.0}
+    entry = {"op": "adamw", "name": "k", "bucket": "P1", "dtype": "float32", "baseline": "adamw_foreach",
+             "recorded_speedup": 0.4, "status": "ok", "measurements": [m], "shape": None}
+    report = {"timestamp": "t", "commit": "c", "versions": {}, "device": {"name": "X"}, "device_key": KEY,
+              "entries": [entry]}
+    cand, base = ck.csv_rows(report)
+    assert cand["speedup_vs_primary"] is None and base["speedup_vs_primary"] is None, (cand, base)
+    assert base["candidate_speedup"] == 0.4 and cand["shape"] == "P1"
+
+
+@pytest.mark.parametrize("args", [["bench", "--check", "--timeout", "nan"], ["bench", "--check", "--timeout", "inf"],
+                                  ["bench", "adamw", "--timeout", "nan"], ["bench", "adamw", "--timeout", "0"],
+                                  ["bench", "adamw", "--timeout", "-1"]])
+def test_a_timeout_that_is_not_a_finite_positive_number_is_a_usage_error(monkeypatch, args):
+    import kerneltune.cli as kcli
+
+    def run(*a, **k):
+        raise AssertionError("evaluated with a timeout that should have been refused")
+
+    monkeypatch.setattr(kcli, "_run_evaluations", run)
+    monkeypatch.setattr(ck, "cli_check", run)
+    monkeypatch.setattr(ck, "_record_command", run)
+    r = cli(*args)
+    assert r.exit_code == 2 and "--timeout" in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.output)
