@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    if a.rounds < 1:  # 0 would end in a traceback (a median of nothing), not a measurement
+        ap.error(f"--rounds {a.rounds}: give at least 1")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         print("attention_fallback_bwd.py: no CUDA device here; use --device cpu", file=sys.stderr)
         return 2

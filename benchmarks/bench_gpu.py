@@ -61,6 +61,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from kerneltune.check import git_commit  # noqa: E402
 from kerneltune.evaluate.device import device_info, versions  # noqa: E402
 from kerneltune.evaluate.roofline import measure_ceilings  # noqa: E402
 from kerneltune.ops import get_op  # noqa: E402
@@ -68,6 +69,8 @@ from kerneltune.ops.adamw import PRESETS, gpt_param_shapes  # noqa: E402
 from kerneltune.ops.attention import attention_fp64, issue8_shapes  # noqa: E402
 from kerneltune.ops.attention_backward import attention_bwd_fp64  # noqa: E402
 from kerneltune.ops.base import Case, Tolerance, compare_tensor  # noqa: E402
+from kerneltune.report import dims_shape  # noqa: E402
+from kerneltune.store.db import leaderboard  # noqa: E402
 
 TEMPLATES = {"attention": "candidates/attention/triton_fa2.py",
              "attention_backward": "candidates/attention_backward/triton_fa2_bwd.py",
@@ -130,16 +133,16 @@ def pick_candidate(op: str, db: str | None, device_key: str, workdir: str) -> tu
     if db and os.path.exists(db):
         con = sqlite3.connect(db)
         con.row_factory = sqlite3.Row
-        row = con.execute(
-            "SELECT c.name, c.hash, c.source FROM evaluations e JOIN candidates c ON c.hash = e.candidate_hash"
-            " WHERE e.op = ? AND e.device_key = ? AND e.status = 'passed' AND e.speedup IS NOT NULL"
-            " ORDER BY e.speedup DESC LIMIT 1", (op, device_key)).fetchone()
+        # the leaderboard's first row: a candidate whose latest verdict is a failure, or a pass the evaluator marked
+        # noisy, is not the best one, however high that pass's speedup
+        rows = leaderboard(con, op, device_key, 1)
         con.close()
-        if row is not None:
+        if rows:
+            row = rows[0]
             path = os.path.join(workdir, f"{row['name']}.py")
             with open(path, "w") as f:
                 f.write(row["source"])
-            return path, row["name"], row["hash"]
+            return path, row["name"], row["candidate_hash"]
     from kerneltune.evaluate.static import read_candidate
 
     path = os.path.join(ROOT, TEMPLATES[op])
@@ -227,7 +230,7 @@ def attention_shapes(only: str | None) -> list[tuple[int, int, int, int, bool]]:
     # the headline shapes first, so a deadline cuts the least important ones
     shapes.sort(key=lambda s: (s[3] != 128, not s[4], s[2] < 4096, s[2]))
     if only:
-        keep = {int(x) for x in only.split(",")}
+        keep = {int(x) for x in only.split(",") if x.strip()}
         shapes = [s for s in shapes if s[2] in keep]
     if DEV == "cpu":  # dry run: the same loop over tiny, awkward shapes
         shapes = [(1, 3, 80, 64, True), (2, 2, 64, 128, False)]
@@ -329,8 +332,14 @@ def _attention_shape(op: str, spec: Any, baselines: dict[str, Any], cand: Any, f
     if TRAINING in p50s and "sdpa_fwd_bwd" in p50s:
         line += f"; forward + backward vs sdpa_fwd_bwd: {p50s['sdpa_fwd_bwd'] / p50s[TRAINING]:.2f}x"
     for x in variants:
-        line += (f"; vs {x}: {quantiles(times[x])[1] / cand_p50:.2f}x" if cand_p50 and x in times
-                 else f"; vs {x}: {_not_timed(x, broke, whys, times, failed)['status']}")
+        # a variant timed beside a candidate that was not (wrong at this shape) has a time but no ratio
+        bad = _not_timed(x, broke, whys, times, failed)
+        if bad:
+            line += f"; vs {x}: {bad['status']}"
+        elif cand_p50:
+            line += f"; vs {x}: {quantiles(times[x])[1] / cand_p50:.2f}x"
+        else:
+            line += f"; {x}: {quantiles(times[x])[1]:.3f} ms"
     print(line, flush=True)
     del q, k, v, do, fns, a
 
@@ -535,7 +544,7 @@ def probe_contestants(ops: list[str], chosen: dict[str, tuple[str, str, str]],
 
 
 # -- main -------------------------------------------------------------------------------------------------------
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for the CSV (and plots, if matplotlib is there)")
     ap.add_argument("--db", default=None, help="kerneltune store to take each op's best candidate from")
@@ -556,7 +565,14 @@ def main() -> int:
                     "child process, all at once) may take; 0: no probes")
     for x in ("--probe-op", "--probe-path", "--probe-fwd", "--probe-point"):  # the probe's child (internal)
         ap.add_argument(x, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    # bad numbers are a one-line usage error here, not a traceback minutes into a GPU run
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: give at least 1 round")
+    for flag, value in (("--only-n", args.only_n), ("--compile-n", args.compile_n)):  # --compile-n '': none
+        ns = [x.strip() for x in (value or "").split(",") if x.strip()]
+        if not all(x.isdigit() and int(x) > 0 for x in ns) or (flag == "--only-n" and value is not None and not ns):
+            ap.error(f"{flag} {value!r}: give comma-separated N values, e.g. 1024,4096")
     also = parse_also(args.also)
     bad = sorted(set(also) - set(TEMPLATES))
     if bad:
@@ -573,11 +589,7 @@ def main() -> int:
     t0 = time.monotonic()
     os.makedirs(args.out, exist_ok=True)
     info, ver = device_info(DEV), versions()
-    try:
-        git = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        git = ""
+    git = git_commit(ROOT)  # '+dirty' when the tree has changes: the commit alone is not what ran
     ceil = measure_ceilings(DEV)
     print(f"ceilings: copy {ceil['copy_gbps']:.0f} GB/s, bf16 matmul {_mm_ceiling(ceil):.0f} TFLOP/s "
           f"({time.monotonic() - t0:.0f} s)", flush=True)
@@ -596,7 +608,9 @@ def main() -> int:
 
     def emit(op: str, shape: dict[str, Any], contestant: str, kind: str, **vals: Any) -> None:
         name, hsh = (chosen[op][1], chosen[op][2][:16]) if op in chosen else ("", "")
-        row = {**common, "op": op, **shape, "shape": " ".join(f"{k}{v}" for k, v in shape.items() if k in "BHND"),
+        # the shape named with its mask and dtype, as the ops' case names are: `kerneltune report` keys its series
+        # by the name, and a causal and a full row under one name were one series
+        row = {**common, "op": op, **shape, "shape": dims_shape(shape),
                "contestant": name if contestant == "candidate" else contestant, "kind": kind, "candidate": name,
                "candidate_hash": hsh, **vals}
         row = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
@@ -661,29 +675,28 @@ def main() -> int:
 
 
 def print_summary(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'op':<19}{'shape':<24}{'cand ms':>9}  {'vs primary':>10}  {'best baseline':<16}{'vs best':>8}  "
+    print(f"\n{'op':<19}{'shape':<34}{'cand ms':>9}  {'vs primary':>10}  {'best baseline':<16}{'vs best':>8}  "
           f"{'% ceil':>7}   (fwd+bwd: kerneltune's forward with lse + backward, vs sdpa_fwd_bwd)")
     by: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
     gone = [r for r in rows if r["op"] != "ceiling" and not r["shape"]]  # contestants whose probe failed
     for r in rows:
         if r["op"] != "ceiling" and r["shape"]:
             by.setdefault((r["op"], r["shape"], r.get("causal")), []).append(r)
-    for (op, shape, causal), rs in by.items():
+    for (op, tag, _), rs in by.items():  # the shape names its mask and dtype
         cand = next((r for r in rs if r["kind"] == "candidate"), None)
         base = [r for r in rs if r["kind"] == "baseline" and r.get("status") == "ok" and r["contestant"] != "sdpa_fwd_bwd"]
-        tag = shape + ("" if causal == "" else (" causal" if causal else " full"))
         if cand is None or cand.get("status") != "ok":
-            print(f"{op:<19}{tag:<24}{(cand or {}).get('status', '—'):>9}")
+            print(f"{op:<19}{tag:<34}{(cand or {}).get('status', '—'):>9}")
             continue
         best = min(base, key=lambda r: r["p50_ms"]) if base else None
         pct = cand.get("pct_matmul_ceiling") or cand.get("pct_copy_ceiling")
         var = "  ".join(f"{r['contestant']}: {r['candidate_speedup']:.2f}x" if r.get("status") == "ok"
                         else f"{r['contestant']}: {r.get('status')}" for r in rs if r["kind"] == "variant")
-        print(f"{op:<19}{tag:<24}{cand['p50_ms']:>9.3f}  {cand.get('speedup_vs_primary') or 0:>9.2f}x  "
+        print(f"{op:<19}{tag:<34}{cand['p50_ms']:>9.3f}  {cand.get('speedup_vs_primary') or 0:>9.2f}x  "
               f"{(best or {}).get('contestant', '—'):<16}{(best['p50_ms'] / cand['p50_ms']) if best else 0:>7.2f}x  "
               f"{pct or 0:>6.1f}%" + (f"  vs {var}" if var else ""))
         for t in (r for r in rs if r["kind"] == "training"):  # the forward + backward, against SDPA's both ways
-            print(f"{'  fwd+bwd':<19}{tag:<24}" + (f"{t['p50_ms']:>9.3f}  {t.get('speedup_vs_primary') or 0:>9.2f}x  "
+            print(f"{'  fwd+bwd':<19}{tag:<34}" + (f"{t['p50_ms']:>9.3f}  {t.get('speedup_vs_primary') or 0:>9.2f}x  "
                                                  f"{'sdpa_fwd_bwd':<16}{'':>8}  {t['pct_matmul_ceiling']:>6.1f}%"
                                                  if t.get("status") == "ok" else f"{t.get('status'):>9}"))
     for r in gone:

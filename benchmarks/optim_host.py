@@ -166,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
                     "(torch._fused_adamw_) a no-op, in the same rounds: its host side against this one's")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    for flag in ("rounds", "steps"):  # 0 would end in a traceback (a median of nothing), not a measurement
+        if getattr(a, flag) < 1:
+            ap.error(f"--{flag} {getattr(a, flag)}: give at least 1")
+    from kerneltune.train.presets import PRESETS
+
+    if a.preset not in PRESETS:  # else a KeyError once the model is built
+        ap.error(f"--preset {a.preset}: use one of {', '.join(PRESETS)}")
     for flag, path, how in (("--against", a.against, "git show REV:kerneltune/optim.py > FILE"),
                             ("--template", a.template, "e.g. candidates/adamw/triton_mt_table.py")):
         if path and not os.path.isfile(path):

@@ -203,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="then N kerneltune steps under cProfile: the top functions by host time")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    for flag in ("steps", "rounds"):  # 0 would end in a traceback (a median of nothing), not a measurement
+        if getattr(a, flag) < 1:
+            ap.error(f"--{flag} {getattr(a, flag)}: give at least 1")
+    from kerneltune.train.presets import PRESETS
+
+    if a.preset not in PRESETS:  # else a KeyError once the model is built
+        ap.error(f"--preset {a.preset}: use one of {', '.join(PRESETS)}")
     out = measure(a)
     if a.json:
         print(json.dumps(out, indent=1))

@@ -130,10 +130,13 @@ def merged(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     (op, shape, mask) is ok, else of the newest run that has it at all; with the ceiling rows of every run
     kept. A CSV that several runs appended to (some shapes re-measured after a failure) reads as one table,
     every ratio and % of ceiling still from within one run."""
-    runs: dict[tuple[str, str, str], dict[str, list[dict[str, str]]]] = defaultdict(lambda: defaultdict(list))
+    runs: dict[tuple[str, ...], dict[str, list[dict[str, str]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r["op"] != "ceiling":
-            runs[(r["op"], r["shape"], r.get("causal", ""))][r["timestamp"]].append(r)
+            # a shape by its columns, not its name: bench_gpu's name gained the mask and dtype, and a CSV appended
+            # to across that change names one shape both ways (a row without columns: its probe failed)
+            dims = tuple(r.get(k, "") for k in ("B", "H", "N", "D", "causal", "dtype"))
+            runs[(r["op"], *(dims if any(dims[:4]) else (r["shape"], r.get("causal", ""))))][r["timestamp"]].append(r)
     out = []
     for by_ts in runs.values():
         ok = [ts for ts, rs in by_ts.items() if any(x["kind"] == "candidate" and x["status"] == "ok" for x in rs)]

@@ -225,6 +225,10 @@ def bench_cmd(
     if op not in op_names():
         usage_error(f"unknown op {op!r}: use one of {', '.join(op_names())}" if op else
                     f"give an op ({', '.join(op_names())}), or --check for the registry's regression check")
+    from kerneltune.search.runner import valid_timeout
+
+    if not valid_timeout(timeout):  # as eval: NaN would pass a plain `timeout <= 0`
+        usage_error(f"--timeout {timeout}: give the seconds per candidate as a finite number above 0")
     device = _check_device(device)
     folder = candidates or os.path.join(candidates_dir(), op)
     paths = sorted(glob.glob(os.path.join(folder, "*.py")))
@@ -550,17 +554,8 @@ def leaderboard_cmd(
     device = _check_device(device)
     store = _open_store(db, create=False)
     key = _device_key(device)
-    rows = store.conn.execute(
-        "SELECT e.*, c.name, c.origin, c.params, c.backend FROM evaluations e JOIN candidates c ON c.hash = e.candidate_hash"
-        " WHERE e.op = ? AND e.device_key = ? AND e.status = 'passed' AND e.speedup IS NOT NULL"
-        # the candidate's latest verdict, as Store.latest_evaluation (the search cache) and promote see it: a
-        # failure counts at any shape (failures are stored without one), a pass at its own shape; a noisy pass
-        # is no verdict on the speed and does not hide an earlier quiet one
-        " AND e.id = (SELECT MAX(id) FROM evaluations e2 WHERE e2.candidate_hash = e.candidate_hash"
-        " AND e2.device_key = e.device_key AND (e2.status != 'passed'"
-        f" OR (e2.shape IS e.shape AND {_QUIET.format('e2')})))"
-        " ORDER BY e.speedup DESC LIMIT ?",
-        (op, key, limit)).fetchall()
+    # each candidate's latest quiet verdict (kerneltune.store.db.leaderboard; bench_gpu.py picks from it too)
+    rows = store.leaderboard(op, key, limit)
     from kerneltune.evaluate.evaluator import missing_checks
     from kerneltune.ops import get_op, op_names
 

@@ -85,6 +85,8 @@ def read_rows(paths: Iterable[str]) -> list[dict[str, Any]]:
                         except ValueError:
                             row[k] = None
                     row["commit"] = row.get("commit") or row.get("git") or "unknown"
+                    if any(row.get(k) for k in "BHND"):  # benchmarks/bench_gpu.py's: the shape from its columns
+                        row["shape"] = dims_shape(row)
                     row["file"] = p
                     row["line"] = reader.line_num
                     rows.append(row)
@@ -94,6 +96,22 @@ def read_rows(paths: Iterable[str]) -> list[dict[str, Any]]:
         except csv.Error as e:
             raise ReportError(f"{p}: not a readable CSV ({e}); pass a results CSV") from None
     return rows
+
+
+def dims_shape(row: dict[str, Any]) -> str:
+    """The shape name of a row that carries its dims as columns (benchmarks/bench_gpu.py's CSV): the dims it has,
+    the mask and the dtype, as the ops' case names read ('B4 H16 N4096 D128 causal bfloat16', adamw's
+    'N124475904 float32'). bench_gpu.py names its rows with it; a CSV it wrote before named them by B, H, N, D
+    alone (a causal and a full row under one name), so read_rows renames its rows the same way."""
+    parts = [f"{k}{row[k]}" for k in ("B", "H", "N", "D") if row.get(k) not in (None, "")]
+    causal = row.get("causal")
+    if causal in (True, "True"):
+        parts.append("causal")
+    elif causal in (False, "False"):
+        parts.append("full")
+    if row.get("dtype"):
+        parts.append(str(row["dtype"]))
+    return " ".join(parts)
 
 
 def usable(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -122,8 +140,15 @@ def default_csvs() -> list[str]:
 
 
 # -- what the plots show -------------------------------------------------------------------------------------
-def _series_key(r: dict[str, Any]) -> tuple[str, str, str, str]:
-    return (r.get("op") or "?", r.get("shape") or "?", r.get("candidate") or "?", r.get("device_key") or "?")
+# A series: (op, shape, candidate, device_key, dtype, source). The dtype, where a shape name lacks it, keeps two
+# precisions apart; the source keeps the pytest-benchmark suite's ratios (contestants one after another) and
+# `bench --check`'s (interleaved, statistics) out of one series: a change between them is no change of the kernel.
+Key = tuple[str, str, str, str, str, str]
+
+
+def _series_key(r: dict[str, Any]) -> Key:
+    return (r.get("op") or "?", r.get("shape") or "?", r.get("candidate") or "?", r.get("device_key") or "?",
+            r.get("dtype") or "", r.get("source") or "")
 
 
 def _ratio(r: dict[str, Any]) -> bool:
@@ -133,8 +158,9 @@ def _ratio(r: dict[str, Any]) -> bool:
 
 
 def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each candidate's latest measured speedup over its op's primary baseline, per (op, shape, device)."""
-    best: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    """Each candidate's latest measured speedup over its op's primary baseline, per series (op, shape, device,
+    dtype, source)."""
+    best: dict[Key, dict[str, Any]] = {}
     for r in rows:
         if not _ratio(r):
             continue
@@ -144,11 +170,11 @@ def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [best[k] for k in sorted(best)]
 
 
-def history(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], list[tuple[str, float, int]]]:
-    """Per series (op, shape, candidate, device): [(commit, median speedup of its rows, rows)] in the order the
-    commits were first measured."""
+def history(rows: list[dict[str, Any]]) -> dict[Key, list[tuple[str, float, int]]]:
+    """Per series (op, shape, candidate, device, dtype, source): [(commit, median speedup of its rows, rows)] in
+    the order the commits were first measured."""
     first_seen: dict[str, str] = {}
-    by: dict[tuple[str, str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    by: dict[Key, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if not _ratio(r):
             continue
@@ -182,9 +208,11 @@ def plot_speedups(op: str, items: list[dict[str, Any]], path: str) -> dict[str, 
 
     plt = _plt()
     devices = sorted({r.get("device_key") or "?" for r in items})
+    sources = {r.get("source") or "" for r in items}
 
     def series(r: dict[str, Any]) -> str:
-        return r["candidate"] + (f" · {r.get('device_key') or '?'}" if len(devices) > 1 else "")
+        return (r["candidate"] + (f" · {r.get('device_key') or '?'}" if len(devices) > 1 else "")
+                + (f" · {r.get('source') or '?'}" if len(sources) > 1 else ""))
 
     shapes = sorted({r["shape"] for r in items})
     names = sorted({series(r) for r in items})
@@ -216,9 +244,9 @@ def plot_speedups(op: str, items: list[dict[str, Any]], path: str) -> dict[str, 
     return data
 
 
-def plot_history(series: dict[tuple[str, str, str, str], list[tuple[str, float, int]]], path: str) -> dict[str, Any]:
-    """Speedup over commits, one line per (op, shape, candidate, device), commits on the x axis in the order
-    they were first measured."""
+def plot_history(series: dict[Key, list[tuple[str, float, int]]], path: str) -> dict[str, Any]:
+    """Speedup over commits, one line per series (op, shape, candidate, device, dtype, source), commits on the x
+    axis in the order they were first measured."""
     plt = _plt()
     commits: list[str] = []
     for pts in series.values():
@@ -228,8 +256,9 @@ def plot_history(series: dict[tuple[str, str, str, str], list[tuple[str, float, 
     pos = {c: i for i, c in enumerate(commits)}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(commits) + 4), 4.5))
     data: dict[str, Any] = {"commits": commits, "series": {}}
+    sources = {k[5] for k in series}
     for j, (k, pts) in enumerate(series.items()):
-        name = f"{k[0]} {k[2]} @ {k[1]}"
+        name = f"{k[0]} {k[2]} @ {k[1]}" + (f" ({k[5] or '?'})" if len(sources) > 1 else "")
         ax.plot([pos[c] for c, _, _ in pts], [v for _, v, _ in pts], marker="o", color=f"C{j % 10}", label=name)
         data["series"][f"{name} [{k[3]}]"] = [[c, v] for c, v, _ in pts]
     ax.axhline(1.0, color="0.4", linestyle="--", linewidth=1)
@@ -268,8 +297,9 @@ def build_report(csv_paths: list[str], out_dir: str, drop_warn: float = 0.10) ->
         if len(pts) >= 2 and pts[-2][1] > 0:
             change = pts[-1][1] / pts[-2][1] - 1
             if change < -drop_warn:
-                drops.append({"op": k[0], "shape": k[1], "candidate": k[2], "device_key": k[3], "from_commit": pts[-2][0],
-                              "to_commit": pts[-1][0], "from": pts[-2][1], "to": pts[-1][1], "change": change})
+                drops.append({"op": k[0], "shape": k[1], "candidate": k[2], "device_key": k[3], "source": k[5],
+                              "from_commit": pts[-2][0], "to_commit": pts[-1][0], "from": pts[-2][1], "to": pts[-1][1],
+                              "change": change})
     md = os.path.join(out_dir, "report.md")
     with open(md, "w") as f:
         f.write(_markdown(csv_paths, rows, now, hist, drops, files, drop_warn, skipped))
@@ -279,7 +309,7 @@ def build_report(csv_paths: list[str], out_dir: str, drop_warn: float = 0.10) ->
 
 
 def _markdown(csv_paths: list[str], rows: list[dict[str, Any]], now: list[dict[str, Any]],
-              hist: dict[tuple[str, str, str, str], list[tuple[str, float, int]]], drops: list[dict[str, Any]],
+              hist: dict[Key, list[tuple[str, float, int]]], drops: list[dict[str, Any]],
               files: list[str], drop_warn: float, skipped: Optional[list[str]] = None) -> str:
     from kerneltune.ops import get_op, op_names
 
@@ -303,24 +333,25 @@ def _markdown(csv_paths: list[str], rows: list[dict[str, Any]], now: list[dict[s
                   "(`noisy`).", ""]
     if drops:
         lines += [f"**{len(drops)} series dropped by more than {drop_warn:.0%} at their latest commit:**", ""]
-        lines += [f"- {d['op']} {d['candidate']} @ {d['shape']} ({d['device_key']}): {d['from']:.3g}× at "
+        lines += [f"- {d['op']} {d['candidate']} @ {d['shape']} ({d['device_key']}, {d['source'] or '?'}): {d['from']:.3g}× at "
                   f"{d['from_commit'][:12]} → {d['to']:.3g}× at {d['to_commit'][:12]} ({d['change']:+.0%})" for d in drops]
         lines.append("")
     lines += ["## Latest speedup per shape", "",
-              "| op | shape | device | candidate | speedup | candidate p50 ms | baseline p50 ms | commit | when |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| op | shape | device | candidate | speedup | candidate p50 ms | baseline p50 ms | commit | when | source |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in now:
         k = (r.get("timestamp"), r.get("op"), r.get("shape"), r.get("device_key"))
         b = base_p50.get(k + (r.get("candidate"),), base_p50.get(k))
         lines.append(f"| {r['op']} | {r['shape']} | {r.get('device') or r.get('device_key')} | {r['candidate']} | "
                      f"{r['speedup_vs_primary']:.3f}× | {_f(r.get('p50_ms'))} | {_f(b)} | {r['commit'][:12]} | "
-                     f"{r.get('timestamp') or ''} |")
-    lines += ["", "## History over commits", "", "| op | candidate | shape | device | commits | first | latest | change |",
-              "|---|---|---|---|---|---|---|---|"]
+                     f"{r.get('timestamp') or ''} | {r.get('source') or ''} |")
+    lines += ["", "## History over commits", "",
+              "| op | candidate | shape | device | commits | first | latest | change | source |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for k, pts in hist.items():
         first, last = pts[0][1], pts[-1][1]
         lines.append(f"| {k[0]} | {k[2]} | {k[1]} | {k[3]} | {len(pts)} | {first:.3f}× ({pts[0][0][:12]}) | "
-                     f"{last:.3f}× ({pts[-1][0][:12]}) | {last / first - 1:+.1%} |")
+                     f"{last:.3f}× ({pts[-1][0][:12]}) | {last / first - 1:+.1%} | {k[5]} |")
     lines += [""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in files if p.endswith(".png")] + [""]
     return "\n".join(lines)
 

@@ -45,6 +45,21 @@ def test_a_shape_that_failed_is_taken_from_the_run_that_measured_it_and_the_rest
     assert {r["timestamp"] for r in m2 if r["kind"] == "candidate" and r["N"] == "512"} == {b}
 
 
+def test_a_shape_named_both_ways_in_one_csv_is_one_shape():
+    """bench_gpu.py's shape name gained the mask and dtype; a CSV appended to across that change still reads as one
+    row per shape, from its latest run (keyed by the B, H, N, D, mask and dtype columns, not the name)."""
+    a, b = "2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z"
+    new = {"shape": "B1 H2 N512 D64 causal bfloat16", "dtype": "bfloat16"}
+    rows = (ceilings(a, 1000) + [{**row(a, "attention", 512, "candidate", "candidate", p50="2.0"), "dtype": "bfloat16"},
+                                 {**row(a, "attention", 512, "baseline", "sdpa", speedup="0.9"), "dtype": "bfloat16"}]
+            + ceilings(b, 1100) + [{**row(b, "attention", 512, "candidate", "candidate", p50="0.3"), **new},
+                                   {**row(b, "attention", 512, "baseline", "sdpa", speedup="0.7"), **new}])
+    m = plot_gpu.merged(rows)
+    assert {r["timestamp"] for r in m if r["op"] != "ceiling"} == {b}
+    md = plot_gpu.markdown(m)
+    assert md.count("| 64 | causal | 512 |") == 1 and "| 64 | causal | 512 | 1×2 | 0.300 | 0.70×" in md
+
+
 def test_a_variant_gets_its_own_column_and_an_incorrect_one_says_so():
     a = "2026-01-01T00:00:00Z"
     rows = ceilings(a, 1000) + [row(a, "attention", 512, "candidate", "candidate", p50="0.3"),

@@ -179,3 +179,62 @@ def test_report_on_malformed_csvs_says_so_in_one_line_or_skips_the_bad_rows(tmp_
     assert info["rows"] == 1 and len(info["skipped"]) == 3 and [x["candidate"] for x in info["latest"]] == ["good"]
     assert r.stderr.startswith("note: 3 malformed row(s) skipped")
     assert "3 malformed row(s) skipped" in open(info["files"][-1]).read()
+
+
+def _gpu_row(ts, git, causal, speedup, shape=None, dtype="bfloat16"):
+    """A row as benchmarks/bench_gpu.py writes it: dims, mask and dtype in columns, the commit as `git`, no source."""
+    return {"timestamp": ts, "device": "H100", "device_key": "cuda:h100:sm90", "git": git, "op": "attention",
+            "B": "4", "H": "16", "N": "4096", "D": "128", "causal": str(causal), "dtype": dtype,
+            "shape": shape or f"B4 H16 N4096 D128 {'causal' if causal else 'full'} {dtype}",
+            "contestant": "triton_fa2", "kind": "candidate", "candidate": "triton_fa2", "status": "ok",
+            "p50_ms": "1.0", "speedup_vs_primary": str(speedup)}
+
+
+def test_a_gpu_bench_csvs_causal_and_full_rows_are_two_series_under_either_naming(tmp_path):
+    """bench_gpu.py once named a shape by B, H, N, D alone: its causal and full rows were one series, and the
+    latest hid the other. The shape is named from the columns, so the old rows and the new (mask and dtype in
+    the name) are the same two series."""
+    p = str(tmp_path / "gpu.csv")
+    old = "B4 H16 N4096 D128"
+    rp.append_rows(p, [_gpu_row("2026-01-01T00:00:00Z", "aaa", True, 1.2, old),
+                       _gpu_row("2026-01-01T00:00:00Z", "aaa", False, 0.8, old),
+                       _gpu_row("2026-01-02T00:00:00Z", "bbb", True, 1.3),
+                       _gpu_row("2026-01-02T00:00:00Z", "bbb", False, 0.7)])
+    rows = rp.read_rows([p])
+    assert [r["shape"] for r in rows] == ["B4 H16 N4096 D128 causal bfloat16", "B4 H16 N4096 D128 full bfloat16"] * 2
+    now = rp.latest(rows)
+    assert [(r["shape"], r["speedup_vs_primary"]) for r in now] == [("B4 H16 N4096 D128 causal bfloat16", 1.3),
+                                                                    ("B4 H16 N4096 D128 full bfloat16", 0.7)]
+    hist = rp.history(rows)
+    assert [[(c, v) for c, v, _ in pts] for pts in hist.values()] == [[("aaa", 1.2), ("bbb", 1.3)],
+                                                                      [("aaa", 0.8), ("bbb", 0.7)]]
+    info = rp.build_report([p], str(tmp_path / "out"))
+    assert sorted(info["plotted"]["speedup-attention.png"]["speedup"]) == [
+        "B4 H16 N4096 D128 causal bfloat16 | triton_fa2", "B4 H16 N4096 D128 full bfloat16 | triton_fa2"]
+    assert rp.dims_shape({"B": "", "H": "", "N": "124475904", "D": "", "causal": "", "dtype": "float32"}) == \
+        "N124475904 float32"  # adamw's row
+
+
+def test_the_recorded_h100_csv_has_a_series_per_shape_mask_and_op():
+    rows, _ = rp.usable(rp.read_rows([os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks",
+                                                   "results", "issue8-h100.csv")]))
+    now = rp.latest(rows)
+    by_op = {op: sum(1 for r in now if r["op"] == op) for op in ("attention", "attention_backward")}
+    assert by_op == {"attention": 24, "attention_backward": 24}  # 12 (B, H, N, D) x causal and full
+    assert {r["shape"].split()[-2] for r in now if r["op"] == "attention"} == {"causal", "full"}
+
+
+def test_pytest_benchmark_and_bench_check_rows_are_never_one_series(tmp_path):
+    """The suite times contestants one after another, `bench --check` interleaved: a series mixing them would show
+    the change of method as a change of the kernel (here a 'drop')."""
+    p = str(tmp_path / "r.csv")
+    rp.append_rows(p, [row(commit="aaa", speedup=1.2, ts="2026-01-01T00:00:00Z") | {"source": "bench --check"},
+                       row(commit="bbb", speedup=0.6, ts="2026-01-02T00:00:00Z") | {"source": "pytest-benchmark"}])
+    info = rp.build_report([p], str(tmp_path / "out"))
+    assert info["drops"] == []
+    assert sorted((r["source"], r["speedup_vs_primary"]) for r in info["latest"]) == [("bench --check", 1.2),
+                                                                                      ("pytest-benchmark", 0.6)]
+    assert sorted(info["plotted"]["speedup-adamw.png"]["speedup"]) == [
+        "gpt-tiny | numba_cpu · bench --check", "gpt-tiny | numba_cpu · pytest-benchmark"]
+    assert sorted(info["plotted"]["history.png"]["series"]) == [
+        "adamw numba_cpu @ gpt-tiny (bench --check) [cpu:x:2t]", "adamw numba_cpu @ gpt-tiny (pytest-benchmark) [cpu:x:2t]"]

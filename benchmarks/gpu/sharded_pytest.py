@@ -3,10 +3,12 @@
 The tests marked gpu spend most of their time in Triton's compiler (every knob set and head dim of every
 kernel is a compilation of its own), on one core each; a lent GPU host has 16. This collects the selection
 once, deals the test ids round-robin into ``--shards`` lists (a parametrized test's cases land on
-different shards), runs one pytest process per list, all at once, each writing its own log, and waits for
-them up to ``--timeout`` seconds (then stops what is left: its tests count as not run). It prints one line
-per shard and a summary, writes ``--json`` if asked, and exits 1 when a test failed or errored, 2 when a
-shard was stopped or none could be collected, else 0.
+different shards), runs one pytest process per list, all at once, each with the selection's options (every
+argument that is not a path or test id: ``-m gpu``, ``-k ...``; without them the project's addopts, such as
+``-m 'not slow'``, would deselect the ids dealt) and its own log, and waits for them up to ``--timeout``
+seconds (then stops what is left: its tests count as not run). It prints one line per shard and a summary,
+writes ``--json`` if asked, and exits 1 when a test failed or errored or a shard ran fewer tests than it was
+dealt, 2 when a shard was stopped or none could be collected, else 0.
 
 Correctness tests only: the shards share the device, so nothing they time is a measurement. Run it from
 pytest's rootdir (the repository root): the test ids are relative to it.
@@ -24,20 +26,48 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 _SUMMARY = re.compile(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)")
 
 
-def collect(pytest_args: list[str]) -> list[str]:
-    """The test ids the selection holds (pytest --collect-only -q)."""
-    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                          *pytest_args], capture_output=True, text=True)
-    ids = [line.strip() for line in out.stdout.splitlines() if "::" in line and not line.startswith(" ")]
-    if out.returncode not in (0, 5) and not ids:  # 5: nothing collected
-        tail = (out.stdout + out.stderr).strip().splitlines()[-1:] or ["?"]
-        raise SystemExit(f"sharded_pytest: collecting failed (exit {out.returncode}): {tail[0]}")
-    return ids
+# The collecting pytest, told to write down the arguments it took as paths or test ids (its positional
+# file_or_dir): which of the others' words are an option's values (-m EXPR, -k EXPR, a plugin's options) only
+# pytest's own parser knows.
+_COLLECT = ("import json, sys, pytest\n"
+            "class Paths:\n"
+            "    def pytest_configure(self, config):\n"
+            "        with open(sys.argv[1], 'w') as f:\n"
+            "            json.dump(list(config.option.file_or_dir or []), f)\n"
+            "sys.exit(pytest.main(sys.argv[2:], plugins=[Paths()]))\n")
+
+
+def collect(pytest_args: list[str]) -> tuple[list[str], list[str]]:
+    """The test ids the selection holds (pytest --collect-only -q), and the option arguments of pytest_args
+    (every argument that is not a path or test id), which each shard gets too."""
+    with tempfile.TemporaryDirectory() as tmp:
+        where = os.path.join(tmp, "paths.json")
+        out = subprocess.run([sys.executable, "-c", _COLLECT, where, "--collect-only", "-q", "-p",
+                              "no:cacheprovider", *pytest_args], capture_output=True, text=True)
+        ids = [line.strip() for line in out.stdout.splitlines() if "::" in line and not line.startswith(" ")]
+        if out.returncode not in (0, 5) and not ids:  # 5: nothing collected
+            tail = (out.stdout + out.stderr).strip().splitlines()[-1:] or ["?"]
+            raise SystemExit(f"sharded_pytest: collecting failed (exit {out.returncode}): {tail[0]}")
+        try:
+            with open(where) as f:
+                paths = list(json.load(f))
+        except (OSError, ValueError):
+            if ids:
+                raise SystemExit("sharded_pytest: pytest did not say which arguments are paths") from None
+            paths = []
+    options: list[str] = []
+    for a in reversed(pytest_args):  # the paths come last, as a rule: an option's value equal to one stays
+        if a in paths:
+            paths.remove(a)
+        else:
+            options.insert(0, a)
+    return ids, options
 
 
 def deal(ids: list[str], shards: int) -> list[list[str]]:
@@ -57,7 +87,7 @@ def counts(log: str) -> dict[str, int]:
 
 
 def run(pytest_args: list[str], shards: int, timeout: float, logs: str, extra: list[str]) -> dict:
-    ids = collect(pytest_args)
+    ids, options = collect(pytest_args)
     if not ids:
         return {"collected": 0, "shards": [], "stopped": 0, "failed": 0}
     os.makedirs(logs, exist_ok=True)
@@ -66,7 +96,7 @@ def run(pytest_args: list[str], shards: int, timeout: float, logs: str, extra: l
     for i, part in enumerate(deal(ids, shards)):
         path = os.path.join(logs, f"shard{i}.log")
         fh = open(path, "w")
-        p = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *extra, *part],
+        p = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *extra, *options, *part],
                              stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append((i, part, p, fh, path))
     rows, stopped = [], 0
@@ -82,11 +112,14 @@ def run(pytest_args: list[str], shards: int, timeout: float, logs: str, extra: l
         fh.close()
         with open(path) as f:
             c = counts(f.read())
-        rows.append({"shard": i, "tests": len(part), "rc": rc, "seconds": round(time.monotonic() - t0, 1),
-                     "log": path, **c})
+        ran = sum(c.get(k, 0) for k in ("passed", "failed", "error", "skipped", "xfailed", "xpassed"))
+        rows.append({"shard": i, "tests": len(part), "ran": ran, "rc": rc,
+                     "seconds": round(time.monotonic() - t0, 1), "log": path, **c})
     # a shard pytest ended otherwise than with passing or failing tests (interrupted, internal or usage error:
-    # a test id it could not find) counts as a failure too
-    failed = sum(r.get("failed", 0) + r.get("error", 0) + (r["rc"] not in (None, 0, 1, 5)) for r in rows)
+    # a test id it could not find; 5: it ran none) or that ran fewer tests than it was dealt (deselected there)
+    # counts as a failure too: a test that did not run did not pass
+    failed = sum(r.get("failed", 0) + r.get("error", 0)
+                 + (r["rc"] is not None and (r["rc"] not in (0, 1) or r["ran"] < r["tests"])) for r in rows)
     return {"collected": len(ids), "shards": rows, "stopped": stopped, "failed": failed,
             "seconds": round(time.monotonic() - t0, 1)}
 
@@ -113,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in out["shards"]:
         figures = ", ".join(f"{r[k]} {k}" for k in ("passed", "failed", "error", "skipped") if r.get(k))
         state = "stopped at the timeout" if r["rc"] is None else f"exit {r['rc']}"
-        print(f"shard {r['shard']}: {r['tests']} tests, {figures or 'no summary'}, {state}, {r['seconds']} s "
+        short = f" (only {r['ran']} of them ran)" if r["rc"] is not None and r["ran"] < r["tests"] else ""
+        print(f"shard {r['shard']}: {r['tests']} tests{short}, {figures or 'no summary'}, {state}, {r['seconds']} s "
               f"({r['log']})")
     total = {k: sum(r.get(k, 0) for r in out["shards"]) for k in ("passed", "failed", "error", "skipped")}
     print(f"sharded_pytest: {out['collected']} collected, {total['passed']} passed, {total['failed']} failed, "

@@ -80,6 +80,28 @@ CREATE INDEX IF NOT EXISTS evaluations_by_op ON evaluations(op, device_key, stat
 """
 
 
+# an evaluation whose timing the evaluator marked noisy (timed twice on a busy machine) is never ranked
+QUIET = "json_extract({}.result, '$.noisy') IS NULL"
+
+
+def leaderboard(conn: sqlite3.Connection, op: str, device_key: str, limit: int) -> list[sqlite3.Row]:
+    """The passed evaluations of ``op`` on ``device_key`` that rank, best speedup first, with the candidate's
+    name, origin, params, backend and source: `kerneltune leaderboard` and benchmarks/bench_gpu.py choose from
+    the same rows. ``conn`` must have ``row_factory = sqlite3.Row``."""
+    return conn.execute(
+        "SELECT e.*, c.name, c.origin, c.params, c.backend, c.source FROM evaluations e"
+        " JOIN candidates c ON c.hash = e.candidate_hash"
+        " WHERE e.op = ? AND e.device_key = ? AND e.status = 'passed' AND e.speedup IS NOT NULL"
+        # the candidate's latest verdict, as Store.latest_evaluation (the search cache) and promote see it: a
+        # failure counts at any shape (failures are stored without one), a pass at its own shape; a noisy pass
+        # is no verdict on the speed and does not hide an earlier quiet one
+        " AND e.id = (SELECT MAX(id) FROM evaluations e2 WHERE e2.candidate_hash = e.candidate_hash"
+        " AND e2.device_key = e.device_key AND (e2.status != 'passed'"
+        f" OR (e2.shape IS e.shape AND {QUIET.format('e2')})))"
+        " ORDER BY e.speedup DESC LIMIT ?",
+        (op, device_key, limit)).fetchall()
+
+
 def cache_dir() -> str:
     """$KERNELTUNE_CACHE_DIR, else the user's cache directory."""
     env = os.environ.get("KERNELTUNE_CACHE_DIR")
@@ -289,6 +311,10 @@ class Store:
             q += " AND (status != 'passed' OR shape = ?)"
             args.append(shape)
         return self.conn.execute(q + " ORDER BY id DESC LIMIT 1", args).fetchone()
+
+    def leaderboard(self, op: str, device_key: str, limit: int) -> list[sqlite3.Row]:
+        """See the module's leaderboard()."""
+        return leaderboard(self.conn, op, device_key, limit)
 
     def count(self, table: str) -> int:
         assert table in ("candidates", "evaluations", "runs", "proposals")
