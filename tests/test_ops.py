@@ -125,6 +125,22 @@ def test_adamw_reference_matches_torch_optim(case):
         assert ADAMW.compare(inputs, expected, _adamw_step(inputs)) == ""
 
 
+def test_adamw_reference_chain_never_writes_its_inputs():
+    """The reference updates fp64 copies in place: neither the inputs nor an earlier call's outputs (the next
+    call's inputs, kept by the evaluator for blocks of fewer calls) may change."""
+    inputs = ADAMW.make_inputs(ADAMW.check_cases("cpu")[0], 1)
+    before = {k: [x.clone() for x in v] for k, v in inputs.tensors.items()}
+    chain = ADAMW.reference_chain(inputs)
+    first = next(chain)
+    kept = {k: [x.clone() for x in first[k]] for k in ADAMW.outputs}
+    second, third = next(chain), next(chain)
+    for k, v in inputs.tensors.items():
+        assert all(torch.equal(a, b) for a, b in zip(v, before[k])), k
+    for k in ADAMW.outputs:
+        assert all(torch.equal(a, b) for a, b in zip(first[k], kept[k])), k
+        assert not any(torch.equal(a, b) for a, b in zip(second[k], third[k])), k  # each call a step further
+
+
 @pytest.mark.parametrize("wrong", ["skip_last", "no_wd", "no_bias_corr", "step_offset", "half_update"])
 def test_adamw_tolerance_catches_wrong_updates(wrong):
     case = ADAMW.check_cases("cpu")[0]

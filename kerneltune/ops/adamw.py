@@ -179,11 +179,14 @@ class AdamW(OpSpec):
         bc2_sqrt = math.sqrt(1.0 - b2 ** t)
         out: dict[str, list[torch.Tensor]] = {"params": [], "exp_avgs": [], "exp_avg_sqs": []}
         for p, g, m, v in zip(*(inputs.tensors[x] for x in ("params", "grads", "exp_avgs", "exp_avg_sqs"))):
-            p, g, m, v = (x.to(dev, torch.float64) for x in (p, g, m, v))
-            p = p * (1.0 - lr * wd)
-            m = b1 * m + (1.0 - b1) * g
-            v = b2 * v + (1.0 - b2) * g * g
-            p = p - (lr / bc1) * m / (v.sqrt() / bc2_sqrt + eps)
+            # fp64 copies updated in place (a reference chain's inputs are the call before's outputs: never
+            # written); torch.optim.AdamW's order of operations, 1.7x faster than out of place on the CPU
+            p, m, v = (x.to(dev, torch.float64, copy=True) for x in (p, m, v))
+            g = g.to(dev, torch.float64)
+            p.mul_(1.0 - lr * wd)
+            m.mul_(b1).add_(g, alpha=1.0 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+            p.addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(eps), value=-(lr / bc1))
             out["params"].append(p)
             out["exp_avgs"].append(m)
             out["exp_avg_sqs"].append(v)
