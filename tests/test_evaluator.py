@@ -430,3 +430,31 @@ def test_a_baseline_worker_that_cannot_be_stopped_costs_the_candidate_nothing(ev
     monkeypatch.setattr(WorkerProcess, "stop", real)
     r = evaluator.evaluate_path(write_candidate("baseline_stoppable", ATTN_OK.format(tweak="pass")))
     assert r["cases"][0]["isolated"] is namespaces_available()  # the next timing starts afresh
+
+
+@pytest.mark.parametrize("which", ["torch_math", "sdpa"])
+def test_a_baseline_that_fails_while_timed_is_never_the_candidates_verdict(evaluator, write_candidate, monkeypatch,
+                                                                          which):
+    """The trusted baseline worker failing a timed turn says nothing of the candidate: a secondary baseline leaves
+    the case's table (the candidate passes, timed against the others), the primary stops the evaluation with
+    BaselineError (no speedup can be measured), and nothing is stored against the candidate."""
+    from kerneltune.evaluate.process import WorkerProcess
+
+    real = WorkerProcess.request
+
+    def request(self, header, tensors=None, *, timeout):
+        if self.role == "baseline" and header and header.get("cmd") == "time" and header.get("fn") == which:
+            return {"ok": False, "status": "crashed", "reason": "the baseline's device fell over"}, {}
+        return real(self, header, tensors, timeout=timeout)
+
+    monkeypatch.setattr(WorkerProcess, "request", request)
+    path = write_candidate(f"baseline_fails_{which}", ATTN_OK.format(tweak="pass"))
+    if which == "sdpa":
+        with pytest.raises(ev_module.BaselineError, match="primary baseline sdpa failed while timing"):
+            evaluator.evaluate_path(path)
+        return
+    r = evaluator.evaluate_path(path)
+    assert r["status"] == "passed", r["reason"]
+    case = r["cases"][0]
+    assert "torch_math" not in case["baselines"] and "sdpa" in case["baselines"]
+    assert "fell over" in case["baselines_left_out"]["torch_math"]

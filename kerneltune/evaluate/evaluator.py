@@ -70,6 +70,14 @@ class BaselineError(RuntimeError):
     Not a verdict on the candidate (nothing is stored for it); the caller stops with this one line."""
 
 
+class _BaselineDropped(Exception):
+    """A secondary baseline failed while being timed: it leaves this case's table (the candidate pays nothing)."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(why)
+        self.name, self.why = name, why
+
+
 class Outcome(Exception):
     """Ends an evaluation early with a verdict."""
 
@@ -471,6 +479,12 @@ class Evaluator:
             seed = next(vouch_seeds)  # the baselines' turns are vouched the same way: the same work around each call
             r, _ = w.request({"cmd": "time", "fn": fn, "slot": s, "reps": n, "warmup": warmup, "vouch": seed,
                               "sketch": sketch_seed}, timeout=left())
+            if not r.get("ok") and label_c != "candidate":  # the trusted worker failed: no verdict on the candidate
+                why = f"failed while timing {case.name}: {str(r.get('reason'))[:300]}"
+                if label_c == spec.primary_baseline:
+                    raise BaselineError(f"the primary baseline {label_c} {why}: no speedup can be measured; check "
+                                        f"torch on this device (kerneltune doctor), or time other shapes with --shapes")
+                raise _BaselineDropped(label_c, why)
             if not r.get("ok"):
                 raise Outcome(r["status"], f"{r['reason']} [{case.name}, while timing]", "time")
             r["_vouch"] = (seed, n, warmup)
@@ -479,6 +493,11 @@ class Evaluator:
             if check:
                 checked(label_c, r)
             return r
+
+        def drop(e: _BaselineDropped) -> None:  # a secondary baseline that failed: out of this case's table
+            dropped[e.name] = e.why
+            names.remove(e.name)
+            contestants[:] = [c for c in contestants if c[0] != e.name]
 
         def checked(label_c: str, r: dict[str, Any]) -> None:
             """The candidate's digests (a parent's computation: outside the turn's wall-clock time)."""
@@ -490,10 +509,14 @@ class Evaluator:
         with self._isolated_turns() as turn:
             # calibrate: how many calls fill one turn of a round
             reps: dict[str, int] = {}
-            for label_c, w, fn, s in contestants:
+            for label_c, w, fn, s in list(contestants):
                 self.progress(f"{label}: calibrating {label_c} on {case.name}")
                 turn(w)
-                r = timed_turn(label_c, w, fn, s, 1, 2)
+                try:
+                    r = timed_turn(label_c, w, fn, s, 1, 2)
+                except _BaselineDropped as e:
+                    drop(e)
+                    continue
                 t = max(min(r["times_ms"]), 1e-4)
                 reps[label_c] = int(min(max(math.ceil(self.opt.round_ms / t), 1), 5000))
             rounds = max(self.opt.rounds, math.ceil(self.opt.min_reps / max(min(reps.values()), 1)))
@@ -510,15 +533,21 @@ class Evaluator:
                     for r_i in range(rounds):
                         order = contestants[r_i % len(contestants):] + contestants[: r_i % len(contestants)]
                         for label_c, w, fn, s in order:
+                            if label_c in dropped:
+                                continue
                             self.progress(f"{label}: timing {case.name} round {r_i + 1}/{rounds} ({label_c})")
                             turn(w)
-                            # the turn's warm-up call (the other contestants' turns left the caches cold): a request
-                            # of its own, so the cross-check below sees only timed calls. Estimating it at the
-                            # candidate's pace misjudged a call whose time varies: an honest 20 ms candidate that
-                            # reads /proc was rejected.
-                            timed_turn(label_c, w, fn, s, 0, 1)
-                            t_start = time.perf_counter()
-                            r = timed_turn(label_c, w, fn, s, reps[label_c], 0, check=False)
+                            try:
+                                # the turn's warm-up call (the other contestants' turns left the caches cold): a
+                                # request of its own, so the cross-check below sees only timed calls. Estimating it
+                                # at the candidate's pace misjudged a call whose time varies: an honest 20 ms
+                                # candidate that reads /proc was rejected.
+                                timed_turn(label_c, w, fn, s, 0, 1)
+                                t_start = time.perf_counter()
+                                r = timed_turn(label_c, w, fn, s, reps[label_c], 0, check=False)
+                            except _BaselineDropped as e:
+                                drop(e)
+                                continue
                             wall = (time.perf_counter() - t_start) * 1e3
                             checked(label_c, r)
                             tm = timing[label_c]
