@@ -30,6 +30,20 @@ __all__ = ["AdamW"]
 _version = operator.attrgetter("_version")  # a tensor's autograd version counter
 _shape = operator.attrgetter("shape")
 _grad = operator.attrgetter("grad")
+_is_cpu = operator.attrgetter("is_cpu")
+
+
+def _sparse(p: Tensor) -> bool:
+    """A param whose gradient is sparse (torch's step raises on it)."""
+    g = p.grad
+    return g is not None and g.is_sparse
+
+
+def _moments_fit(p: Tensor, m: Tensor, v: Tensor) -> bool:
+    """The param's moments are what the adamw contract takes with it: fp32, contiguous, its shape and device."""
+    f32 = torch.float32
+    return (m.dtype is f32 and v.dtype is f32 and m.shape == p.shape and v.shape == p.shape
+            and m.device == p.device and v.device == p.device and m.is_contiguous() and v.is_contiguous())
 _States = tuple[list[Tensor], list[Tensor], list[Tensor]]  # exp_avg, exp_avg_sq, step of each param
 _Bucket = tuple[torch.device, list[Tensor], list[Tensor], Optional[_States]]  # states None: still to look up
 
@@ -108,15 +122,27 @@ class AdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         rest: list[dict[str, Any]] = []  # groups (or parts of groups) that torch's step updates
+        compiling = torch.compiler.is_compiling()  # a traced step: the C++ check is not something to trace
+        raising = None
         for group in self.param_groups:
-            if not self._tunable(group):
+            tunable = self._tunable(group)
+            known = self._guarded(group) if tunable and not compiling else None
+            # torch's step raises on a sparse gradient before it updates that group or any later one: the groups
+            # before it are stepped, then torch's step takes it and raises. (A remembered group's gradients
+            # passed the metadata check, which a sparse one fails: nothing to look at there.)
+            if known is None and any(map(_sparse, group["params"])):
+                raising = group
+                break
+            if not tunable:
                 rest.append(group)
                 continue
-            leftover = self._tuned_group(group)
+            leftover = self._tuned_group(group, known)
             if leftover:
                 rest.append({**group, "params": leftover})
         if rest:
             self._torch_step(rest)
+        if raising is not None:
+            self._torch_step([raising])  # raises as torch.optim.AdamW does
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -156,11 +182,10 @@ class AdamW(torch.optim.AdamW):
     # that passed the tests below. Otherwise every per-tensor test is one cheap attribute (a dtype is a
     # singleton, compared by identity; float32 excludes complex), the device is tested once per bucket, and
     # the list-wide tests run through map() in C.
-    def _tuned_group(self, group: dict[str, Any]) -> list[Tensor]:
-        """Update what a registry kernel serves; return the params left for torch's step."""
+    def _tuned_group(self, group: dict[str, Any], known: Optional[tuple[_Bucket, _Group]]) -> list[Tensor]:
+        """Update what a registry kernel serves (``known``: the group as its record's one bucket, from
+        ``_guarded``); return the params left for torch's step."""
         leftover: list[Tensor] = []
-        compiling = torch.compiler.is_compiling()  # a traced step: the C++ check is not something to trace
-        known = None if compiling else self._guarded(group)
         buckets = [known[0]] if known is not None else self._bucketed(group["params"], leftover)
         rec = known[1] if known is not None else None
         for device, params, grads, states in buckets:
@@ -173,10 +198,16 @@ class AdamW(torch.optim.AdamW):
                 continue
             if states is None:
                 states = self._states(params, group)
-                if not (all(map(Tensor.is_contiguous, states[0])) and all(map(Tensor.is_contiguous, states[1]))):
-                    leftover += params
-                    continue
-                if (len(params) == len(group["params"]) and not compiling  # the next step's check: one call
+                # moments that do not fit their param (a param resized or cast after its state was made) go to
+                # torch's step, which raises as it would: a kernel is never handed tensors outside the contract
+                fits = list(map(_moments_fit, params, states[0], states[1]))
+                if not all(fits):
+                    leftover += [p for p, ok in zip(params, fits) if not ok]
+                    params, grads = [p for p, ok in zip(params, fits) if ok], [g for g, ok in zip(grads, fits) if ok]
+                    states = tuple([x for x, ok in zip(xs, fits) if ok] for xs in states)  # type: ignore[assignment]
+                    if not params:
+                        continue
+                if (len(params) == len(group["params"]) and not torch.compiler.is_compiling()  # next step: one call
                         and _meets_contract(device, params, grads, states)):
                     self._remember_group(group, device, params, grads, states)
             exp_avgs, exp_avg_sqs, steps = states
@@ -214,6 +245,9 @@ class AdamW(torch.optim.AdamW):
         others go to ``leftover`` (a param without a gradient is skipped, as torch skips it)."""
         buckets: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
         f32, strided = torch.float32, torch.strided
+        if len(set(map(id, group_params))) != len(group_params):  # a param listed twice: torch steps it twice
+            leftover += group_params
+            return []
         for p in group_params:
             g = p.grad
             if g is None:
@@ -236,7 +270,7 @@ class AdamW(torch.optim.AdamW):
         tests per tensor)."""
         gp = group["params"]
         rec = self.__dict__.get("_kt_guards", {}).get(id(gp))  # keyed by the list; the check is of metadata
-        if rec is None or rec.n != len(gp):
+        if rec is None or rec.n != len(gp) or len(set(map(id, gp))) != rec.n:  # (a param put in twice since)
             return None
         grads = list(map(_grad, gp))
         if not all(map(operator.is_not, grads, itertools.repeat(None))):
@@ -281,6 +315,10 @@ class AdamW(torch.optim.AdamW):
         write is one record of its list of count tensors; the usual step asks for the list it wrote last,
         checked list-wide, and any other list (a param without a grad this step, a part at another count)
         finds its tensors through the index of the latest record holding each. ``key``: the tensors' ids."""
+        # counts in host memory are read as they are: no sync to save, and a write that no version counter
+        # sees (another process's, through shared memory: the A3C pattern) is read too
+        if all(map(_is_cpu, steps)):
+            return list(map(Tensor.item, steps))
         last = self.__dict__.get("_kt_last", {}).get(key)  # ids of held tensors: sound
         if last is not None and list(map(_version, steps)) == last.versions:
             return [last.value] * len(steps)

@@ -168,9 +168,19 @@ def test_per_parameter_step_counts_are_honoured(user_registry, monkeypatch):
     assert kerneltune.served()["adamw"]["numba_cpu"] == 9  # 3 steps of a alone, 3 of {a, b} split by step count
 
 
-def test_step_counts_written_behind_the_optimizers_back_are_read_again(user_registry, monkeypatch):
+@pytest.fixture
+def device_counts(monkeypatch):
+    """Step counts taken as if they lived on a GPU (a fused optimizer's), where the optimizer remembers the counts
+    it wrote instead of reading them (a read waits for the device); counts in host memory are read every step."""
+    monkeypatch.setattr("kerneltune.optim._is_cpu", lambda t: False)
+
+
+@pytest.mark.parametrize("where", ["host", "device"])
+def test_step_counts_written_behind_the_optimizers_back_are_read_again(user_registry, monkeypatch, where):
     """The tuned step remembers the counts it wrote (no device read per step); a count changed since — by
     load_state_dict or an in-place write — must still be the one the kernel's bias correction uses."""
+    if where == "device":
+        monkeypatch.setattr("kerneltune.optim._is_cpu", lambda t: False)
     user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
     torch.manual_seed(3)
     a1, b1 = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(5, 3))
@@ -365,7 +375,8 @@ def test_without_kerneltune_verify_no_call_is_checked_not_even_the_first(user_re
     assert checked == [1]
 
 
-def test_a_param_whose_grad_comes_and_goes_costs_no_read_of_the_step_counts(user_registry, monkeypatch):
+def test_a_param_whose_grad_comes_and_goes_costs_no_read_of_the_step_counts(user_registry, monkeypatch,
+                                                                           device_counts):
     """The counts this optimizer wrote are known without a device read, also when the params with grads
     change from step to step (one of them used every other step), and they are the right ones."""
     user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
@@ -463,9 +474,9 @@ def test_a_group_checked_in_one_call_is_checked_per_tensor_again_when_a_tensor_c
     # per tensor: the first step, and the steps whose tensors differ from the remembered group (2, 4, 6, 8);
     # step 5 puts the moment back as it was, and step 7 has every gradient again: both pass in one call
     assert len(per_tensor) == (5 if guard else 9)
-    # a strided moment sends its whole bucket to torch (step 4); ps[1], a step behind from step 6 on, is a
-    # call of its own (steps 7 and 8)
-    assert tuned == [1, 1, 1, 1, 0, 1, 1, 2, 2]
+    # a strided moment sends its param to torch (step 4), the others take the kernel; ps[1], a step behind from
+    # step 6 on, is a call of its own (steps 7 and 8)
+    assert tuned == [1, 1, 1, 1, 1, 1, 1, 2, 2]
 
 
 def test_every_write_to_the_state_and_every_change_of_a_groups_params_is_followed(user_registry):
@@ -687,18 +698,26 @@ def test_a_run_unchecked_that_fails_half_way_on_its_first_call_is_undone_without
 
 
 def test_a_group_that_breaks_the_contract_is_never_given_to_run_unchecked(user_registry):
-    """A kernel whose run takes an fp64 moment (LENIENT) serves a group with one: the group's record is never
-    made for such lists (_meets_contract), so every step goes through run, never run_unchecked, even once the
-    per-tensor tests have passed on those lists."""
+    """A moment that breaks the contract (fp64, a state_dict from elsewhere) is never handed to a kernel, not even
+    to one whose run would take it (LENIENT): its param goes to torch's step, which raises as torch.optim.AdamW
+    does; the group's record is never made for such lists (_meets_contract), so run_unchecked never serves."""
     calls = _unchecked_kernel(user_registry, LENIENT=True)
-    p = torch.nn.Parameter(torch.randn(5))
-    o = AdamW([p], lr=0.1)
+    p, q = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+    o, t = AdamW([p], lr=0.1), torch.optim.AdamW([q], lr=0.1)
     for step in range(4):
-        p.grad = torch.randn(5)
-        o.step()
-        if step == 0:  # a moment loaded as fp64 (a state_dict from elsewhere)
+        p.grad, q.grad = torch.randn(5), torch.randn(5)
+        if step == 0:
+            o.step()
+            t.step()
             o.state[p]["exp_avg"] = o.state[p]["exp_avg"].double()
-    assert calls == ["run"] * 4
+            t.state[q]["exp_avg"] = t.state[q]["exp_avg"].double()
+            continue
+        with pytest.raises(RuntimeError) as ours:
+            o.step()
+        with pytest.raises(RuntimeError) as torchs:
+            t.step()
+        assert str(ours.value) == str(torchs.value)
+    assert calls == ["run"]
 
 
 def test_the_kernel_is_launched_under_the_device_guard_of_its_tensors(user_registry, monkeypatch):
@@ -729,3 +748,78 @@ def test_the_kernel_is_launched_under_the_device_guard_of_its_tensors(user_regis
     torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-5)
     assert_same_state(o1, o2, atol=1e-6, rtol=1e-5)
     assert calls == ["enter cpu", "run", "exit", "enter cpu", "run_unchecked", "exit"]
+
+
+def test_host_counts_written_where_no_version_counter_sees_are_read(user_registry):
+    """Counts in host memory are read every step: a write that bypasses the version counter (another process's,
+    through shared memory, as an A3C-style shared optimizer state has it; here a numpy view) still decides the
+    bias correction, as in torch."""
+    user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
+    torch.manual_seed(7)
+    a1 = torch.nn.Parameter(torch.randn(4))
+    a2 = torch.nn.Parameter(a1.detach().clone())
+    o1, o2 = torch.optim.AdamW([a1], lr=0.05), AdamW([a2], lr=0.05)
+    for i in range(3):
+        for a, o in ((a1, o1), (a2, o2)):
+            o.zero_grad()
+            (a.sin() * (i + 1)).sum().backward()
+            o.step()
+            if i == 1:
+                o.state[a]["step"].numpy()[...] = 40.0  # no version bump: what a write from another process is
+    assert [float(o.state[a]["step"]) for a, o in ((a1, o1), (a2, o2))] == [41.0, 41.0]
+    torch.testing.assert_close(a1, a2, atol=1e-6, rtol=1e-5)
+    assert_same_state(o1, o2, atol=1e-6, rtol=1e-5)
+    assert kerneltune.served()["adamw"]["numba_cpu"] == 3
+
+
+def test_moments_that_no_longer_fit_their_param_never_reach_the_kernel(user_registry):
+    """A param resized (or cast) after its state was made: torch's step takes it and raises as torch does; the
+    kernel is never handed moments of another size (a numba kernel wrote past their end)."""
+    user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
+    ps = [torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(torch.randn(5))]
+    o = AdamW(ps, lr=0.05)
+    for _ in range(2):
+        o.zero_grad()
+        sum(p.sin().sum() for p in ps).backward()
+        o.step()
+    before = o.state[ps[1]]["exp_avg"].clone()
+    ps[0].data = torch.randn(3)
+    o.zero_grad()
+    sum(p.sin().sum() for p in ps).backward()
+    with pytest.raises(RuntimeError):  # torch's own error for the resized param
+        o.step()
+    assert o.state[ps[0]]["exp_avg"].shape == (7,)
+    assert not torch.equal(before, o.state[ps[1]]["exp_avg"])  # the fitting param took the kernel
+    assert kerneltune.served()["adamw"]["numba_cpu"] == 3
+
+
+def test_a_param_listed_twice_is_stepped_as_torch_steps_it(user_registry):
+    """torch steps a param listed twice twice (with a warning), its count advancing twice: so does this one."""
+    user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
+    torch.manual_seed(2)
+    a1 = torch.nn.Parameter(torch.randn(4))
+    a2 = torch.nn.Parameter(a1.detach().clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        o1, o2 = torch.optim.AdamW([a1, a1], lr=0.05), AdamW([a2, a2], lr=0.05)
+        for i in range(3):
+            for a, o in ((a1, o1), (a2, o2)):
+                o.zero_grad()
+                (a.sin() * (i + 1)).sum().backward()
+                o.step()
+    assert float(o2.state[a2]["step"]) == float(o1.state[a1]["step"]) == 6.0
+    torch.testing.assert_close(a1, a2, atol=1e-6, rtol=1e-5)
+
+
+def test_a_sparse_gradient_raises_before_any_group_after_it_is_stepped(user_registry):
+    """torch raises on a sparse gradient before it updates that group or a later one: a tuned group after it
+    must not have been stepped either."""
+    user_registry([("adamw/numba_cpu.py", dict(op="adamw", dims={"shapes": [[4]]}, speedup=2.0))])
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    lin = torch.nn.Linear(4, 3)
+    o = AdamW([{"params": list(emb.parameters())}, {"params": list(lin.parameters())}], lr=0.05)
+    before = [p.detach().clone() for p in lin.parameters()]
+    lin(emb(torch.tensor([1, 2]))).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        o.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, lin.parameters())) and len(o.state) == 0
