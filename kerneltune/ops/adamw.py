@@ -72,10 +72,57 @@ class ContractError(Exception):
     """A candidate broke the op contract: verdict ``rejected``."""
 
 
-def _case(name: str, shapes: list[list[int]], unchecked: bool = False) -> Case:
+# Check cases whose values, not their shapes, are the test (``Case.args["values"]``; the case name says which).
+# Plain draws never reach them (moments random and positive, gradients never exactly 0, step 1 only with a state
+# a fresh optimizer never has), and each breaks a kind of kernel that passes every plain draw:
+#   fresh   the first step of a new optimizer: step 1, exp_avgs = exp_avg_sqs = 0, the gradients of a third of
+#           the tensors all 0, of the others a fifth of the elements 0 and a fifth about eps in size. Where g = 0
+#           the update is 0 / (0 + eps) = 0: a kernel that computes m / (sqrt(v̂) + eps) as m·r / (1 + eps·r),
+#           r = rsqrt(v̂) (the same for v > 0), writes NaN there. Where |g| is about eps, sqrt(v̂) = |g| and the
+#           update is lr·g / (|g| + eps): an eps out of its place (inside the sqrt, squared, a max) is off.
+#   zero_v  parameters no gradient has reached for a while (an embedding's unused rows), at any step: g = 0 on
+#           a share of the elements (all of one tensor) and there v = m = 0, or 0 < v < eps² with |m| <= sqrt(v):
+#           the update is 0, or eps's, not sqrt(v̂)'s.
+VALUES = ("fresh", "zero_v")
+_VALUE_SHAPES = [[40, 33], [1000], [], [7], [3, 5], [257]]  # 2600 elements: every case costs each evaluation
+
+
+def _case(name: str, shapes: list[list[int]], unchecked: bool = False, values: str | None = None) -> Case:
     n = sum(prod(s) for s in shapes)
-    return Case(name=f"{name} ({n / 1e6:.2f}M params, {len(shapes)} tensors)" + (" unchecked" if unchecked else ""),
-                dims={"shapes": shapes}, dtype="float32", args={"unchecked": True} if unchecked else {})
+    name = f"{name} ({n / 1e6:.2f}M params, {len(shapes)} tensors)"
+    args: dict[str, Any] = {}
+    if values is not None:
+        assert values in VALUES, values
+        name += " " + values.replace("_", "-")
+        args["values"] = values
+    if unchecked:
+        name += " unchecked"
+        args["unchecked"] = True
+    return Case(name=name, dims={"shapes": shapes}, dtype="float32", args=args)
+
+
+# The hyper-parameters of a draw (make_inputs), each keyed on the seed in its own way and lr and beta1 also on
+# the case, so that no two move together: weight decay 0 (seeds 1, 4, ...) meets more than one lr over the check
+# cases of one evaluation (seeds 1..3), and weight decay is never 0 at seed 3 (the timed cases' values).
+_STEPS = (1, 7, 1000, 2, 123456)
+_LRS = (1e-3, 3e-2, 6e-4)
+_BETA1S = (0.9, 0.8, 0.95)
+_BETA2S = (0.999, 0.95, 0.99)
+_EPSS = (1e-8, 1e-6)
+_WDS = (0.1, 0.0, 0.01)
+
+
+def hyper_parameters(case: Case, seed: int) -> dict[str, Any]:
+    """The step and hyper-parameters of ``case``'s draw ``seed``."""
+    turn = rel_seed("adamw hyper-parameters", case.name) % 9  # the case's offsets of lr (turn % 3) and beta1
+    return {
+        "step": _STEPS[seed % 5],
+        "lr": _LRS[(seed // 2 + turn) % 3],
+        "beta1": _BETA1S[(seed + seed // 3 + turn // 3) % 3],
+        "beta2": _BETA2S[(seed // 3) % 3],
+        "eps": _EPSS[seed % 2],
+        "weight_decay": _WDS[seed % 3],
+    }
 
 
 class AdamW(OpSpec):
@@ -115,6 +162,15 @@ class AdamW(OpSpec):
             _case("awkward", awkward, unchecked=True),
             _case("gpt-tiny", gpt_param_shapes(*PRESETS["gpt-tiny"]), unchecked=True),
             _case("many small", [[i % 13 + 1] for i in range(200)], unchecked=True),
+            # values plain draws never reach (VALUES)
+            _case("odd sizes", _VALUE_SHAPES, values="fresh"),
+            _case("odd sizes", _VALUE_SHAPES, values="zero_v"),
+            # no tensor at all; tensors without elements, among others and alone (the first tensor has elements:
+            # the same empty first gradient in every draw would look like a repeated call to a candidate keyed on
+            # it, tests/adversarial/adamw/skip_timed_calls.py, and the check, not the guard there, would catch it)
+            _case("empty", []),
+            _case("zero-size", [[5], [0], [3, 0], [2, 0, 4]]),
+            _case("zero-size only", [[0], [4, 0]]),
         ]
 
     def timed_cases(self, device: str) -> list[Case]:
@@ -147,15 +203,31 @@ class AdamW(OpSpec):
         exp_avgs = [torch.randn(s, generator=g) * 0.05 for s in shapes]
         exp_avg_sqs = [torch.rand(s, generator=g) * 0.01 for s in shapes]  # v >= 0
         # hyper-parameters vary per seed, so ignoring one of them (or mishandling step) shows
-        steps = (1, 7, 1000, 2, 123456)
-        args = {
-            "step": steps[seed % len(steps)],
-            "lr": (1e-3, 3e-2, 6e-4)[seed % 3],
-            "beta1": (0.9, 0.8, 0.95)[seed % 3],
-            "beta2": (0.999, 0.95, 0.99)[(seed // 3) % 3],
-            "eps": (1e-8, 1e-6)[seed % 2],
-            "weight_decay": (0.1, 0.0, 0.01)[seed % 3],
-        }
+        args = hyper_parameters(case, seed)
+        values = case.args.get("values")
+        if values == "fresh":
+            args["step"] = 1
+            exp_avgs = [torch.zeros(s) for s in shapes]
+            exp_avg_sqs = [torch.zeros(s) for s in shapes]
+            # (never the first tensor, whose values differ from draw to draw: a candidate keyed on the first
+            # gradient, tests/adversarial/adamw/skip_timed_calls.py, must meet the guard that is there for it)
+            whole = set((1 + torch.randperm(len(shapes) - 1, generator=g)[: max(1, len(shapes) // 3)]).tolist())
+            for i, x in enumerate(grads):
+                u = torch.rand(x.shape, generator=g)
+                sign = torch.where(torch.rand(x.shape, generator=g) < 0.5, -1.0, 1.0)
+                tiny = sign * args["eps"] * 10.0 ** (2 * torch.rand(x.shape, generator=g) - 1)  # eps/10 .. 10 eps
+                x.copy_(torch.zeros_like(x) if i in whole else
+                        torch.where(u < 0.2, 0.0, torch.where(u < 0.4, tiny, x)))
+        elif values == "zero_v":
+            idle_tensor = 1 + int(torch.randint(len(shapes) - 1, (1,), generator=g))  # not the first (as above)
+            for i, (x, m, v) in enumerate(zip(grads, exp_avgs, exp_avg_sqs)):
+                u = torch.rand(x.shape, generator=g) * (0.3 if i == idle_tensor else 1.0)
+                small_v = args["eps"] ** 2 * 10.0 ** (-4 * torch.rand(x.shape, generator=g))  # eps²/1e4 .. eps²
+                small_m = small_v.sqrt() * (2 * torch.rand(x.shape, generator=g) - 1)      # |m| <= sqrt(v)
+                idle, zero = u < 0.3, u < 0.15
+                x.masked_fill_(idle, 0.0)
+                v.copy_(torch.where(zero, 0.0, torch.where(idle, small_v, v)))
+                m.copy_(torch.where(zero, 0.0, torch.where(idle, small_m, m)))
         if case.args.get("unchecked"):
             args["unchecked"] = True
         return Inputs(tensors={"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
@@ -271,6 +343,8 @@ class _TorchAdamW:
         self._held = 0.0  # the value every tensor of _steps holds (after the last step(): its step argument)
 
     def __call__(self, params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decay):
+        if not params:  # nothing to update (torch.optim refuses an empty parameter list)
+            return
         key = tuple(id(t) for t in (*params, *grads, *exp_avgs, *exp_avg_sqs))
         if key != self._key:
             ps = [torch.nn.Parameter(p, requires_grad=True) for p in params]  # shares p's storage
