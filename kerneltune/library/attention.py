@@ -300,8 +300,10 @@ def _autograd_back_on() -> Any:
 
 def exact_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, causal: bool,
                    scale: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact gradients of softmax(q kᵀ·scale [+ mask]) v, recomputed in fp32 (fp64 for fp64 inputs): what a
-    backward kernel is checked against on its first call ($KERNELTUNE_VERIFY).
+    """Exact gradients of softmax(q kᵀ·scale [+ mask]) v, recomputed in fp32 (fp64 for fp64 inputs): the
+    reference backward where SDPA's cannot run inside the custom op, and for inference tensors. (A backward kernel
+    is checked on its first call, $KERNELTUNE_VERIFY, by the attention_backward op's own check instead:
+    ``_verify_backward``.)
 
     Per block of query rows (so at most _CHUNK_BYTES of scores at a time), with P = softmax(S):
         dV += Pᵀ dO;  dP = dO Vᵀ;  dS = P ∘ (dP - rowsum(dP ∘ P));  dQ = dS K·scale;  dK += dSᵀ Q·scale
@@ -347,18 +349,30 @@ def _run_backward_kernel(choice: serve.Choice, grad_out: Tensor, q: Tensor, k: T
         serve.mark_bad(e, f"{e.name} did not return (dq, dk, dv) shaped and typed like (q, k, v)")
         return None
     if choice.verify:
-        from kerneltune.ops.attention import SPEC as FWD
-        from kerneltune.ops.base import compare_tensor
-
-        tol = FWD.tolerance(_dtype(q))
-        for name, g, w in zip(("dq", "dk", "dv"), grads, exact_backward(grad_out, q, k, v, causal, scale)):
-            why = compare_tensor(name, g.cpu(), w.cpu(), tol)
-            if why:
-                serve.verify_failed(OP_BACKWARD, e, why)
-                return None
+        why = _verify_backward(q, k, v, out, grad_out, lse, causal, scale, grads)
+        if why:
+            serve.verify_failed(OP_BACKWARD, e, why)
+            return None
         serve.mark_verified(e)
     dq, dk, dv = (g.contiguous() for g in grads)
     return dq, dk, dv
+
+
+def _verify_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, grad_out: Tensor, lse: Tensor, causal: bool,
+                     scale: Optional[float], grads: tuple[Tensor, ...]) -> str:
+    """'' when ``grads`` (dq, dk, dv) pass the evaluator's own check of the attention_backward op on the inputs the
+    kernel was given: its fp64 reference, with Δ = rowsum(dO ∘ O) from that ``out`` (rounded to the dtype, as the
+    kernel had it), and its tolerances (relative to each gradient's size). On CPU copies, as the evaluator's parent
+    holds them; the reference takes a large problem to the GPU where there is one (``reference_device``)."""
+    from kerneltune.ops import get_op
+    from kerneltune.ops.base import Inputs
+
+    spec = get_op(OP_BACKWARD)
+    tensors = {name: t.detach().cpu() for name, t in (("q", q), ("k", k), ("v", v), ("o", out), ("do", grad_out),
+                                                          ("lse", lse))}
+    inputs = Inputs(tensors, {"causal": causal, "scale": scale})
+    actual = {name: g.detach().cpu() for name, g in zip(spec.outputs, grads)}
+    return spec.compare(inputs, spec.reference(inputs), actual)
 
 
 def row_logsumexp(q: Tensor, k: Tensor, causal: bool, scale: Optional[float]) -> Tensor:

@@ -41,6 +41,7 @@ from kerneltune.ops.attention import (
     _reference_device,
     attention_fp64,
     draw,
+    half_multiblock_cases,
 )
 from kerneltune.ops.attention import SPEC as _ATTENTION
 from kerneltune.ops.base import DTYPES, Case, Inputs, OpSpec, Tolerance, compare_tensor, dtype_name, rel_seed
@@ -185,6 +186,7 @@ class AttentionBackward(OpSpec):
                   for dtype in ("float16", "bfloat16") for s in shapes[1:3]]
         cases += [_case(*s[:4], "float32", s[4], values=values)
                   for values in VALUES[1:] for s in shapes[1:3]]
+        cases += half_multiblock_cases(device, lse=False)
         return cases
 
     def timed_cases(self, device: str) -> list[Case]:

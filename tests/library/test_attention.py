@@ -544,10 +544,10 @@ def test_kerneltune_verify_checks_each_entry_point_on_its_first_use_only(user_re
     SDPA's throughout."""
     la = importlib.import_module("kerneltune.library.attention")
     checked, exact = [], []
-    real_verify, real_exact = la._verify_forward, la.exact_backward
+    real_verify, real_exact = la._verify_forward, la._verify_backward
     monkeypatch.setattr(la, "_verify_forward", lambda *a: checked.append("run" if a[6] is None else "run_with_lse")
                         or real_verify(*a))
-    monkeypatch.setattr(la, "exact_backward", lambda *a: exact.append(1) or real_exact(*a))
+    monkeypatch.setattr(la, "_verify_backward", lambda *a: exact.append(1) or real_exact(*a))
     monkeypatch.setenv("KERNELTUNE_VERIFY", "1")
     user_registry([lse_forward(tmp_path, "torch_lse"), BWD_48])
     shape = (2, 3, 17, 48)
