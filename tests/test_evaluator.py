@@ -458,3 +458,24 @@ def test_a_baseline_that_fails_while_timed_is_never_the_candidates_verdict(evalu
     case = r["cases"][0]
     assert "torch_math" not in case["baselines"] and "sdpa" in case["baselines"]
     assert "fell over" in case["baselines_left_out"]["torch_math"]
+
+
+def test_the_timed_calls_sketch_cannot_be_recomputed_by_the_candidate(store):
+    """tests/adversarial/attention/sketch_seed_recomputed.py builds the sketch's U and W from the seed it would
+    have had the seed been derived from what the candidate knows (the first evaluation of a fresh evaluator,
+    slot t0, the case's name) and returns a result made to match the sketch on the timed calls: the seeds are
+    drawn from the OS, so it fails."""
+    path = os.path.join(os.path.dirname(__file__), "adversarial", "attention", "sketch_seed_recomputed.py")
+    with Evaluator(Options(device="cpu", rounds=2, round_ms=5, timeout=120, seeds=1), store=store) as ev:
+        r = ev.evaluate_path(path)
+    assert r["status"] == "incorrect" and "what the timed calls computed" in r["reason"], (r["status"], r["reason"])
+
+
+def test_an_in_place_ops_calls_are_timed_as_their_blocks_mean():
+    """AdamW's timed calls are checked a block at a time: work moved into a block's last call (the others left
+    empty) must not make the median call fast."""
+    deferred = [0.01] * 7 + [8.0] + [0.01] * 7 + [8.0] + [0.01, 0.01, 3.0]
+    means = ev_module.block_means(deferred, [8, 8, 3])
+    assert means[:8] == [pytest.approx((0.07 + 8.0) / 8)] * 8 and means[-3:] == [pytest.approx(3.02 / 3)] * 3
+    assert sorted(means)[len(means) // 2] > 0.9  # the median call: about one step's work, not 0.01
+    assert ev_module.block_means([1.0, 2.0], [3]) == [1.0, 2.0]  # blocks that do not add up: as they are

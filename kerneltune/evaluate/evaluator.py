@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import math
 import os
+import secrets
 import statistics
 import threading
 import time
@@ -40,7 +41,7 @@ from kerneltune.evaluate.static import (
     source_hash,
 )
 from kerneltune.ops import Case, OpSpec, get_op
-from kerneltune.ops.base import VOUCH_BLOCK, VOUCH_DIGESTS, Inputs, flatten, rel_seed, unflatten
+from kerneltune.ops.base import VOUCH_BLOCK, VOUCH_DIGESTS, Inputs, flatten, unflatten
 
 LARGE_CASE_BYTES = 1 << 30  # a timed case moving this much is checked with one seed before timing (two after)
 STATUSES = ("passed", "incorrect", "rejected", "compile_error", "crashed", "timeout", "unsupported")
@@ -68,6 +69,19 @@ class Options:
 class BaselineError(RuntimeError):
     """The op's primary baseline failed on a timed case: no speedup can be measured here, for any candidate.
     Not a verdict on the candidate (nothing is stored for it); the caller stops with this one line."""
+
+
+def block_means(times: list[float], blocks: list[int]) -> list[float]:
+    """An in-place op's timed calls are checked a block at a time (the state's change over the block): each call
+    is timed as its block's mean, so that work moved between the calls of a block (all of it into the block's
+    last call, the others empty) gains nothing. ``blocks``: the calls of each block, in order."""
+    if sum(blocks) != len(times) or any(b < 1 for b in blocks):  # (a candidate's is checked: vouch_check)
+        return times
+    out: list[float] = []
+    for b in blocks:
+        part = times[len(out):len(out) + b]
+        out += [sum(part) / b] * b
+    return out
 
 
 class _BaselineDropped(Exception):
@@ -437,8 +451,10 @@ class Evaluator:
         # docs/measurement.md); an in-place op's timed calls start where its last check left the slot
         start = Inputs({**inputs.tensors, **after}, inputs.args) if spec.in_place and after else inputs
         vouch_refs: dict[int, dict[str, Any]] = {}
-        vouch_seeds = itertools.count(rel_seed(eval_id, slot, case.name) % (1 << 40))
-        sketch_seed = rel_seed("sketch", eval_id, slot, case.name) % (1 << 40)
+        # drawn from the OS, never derived from what a candidate knows (its evaluation's number, slot and case
+        # name): a candidate that could recompute the sketch's U and W would return a result made to match it
+        vouch_seeds = iter(lambda: secrets.randbits(40), None)
+        sketch_seed = secrets.randbits(40)
 
         def vouch_ref(calls: int) -> dict[str, Any]:  # in-place: one per number of calls in a block (<= 8)
             if calls in vouch_refs:  # (the timing lock is held: nothing else uses the device)
@@ -552,6 +568,8 @@ class Evaluator:
                             checked(label_c, r)
                             tm = timing[label_c]
                             times = [float(x) for x in r["times_ms"]]
+                            if spec.in_place:  # checked a block at a time: timed so too (see block_means)
+                                times = block_means(times, r.get("blocks") or [])
                             tm.per_turn.append(times)
                             tm.turns.append((wall, sum(times), len(times)))
                             tm.fixed.append((min(max(float(r.get("vouch_fixed_ms") or 0.0), 0.0), wall),
