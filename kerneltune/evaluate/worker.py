@@ -61,6 +61,8 @@ class Worker:
         self.flush_buf = None
         self.calls = 0
         self.snapshot: dict[str, Any] = {}
+        self.frame_access: list[str] = []  # what the candidate's code reached for (_guard_frames)
+        self.handlers: dict[int, Any] = {}  # the signal handlers before the candidate (candidate workers)
         # strict numerics: fp32 means fp32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -162,6 +164,12 @@ class Worker:
         if self.tripped:
             raise Verdict("rejected", f"called {self.tripped[0]}, which {self.spec.name} candidates may not use "
                                       "(the baseline or reference itself)")
+        if self.frame_access:
+            raise Verdict("rejected", f"reached for the evaluator's own state ({self.frame_access[0]}): a kernel has "
+                                      "no business with frames, the garbage collector or trace hooks")
+        if self.handlers and _signal_handlers() != self.handlers:
+            raise Verdict("rejected", "tampering: the candidate installed a signal handler (a handler is given the "
+                                      "interrupted frame: the evaluator's state)")
 
     def _thread_ids(self) -> set[int]:
         """Every thread with a Python state, however it was started (threading or _thread)."""
@@ -237,11 +245,13 @@ class Worker:
             return {"ok": True, "names": list(self.fns), "threads": self.threads,
                     "torch": torch.__version__}
         self._install_tripwires()
+        self.handlers = _signal_handlers()
         self.snapshot = self._guarded()
         self.settings = self._settings()
         path = os.path.join(self.cfg["workdir"], msg["filename"])
         with open(path, "w") as f:
             f.write(msg["source"])
+        _guard_frames(path, self.frame_access)
         spec = importlib.util.spec_from_file_location(msg["module"], path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
@@ -351,7 +361,7 @@ class Worker:
                                      f"{(self.cfg.get('memory_bytes') or 0) / 2**30:.1f} GiB "
                                      "(raise it with --memory-limit)") from None
         except BaseException as e:  # noqa: BLE001
-            if self.tripped:
+            if self.tripped or self.frame_access:  # a refusal it ran into: that is the verdict, not the crash
                 self._tamper()
             raise Verdict("crashed", f"run() raised {_short_exc(e, self.cfg['workdir'])}") from None
 
@@ -582,6 +592,79 @@ class _Vouch:
         with f["no_torch_function"]():
             flat = [f["tolist"](f["to"](d, "cpu")) for d in self.digests]
         return {"digests": flat, "digested": self.digested, "blocks": self.blocks}
+
+
+# audited events that hand over frames (and with them every local of the evaluator's timing loop: the timed
+# calls' sketch matrices, which calls are sketched, where a block ends), the garbage collector's graph, or a
+# hook on the evaluator; "object.__getattr__" is audited for the attributes that lead to a frame
+_FRAME_EVENTS = {"sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile", "sys.addaudithook",
+                 "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys._getframemodulename",
+                 "sys.monitoring.register_callback"}
+_FRAME_ATTRS = {"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back", "gi_yieldfrom", "cr_await"}
+# stdlib helpers that hand the caller's frames back to it (inspect.currentframe and stack, traceback.walk_stack):
+# their sys._getframe is refused where the candidate's code is on the stack. (Their reading of a traceback's
+# frames is not: numba formats tracebacks while it compiles a candidate's function.)
+_FRAME_HELPERS = ("inspect", "traceback")
+
+
+def _guard_frames(candidate_path: str, found: list[str]) -> None:
+    """An audit hook, installed before the candidate's module runs (it cannot be removed): the events above are
+    refused (RuntimeError where they were asked for, and the candidate ``rejected`` at the end of its request)
+    when the candidate's own code asked for them, or asked inspect or traceback to walk its stack. torch's,
+    numba's and Triton's own uses (their compilers walk frames) go on. The static scan refuses the literal
+    names; this holds the ones a candidate spells at run time. Known gaps (docs/measurement.md): a frame a
+    library function other than these hands back (logging.currentframe), and a signal handler's (refused when
+    the request ends)."""
+    getframe = sys._getframe
+    stdlib = os.path.dirname(os.__file__)
+    helpers = {os.path.join(stdlib, n + ".py") for n in _FRAME_HELPERS}
+    busy = threading.local()
+
+    def held(event: str, f: Any) -> bool:
+        asker = f.f_code.co_filename
+        if asker == candidate_path:
+            return True
+        if event == "object.__getattr__" or asker not in helpers:
+            return False
+        g, depth = f.f_back, 0
+        while g is not None and depth < 64:
+            if g.f_code.co_filename == candidate_path:
+                return True
+            g, depth = g.f_back, depth + 1
+        return False
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if event == "object.__getattr__":
+            if len(args) < 2 or args[1] not in _FRAME_ATTRS:
+                return
+        elif event not in _FRAME_EVENTS:
+            return
+        if getattr(busy, "on", False):
+            return
+        busy.on = True
+        try:
+            refuse = held(event, getframe(1))  # frame 1: the Python code that asked
+        finally:
+            busy.on = False
+        if refuse:
+            what = f"{event} {args[1]}" if event == "object.__getattr__" else event
+            found.append(what)
+            raise RuntimeError(f"kerneltune: {what} is refused to candidates (the evaluator's frames are off limits)")
+
+    sys.addaudithook(hook)
+
+
+def _signal_handlers() -> dict[int, Any]:
+    """Every signal's Python handler (a handler is called with the frame it interrupted)."""
+    import signal
+
+    out = {}
+    for s in signal.valid_signals():
+        try:
+            out[int(s)] = signal.getsignal(s)
+        except (ValueError, OSError):
+            continue
+    return out
 
 
 def _dump_or_none(dump: Callable[[str], str], op: str) -> str | None:
