@@ -601,17 +601,17 @@ _FRAME_EVENTS = {"sys._getframe", "sys._current_frames", "sys.settrace", "sys.se
                  "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys._getframemodulename",
                  "sys.monitoring.register_callback"}
 _FRAME_ATTRS = {"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back", "gi_yieldfrom", "cr_await"}
-# stdlib helpers that hand the caller's frames back to it (inspect.currentframe and stack, traceback.walk_stack):
-# their sys._getframe is refused where the candidate's code is on the stack. (Their reading of a traceback's
-# frames is not: numba formats tracebacks while it compiles a candidate's function.)
+# stdlib helpers that hand frames back to their caller (inspect.currentframe and stack, traceback.walk_stack and
+# walk_tb): what they ask for is refused where the code that called them is the candidate's (numba formats
+# tracebacks, torch.fx and dynamo call inspect.currentframe, while a candidate's code is further up the stack)
 _FRAME_HELPERS = ("inspect", "traceback")
 
 
 def _guard_frames(candidate_path: str, found: list[str]) -> None:
     """An audit hook, installed before the candidate's module runs (it cannot be removed): the events above are
     refused (RuntimeError where they were asked for, and the candidate ``rejected`` at the end of its request)
-    when the candidate's own code asked for them, or asked inspect or traceback to walk its stack. torch's,
-    numba's and Triton's own uses (their compilers walk frames) go on. The static scan refuses the literal
+    when the candidate's own code asked for them, itself or through inspect or traceback. torch's, numba's
+    and Triton's own uses (their compilers walk frames) go on, also with the candidate's code further up. The static scan refuses the literal
     names; this holds the ones a candidate spells at run time. Known gaps (docs/measurement.md): a frame a
     library function other than these hands back (logging.currentframe), and a signal handler's (refused when
     the request ends)."""
@@ -620,18 +620,13 @@ def _guard_frames(candidate_path: str, found: list[str]) -> None:
     helpers = {os.path.join(stdlib, n + ".py") for n in _FRAME_HELPERS}
     busy = threading.local()
 
-    def held(event: str, f: Any) -> bool:
-        asker = f.f_code.co_filename
-        if asker == candidate_path:
-            return True
-        if event == "object.__getattr__" or asker not in helpers:
-            return False
-        g, depth = f.f_back, 0
-        while g is not None and depth < 64:
-            if g.f_code.co_filename == candidate_path:
-                return True
-            g, depth = g.f_back, depth + 1
-        return False
+    def held(f: Any) -> bool:
+        # whose request it is: the asking code, or, where that is a helper's, the first code above the helpers
+        # (the candidate's own walk_tb or currentframe is the candidate's; torch's, numba's are theirs)
+        depth = 0
+        while f is not None and f.f_code.co_filename in helpers and depth < 64:
+            f, depth = f.f_back, depth + 1
+        return f is not None and f.f_code.co_filename == candidate_path
 
     def hook(event: str, args: tuple[Any, ...]) -> None:
         if event == "object.__getattr__":
@@ -643,7 +638,7 @@ def _guard_frames(candidate_path: str, found: list[str]) -> None:
             return
         busy.on = True
         try:
-            refuse = held(event, getframe(1))  # frame 1: the Python code that asked
+            refuse = held(getframe(1))  # frame 1: the Python code that asked
         finally:
             busy.on = False
         if refuse:
