@@ -39,6 +39,22 @@ def _sparse(p: Tensor) -> bool:
     return g is not None and g.is_sparse
 
 
+_dtype = operator.attrgetter("dtype")
+
+
+def _all_fit(device: torch.device, params: list[Tensor], ms: list[Tensor], vs: list[Tensor]) -> Any:
+    """True when every param's moments fit it (``_moments_fit``), tested list-wide in C-level passes (the usual
+    step of a group never remembered, one with a frozen param, say, takes this every step); else which fit."""
+    shapes = list(map(_shape, params))
+    index = device.index if device.type == "cuda" else -1  # (get_device: an int, no device object made)
+    if (list(map(_shape, ms)) == shapes and list(map(_shape, vs)) == shapes
+            and all(map(Tensor.is_contiguous, ms)) and all(map(Tensor.is_contiguous, vs))
+            and set(map(_dtype, ms)) == {torch.float32} == set(map(_dtype, vs))
+            and set(map(Tensor.get_device, ms)) == {index} == set(map(Tensor.get_device, vs))):
+        return True
+    return list(map(_moments_fit, params, ms, vs))
+
+
 def _moments_fit(p: Tensor, m: Tensor, v: Tensor) -> bool:
     """The param's moments are what the adamw contract takes with it: fp32, contiguous, its shape and device."""
     f32 = torch.float32
@@ -200,8 +216,8 @@ class AdamW(torch.optim.AdamW):
                 states = self._states(params, group)
                 # moments that do not fit their param (a param resized or cast after its state was made) go to
                 # torch's step, which raises as it would: a kernel is never handed tensors outside the contract
-                fits = list(map(_moments_fit, params, states[0], states[1]))
-                if not all(fits):
+                fits = _all_fit(device, params, states[0], states[1])
+                if fits is not True:
                     leftover += [p for p, ok in zip(params, fits) if not ok]
                     params, grads = [p for p, ok in zip(params, fits) if ok], [g for g, ok in zip(grads, fits) if ok]
                     states = tuple([x for x, ok in zip(xs, fits) if ok] for xs in states)  # type: ignore[assignment]
