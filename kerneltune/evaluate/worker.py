@@ -596,11 +596,12 @@ class _Vouch:
 
 # audited events that hand over frames (and with them every local of the evaluator's timing loop: the timed
 # calls' sketch matrices, which calls are sketched, where a block ends), the garbage collector's graph, or a
-# hook on the evaluator; "object.__getattr__" is audited for the attributes that lead to a frame
+# hook on the evaluator; "object.__getattr__" is audited for the attributes that lead to a frame (a frame's own
+# f_back and f_locals raise no event: a frame must be refused where it is first handed out)
 _FRAME_EVENTS = {"sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile", "sys.addaudithook",
                  "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys._getframemodulename",
                  "sys.monitoring.register_callback"}
-_FRAME_ATTRS = {"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back", "gi_yieldfrom", "cr_await"}
+_FRAME_ATTRS = {"tb_frame", "gi_frame", "cr_frame", "ag_frame"}
 # stdlib helpers that hand frames back to their caller (inspect.currentframe and stack, traceback.walk_stack and
 # walk_tb): what they ask for is refused where the code that called them is the candidate's (numba formats
 # tracebacks, torch.fx and dynamo call inspect.currentframe, while a candidate's code is further up the stack)
